@@ -1,0 +1,76 @@
+"""Who sent a request, and what to send upstream for it.
+
+An :class:`Authenticator` looks at a request's headers (already stripped of hop-by-hop headers,
+see headers.py) and answers either :class:`Forward` with the complete header list to send to the
+apiserver, or :class:`Reject` with a status and message. The forwarder never sends a request
+upstream without a ``Forward``.
+
+Today there is one implementation, :class:`TokenPassthrough`. The OIDC authenticator (next issue)
+fits the same shape: verify the JWT, then drop ``Authorization`` and every ``Impersonate-*``
+header and return ``Forward(headers + own Authorization + Impersonate-User/Group/Uid/Extra-*)``.
+
+Note for that issue: upstream connections never present a TLS client certificate (apiserver.py),
+because kube-apiserver authenticates a client certificate *before* a bearer token; a proxy
+identity carried in the TLS layer would silently replace the caller's token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from clusterconnect.aadproxy.headers import Header, values
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send the request upstream with exactly these end-to-end headers."""
+
+    headers: list[Header]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Answer ``status`` with a Kubernetes Status carrying ``message``; forward nothing."""
+
+    status: int
+    message: str
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, headers: Sequence[Header]) -> Forward | Reject: ...
+
+
+def bearer_token(headers: Sequence[Header]) -> bytes | Reject:
+    """The token of the request's single ``Authorization: Bearer <token>`` header, or a Reject."""
+    found = values(headers, b"authorization")
+    if not found:
+        return Reject(401, "Unauthorized: no Authorization header (expected a bearer token)")
+    if len(found) > 1:
+        return Reject(401, "Unauthorized: more than one Authorization header")
+    scheme, _, token = found[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return Reject(401, "Unauthorized: only Bearer authorization is accepted")
+    token = token.strip()
+    if not token:
+        return Reject(401, "Unauthorized: empty bearer token")
+    return token
+
+
+class TokenPassthrough:
+    """Forward a request that carries a bearer token, unchanged; the apiserver authenticates it.
+
+    The proxy only checks that exactly one non-empty bearer token is present, so nothing anonymous
+    reaches the apiserver through the tunnel. Because the apiserver authenticates the caller's own
+    token, the caller's ``Impersonate-*`` headers are forwarded too: the apiserver authorizes
+    impersonation for that token exactly as it would for a direct connection, so passing them
+    grants nothing new. (The OIDC authenticator must strip them: there the apiserver sees the
+    proxy's identity, not the caller's.)
+    """
+
+    async def authenticate(self, headers: Sequence[Header]) -> Forward | Reject:
+        token = bearer_token(headers)
+        if isinstance(token, Reject):
+            return token
+        return Forward(headers=list(headers))

@@ -1,0 +1,1 @@
+"""The clusterconnect command line: user and admin commands."""

@@ -1,0 +1,162 @@
+"""clusterconnect: reach a cluster through the relay (`proxy`) and administer the relay (`clusters`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from clusterconnect import cliargs, service
+from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
+from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
+from clusterconnect.humanize import ago
+from clusterconnect.logs import configure_logging
+from clusterconnect.pki import write_private
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "clusterconnect"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="clusterconnect", description=__doc__)
+    cliargs.add_version(parser)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    proxy = commands.add_parser("proxy", help="serve a cluster's API on 127.0.0.1 for kubectl")
+    proxy.add_argument("cluster", help="cluster name at the relay")
+    _relay_flags(proxy)
+    cliargs.add_flag(proxy, "--port", type=int, default=47011, help="local port (0: any free port)")
+    tokens = proxy.add_mutually_exclusive_group()
+    cliargs.add_flag(tokens, "--token", help="bearer token for the cluster (a ServiceAccount token)")
+    cliargs.add_flag(tokens, "--token-file", type=Path, help="file holding the bearer token")
+    cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
+                     " (default: first file of KUBECONFIG, else ~/.kube/config)")
+    cliargs.add_flag(proxy, "--state-dir", type=Path, default=_state_dir(), help="where the local TLS CA is kept")
+    cliargs.add_flag(proxy, "--log-level", default="warning", help="debug, info, warning or error")
+
+    clusters = commands.add_parser("clusters", help="administer the clusters registered at the relay")
+    actions = clusters.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="register a cluster and print its agent's credential")
+    add.add_argument("name")
+    add.add_argument("--credential-out", type=Path, help="write the agent credential to this file (mode 600)")
+    _admin_flags(add)
+    listing = actions.add_parser("list", help="table of clusters and their connectivity")
+    _admin_flags(listing)
+    remove = actions.add_parser("remove", help="remove a cluster and disconnect its agent")
+    remove.add_argument("name")
+    _admin_flags(remove)
+    return parser.parse_args(argv)
+
+
+def _relay_flags(parser: argparse.ArgumentParser) -> None:
+    cliargs.add_flag(parser, "--relay", required=True, help="relay URL, e.g. https://relay.example.com:8443")
+    cliargs.add_flag(parser, "--relay-ca", type=Path, help="CA bundle that signed the relay's certificate")
+
+
+def _admin_flags(parser: argparse.ArgumentParser) -> None:
+    _relay_flags(parser)
+    cliargs.add_flag(parser, "--admin-credential", type=Path, required=True,
+                     help="file with the relay's admin credential (DATA_DIR/admin.credential)")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}")
+        raise
+
+
+def proxy_command(args: argparse.Namespace) -> None:
+    if args.token_file:
+        token = _read(args.token_file, "token file").decode().strip()
+    else:
+        token = (args.token or "").strip()
+    if not token:
+        fail("a token is needed: --token TOKEN or --token-file FILE (a ServiceAccount token of the cluster)")
+    settings = ProxySettings(
+        cluster=args.cluster, relay=args.relay,
+        relay_ca=_read(args.relay_ca, "relay CA") if args.relay_ca else None,
+        port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
+        kubeconfig_out=args.kubeconfig_out,
+    )
+    configure_logging("clientproxy", args.log_level)
+    service.run(lambda: run_proxy(settings))
+
+
+async def _admin_call(args: argparse.Namespace, method: str, request):
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(args.relay_ca, "relay CA") if args.relay_ca else None
+    )
+    admin = _read(args.admin_credential, "admin credential").decode().strip()
+    async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
+        stub = tunnel_pb2_grpc.RegistryStub(channel)
+        return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
+
+
+def clusters_command(args: argparse.Namespace) -> None:
+    requests = {
+        "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name)),
+        "list": ("ListClusters", tunnel_pb2.ListClustersRequest),
+        "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name)),
+    }
+    method, build = requests[args.action]
+    try:
+        reply = asyncio.run(_admin_call(args, method, build()))
+    except grpc.aio.AioRpcError as exc:
+        fail(exc.details() or exc.code().name)
+    except ValueError as exc:
+        fail(str(exc))
+    if args.action == "add":
+        _print_added(args, reply)
+    elif args.action == "list":
+        _print_table(reply.clusters)
+    else:
+        print(f"cluster {args.name} removed; its agent was disconnected and its credential no longer works")
+
+
+def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse) -> None:
+    path = args.credential_out or Path(f"{args.name}.credential")
+    write_private(path, reply.agent_credential.encode() + b"\n")
+    ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
+    print(f"cluster {args.name} added; agent credential written to {path} (mode 600, shown only once)")
+    print("run the agent in the cluster with:")
+    print(f"  clusterconnect-agent --relay {args.relay} --cluster {args.name} --credential {path}{ca}"
+          " --authproxy 127.0.0.1:8080")
+
+
+def _print_table(clusters) -> None:
+    table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", box=None, header_style="bold")
+    now = time.time()
+    for cluster in clusters:
+        status = "Connected" if cluster.connected else "Disconnected"
+        seen = "now" if cluster.connected else (ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never")
+        table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-")
+    Console(width=120).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "proxy":
+        proxy_command(args)
+    else:
+        clusters_command(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

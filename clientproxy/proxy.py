@@ -1,0 +1,115 @@
+"""`clusterconnect proxy CLUSTER`: a local HTTPS endpoint for kubectl, and its kubeconfig context."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from clusterconnect import service
+from clusterconnect.clientproxy import kubeconfig
+from clusterconnect.clientproxy.probe import probe
+from clusterconnect.clientproxy.tunnel import ConnectionHandler, TunnelTarget
+from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
+from clusterconnect.logs import get_logger
+from clusterconnect.pki import ensure_ca_and_server_cert
+from clusterconnect.service import StartupError
+from clusterconnect.v1 import tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+PROBE_INTERVAL = 1.0
+
+
+@dataclass
+class ProxySettings:
+    cluster: str
+    relay: str
+    relay_ca: bytes | None
+    port: int
+    token: str
+    token_file: Path | None
+    state_dir: Path
+    kubeconfig_out: str | None  # None: default kubeconfig; "-": print; else a path
+
+
+def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
+    ca, cert, key = ensure_ca_and_server_cert(state_dir / "tls", "clusterconnect local proxy CA", ["127.0.0.1", "localhost"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    # SPDY upgrades (exec, port-forward) need HTTP/1.1; never offer h2.
+    context.set_alpn_protocols(["http/1.1"])
+    return context, ca.read_bytes()
+
+
+async def run_proxy(settings: ProxySettings) -> None:
+    tls, ca_pem = local_tls(settings.state_dir)
+    try:
+        target = grpc_target(settings.relay)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    credentials = grpc.ssl_channel_credentials(root_certificates=settings.relay_ca)
+    async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
+        handler = ConnectionHandler(
+            tunnel_pb2_grpc.ClientTunnelStub(channel), TunnelTarget(settings.relay, settings.cluster, settings.token)
+        )
+        try:
+            server = await asyncio.start_server(handler, "127.0.0.1", settings.port, ssl=tls, backlog=1024)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"port {settings.port} on 127.0.0.1 is already in use (another proxy?); pick another with --port"
+                ) from None
+            raise StartupError(f"cannot listen on 127.0.0.1:{settings.port}: {exc.strerror}") from None
+        port = server.sockets[0].getsockname()[1]
+        service.register_gauge("open_connections", lambda: handler.open_connections)
+        async with server:
+            entries = kubeconfig.build_entries(
+                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file
+            )
+            where = _write_kubeconfig(settings.kubeconfig_out, entries)
+            version = await _wait_until_reachable(port, ca_pem, settings)
+            print(
+                f"ready https://127.0.0.1:{port} context={settings.cluster} kubeconfig={where} kubernetes={version}",
+                flush=True,
+            )
+            await server.serve_forever()
+
+
+def _write_kubeconfig(out: str | None, entries: dict) -> str:
+    if out == "-":
+        print(kubeconfig.render(kubeconfig.merge(None, entries)), flush=True)
+        return "-"
+    path = Path(out) if out else kubeconfig.default_path()
+    try:
+        kubeconfig.write(path, entries)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"cannot write kubeconfig {path}: {exc}") from None
+    return str(path)
+
+
+async def _wait_until_reachable(port: int, ca_pem: bytes, settings: ProxySettings) -> str:
+    """Probe until a request went through the whole path; report why not, once per distinct reason."""
+    last = ""
+    while True:
+        try:
+            result = await probe(port, ca_pem, settings.token)
+        except (OSError, TimeoutError, ValueError) as exc:
+            reason = f"probe failed: {exc}"
+        else:
+            if result.status == 401:
+                raise StartupError(
+                    f"cluster {settings.cluster} rejected the token (401 Unauthorized): {result.message}"
+                )
+            if 200 <= result.status < 500:
+                return result.message
+            reason = f"{result.status}: {result.message}"
+        if reason != last:
+            print(f"waiting: {reason}", file=sys.stderr, flush=True)
+            last = reason
+        await asyncio.sleep(PROBE_INTERVAL)

@@ -1,0 +1,81 @@
+"""The client proxy's data path: each TLS connection from kubectl becomes one ClientTunnel.Dial stream."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+
+from clusterconnect import metadata as md
+from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
+from clusterconnect.grpc_options import bearer
+from clusterconnect.logs import get_logger
+from clusterconnect.streams import GrpcClientStream, PeerGone, SocketStream, splice
+from clusterconnect.v1 import tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+# The relay answers within 1.5 s (its Accept timeout); past this the relay itself is not answering.
+DIAL_TIMEOUT = 1.8
+# After an error response, how long kubectl may take to read it and hang up.
+LINGER = 1.0
+
+
+@dataclass
+class TunnelTarget:
+    relay: str  # as the user wrote it, for messages
+    cluster: str
+    token: str
+
+
+class ConnectionHandler:
+    def __init__(self, stub: tunnel_pb2_grpc.ClientTunnelStub, target: TunnelTarget) -> None:
+        self.stub = stub
+        self.target = target
+        self.open_connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_connections += 1
+        downstream = SocketStream(reader, writer)
+        call = self.stub.Dial(metadata=((md.CLUSTER, self.target.cluster), bearer(self.target.token)))
+        try:
+            failure = await self._opened(call)
+            if failure is not None:
+                await self._refuse(downstream, *failure)
+                return
+            upstream = GrpcClientStream(call)
+            await splice(downstream, upstream)
+            await upstream.finish()
+        except PeerGone as exc:
+            log.debug("connection ended abnormally", reason=str(exc))
+        except asyncio.CancelledError:
+            raise
+        finally:
+            call.cancel()
+            await downstream.close()
+            self.open_connections -= 1
+
+    async def _opened(self, call: grpc.aio.StreamStreamCall) -> tuple[grpc.StatusCode | None, str] | None:
+        """None once the relay says the path is open, else (code, one-line reason)."""
+        try:
+            initial = await asyncio.wait_for(call.initial_metadata(), DIAL_TIMEOUT)
+        except TimeoutError:
+            return (grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"relay {self.target.relay} did not answer within {DIAL_TIMEOUT:g}s")
+        if any(key == md.OPEN for key, _ in initial or ()):
+            return None
+        code = await call.code()
+        return code, describe_rpc_error(code, await call.details() or "", self.target.relay)
+
+    @staticmethod
+    async def _refuse(downstream: SocketStream, code: grpc.StatusCode | None, message: str) -> None:
+        log.info("connection refused", reason=message)
+        try:
+            await downstream.send(error_response(code, message))
+            # Let kubectl read the answer and hang up first, so it sees the response, not a reset.
+            async with asyncio.timeout(LINGER):
+                while await downstream.receive():
+                    pass
+        except (PeerGone, TimeoutError):
+            pass

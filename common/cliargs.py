@@ -1,0 +1,31 @@
+"""argparse with environment defaults: every flag --foo-bar may come from CLUSTERCONNECT_FOO_BAR; flags win."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from clusterconnect import __version__
+
+
+def env_name(flag: str) -> str:
+    return "CLUSTERCONNECT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """Add ``flag`` whose default comes from its environment variable when set."""
+    env = env_name(flag)
+    if env in os.environ:
+        value = os.environ[env]
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            kwargs["default"] = value
+            kwargs.pop("required", None)
+    kwargs["help"] = f"{kwargs.get('help', '')} [env {env}]".strip()
+    parser.add_argument(flag, **kwargs)
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

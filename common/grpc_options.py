@@ -1,0 +1,68 @@
+"""gRPC channel and server settings shared by every service.
+
+Keepalive finds dead peers (DESIGN property 4): clients ping every 20 s and give up after 10 s
+without an answer; servers accept pings that often (otherwise they answer GOAWAY too_many_pings).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+MAX_MESSAGE = 8 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    # Fail fast while the relay is down; our own loops do the retrying.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.enable_retries", 0),
+]
+
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def grpc_target(url: str) -> str:
+    """``https://host:port``, ``grpcs://host:port`` or ``host:port`` -> ``host:port`` (gRPC target)."""
+    if "://" not in url:
+        url = "https://" + url
+    parsed = urlparse(url)
+    if not parsed.hostname:
+        raise ValueError(f"not a host:port address: {url!r}")
+    host = parsed.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{parsed.port or 443}"
+
+
+def bearer(token: str) -> tuple[str, str]:
+    return ("authorization", f"Bearer {token}")
+
+
+def bearer_from_metadata(metadata: object) -> str | None:
+    """The token of the one ``authorization: Bearer`` entry, or None (also for several entries)."""
+    values = [v for k, v in (metadata or ()) if k == "authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def metadata_value(metadata: object, key: str) -> str | None:
+    values = [v for k, v in (metadata or ()) if k == key]
+    return values[0] if len(values) == 1 else None

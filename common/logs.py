@@ -1,0 +1,50 @@
+"""Structured logs (JSON lines on stderr) that never carry a credential.
+
+Secrets are kept out by construction (no code logs a token or header value); the redaction
+processor below is the second line of defence for any key that looks like one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+import structlog
+
+_SECRET_KEY = re.compile(r"(authorization|token|cookie|credential|secret|password)", re.IGNORECASE)
+_BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
+
+
+def _redact(_logger: object, _name: str, event: dict) -> dict:
+    for key, value in list(event.items()):
+        if _SECRET_KEY.search(key) and key != "event":
+            event[key] = "[redacted]"
+        elif isinstance(value, str) and _BEARER.search(value):
+            event[key] = _BEARER.sub("Bearer [redacted]", value)
+    return event
+
+
+def configure_logging(service: str, level: str = "info") -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}")
+    logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)

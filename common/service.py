@@ -1,0 +1,69 @@
+"""Running a service process: one event loop, clean exit on SIGINT/SIGTERM, stats on SIGUSR1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from clusterconnect.logs import get_logger
+
+log = get_logger(__name__)
+
+# Counters a service may register (name -> callable returning a number), reported on SIGUSR1.
+_gauges: dict[str, Callable[[], int]] = {}
+
+
+def register_gauge(name: str, read: Callable[[], int]) -> None:
+    _gauges[name] = read
+
+
+def stats() -> dict[str, int]:
+    values = {name: read() for name, read in _gauges.items()}
+    values["tasks"] = len(asyncio.all_tasks())
+    try:
+        values["fds"] = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        pass
+    return values
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main()`` until it returns or the process is asked to stop."""
+
+    async def supervised() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stopping = False
+
+        def stop(signame: str) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                log.info("stopping", signal=signame)
+                task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats", **stats()))
+        try:
+            await main()
+        except asyncio.CancelledError:
+            if not stopping:
+                raise
+
+    try:
+        asyncio.run(supervised())
+    except KeyboardInterrupt:
+        pass
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+class StartupError(Exception):
+    """A configuration or environment problem found at start: reported as one line, exit code 2."""

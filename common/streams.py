@@ -1,0 +1,189 @@
+"""One direction-pair of bytes, whatever carries it: a socket, or a gRPC stream of Chunks.
+
+Every hop of the tunnel is "take bytes from one ByteStream, give them to another". The semantics are
+those of a TCP connection:
+- ``receive()`` returns the next bytes, or ``b""`` once the peer will send no more (half-close);
+- ``send()`` returns once the bytes were accepted by flow control (backpressure end to end);
+- ``send_eof()`` half-closes our sending direction;
+- ``close()`` ends everything (idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import grpc
+
+from clusterconnect.tasks import gather_strict
+from clusterconnect.v1 import tunnel_pb2
+
+# grpc.aio's cost is per message, so sockets are read in large blocks (see docs/performance.md).
+READ_SIZE = 256 * 1024
+
+_EOF_CHUNK = tunnel_pb2.Chunk(eof=True)
+
+
+class ByteStream(Protocol):
+    async def receive(self) -> bytes: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def send_eof(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class PeerGone(Exception):
+    """The other end of a stream went away without an orderly close."""
+
+
+class SocketStream:
+    """An asyncio stream pair (plain TCP or TLS)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._closed = False
+
+    async def receive(self) -> bytes:
+        try:
+            return await self.reader.read(READ_SIZE)
+        except (ConnectionError, OSError) as exc:
+            raise PeerGone(str(exc)) from exc
+
+    async def send(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise PeerGone(str(exc)) from exc
+
+    async def send_eof(self) -> None:
+        # TLS cannot half-close; once our side is done the connection is done.
+        if self.writer.can_write_eof() and not self.writer.is_closing():
+            try:
+                self.writer.write_eof()
+            except (ConnectionError, OSError):
+                pass
+        else:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+        except (ConnectionError, OSError, asyncio.TimeoutError, TimeoutError):
+            # TLS close_notify to a vanished peer; the transport is closed regardless.
+            self.writer.transport.abort()
+
+
+class GrpcClientStream:
+    """Our side of a stream-stream call that we opened (``stub.Method(...)``)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+        self._eof_sent = False
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                chunk = await self.call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
+            if chunk is grpc.aio.EOF:
+                return b""
+            if chunk.eof:
+                return b""
+            if chunk.data:
+                return chunk.data
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.call.write(tunnel_pb2.Chunk(data=data))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            raise PeerGone(str(exc)) from exc
+
+    async def send_eof(self) -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            await self.call.done_writing()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+            pass
+
+    async def close(self) -> None:
+        self.call.cancel()
+
+    async def finish(self, timeout: float = 5.0) -> None:
+        """After a clean splice: let the server end the RPC (cancelling now would look like a failure)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.call.code()
+        except TimeoutError:
+            pass
+        self.call.cancel()
+
+
+class GrpcServerStream:
+    """Our side of a stream-stream RPC that a peer opened (a handler's ``context``)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self.context = context
+        self._eof_sent = False
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                chunk = await self.context.read()
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+                raise PeerGone(str(exc)) from exc
+            if chunk is grpc.aio.EOF or chunk.eof:
+                return b""
+            if chunk.data:
+                return chunk.data
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.context.write(tunnel_pb2.Chunk(data=data))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            raise PeerGone(str(exc)) from exc
+
+    async def send_eof(self) -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            await self.context.write(_EOF_CHUNK)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            raise PeerGone(str(exc)) from exc
+
+    async def close(self) -> None:
+        # The RPC ends when its handler returns; nothing to do here.
+        return None
+
+
+async def pump(source: ByteStream, sink: ByteStream) -> int:
+    """Copy one direction until EOF, then half-close the sink. Returns the bytes copied."""
+    total = 0
+    while True:
+        data = await source.receive()
+        if not data:
+            await sink.send_eof()
+            return total
+        total += len(data)
+        await sink.send(data)
+
+
+async def splice(a: ByteStream, b: ByteStream) -> tuple[int, int]:
+    """Join two streams both ways until both directions ended.
+
+    Both directions live in one TaskGroup: if either fails, the other is cancelled and the error
+    propagates, so the whole chain is torn down. Returns (bytes a->b, bytes b->a).
+    """
+    forward, backward = await gather_strict(pump(a, b), pump(b, a))
+    return forward, backward

@@ -1,0 +1,101 @@
+"""clusterconnect-relay: the rendezvous point that agents and client proxies both dial out to."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+
+from clusterconnect import cliargs, service
+from clusterconnect.grpc_options import SERVER_OPTIONS
+from clusterconnect.logs import configure_logging, get_logger
+from clusterconnect.pki import ensure_ca_and_server_cert, write_private
+from clusterconnect.relay.registry import Registry
+from clusterconnect.relay.sessions import SessionTable
+from clusterconnect.relay.store import ClusterStore
+from clusterconnect.relay.tunnel import Tunnel
+from clusterconnect.service import StartupError
+from clusterconnect.v1 import tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+ADMIN_CREDENTIAL_FILE = "admin.credential"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="clusterconnect-relay", description=__doc__)
+    cliargs.add_version(parser)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the relay")
+    cliargs.add_flag(serve, "--data-dir", required=True, type=Path,
+                     help="state: SQLite registry, CA and serving certificate, admin credential")
+    cliargs.add_flag(serve, "--listen", default="0.0.0.0:8443", help="HOST:PORT to serve gRPC/TLS on")
+    cliargs.add_flag(serve, "--tls-cert", type=Path, help="serving certificate (default: made in DATA_DIR)")
+    cliargs.add_flag(serve, "--tls-key", type=Path, help="key of --tls-cert")
+    cliargs.add_flag(serve, "--hostname", action="append", default=None,
+                     help="extra DNS name or IP for the generated serving certificate (repeatable)")
+    cliargs.add_flag(serve, "--heartbeat-seconds", type=int, default=10,
+                     help="how often agents send heartbeats; 3 missed ones end a session")
+    cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
+    return parser.parse_args(argv)
+
+
+def admin_credential(data_dir: Path) -> str:
+    path = data_dir / ADMIN_CREDENTIAL_FILE
+    if not path.exists():
+        write_private(path, secrets.token_urlsafe(32).encode())
+        log.info("admin credential created", path=str(path))
+    return path.read_text().strip()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    data_dir: Path = args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise StartupError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        cert_path, key_path = args.tls_cert, args.tls_key
+    else:
+        hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *(args.hostname or [])]
+        _, cert_path, key_path = ensure_ca_and_server_cert(data_dir / "pki", "clusterconnect relay CA", hosts)
+    credentials = grpc.ssl_server_credentials([(key_path.read_bytes(), cert_path.read_bytes())])
+
+    store = ClusterStore(data_dir / "relay.db")
+    sessions = SessionTable()
+    tunnel = Tunnel(store, sessions, args.heartbeat_seconds)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    tunnel_pb2_grpc.add_ClientTunnelServicer_to_server(tunnel, server)
+    tunnel_pb2_grpc.add_AgentTunnelServicer_to_server(tunnel, server)
+    tunnel_pb2_grpc.add_RegistryServicer_to_server(Registry(store, sessions, admin_credential(data_dir)), server)
+    try:
+        port = server.add_secure_port(args.listen, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {args.listen}: {exc}") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {args.listen}: address in use or not available")
+    service.register_gauge("agents", lambda: len(sessions))
+    service.register_gauge("open_connections", lambda: tunnel.open_connections)
+    await server.start()
+    host = args.listen.rsplit(":", 1)[0]
+    log.info("serving", address=f"{host}:{port}", data_dir=str(data_dir))
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=2)
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging("relay", args.log_level)
+    service.run(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

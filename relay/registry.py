@@ -1,0 +1,75 @@
+"""Registry: the admin API (add, list, get, remove clusters). Every call needs the admin credential."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+import grpc
+
+from clusterconnect.grpc_options import bearer_from_metadata
+from clusterconnect.logs import get_logger
+from clusterconnect.relay.sessions import SessionTable
+from clusterconnect.relay.store import AlreadyExists, ClusterRecord, ClusterStore, InvalidName
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+
+class Registry(tunnel_pb2_grpc.RegistryServicer):
+    def __init__(self, store: ClusterStore, sessions: SessionTable, admin_credential: str) -> None:
+        self.store = store
+        self.sessions = sessions
+        self._admin = admin_credential
+
+    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        token = bearer_from_metadata(context.invocation_metadata())
+        if token is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin credential missing")
+        if not hmac.compare_digest(token.encode(), self._admin.encode()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an admin credential")
+
+    def _status(self, record: ClusterRecord) -> tunnel_pb2.Cluster:
+        session = self.sessions.get(record.name)
+        if session is not None:
+            return tunnel_pb2.Cluster(
+                name=record.name, connected=True, last_seen_unix=int(session.last_seen),
+                agent_version=session.agent_version, kubernetes_version=session.kubernetes_version,
+                created_unix=record.created_unix,
+            )
+        last_seen = self.sessions.last_seen.get(record.name, record.last_seen_unix)
+        return tunnel_pb2.Cluster(
+            name=record.name, connected=False, last_seen_unix=int(last_seen),
+            agent_version=record.agent_version, kubernetes_version=record.kubernetes_version,
+            created_unix=record.created_unix,
+        )
+
+    async def AddCluster(self, request, context):
+        await self._require_admin(context)
+        try:
+            record, credential = self.store.add(request.name)
+        except InvalidName as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except AlreadyExists as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        log.info("cluster added", cluster=record.name)
+        return tunnel_pb2.AddClusterResponse(cluster=self._status(record), agent_credential=credential)
+
+    async def ListClusters(self, request, context):
+        await self._require_admin(context)
+        return tunnel_pb2.ListClustersResponse(clusters=[self._status(r) for r in self.store.list()])
+
+    async def GetCluster(self, request, context):
+        await self._require_admin(context)
+        record = self.store.get(request.name)
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
+        return self._status(record)
+
+    async def RemoveCluster(self, request, context):
+        await self._require_admin(context)
+        if not self.store.remove(request.name):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
+        self.sessions.end(request.name, f"cluster removed at {int(time.time())}")
+        log.info("cluster removed", cluster=request.name)
+        return tunnel_pb2.RemoveClusterResponse()

@@ -1,0 +1,98 @@
+"""Live agent sessions and the pairing of a client's Dial with the agent's Accept.
+
+A Dial registers a pending future under a fresh dial id and asks the agent, over its control
+stream, to open Accept with that id. The Accept handler hands its stream to the future and then
+waits until the Dial side has finished splicing; if the agent's stream dies first it says so, and
+the Dial side tears the connection down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from clusterconnect.streams import ByteStream
+from clusterconnect.v1 import tunnel_pb2
+
+# Control messages waiting for one agent. A full queue means the agent's stream is stuck; new
+# dials then fail fast instead of piling up.
+OUTBOX_SIZE = 1024
+
+
+@dataclass(eq=False)
+class AcceptedStream:
+    """The agent's side of one connection, handed from the Accept handler to the Dial handler."""
+
+    stream: ByteStream
+    # Set by the Accept handler when the agent's stream ends abnormally.
+    peer_lost: asyncio.Event = field(default_factory=asyncio.Event)
+    # Resolved by the Dial handler when the connection is over: True if it ended cleanly.
+    finished: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def finish(self, clean: bool) -> None:
+        if not self.finished.done():
+            self.finished.set_result(clean)
+
+
+@dataclass(eq=False)
+class AgentSession:
+    cluster: str
+    agent_version: str
+    kubernetes_version: str
+    last_seen: float = field(default_factory=time.time)
+    outbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
+    pending: dict[str, asyncio.Future] = field(default_factory=dict)
+    active: set[AcceptedStream] = field(default_factory=set)
+    # Set to end the session from outside (cluster removed, replaced by a newer connection).
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+
+    def request_dial(self, traceparent: str = "") -> tuple[str, asyncio.Future]:
+        """Queue a DialRequest; raises asyncio.QueueFull when the agent is not keeping up."""
+        dial_id = uuid.uuid4().hex
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        message = tunnel_pb2.RelayMessage(
+            dial=tunnel_pb2.DialRequest(dial_id=dial_id, traceparent=traceparent)
+        )
+        self.outbox.put_nowait(message)
+        self.pending[dial_id] = future
+        return dial_id, future
+
+    def end(self, reason: str) -> None:
+        self.end_reason = reason
+        self.ended.set()
+        for accepted in list(self.active):
+            accepted.peer_lost.set()
+
+
+class SessionTable:
+    """cluster name -> the one live session of its agent. A newer connection replaces an older one."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, AgentSession] = {}
+        # When each cluster's agent was last seen by this relay process (for error messages).
+        self.last_seen: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, cluster: str) -> AgentSession | None:
+        return self._sessions.get(cluster)
+
+    def add(self, session: AgentSession) -> None:
+        previous = self._sessions.get(session.cluster)
+        if previous is not None:
+            previous.end("replaced by a newer connection of the same agent")
+        self._sessions[session.cluster] = session
+
+    def discard(self, session: AgentSession) -> None:
+        self.last_seen[session.cluster] = session.last_seen
+        if self._sessions.get(session.cluster) is session:
+            del self._sessions[session.cluster]
+
+    def end(self, cluster: str, reason: str) -> None:
+        session = self._sessions.get(cluster)
+        if session is not None:
+            session.end(reason)

@@ -1,0 +1,186 @@
+"""ClientTunnel and AgentTunnel: the relay's data path. It moves bytes and never parses HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from clusterconnect import metadata as md
+from clusterconnect.grpc_options import bearer_from_metadata, metadata_value
+from clusterconnect.humanize import ago
+from clusterconnect.logs import get_logger
+from clusterconnect.relay.sessions import AcceptedStream, AgentSession, SessionTable
+from clusterconnect.relay.store import ClusterStore
+from clusterconnect.streams import GrpcServerStream, PeerGone, splice
+from clusterconnect.tasks import race
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+# How long a Dial waits for the agent's Accept before telling the client the agent is not answering.
+ACCEPT_TIMEOUT = 1.5
+
+
+class _PeerLost(Exception):
+    pass
+
+
+class Tunnel(tunnel_pb2_grpc.ClientTunnelServicer, tunnel_pb2_grpc.AgentTunnelServicer):
+    def __init__(self, store: ClusterStore, sessions: SessionTable, heartbeat_seconds: int) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.heartbeat_seconds = heartbeat_seconds
+        self.open_connections = 0
+
+    # -- clients --------------------------------------------------------------------------------
+
+    async def Dial(self, request_iterator, context: grpc.aio.ServicerContext):
+        metadata = context.invocation_metadata()
+        cluster = metadata_value(metadata, md.CLUSTER)
+        if not cluster:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing {md.CLUSTER} metadata")
+        if bearer_from_metadata(metadata) is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+        if self.store.get(cluster) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {cluster} is not registered")
+        session = self.sessions.get(cluster)
+        if session is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_connected(cluster))
+        accepted = await self._open(session, context)
+        await context.send_initial_metadata(((md.OPEN, "1"),))
+        self.open_connections += 1
+        session.active.add(accepted)
+        clean = False
+        try:
+            await race(splice(GrpcServerStream(context), accepted.stream), self._lost(accepted))
+            clean = True
+        except (_PeerLost, PeerGone) as exc:
+            log.info("connection lost", cluster=cluster, reason=str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"connection to cluster {cluster} lost")
+        finally:
+            accepted.finish(clean)
+            session.active.discard(accepted)
+            self.open_connections -= 1
+
+    async def _open(self, session: AgentSession, context: grpc.aio.ServicerContext) -> AcceptedStream:
+        traceparent = metadata_value(context.invocation_metadata(), md.TRACEPARENT) or ""
+        try:
+            dial_id, future = session.request_dial(traceparent)
+        except asyncio.QueueFull:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"agent of cluster {session.cluster} is overloaded"
+            )
+        try:
+            return await asyncio.wait_for(future, ACCEPT_TIMEOUT)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"agent of cluster {session.cluster} did not answer within {ACCEPT_TIMEOUT:g}s",
+            )
+        finally:
+            session.pending.pop(dial_id, None)
+
+    @staticmethod
+    async def _lost(accepted: AcceptedStream) -> None:
+        await accepted.peer_lost.wait()
+        raise _PeerLost("agent stream ended")
+
+    def _not_connected(self, cluster: str) -> str:
+        seen = self.sessions.last_seen.get(cluster)
+        if seen is None:
+            record = self.store.get(cluster)
+            seen = record.last_seen_unix if record and record.last_seen_unix else None
+        when = f"agent last seen {ago(time.time() - seen)}" if seen else "agent never connected"
+        return f"cluster {cluster} is not connected ({when})"
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    async def _authenticate_agent(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = context.invocation_metadata()
+        cluster = metadata_value(metadata, md.CLUSTER)
+        credential = bearer_from_metadata(metadata)
+        if not cluster or not credential:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "agent credential missing")
+        if not self.store.verify_agent(cluster, credential):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent credential not valid for cluster {cluster} (removed, or wrong credential)",
+            )
+        return cluster
+
+    async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+        cluster = await self._authenticate_agent(context)
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be hello")
+        hello = first.hello
+        if hello.cluster != cluster:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"hello names cluster {hello.cluster!r} but the credential is for {cluster!r}",
+            )
+        session = AgentSession(cluster, hello.agent_version[:64], hello.kubernetes_version[:64])
+        self.sessions.add(session)
+        log.info("agent connected", cluster=cluster, agent_version=session.agent_version,
+                 kubernetes_version=session.kubernetes_version, peer=context.peer())
+        try:
+            await context.write(
+                tunnel_pb2.RelayMessage(
+                    welcome=tunnel_pb2.Welcome(heartbeat_seconds=self.heartbeat_seconds)
+                )
+            )
+            await race(
+                self._receive_heartbeats(session, context),
+                self._send_control(session, context),
+                self._watchdog(session),
+                session.ended.wait(),
+            )
+        finally:
+            self.sessions.discard(session)
+            session.end(session.end_reason or "agent disconnected")
+            self.store.record_seen(cluster, int(session.last_seen), session.agent_version,
+                                   session.kubernetes_version)
+            log.info("agent disconnected", cluster=cluster, reason=session.end_reason)
+        if session.end_reason.startswith("cluster removed"):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"cluster {cluster} was removed")
+
+    async def _receive_heartbeats(self, session: AgentSession, context) -> None:
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                session.end_reason = "agent closed its stream"
+                return
+            session.last_seen = time.time()
+
+    @staticmethod
+    async def _send_control(session: AgentSession, context) -> None:
+        while True:
+            message = await session.outbox.get()
+            await context.write(message)
+
+    async def _watchdog(self, session: AgentSession) -> None:
+        limit = 3 * self.heartbeat_seconds
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            if time.time() - session.last_seen > limit:
+                session.end_reason = f"no heartbeat for {limit}s"
+                return
+
+    async def Accept(self, request_iterator, context: grpc.aio.ServicerContext):
+        cluster = await self._authenticate_agent(context)
+        dial_id = metadata_value(context.invocation_metadata(), md.DIAL_ID) or ""
+        session = self.sessions.get(cluster)
+        future = session.pending.get(dial_id) if session else None
+        if future is None or future.done():
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
+        accepted = AcceptedStream(GrpcServerStream(context))
+        future.set_result(accepted)
+        try:
+            clean = await accepted.finished
+        except asyncio.CancelledError:
+            accepted.peer_lost.set()
+            raise
+        if not clean:
+            await context.abort(grpc.StatusCode.CANCELLED, "client connection ended")
