@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(parser, "--authproxy", default="127.0.0.1:8080", help="HOST:PORT of the auth proxy")
     cliargs.add_flag(parser, "--authproxy-ca", type=Path,
                      help="CA bundle to verify the auth proxy's TLS; without it only a loopback auth proxy is allowed")
+    cliargs.add_flag(parser, "--health-file", type=Path,
+                     help="file touched on every heartbeat while connected (for a readiness probe)")
     cliargs.add_flag(parser, "--log-level", default="info", help="debug, info, warning or error")
     return parser.parse_args(argv)
 
@@ -70,7 +72,10 @@ async def run(args: argparse.Namespace) -> None:
         raise StartupError(str(exc)) from None
     async with authproxy_channel(args.authproxy, args.authproxy_ca) as channel:
         agent = Agent(
-            AgentConfig(target, args.cluster, credential, relay_ca, tunnel_pb2_grpc.AuthProxyStub(channel))
+            AgentConfig(
+                target, args.cluster, credential, relay_ca, tunnel_pb2_grpc.AuthProxyStub(channel),
+                health_file=args.health_file,
+            )
         )
         service.register_gauge("open_connections", lambda: agent.open_connections)
         await agent.run_forever()

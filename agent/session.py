@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -34,6 +35,8 @@ class AgentConfig:
     credential: str
     relay_ca: bytes | None
     authproxy: tunnel_pb2_grpc.AuthProxyStub
+    # Touched while the control stream is healthy, for an exec readiness probe in Kubernetes.
+    health_file: Path | None = None
 
 
 class Agent:
@@ -90,6 +93,7 @@ class Agent:
                     raise PeerGone("relay did not welcome the agent")
                 log.info("connected to relay", relay=self.config.relay_target, cluster=self.config.cluster)
                 self.connected.set()
+                self._touch_health()
                 try:
                     async with asyncio.TaskGroup() as connections:
                         await race(
@@ -105,13 +109,17 @@ class Agent:
             finally:
                 call.cancel()
 
-    @staticmethod
-    async def _heartbeats(call, interval: int) -> None:
+    async def _heartbeats(self, call, interval: int) -> None:
         while True:
             await asyncio.sleep(interval)
             await call.write(
                 tunnel_pb2.AgentMessage(heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000)))
             )
+            self._touch_health()
+
+    def _touch_health(self) -> None:
+        if self.config.health_file is not None:
+            self.config.health_file.touch()
 
     async def _control(self, call, stub, connections: asyncio.TaskGroup) -> None:
         while True:

@@ -1,0 +1,44 @@
+# clusterconnect: `make demo` and `make test` are the two set-up commands (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: venv devcluster test test-fast demo demo-down bench protos check-protos clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==26.3
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+devcluster:
+	$(MAKE) -C tests/devcluster
+
+# Regenerate the committed Python stubs from protos/ (a test fails when they are stale).
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/clusterconnect/v1/tunnel.proto
+
+test: venv devcluster
+	$(BIN)/python -m pytest -q -ra
+
+# Only the tests that need no devcluster.
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not devcluster"
+
+demo: venv devcluster
+	$(BIN)/python deploy/local/demo.py up --state-dir .demo
+
+demo-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python deploy/local/demo.py down --state-dir .demo; fi
+
+bench: venv devcluster
+	$(BIN)/python bench/run.py
+
+clean: demo-down
+	rm -rf .demo tests/devcluster/bin

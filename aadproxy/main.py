@@ -1,0 +1,128 @@
+"""clusterconnect-aadproxy: authenticate each HTTP request arriving through the tunnel, forward it."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from pathlib import Path
+
+import grpc
+
+from clusterconnect.aadproxy import apiserver as apiserver_mod
+from clusterconnect.aadproxy.authn import TokenPassthrough
+from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
+from clusterconnect.aadproxy.server import AuthProxyService
+from clusterconnect.cliargs import add_flag, add_version
+from clusterconnect.grpc_options import SERVER_OPTIONS
+from clusterconnect.logs import configure_logging, get_logger
+from clusterconnect.service import StartupError, register_gauge, run
+from clusterconnect.v1 import tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="clusterconnect-aadproxy",
+        description="Auth proxy: serves AuthProxy (gRPC) for the agent and forwards authenticated "
+        "HTTP requests to the kube-apiserver.",
+    )
+    add_flag(parser, "--listen", required=True, help="host:port for the gRPC server")
+    add_flag(parser, "--kubeconfig", help="apiserver and own identity from this file (default: in-cluster)")
+    add_flag(parser, "--tls-cert", help="serve gRPC with TLS: certificate chain (PEM)")
+    add_flag(parser, "--tls-key", help="serve gRPC with TLS: private key (PEM)")
+    add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_version(parser)
+    return parser.parse_args(argv)
+
+
+def split_listen(addr: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise StartupError(f"--listen must be host:port, got {addr!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_credentials(cert: str | None, key: str | None) -> grpc.ServerCredentials | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise StartupError("--tls-cert and --tls-key go together")
+    try:
+        return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+    except OSError as exc:
+        raise StartupError(f"cannot read TLS certificate or key: {exc}") from exc
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one line if the address is taken (gRPC would log its own multi-line complaint)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, port = split_listen(args.listen)
+    credentials = server_credentials(args.tls_cert, args.tls_key)
+    if credentials is None and not is_loopback(host):
+        raise StartupError(
+            f"refusing to serve plaintext gRPC on non-loopback address {args.listen}; give --tls-cert and --tls-key"
+        )
+    target = apiserver_mod.from_kubeconfig(args.kubeconfig) if args.kubeconfig else apiserver_mod.in_cluster()
+
+    check_port_free(host, port)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(AuthProxyService(target, TokenPassthrough()), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {args.listen}: address in use or not available") from exc
+    if bound == 0:
+        raise StartupError(f"cannot listen on {args.listen}: address in use or not available")
+
+    register_gauge("open_connections", open_connections)
+    register_gauge("open_upstream_connections", open_upstream_connections)
+    await server.start()
+    log.info("listening", address=f"{host}:{bound}", tls=credentials is not None, apiserver=target.address,
+             authentication="token-passthrough")
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_logging("aadproxy", args.log_level)
+    run(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main()

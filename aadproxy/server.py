@@ -1,0 +1,54 @@
+"""The AuthProxy gRPC service: one Serve stream per downstream connection, and Info."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from clusterconnect import __version__
+from clusterconnect.aadproxy.apiserver import ApiServer
+from clusterconnect.aadproxy.authn import Authenticator
+from clusterconnect.aadproxy.http_forwarder import forward_connection
+from clusterconnect.logs import get_logger
+from clusterconnect.streams import GrpcServerStream
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+
+log = get_logger(__name__)
+
+VERSION_TTL = 60.0  # seconds a known apiserver version is reused
+VERSION_RETRY = 5.0  # seconds before asking again after a failure
+VERSION_TIMEOUT = 10.0
+
+
+class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
+    def __init__(self, apiserver: ApiServer, authenticator: Authenticator) -> None:
+        self.apiserver = apiserver
+        self.authenticator = authenticator
+        self._version = ""
+        self._version_until = 0.0
+        self._version_lock = asyncio.Lock()
+
+    async def Serve(self, request_iterator, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
+        await forward_connection(GrpcServerStream(context), self.apiserver.connect, self.authenticator)
+
+    async def Info(self, request, context) -> tunnel_pb2.InfoResponse:  # noqa: N802
+        return tunnel_pb2.InfoResponse(
+            kubernetes_version=await self.kubernetes_version(), auth_proxy_version=__version__
+        )
+
+    async def kubernetes_version(self) -> str:
+        """The apiserver's gitVersion, cached briefly; "" while unknown."""
+        async with self._version_lock:
+            now = time.monotonic()
+            if now < self._version_until:
+                return self._version
+            try:
+                self._version = await asyncio.wait_for(self.apiserver.fetch_version(), VERSION_TIMEOUT)
+                self._version_until = now + VERSION_TTL
+            except Exception as exc:  # noqa: BLE001 - Info degrades to "unknown", never fails
+                log.warning("apiserver version unknown", error=" ".join(str(exc).split())[:300] or type(exc).__name__)
+                self._version_until = now + VERSION_RETRY
+            return self._version

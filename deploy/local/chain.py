@@ -1,0 +1,246 @@
+"""Start the whole clusterconnect chain on this machine: relay, auth proxy, agent, client proxy.
+
+Used by `make demo`, by the end-to-end tests and by the benchmarks, so all three run the real
+console scripts the same way. Each process logs to STATE_DIR/logs/<name>.log; every wait has a
+deadline and reports the tail of the log of the process that did not come up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def script(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+def wait_until(predicate, timeout: float, what: str, process: Process | None = None, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and not process.alive():
+            raise StartFailed(f"{process.name} exited ({process.popen.returncode}) while waiting for {what}:\n{process.tail()}")
+        if time.monotonic() > deadline:
+            detail = f"\n{process.name} log:\n{process.tail()}" if process else ""
+            raise StartFailed(f"timed out after {timeout}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def log_event(log: Path, event: str) -> dict | None:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("{") and f'"event": "{event}"' in line:
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+@dataclass
+class Chain:
+    state_dir: Path
+    cluster_kubeconfig: Path  # where the auth proxy finds the apiserver (server + CA)
+    cluster: str = "dev"
+    log_level: str = "info"
+    processes: dict[str, Process] = field(default_factory=dict)
+    relay_port: int = 0
+    authproxy_port: int = 0
+
+    def __post_init__(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+
+    @property
+    def relay_data(self) -> Path:
+        return self.state_dir / "relay"
+
+    @property
+    def relay_url(self) -> str:
+        return f"https://127.0.0.1:{self.relay_port}"
+
+    @property
+    def relay_ca(self) -> Path:
+        return self.relay_data / "pki" / "ca.crt"
+
+    @property
+    def admin_credential(self) -> Path:
+        return self.relay_data / "admin.credential"
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              stdout: int | None = None) -> Process:
+        log = self.state_dir / "logs" / f"{name}.log"
+        handle = open(log, "ab")
+        popen = subprocess.Popen(
+            argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+        handle.close()
+        process = Process(name, popen, log)
+        self.processes[name] = process
+        return process
+
+    def start_relay(self) -> Process:
+        if not self.relay_port:
+            self.relay_port = free_port()
+        log = self.state_dir / "logs" / "relay.log"
+        offset = log.stat().st_size if log.exists() else 0
+        process = self.spawn("relay", [
+            script("clusterconnect-relay"), "serve", "--data-dir", str(self.relay_data),
+            "--listen", f"127.0.0.1:{self.relay_port}", "--log-level", self.log_level,
+        ])
+        wait_until(lambda: _logged_since(log, offset, "serving"), 20, "relay to serve", process)
+        return process
+
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [script("clusterconnect"), "clusters", *args, "--relay", self.relay_url,
+             "--relay-ca", str(self.relay_ca), "--admin-credential", str(self.admin_credential)],
+            capture_output=True, text=True, timeout=30, check=check,
+        )
+
+    def add_cluster(self, name: str | None = None) -> Path:
+        name = name or self.cluster
+        credential = self.state_dir / f"{name}.credential"
+        self.admin("add", name, "--credential-out", str(credential))
+        return credential
+
+    def start_authproxy(self) -> Process:
+        if not self.authproxy_port:
+            self.authproxy_port = free_port()
+        process = self.spawn("aadproxy", [
+            script("clusterconnect-aadproxy"), "--listen", f"127.0.0.1:{self.authproxy_port}",
+            "--kubeconfig", str(self.cluster_kubeconfig), "--log-level", self.log_level,
+        ])
+        wait_until(lambda: port_open(self.authproxy_port), 20, "auth proxy to listen", process)
+        return process
+
+    def start_agent(self, credential: Path | None = None, name: str = "agent") -> Process:
+        credential = credential or self.state_dir / f"{self.cluster}.credential"
+        log = self.state_dir / "logs" / f"{name}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        process = self.spawn(name, [
+            script("clusterconnect-agent"), "--relay", self.relay_url, "--cluster", self.cluster,
+            "--credential", str(credential), "--relay-ca", str(self.relay_ca),
+            "--authproxy", f"127.0.0.1:{self.authproxy_port}", "--log-level", self.log_level,
+        ])
+        wait_until(lambda: _logged_since(log, offset, "connected to relay"), 20, "agent to connect", process)
+        return process
+
+    def start_proxy(self, token_file: Path, kubeconfig: Path, port: int = 0, name: str = "proxy",
+                    cluster: str | None = None) -> tuple[Process, str]:
+        """Start `clusterconnect proxy`; returns the process and its `ready` line."""
+        out = self.state_dir / "logs" / f"{name}.out"
+        handle = open(out, "wb")
+        process = self.spawn(name, [
+            script("clusterconnect"), "proxy", cluster or self.cluster, "--relay", self.relay_url,
+            "--relay-ca", str(self.relay_ca), "--token-file", str(token_file),
+            "--port", str(port), "--kubeconfig-out", str(kubeconfig),
+            "--state-dir", str(self.state_dir / "proxy-state"),
+        ], stdout=handle.fileno())
+        handle.close()
+        ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", process)
+        return process, ready
+
+    def start_all(self, token_file: Path, kubeconfig: Path) -> str:
+        self.start_relay()
+        self.add_cluster()
+        self.start_authproxy()
+        self.start_agent()
+        _, ready = self.start_proxy(token_file, kubeconfig)
+        return ready
+
+    def stop_all(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
+
+    def write_pids(self) -> None:
+        (self.state_dir / "pids").write_text(
+            "\n".join(str(p.popen.pid) for p in self.processes.values()) + "\n"
+        )
+
+
+def _logged_since(log: Path, offset: int, event: str) -> bool:
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read().decode(errors="replace")
+    except OSError:
+        return False
+    return f'"event": "{event}"' in data
+
+
+def _line_starting(path: Path, prefix: str) -> str | None:
+    try:
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(prefix):
+                return line
+    except OSError:
+        return None
+    return None

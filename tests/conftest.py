@@ -1,0 +1,68 @@
+"""Shared fixtures: the devcluster (tests/devcluster/fixture.py) and the whole clusterconnect chain."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "deploy" / "local"))
+
+pytest_plugins = ["devcluster.fixture"]
+
+from chain import Chain  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "devcluster: needs the devcluster (real kube-apiserver)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "devcluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.devcluster)
+
+
+@pytest.fixture(scope="session")
+def admin_sa_token(devcluster, tmp_path_factory) -> Path:
+    """A token file for a ServiceAccount bound to cluster-admin: the caller in the tunnel tests."""
+    devcluster.create_namespace("clusterconnect-tests")
+    devcluster.create_service_account("clusterconnect-tests", "tunnel-admin", cluster_role="cluster-admin")
+    path = tmp_path_factory.mktemp("tokens") / "tunnel-admin.token"
+    path.write_text(devcluster.token("clusterconnect-tests", "tunnel-admin", duration="6h"))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cluster_endpoint_kubeconfig(devcluster, tmp_path_factory) -> Path:
+    """Server and CA of the devcluster, no credentials: all the auth proxy needs in token passthrough mode."""
+    import yaml
+
+    config = yaml.safe_load(devcluster.kubeconfig.read_text())
+    cluster = config["clusters"][0]
+    path = tmp_path_factory.mktemp("authproxy") / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "none", "user": {}}],
+        "contexts": [{"name": "cluster", "context": {"cluster": cluster["name"], "user": "none"}}],
+        "current-context": "cluster",
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chain(devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_factory):
+    """relay + auth proxy + agent + client proxy, real processes; yields (chain, kubeconfig path)."""
+    state = tmp_path_factory.mktemp("chain")
+    tunnel = Chain(state, cluster_endpoint_kubeconfig)
+    kubeconfig = state / "kubeconfig"
+    try:
+        tunnel.start_all(admin_sa_token, kubeconfig)
+        yield tunnel, kubeconfig
+    finally:
+        tunnel.stop_all()

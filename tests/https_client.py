@@ -1,0 +1,38 @@
+"""A minimal HTTPS client for load-style tests through the client proxy (http.client from the stdlib)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import ssl
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+class Endpoint:
+    """Server, CA and token of a kubeconfig's current context (as written by `clusterconnect proxy`)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        config = yaml.safe_load(kubeconfig.read_text())
+        context = next(c for c in config["contexts"] if c["name"] == config["current-context"])["context"]
+        cluster = next(c for c in config["clusters"] if c["name"] == context["cluster"])["cluster"]
+        user = next(u for u in config["users"] if u["name"] == context["user"])["user"]
+        self.host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
+        self.port = int(port)
+        self.ssl = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+        token = user.get("token") or Path(user["tokenFile"]).read_text().strip()
+        self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+
+    def connect(self, timeout: float = 30) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(self.host, self.port, context=self.ssl, timeout=timeout)
+
+    def get_json(self, conn: http.client.HTTPSConnection, path: str) -> dict:
+        conn.request("GET", path, headers=self.headers)
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise AssertionError(f"GET {path}: {response.status} {body[:300]!r}")
+        return json.loads(body)

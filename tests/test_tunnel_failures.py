@@ -1,0 +1,134 @@
+"""Failures along the path: each gives kubectl a clear error quickly, and every process keeps serving."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from chain import Chain, wait_until
+from kube import kubectl
+
+from clusterconnect.pki import create_ca
+
+
+@pytest.fixture(scope="module")
+def own_chain(devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_factory):
+    """A chain of its own: these tests kill and restart its processes."""
+    chain = Chain(tmp_path_factory.mktemp("failures"), cluster_endpoint_kubeconfig)
+    kubeconfig = chain.state_dir / "kubeconfig"
+    try:
+        chain.start_all(admin_sa_token, kubeconfig)
+        yield chain, kubeconfig
+    finally:
+        chain.stop_all()
+
+
+def _works(kubeconfig) -> bool:
+    return kubectl(kubeconfig, "get", "--raw", "/version", check=False, timeout=10).returncode == 0
+
+
+def test_agent_killed_gives_clear_error_within_2s_then_recovers(own_chain):
+    chain, kubeconfig = own_chain
+    assert _works(kubeconfig)
+    chain.processes["agent"].popen.send_signal(signal.SIGKILL)
+    chain.processes["agent"].popen.wait()
+    start = time.monotonic()
+    result = kubectl(kubeconfig, "get", "--raw", "/version", check=False, timeout=10)
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert re.search(r"cluster dev is not connected \(agent last seen \d+s ago\)", result.stderr), result.stderr
+    assert elapsed < 2.0, elapsed
+    chain.start_agent()
+    assert _works(kubeconfig)
+
+
+def test_relay_killed_and_restarted_agent_reconnects_within_10s(own_chain):
+    chain, kubeconfig = own_chain
+    assert _works(kubeconfig)
+    chain.processes["relay"].popen.send_signal(signal.SIGKILL)
+    chain.processes["relay"].popen.wait()
+    failed = kubectl(kubeconfig, "get", "--raw", "/version", check=False, timeout=10)
+    assert failed.returncode != 0 and "cannot reach relay" in failed.stderr, failed.stderr
+    chain.start_relay()
+    restarted = time.monotonic()
+    wait_until(lambda: _works(kubeconfig), 10, "kubectl to work through the restarted relay")
+    print(f"kubectl worked again {time.monotonic() - restarted:.1f}s after the relay restarted")
+
+
+def test_unknown_cluster_is_a_clear_error(own_chain):
+    chain, _ = own_chain
+    out = chain.state_dir / "nope.kubeconfig"
+    process = chain.spawn("proxy-nope", [
+        str(chain_script("clusterconnect")), "proxy", "nope", "--relay", chain.relay_url,
+        "--relay-ca", str(chain.relay_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
+        "--state-dir", str(chain.state_dir / "proxy-state"),
+    ])
+    try:
+        wait_until(lambda: "cluster nope is not registered" in process.log.read_text(), 15,
+                   "the proxy to report the unknown cluster", process)
+        result = kubectl(out, "get", "--raw", "/version", check=False, timeout=10)
+        assert "cluster nope is not registered" in result.stderr, result.stderr
+    finally:
+        process.stop()
+    assert _works(chain.state_dir / "kubeconfig")
+
+
+def test_wrong_relay_ca_is_a_clear_error(own_chain):
+    chain, _ = own_chain
+    wrong_ca = chain.state_dir / "wrong-ca.crt"
+    wrong_ca.write_bytes(create_ca("not the relay").cert_pem)
+    out = chain.state_dir / "wrongca.kubeconfig"
+    process = chain.spawn("proxy-wrongca", [
+        str(chain_script("clusterconnect")), "proxy", chain.cluster, "--relay", chain.relay_url,
+        "--relay-ca", str(wrong_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
+        "--state-dir", str(chain.state_dir / "proxy-state"),
+    ])
+    try:
+        wait_until(lambda: "TLS verification failed" in process.log.read_text(), 15,
+                   "the proxy to report the TLS failure", process)
+        result = kubectl(out, "get", "--raw", "/version", check=False, timeout=10)
+        assert "TLS verification failed" in result.stderr, result.stderr
+    finally:
+        process.stop()
+    assert _works(chain.state_dir / "kubeconfig")
+
+
+def test_missing_token(own_chain, tmp_path):
+    chain, kubeconfig = own_chain
+    cli = subprocess.run([str(chain_script("clusterconnect")), "proxy", chain.cluster, "--relay", chain.relay_url],
+                         capture_output=True, text=True, timeout=30, env={**os.environ, "CLUSTERCONNECT_TOKEN": ""})
+    assert cli.returncode != 0 and "a token is needed" in cli.stderr
+    # kubectl without a token: the auth proxy answers 401 and forwards nothing.
+    import yaml
+    config = yaml.safe_load(kubeconfig.read_text())
+    for user in config["users"]:
+        user["user"] = {}
+    anonymous = tmp_path / "anonymous.kubeconfig"
+    anonymous.write_text(yaml.safe_dump(config))
+    result = kubectl(anonymous, "get", "--raw", "/version", check=False, timeout=10)
+    assert result.returncode != 0 and "Unauthorized" in result.stderr, result.stderr
+    assert _works(kubeconfig)
+    for process in chain.processes.values():
+        if process.name in ("relay", "agent", "aadproxy", "proxy"):
+            assert process.alive(), process.name
+
+
+def test_port_in_use_is_one_clear_line(own_chain, admin_sa_token):
+    chain, kubeconfig = own_chain
+    port = int(kubeconfig.read_text().split("https://127.0.0.1:")[1].split()[0])
+    result = subprocess.run([str(chain_script("clusterconnect")), "proxy", chain.cluster, "--relay", chain.relay_url,
+                             "--relay-ca", str(chain.relay_ca), "--token-file", str(admin_sa_token),
+                             "--port", str(port), "--kubeconfig-out", "-"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: port {port} on 127.0.0.1 is already in use (another proxy?); "
+                                     "pick another with --port")
+
+
+def chain_script(name: str):
+    from chain import script
+    return script(name)

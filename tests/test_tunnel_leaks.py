@@ -1,0 +1,63 @@
+"""After 1,000 connections opened and closed, no task, gRPC call or file descriptor is left in any process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+from chain import Process, wait_until
+from https_client import Endpoint
+
+SERVICES = ("proxy", "relay", "agent", "aadproxy")
+# Timers and keepalive pings come and go; a leak of 1,000 connections would be far above this.
+SLACK = 3
+
+
+def _stats(process: Process) -> dict:
+    """Ask the process for its gauges (SIGUSR1 -> one `stats` log line) and read the newest one."""
+    before = process.log.read_text(errors="replace").count('"event": "stats"')
+    os.kill(process.popen.pid, signal.SIGUSR1)
+
+    def newest():
+        lines = [l for l in process.log.read_text(errors="replace").splitlines() if '"event": "stats"' in l]
+        return json.loads(lines[-1]) if len(lines) > before else None
+
+    return wait_until(newest, 10, f"stats from {process.name}")
+
+
+def _settled(processes: dict[str, Process], baseline: dict[str, dict]) -> dict | bool:
+    now = {name: _stats(processes[name]) for name in SERVICES}
+    ok = all(
+        now[name].get("open_connections", 0) == 0
+        and now[name]["tasks"] <= baseline[name]["tasks"] + SLACK
+        and now[name]["fds"] <= baseline[name]["fds"] + SLACK
+        for name in SERVICES
+    )
+    return now if ok else False
+
+
+def _one_connection(endpoint: Endpoint) -> int:
+    conn = endpoint.connect()
+    try:
+        conn.request("GET", "/version", headers={**endpoint.headers, "Connection": "close"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_1000_connections_leave_nothing_behind(chain):
+    tunnel, kubeconfig = chain
+    endpoint = Endpoint(kubeconfig)
+    assert _one_connection(endpoint) == 200
+    baseline = {name: _stats(tunnel.processes[name]) for name in SERVICES}
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: _one_connection(endpoint), range(1000)))
+    assert statuses.count(200) == 1000
+    # Connections wind down asynchronously after the client hangs up; wait for every gauge to return.
+    final = wait_until(lambda: _settled(tunnel.processes, baseline), 30, "every process to return to its baseline",
+                       interval=0.5)
+    print(json.dumps({"baseline": baseline, "after": final}, default=str)[:2000])

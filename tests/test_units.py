@@ -1,0 +1,137 @@
+"""Unit tests of pure logic: no sockets, no processes."""
+
+from __future__ import annotations
+
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import h11
+import pytest
+import yaml
+
+from clusterconnect.agent.backoff import Backoff
+from clusterconnect.clientproxy import kubeconfig
+from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
+from clusterconnect.grpc_options import bearer_from_metadata, grpc_target
+from clusterconnect.humanize import ago
+from clusterconnect.pki import ca_hash, create_ca, ensure_ca_and_server_cert
+from clusterconnect.relay.store import AlreadyExists, ClusterStore, InvalidName
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_stubs_match_the_protos(tmp_path):
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                    str(ROOT / "protos/clusterconnect/v1/tunnel.proto")], check=True)
+    for name in ("tunnel_pb2.py", "tunnel_pb2.pyi", "tunnel_pb2_grpc.py"):
+        generated = (tmp_path / "clusterconnect/v1" / name).read_text()
+        committed = (ROOT / "protos/clusterconnect/v1" / name).read_text()
+        assert generated == committed, f"{name} is stale: run `make protos`"
+
+
+def test_backoff_grows_with_jitter_and_caps_at_30s():
+    backoff = Backoff(rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(20)]
+    assert all(0 < d <= 30 for d in delays)
+    assert max(delays[-5:]) > 10  # it did grow
+    assert len(set(delays)) == len(delays)  # jittered
+    backoff.reset()
+    assert backoff.next_delay() <= 0.5
+
+
+@pytest.mark.parametrize("url,target", [
+    ("https://relay.example.com:8443", "relay.example.com:8443"),
+    ("relay.example.com:9000", "relay.example.com:9000"),
+    ("https://relay.example.com", "relay.example.com:443"),
+    ("https://[::1]:8443", "[::1]:8443"),
+])
+def test_grpc_target(url, target):
+    assert grpc_target(url) == target
+
+
+@pytest.mark.parametrize("metadata,token", [
+    ((("authorization", "Bearer abc"),), "abc"),
+    ((("authorization", "bearer abc "),), "abc"),
+    ((("authorization", "Basic abc"),), None),
+    ((("authorization", "Bearer "),), None),
+    ((("authorization", "Bearer a"), ("authorization", "Bearer b")), None),
+    ((), None),
+])
+def test_bearer_from_metadata(metadata, token):
+    assert bearer_from_metadata(metadata) == token
+
+
+def test_error_response_is_valid_http_with_a_status_body():
+    raw = error_response(grpc.StatusCode.UNAVAILABLE, "cluster prod is not connected (agent last seen 3m ago)")
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(raw)
+    response = client.next_event()
+    assert response.status_code == 502
+    body = client.next_event().data
+    assert b'"message": "cluster prod is not connected (agent last seen 3m ago)"' in body
+    assert b'"code": 502' in body
+    assert isinstance(client.next_event(), h11.EndOfMessage)
+    assert error_response(grpc.StatusCode.NOT_FOUND, "x").startswith(b"HTTP/1.1 404 ")
+
+
+def test_describe_rpc_error_names_tls_failures():
+    details = "failed to connect to all addresses; last error: UNKNOWN: Ssl handshake failed: CERTIFICATE_VERIFY_FAILED"
+    assert "TLS verification failed" in describe_rpc_error(grpc.StatusCode.UNAVAILABLE, details, "https://r:1")
+    assert describe_rpc_error(grpc.StatusCode.NOT_FOUND, "cluster x is not registered", "r") == "cluster x is not registered"
+
+
+def test_kubeconfig_merge_keeps_other_entries_and_mode(tmp_path):
+    path = tmp_path / "config"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "other",
+        "clusters": [{"name": "other", "cluster": {"server": "https://o"}}],
+        "users": [{"name": "o", "user": {"token": "t"}}],
+        "contexts": [{"name": "other", "context": {"cluster": "other", "user": "o"}}],
+    }))
+    entries = kubeconfig.build_entries("prod", "https://127.0.0.1:47011", b"CA", "tok", None)
+    kubeconfig.write(path, entries)
+    kubeconfig.write(path, entries)  # idempotent
+    config = yaml.safe_load(path.read_text())
+    assert [c["name"] for c in config["clusters"]] == ["other", "prod"]
+    assert config["current-context"] == "prod"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_kubeconfig_default_path_honours_KUBECONFIG(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path}/a:{tmp_path}/b")
+    assert kubeconfig.default_path() == tmp_path / "a"
+
+
+def test_store_add_verify_remove(tmp_path):
+    store = ClusterStore(tmp_path / "relay.db")
+    _, credential = store.add("prod")
+    assert store.verify_agent("prod", credential)
+    assert not store.verify_agent("prod", credential + "x")
+    assert not store.verify_agent("other", credential)
+    with pytest.raises(AlreadyExists):
+        store.add("prod")
+    with pytest.raises(InvalidName):
+        store.add("Not_Valid")
+    assert store.remove("prod") and not store.verify_agent("prod", credential)
+
+
+def test_pki_creates_once_and_reissues_for_new_hosts(tmp_path):
+    ca, cert, key = ensure_ca_and_server_cert(tmp_path, "test CA", ["localhost", "127.0.0.1"])
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    first = cert.read_bytes()
+    ensure_ca_and_server_cert(tmp_path, "test CA", ["localhost", "127.0.0.1"])
+    assert cert.read_bytes() == first
+    ensure_ca_and_server_cert(tmp_path, "test CA", ["localhost", "127.0.0.1", "relay.example.com"])
+    assert cert.read_bytes() != first
+    assert ca_hash(ca.read_bytes()).startswith("sha256:") and ca_hash(create_ca("x").cert_pem) != ca_hash(ca.read_bytes())
+
+
+def test_ago():
+    assert ago(5) == "5s ago" and ago(180) == "3m ago" and ago(7200) == "2h ago"
