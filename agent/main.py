@@ -13,6 +13,7 @@ from clusterconnect import cliargs, service
 from clusterconnect.agent.session import Agent, AgentConfig
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import configure_logging
+from clusterconnect.tracing import configure_tracing
 from clusterconnect.service import StartupError
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -84,6 +85,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("agent", args.log_level)
+    configure_tracing("agent")
     service.run(lambda: run(args))
 
 

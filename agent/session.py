@@ -16,6 +16,7 @@ from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
 from clusterconnect.tasks import race, unwrap
+from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
@@ -135,9 +136,12 @@ class Agent:
 
     async def _carry(self, stub, dial: tunnel_pb2.DialRequest) -> None:
         """One user connection: relay Accept stream <-> auth proxy Serve stream."""
+        with connection_span("agent.connection", dial.traceparent or None, cluster=self.config.cluster) as traceparent:
+            await self._splice(stub, dial, traceparent)
+
+    async def _splice(self, stub, dial: tunnel_pb2.DialRequest, traceparent: str) -> None:
         accept = stub.Accept(metadata=self._metadata((md.DIAL_ID, dial.dial_id)))
-        serve_metadata = ((md.TRACEPARENT, dial.traceparent),) if dial.traceparent else ()
-        serve = self.config.authproxy.Serve(metadata=serve_metadata)
+        serve = self.config.authproxy.Serve(metadata=((md.TRACEPARENT, traceparent),))
         self.open_connections += 1
         relay_side, cluster_side = GrpcClientStream(accept), GrpcClientStream(serve)
         try:
@@ -146,6 +150,8 @@ class Agent:
             await relay_side.finish()
         except PeerGone as exc:
             log.debug("connection ended abnormally", dial_id=dial.dial_id, reason=str(exc))
+        except Exception:  # one broken connection must never take the agent down
+            log.exception("connection failed", dial_id=dial.dial_id)
         finally:
             self.open_connections -= 1
             accept.cancel()

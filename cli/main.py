@@ -18,6 +18,7 @@ from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.logs import configure_logging
+from clusterconnect.tracing import configure_tracing
 from clusterconnect.pki import write_private
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
@@ -96,6 +97,7 @@ def proxy_command(args: argparse.Namespace) -> None:
         kubeconfig_out=args.kubeconfig_out,
     )
     configure_logging("clientproxy", args.log_level)
+    configure_tracing("clientproxy")
     service.run(lambda: run_proxy(settings))
 
 

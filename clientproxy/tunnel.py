@@ -11,6 +11,7 @@ from clusterconnect import metadata as md
 from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
+from clusterconnect.tracing import connection_span
 from clusterconnect.streams import GrpcClientStream, PeerGone, SocketStream, splice
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -38,7 +39,12 @@ class ConnectionHandler:
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open_connections += 1
         downstream = SocketStream(reader, writer)
-        call = self.stub.Dial(metadata=((md.CLUSTER, self.target.cluster), bearer(self.target.token)))
+        with connection_span("clientproxy.connection", cluster=self.target.cluster) as traceparent:
+            await self._carry(downstream, traceparent)
+
+    async def _carry(self, downstream: SocketStream, traceparent: str) -> None:
+        metadata = ((md.CLUSTER, self.target.cluster), bearer(self.target.token), (md.TRACEPARENT, traceparent))
+        call = self.stub.Dial(metadata=metadata)
         try:
             failure = await self._opened(call)
             if failure is not None:
@@ -49,8 +55,8 @@ class ConnectionHandler:
             await upstream.finish()
         except PeerGone as exc:
             log.debug("connection ended abnormally", reason=str(exc))
-        except asyncio.CancelledError:
-            raise
+        except Exception:  # one broken connection must never take the proxy down
+            log.exception("connection failed")
         finally:
             call.cancel()
             await downstream.close()

@@ -18,6 +18,9 @@ import grpc
 from clusterconnect.tasks import gather_strict
 from clusterconnect.v1 import tunnel_pb2
 
+# What grpc.aio raises when the other end is gone or the RPC already ended.
+_RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
 # grpc.aio's cost is per message, so sockets are read in large blocks (see docs/performance.md).
 READ_SIZE = 256 * 1024
 
@@ -94,6 +97,8 @@ class GrpcClientStream:
                 chunk = await self.call.read()
             except grpc.aio.AioRpcError as exc:
                 raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
+            except _RPC_ENDED as exc:
+                raise PeerGone(str(exc)) from exc
             if chunk is grpc.aio.EOF:
                 return b""
             if chunk.eof:
@@ -104,7 +109,7 @@ class GrpcClientStream:
     async def send(self, data: bytes) -> None:
         try:
             await self.call.write(tunnel_pb2.Chunk(data=data))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+        except _RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
 
     async def send_eof(self) -> None:
@@ -113,7 +118,7 @@ class GrpcClientStream:
         self._eof_sent = True
         try:
             await self.call.done_writing()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+        except _RPC_ENDED:
             pass
 
     async def close(self) -> None:
@@ -140,7 +145,7 @@ class GrpcServerStream:
         while True:
             try:
                 chunk = await self.context.read()
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+            except _RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
             if chunk is grpc.aio.EOF or chunk.eof:
                 return b""
@@ -150,7 +155,7 @@ class GrpcServerStream:
     async def send(self, data: bytes) -> None:
         try:
             await self.context.write(tunnel_pb2.Chunk(data=data))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+        except _RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
 
     async def send_eof(self) -> None:
@@ -159,7 +164,7 @@ class GrpcServerStream:
         self._eof_sent = True
         try:
             await self.context.write(_EOF_CHUNK)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+        except _RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
 
     async def close(self) -> None:

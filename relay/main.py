@@ -14,6 +14,7 @@ import grpc
 from clusterconnect import cliargs, service
 from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import configure_logging, get_logger
+from clusterconnect.tracing import configure_tracing
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
 from clusterconnect.relay.registry import Registry
 from clusterconnect.relay.sessions import SessionTable
@@ -94,6 +95,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging("relay", args.log_level)
+    configure_tracing("relay")
     service.run(lambda: serve(args))
 
 

@@ -15,6 +15,7 @@ from clusterconnect.relay.sessions import AcceptedStream, AgentSession, SessionT
 from clusterconnect.relay.store import ClusterStore
 from clusterconnect.streams import GrpcServerStream, PeerGone, splice
 from clusterconnect.tasks import race
+from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
@@ -48,7 +49,13 @@ class Tunnel(tunnel_pb2_grpc.ClientTunnelServicer, tunnel_pb2_grpc.AgentTunnelSe
         session = self.sessions.get(cluster)
         if session is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_connected(cluster))
-        accepted = await self._open(session, context)
+        incoming = metadata_value(metadata, md.TRACEPARENT)
+        with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
+            await self._carry(context, session, traceparent)
+
+    async def _carry(self, context: grpc.aio.ServicerContext, session: AgentSession, traceparent: str) -> None:
+        cluster = session.cluster
+        accepted = await self._open(session, context, traceparent)
         await context.send_initial_metadata(((md.OPEN, "1"),))
         self.open_connections += 1
         session.active.add(accepted)
@@ -64,8 +71,7 @@ class Tunnel(tunnel_pb2_grpc.ClientTunnelServicer, tunnel_pb2_grpc.AgentTunnelSe
             session.active.discard(accepted)
             self.open_connections -= 1
 
-    async def _open(self, session: AgentSession, context: grpc.aio.ServicerContext) -> AcceptedStream:
-        traceparent = metadata_value(context.invocation_metadata(), md.TRACEPARENT) or ""
+    async def _open(self, session: AgentSession, context: grpc.aio.ServicerContext, traceparent: str) -> AcceptedStream:
         try:
             dial_id, future = session.request_dial(traceparent)
         except asyncio.QueueFull:
