@@ -16,12 +16,13 @@ from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import configure_logging, get_logger
 from clusterconnect.tracing import configure_tracing
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
+from clusterconnect.relay.passthrough import raw_stream_handler
 from clusterconnect.relay.registry import Registry
 from clusterconnect.relay.sessions import SessionTable
 from clusterconnect.relay.store import ClusterStore
 from clusterconnect.relay.tunnel import Tunnel
 from clusterconnect.service import StartupError
-from clusterconnect.v1 import tunnel_pb2_grpc
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
@@ -71,8 +72,18 @@ async def serve(args: argparse.Namespace) -> None:
     sessions = SessionTable()
     tunnel = Tunnel(store, sessions, args.heartbeat_seconds)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    tunnel_pb2_grpc.add_ClientTunnelServicer_to_server(tunnel, server)
-    tunnel_pb2_grpc.add_AgentTunnelServicer_to_server(tunnel, server)
+    server.add_generic_rpc_handlers((
+        raw_stream_handler("clusterconnect.v1.ClientTunnel", {"Dial": tunnel.Dial}),
+        # Connect carries control messages and is decoded as usual; Accept carries raw Chunks.
+        grpc.method_handlers_generic_handler("clusterconnect.v1.AgentTunnel", {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                tunnel.Connect,
+                request_deserializer=tunnel_pb2.AgentMessage.FromString,
+                response_serializer=tunnel_pb2.RelayMessage.SerializeToString,
+            ),
+            "Accept": grpc.stream_stream_rpc_method_handler(tunnel.Accept),
+        }),
+    ))
     tunnel_pb2_grpc.add_RegistryServicer_to_server(Registry(store, sessions, admin_credential(data_dir)), server)
     try:
         port = server.add_secure_port(args.listen, credentials)

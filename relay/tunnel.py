@@ -13,10 +13,11 @@ from clusterconnect.humanize import ago
 from clusterconnect.logs import get_logger
 from clusterconnect.relay.sessions import AcceptedStream, AgentSession, SessionTable
 from clusterconnect.relay.store import ClusterStore
-from clusterconnect.streams import GrpcServerStream, PeerGone, splice
+from clusterconnect.relay.passthrough import PassthroughStream
+from clusterconnect.streams import PeerGone, splice
 from clusterconnect.tasks import race
 from clusterconnect.tracing import connection_span
-from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+from clusterconnect.v1 import tunnel_pb2
 
 log = get_logger(__name__)
 
@@ -28,7 +29,9 @@ class _PeerLost(Exception):
     pass
 
 
-class Tunnel(tunnel_pb2_grpc.ClientTunnelServicer, tunnel_pb2_grpc.AgentTunnelServicer):
+class Tunnel:
+    """Handlers of ClientTunnel.Dial and AgentTunnel.Connect/Accept (registered in main.py)."""
+
     def __init__(self, store: ClusterStore, sessions: SessionTable, heartbeat_seconds: int) -> None:
         self.store = store
         self.sessions = sessions
@@ -61,7 +64,7 @@ class Tunnel(tunnel_pb2_grpc.ClientTunnelServicer, tunnel_pb2_grpc.AgentTunnelSe
         session.active.add(accepted)
         clean = False
         try:
-            await race(splice(GrpcServerStream(context), accepted.stream), self._lost(accepted))
+            await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted))
             clean = True
         except (_PeerLost, PeerGone) as exc:
             log.info("connection lost", cluster=cluster, reason=str(exc))
@@ -181,7 +184,7 @@ class Tunnel(tunnel_pb2_grpc.ClientTunnelServicer, tunnel_pb2_grpc.AgentTunnelSe
         future = session.pending.get(dial_id) if session else None
         if future is None or future.done():
             await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
-        accepted = AcceptedStream(GrpcServerStream(context))
+        accepted = AcceptedStream(PassthroughStream(context))
         future.set_result(accepted)
         try:
             clean = await accepted.finished
