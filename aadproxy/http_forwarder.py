@@ -43,6 +43,11 @@ MAX_HEAD = 64 * 1024
 # A header line starting with space or tab continues the previous one (RFC 9112 obs-fold).
 _OBS_FOLD = re.compile(rb"\n[ \t]")
 
+# After the client ended its side (EOF), the response in flight may take this long to finish. HTTP
+# clients (Go's included) do not half-close, so this EOF almost always means the client is gone; the
+# bound keeps a forgotten watch or ``logs -f`` from holding an apiserver connection for an hour.
+EOF_GRACE = 10.0
+
 ConnectUpstream = Callable[[], Awaitable[ByteStream]]
 
 _counts = {"downstream": 0, "upstream": 0}
@@ -71,6 +76,7 @@ class _Exchange:
     response_started: bool = False
     response_bytes: int = 0
     request_bytes: int = 0
+    request_sent: bool = False
     switched: bool = False
     close_after: bool = False
 
@@ -130,10 +136,39 @@ class _Connection:
         self.upstream: ByteStream | None = None
         self.up: h11.Connection | None = None
         self.watcher: asyncio.Task[None] | None = None
+        # The only task that calls downstream.receive(): cancelling a gRPC read could lose a
+        # message, cancelling a Queue.get cannot. One slot: at most one block read ahead.
+        self.inbox: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=1)
+        self.reader: asyncio.Task[None] | None = None
+        self.down_eof = False
+
+    async def _read_downstream(self) -> None:
+        while True:
+            try:
+                data = await self.downstream.receive()
+            except PeerGone as exc:
+                await self.inbox.put(exc)
+                return
+            await self.inbox.put(data)
+            if not data:
+                return
+
+    async def _receive_down(self) -> bytes:
+        """The next block from the client; b"" at EOF (and for ever after)."""
+        if self.down_eof:
+            return b""
+        item = await self.inbox.get()
+        if isinstance(item, BaseException):
+            self.down_eof = True
+            raise PeerGone(str(item))
+        if not item:
+            self.down_eof = True
+        return item
 
     # ---- the request loop -------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.reader = asyncio.create_task(self._read_downstream())
         while True:
             request = await self._read_request_head()
             if request is None:
@@ -149,7 +184,8 @@ class _Connection:
         """The next request's head, or None when the connection is over (EOF or answered error)."""
         self._start_watcher()
         # h11 silently unfolds obsolete line folding and limits only incomplete heads; we refuse
-        # both, so we keep the raw bytes of the head: whatever h11 had not processed yet, plus what we feed it, minus what is left after.
+        # both, so we keep the raw bytes of the head: whatever h11 had not processed yet, plus
+        # what we feed it, minus what is left after.
         raw = bytearray(self.down.trailing_data[0])
         try:
             while True:
@@ -160,7 +196,7 @@ class _Connection:
                     await self._answer(exc.error_status_hint, _head_error_message(exc.error_status_hint))
                     return None
                 if event is h11.NEED_DATA:
-                    data = await self.downstream.receive()
+                    data = await self._receive_down()
                     raw += data
                     self.down.receive_data(data)
                     continue
@@ -272,16 +308,31 @@ class _Connection:
                 if out and not await self._send_upstream(out):
                     return
                 out.clear()
-                self.down.receive_data(await self.downstream.receive())
+                self.down.receive_data(await self._receive_down())
             elif type(event) is h11.Data:
                 exchange.request_bytes += len(event.data)
                 out += self.up.send(h11.Data(data=event.data))
             elif type(event) is h11.EndOfMessage:
                 out += self.up.send(h11.EndOfMessage())
                 await self._send_upstream(out)
-                return
+                exchange.request_sent = True
+                break
             else:
                 raise _Close
+        if exchange.upgrade:
+            return  # what follows belongs to the upgraded protocol: left for the splice
+        # Watch the client while the response streams (this task is cancelled when it ends). Early
+        # bytes of a next request go to h11's buffer, up to one head's worth; EOF starts the grace.
+        buffered = 0
+        while buffered <= MAX_HEAD:
+            data = await self._receive_down()
+            self.down.receive_data(data)
+            if not data:
+                await asyncio.sleep(EOF_GRACE)
+                log.info("client gone, response cut", method=exchange.method, path=exchange.path)
+                raise _Close
+            buffered += len(data)
+        await asyncio.Event().wait()
 
     async def _send_upstream(self, data: bytearray) -> bool:
         """Send request bytes; False if the apiserver stopped reading (its answer tells why)."""
@@ -339,7 +390,9 @@ class _Connection:
             elif kind is h11.Response:
                 received = list(event.headers)
                 if hdr.has_conflicting_framing(received):
-                    await self._upstream_failed(exchange, out, "response with both Content-Length and Transfer-Encoding")
+                    await self._upstream_failed(
+                        exchange, out, "response with both Content-Length and Transfer-Encoding"
+                    )
                 exchange.status = event.status_code
                 exchange.response_started = True
                 out += down.send(
@@ -355,9 +408,11 @@ class _Connection:
             elif kind is h11.EndOfMessage:
                 out += down.send(h11.EndOfMessage())  # trailers are hop-by-hop: dropped
                 await self.downstream.send(bytes(out))
-                if not body.done() and up.our_state is h11.DONE:
+                if not body.done() and up.our_state is h11.DONE and not exchange.request_sent:
                     await body  # the request ended; only its last write is left
-                if not body.done():
+                if exchange.request_sent:
+                    body.cancel()  # it only watches the client now
+                elif not body.done():
                     # Answered before the request body ended: the rest of it cannot be framed
                     # for a next request, so this connection ends here.
                     body.cancel()
@@ -390,17 +445,19 @@ class _Connection:
         if down_rest:
             await upstream.send(down_rest)
 
-        async def one_way(source: ByteStream, sink: ByteStream, already_closed: bool) -> None:
+        async def one_way(
+            receive: Callable[[], Awaitable[bytes]], sink: ByteStream, already_closed: bool
+        ) -> None:
             while not already_closed:
-                data = await source.receive()
+                data = await receive()
                 if not data:
                     break
                 await sink.send(data)
             await sink.send_eof()
 
         async with asyncio.TaskGroup() as group:
-            group.create_task(one_way(self.downstream, upstream, down_closed))
-            group.create_task(one_way(upstream, self.downstream, up_closed))
+            group.create_task(one_way(self._receive_down, upstream, down_closed))
+            group.create_task(one_way(upstream.receive, self.downstream, up_closed))
 
     # ---- answers of our own -----------------------------------------------------------------
 
@@ -464,6 +521,9 @@ class _Connection:
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             watcher.cancel()
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.cancel()
         try:
             await self._drop_upstream()
             if not _cancelling():
@@ -473,8 +533,9 @@ class _Connection:
                     pass
         finally:
             await self.downstream.close()
-            if watcher is not None:
-                await asyncio.wait([watcher])
+            pending = [task for task in (watcher, reader) if task is not None]
+            if pending:
+                await asyncio.wait(pending)
 
 
 def _head_error_message(status: int) -> str:

@@ -29,7 +29,9 @@ def configure_logging(service: str, level: str = "info") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
-    logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s")
+    # Our own events go through structlog at the chosen level; libraries (asyncio, grpc) only
+    # speak up for warnings, so the log stays JSON lines even at debug level.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -680,6 +680,32 @@ def test_downstream_half_close_still_gets_the_response() -> None:
     run(main())
 
 
+def test_client_eof_during_endless_response_closes_after_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_forwarder, "EOF_GRACE", 0.2)
+
+    async def main() -> None:
+        async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = h11.Connection(h11.SERVER)
+            await read_request(reader, conn)
+            writer.write(conn.send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")]))
+                         + conn.send(h11.Data(data=b"event\n")))
+            await writer.drain()
+            assert await reader.read() == b""
+
+        async with Upstream(endless) as upstream:
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, upstream.connect, TokenPassthrough()))
+            client = Client(down)
+            client.request(b"GET", b"/api/v1/pods?watch=1", [AUTH])
+            assert (await client.event()).status_code == 200
+            down.write_eof()  # kubectl went away (Ctrl-C)
+            await finished(task)
+            await asyncio.wait_for(upstream.closed.wait(), TIMEOUT)
+        no_leaks()
+
+    run(main())
+
+
 def test_idle_upstream_close_reconnects_for_next_request() -> None:
     async def main() -> None:
         async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -943,3 +969,62 @@ def test_port_in_use_is_one_line_exit_2(tmp_path: Path) -> None:
         sock.close()
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "cannot listen" in result.stderr
+
+
+# ---- the gRPC service (server.py) ----------------------------------------------------------------
+
+
+def test_grpc_serve_and_info_end_to_end(tmp_path: Path) -> None:
+    import grpc
+
+    from clusterconnect.aadproxy.server import AuthProxyService
+    from clusterconnect.streams import GrpcClientStream
+    from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+
+    async def main() -> None:
+        seen: list = []
+        api, ca_path = await tls_apiserver(tmp_path, ["127.0.0.1"], seen)
+        target = from_kubeconfig(write_kubeconfig(tmp_path, api.sockets[0].getsockname()[1], ca_path))
+        server = grpc.aio.server()
+        tunnel_pb2_grpc.add_AuthProxyServicer_to_server(AuthProxyService(target, TokenPassthrough()), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with api, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = tunnel_pb2_grpc.AuthProxyStub(channel)
+                info = await stub.Info(tunnel_pb2.InfoRequest())
+                assert info.kubernetes_version == "v1.99.0-test" and info.auth_proxy_version
+
+                stream = GrpcClientStream(stub.Serve())
+                conn = h11.Connection(h11.CLIENT)
+                for _ in range(2):
+                    await stream.send(conn.send(h11.Request(method=b"GET", target=b"/api", headers=[
+                        (b"host", b"k"), AUTH])) + conn.send(h11.EndOfMessage()))
+                    while True:
+                        event = conn.next_event()
+                        if event is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive())
+                        elif isinstance(event, h11.Response):
+                            assert event.status_code == 200
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                    conn.start_next_cycle()
+                await stream.send_eof()
+                assert await asyncio.wait_for(stream.receive(), TIMEOUT) == b""
+
+                # A cancelled stream ends the forwarder and its upstream connection.
+                call = stub.Serve()
+                stream = GrpcClientStream(call)
+                await stream.send(conn.send(h11.Request(method=b"GET", target=b"/api", headers=[
+                    (b"host", b"k"), AUTH])) + conn.send(h11.EndOfMessage()))
+                assert await asyncio.wait_for(stream.receive(), TIMEOUT)
+                call.cancel()
+                for _ in range(200):
+                    if http_forwarder.open_connections() == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                no_leaks()
+        finally:
+            await server.stop(0)
+
+    run(main())
