@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -33,8 +35,21 @@ def stats() -> dict[str, int]:
     return values
 
 
+def report_stats() -> None:
+    """Answer SIGUSR1: one JSON line on stderr, whatever the log level (an operator asked for it)."""
+    print(json.dumps({"event": "stats", **stats()}), file=sys.stderr, flush=True)
+
+
+def raise_fd_limit() -> None:
+    """Every connection costs a descriptor; a relay with 10,000 agents needs more than the default 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run ``main()`` until it returns or the process is asked to stop."""
+    raise_fd_limit()
 
     async def supervised() -> None:
         loop = asyncio.get_running_loop()
@@ -51,7 +66,7 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
         loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
         loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
-        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats", **stats()))
+        loop.add_signal_handler(signal.SIGUSR1, report_stats)
         try:
             await main()
         except asyncio.CancelledError:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 pytest_plugins = ["devcluster.fixture"]
 
-from chain import Chain  # noqa: E402
+from chain import Chain, endpoint_only  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,19 +40,7 @@ def admin_sa_token(devcluster, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cluster_endpoint_kubeconfig(devcluster, tmp_path_factory) -> Path:
     """Server and CA of the devcluster, no credentials: all the auth proxy needs in token passthrough mode."""
-    import yaml
-
-    config = yaml.safe_load(devcluster.kubeconfig.read_text())
-    cluster = config["clusters"][0]
-    path = tmp_path_factory.mktemp("authproxy") / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": "none", "user": {}}],
-        "contexts": [{"name": "cluster", "context": {"cluster": cluster["name"], "user": "none"}}],
-        "current-context": "cluster",
-    }))
-    return path
+    return endpoint_only(devcluster.kubeconfig, tmp_path_factory.mktemp("authproxy") / "kubeconfig")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -244,3 +245,37 @@ def _line_starting(path: Path, prefix: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+def start_devcluster(state_dir: Path, out: Path, timeout: float = 600) -> tuple[subprocess.Popen, Path]:
+    """Start tests/devcluster/run in its own process group; returns it and the admin kubeconfig once ready."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as handle:
+        process = subprocess.Popen([str(ROOT / "tests/devcluster/run"), "--state-dir", str(state_dir)],
+                                   stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+
+    def ready() -> Path | None:
+        line = _line_starting(out, "ready ")
+        if line:
+            return Path(line.split(" ", 1)[1].strip())
+        if process.poll() is not None:
+            raise StartFailed(f"devcluster exited:\n{out.read_text(errors='replace')[-3000:]}")
+        return None
+
+    return process, wait_until(ready, timeout, "the devcluster to be ready", interval=0.2)
+
+
+def endpoint_only(admin_kubeconfig: Path, path: Path) -> Path:
+    """Server and CA of a kubeconfig, no credentials: all the auth proxy needs to pass callers' tokens through."""
+    import yaml
+
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = config["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+        "users": [{"name": "none", "user": {}}],
+        "contexts": [{"name": "cluster", "context": {"cluster": cluster["name"], "user": "none"}}],
+        "current-context": "cluster",
+    }))
+    return path

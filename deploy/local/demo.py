@@ -15,10 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-from chain import Chain, StartFailed, wait_until
+from chain import Chain, StartFailed, endpoint_only, start_devcluster, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 KUBECTL = "/usr/bin/kubectl"
 
 
@@ -28,37 +26,6 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     if result.returncode != 0:
         raise SystemExit(f"error: kubectl {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout
-
-
-def start_devcluster(state: Path) -> tuple[subprocess.Popen, Path]:
-    out = state / "logs" / "devcluster.out"
-    with open(out, "wb") as handle:
-        process = subprocess.Popen([str(ROOT / "tests/devcluster/run"), "--state-dir", str(state / "devcluster")],
-                                   stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-
-    def ready() -> Path | None:
-        for line in out.read_text(errors="replace").splitlines():
-            if line.startswith("ready "):
-                return Path(line.split(" ", 1)[1].strip())
-        if process.poll() is not None:
-            raise StartFailed(f"devcluster exited:\n{out.read_text(errors='replace')[-3000:]}")
-        return None
-
-    return process, wait_until(ready, 300, "the devcluster to be ready")
-
-
-def endpoint_only(admin_kubeconfig: Path, path: Path) -> Path:
-    """Server and CA, no credentials: the auth proxy passes each caller's own token through."""
-    config = yaml.safe_load(admin_kubeconfig.read_text())
-    cluster = config["clusters"][0]
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
-        "users": [{"name": "none", "user": {}}],
-        "contexts": [{"name": "cluster", "context": {"cluster": cluster["name"], "user": "none"}}],
-        "current-context": "cluster",
-    }))
-    return path
 
 
 def demo_identity(admin: Path, state: Path) -> Path:
@@ -89,7 +56,7 @@ def up(state: Path) -> None:
     state.mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(exist_ok=True)
     print("starting the devcluster (kube-apiserver, etcd, controller manager, scheduler, node) ...", flush=True)
-    devcluster, admin = start_devcluster(state)
+    devcluster, admin = start_devcluster(state / "devcluster", state / "logs" / "devcluster.out")
     (state / "pids").write_text(f"{devcluster.pid}\n")
     token = demo_identity(admin, state)
     chain = Chain(state, endpoint_only(admin, state / "cluster-endpoint.kubeconfig"), cluster="demo")

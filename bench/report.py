@@ -1,0 +1,119 @@
+"""Turn raw benchmark data into JSON, a Markdown table (with targets) and a PNG of latency distributions."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from stats import percentile
+
+MS = 1000.0
+
+
+def _pool(rounds: list[dict], key: str) -> list[float]:
+    return [x for r in rounds for x in r[key]]
+
+
+def _throughput(rounds: list[dict]) -> float:
+    return statistics.median(r["bytes"] / r["seconds"] for r in rounds) / 1e6
+
+
+def rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(scenario, metric, direct, tunnel, tunnel vs direct, target) rows."""
+    out = []
+    s = results["scenarios"]
+    if "small_get" in s:
+        d, t = _pool(s["small_get"]["direct"], "latencies"), _pool(s["small_get"]["tunnel"], "latencies")
+        for q, target in ((50, 1.0), (99, 3.0)):
+            added = (percentile(t, q) - percentile(d, q)) * MS
+            out.append(("small GET", f"p{q} latency (ms)", f"{percentile(d, q) * MS:.2f}", f"{percentile(t, q) * MS:.2f}",
+                        f"+{added:.2f} ms", f"≤ +{target} ms {'✅' if added <= target else '❌'}"))
+    for name, label in (("big_list", "LIST"), ("port_forward", "port-forward")):
+        if name in s:
+            d, t = _throughput(s[name]["direct"]), _throughput(s[name]["tunnel"])
+            ratio = t / d
+            out.append((label, "throughput (MB/s)", f"{d:.0f}", f"{t:.0f}", f"{ratio:.0%}",
+                        f"≥ 70% {'✅' if ratio >= 0.7 else '❌'}"))
+    if "dial" in s:
+        d, t = _pool(s["dial"]["direct"], "latencies"), _pool(s["dial"]["tunnel"], "latencies")
+        added = (percentile(t, 50) - percentile(d, 50)) * MS
+        out.append(("dial", "connect → first byte p50 (ms)", f"{percentile(d, 50) * MS:.2f}",
+                    f"{percentile(t, 50) * MS:.2f}", f"+{added:.2f} ms", f"≤ +2 ms {'✅' if added <= 2 else '❌'}"))
+    if "watches" in s:
+        d, t = _pool(s["watches"]["direct"], "latencies"), _pool(s["watches"]["tunnel"], "latencies")
+        expected = s["watches"]["tunnel"][0]["expected"]
+        out.append(("watches", "event delivery p99 (ms)", f"{percentile(d, 99) * MS:.1f}", f"{percentile(t, 99) * MS:.1f}",
+                    f"{len(t) // len(s['watches']['tunnel'])}/{expected} delivered", ""))
+        rss = s["watches"]["tunnel"][-1]["rss_mib"]
+        total = sum(v for k, v in rss.items() if k in ("relay", "agent", "aadproxy"))
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
+        out.append(("watches", "RSS relay+agent+aadproxy (MiB)", "", f"{total:.0f}", detail,
+                    f"≤ 500 MiB {'✅' if total <= 500 else '❌'}"))
+    if "head_of_line" in s:
+        rounds = s["head_of_line"]["tunnel"]
+        unloaded, loaded = _pool(rounds, "unloaded"), _pool(rounds, "loaded")
+        ratio = percentile(loaded, 99) / percentile(unloaded, 99)
+        dr = s["head_of_line"]["direct"]
+        dratio = percentile(_pool(dr, "loaded"), 99) / percentile(_pool(dr, "unloaded"), 99)
+        out.append(("head-of-line", "probe p99 stalled / unloaded", f"{dratio:.2f}×", f"{ratio:.2f}×",
+                    f"{percentile(unloaded, 99) * MS:.2f} → {percentile(loaded, 99) * MS:.2f} ms",
+                    f"≤ 1.5× {'✅' if ratio <= 1.5 else '❌'}"))
+    for entry in s.get("scale", []):
+        n = entry["agents"]
+        ok_time = entry["connect_seconds"] <= 60
+        ok_rss = entry["relay_kib_per_agent"] <= 150
+        out.append((f"scale {n:,} agents", "all connected (s)", "", f"{entry['connect_seconds']:.1f}",
+                    f"{entry['connected']:,} connected", f"≤ 60 s {'✅' if ok_time else '❌'}"))
+        out.append((f"scale {n:,} agents", "relay RSS per agent (KiB)", "", f"{entry['relay_kib_per_agent']:.0f}",
+                    f"{entry['relay_rss_mib_before']:.0f} → {entry['relay_rss_mib_after']:.0f} MiB",
+                    f"≤ 150 KiB {'✅' if ok_rss else '❌'}"))
+        out.append((f"scale {n:,} agents", "dial p50 (ms)", "", f"{percentile(entry['dial_latencies'], 50) * MS:.2f}", "", ""))
+    return out
+
+
+def markdown(results: dict, stamp: str) -> str:
+    header = ("| scenario | metric | direct | tunnel | tunnel vs direct | target |\n"
+              "| --- | --- | --- | --- | --- | --- |\n")
+    body = "\n".join("| " + " | ".join(row) + " |" for row in rows(results))
+    kind = "smoke run (tiny sizes; figures mean nothing)" if results["smoke"] else f"{results['rounds']} rounds"
+    return (f"# Benchmark {stamp}\n\n{kind}; {results['machine']['cores']} cores; Python {results['machine']['python']}. "
+            f"Produced by `make bench`.\n\n{header}{body}\n")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(n, k) for n, k in (("small_get", "latencies"), ("dial", "latencies"), ("watches", "latencies"))
+              if n in results["scenarios"]]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axis, (name, key) in zip(axes[0], panels):
+        for endpoint in ("direct", "tunnel"):
+            samples = sorted(x * MS for x in _pool(results["scenarios"][name][endpoint], key))
+            if samples:
+                axis.plot(samples, [i / len(samples) for i in range(len(samples))], label=endpoint)
+        axis.set_title(name.replace("_", " "))
+        axis.set_xlabel("ms")
+        axis.set_ylabel("fraction ≤ x")
+        axis.set_xscale("log")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(results: dict, out: Path, stamp: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stamp}.json").write_text(json.dumps(results))
+    plot(results, out / f"{stamp}.png")
+    text = markdown(results, stamp) + f"\n![latency distributions]({stamp}.png)\n"
+    report = out / f"{stamp}.md"
+    report.write_text(text)
+    if not results["smoke"]:
+        (out / "latest.md").write_text(text)
+    return report

@@ -1,0 +1,136 @@
+"""`make bench`: every scenario direct and through the tunnel, alternating, several rounds, in one run.
+
+    run.py [--smoke] [--rounds N] [--only small_get,big_list,...] [--out bench/results]
+
+Writes <out>/<timestamp>.json, <timestamp>.md (also latest.md) and <timestamp>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "deploy" / "local"))
+
+import yaml  # noqa: E402
+from chain import Chain, endpoint_only, start_devcluster  # noqa: E402
+from endpoints import Endpoint  # noqa: E402
+from report import write_report  # noqa: E402
+from scale import scale  # noqa: E402
+from scenarios import (  # noqa: E402
+    Context, Sizes, big_list, dial, head_of_line, kubectl, port_forward, prepare_big_list, prepare_sink,
+    small_get, watches,
+)
+
+SCENARIOS = ["small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale"]
+
+
+def tunnel_endpoint(kubeconfig: Path, token: str) -> Endpoint:
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster = config["clusters"][-1]["cluster"]
+    host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
+    return Endpoint("tunnel", host, int(port), base64.b64decode(cluster["certificate-authority-data"]).decode(), token)
+
+
+def direct_endpoint(admin_kubeconfig: Path, token: str) -> Endpoint:
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
+    return Endpoint("direct", host, int(port), base64.b64decode(cluster["certificate-authority-data"]).decode(), token)
+
+
+def token_kubeconfig(admin_kubeconfig: Path, token_file: Path, path: Path) -> Path:
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    config["users"] = [{"name": "bench", "user": {"tokenFile": str(token_file)}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = "bench"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(args: argparse.Namespace) -> Path:
+    sizes = Sizes.smoke() if args.smoke else Sizes()
+    rounds = 1 if args.smoke else args.rounds
+    only = args.only.split(",") if args.only else SCENARIOS
+    work = Path(tempfile.mkdtemp(prefix="clusterconnect-bench-"))
+    devcluster, admin = start_devcluster(work / "devcluster", work / "devcluster.out")
+    chain = None
+    try:
+        ns = "bench"
+        kubectl(admin, "create", "namespace", ns)
+        kubectl(admin, "create", "serviceaccount", "bench-user", "-n", ns)
+        kubectl(admin, "create", "clusterrolebinding", "bench-user", "--clusterrole=cluster-admin",
+                f"--serviceaccount={ns}:bench-user")
+        token = kubectl(admin, "create", "token", "bench-user", "-n", ns, "--duration=6h").strip()
+        token_file = work / "bench-user.token"
+        token_file.write_text(token)
+        chain = Chain(work / "chain", endpoint_only(admin, work / "endpoint.kubeconfig"), log_level="warning")
+        tunnel_kubeconfig = work / "tunnel.kubeconfig"
+        chain.start_all(token_file, tunnel_kubeconfig)
+        ctx = Context(
+            direct=direct_endpoint(admin, token), tunnel=tunnel_endpoint(tunnel_kubeconfig, token),
+            admin_kubeconfig=admin,
+            kubeconfigs={"direct": token_kubeconfig(admin, token_file, work / "direct.kubeconfig"),
+                         "tunnel": tunnel_kubeconfig},
+            namespace=ns, sizes=sizes, work_dir=work,
+            pids={name: chain.processes[name].popen.pid for name in ("relay", "agent", "aadproxy", "proxy")},
+        )
+        results: dict = {"rounds": rounds, "smoke": args.smoke, "sizes": vars(sizes), "scenarios": {}}
+        if "big_list" in only or "head_of_line" in only:
+            prepare_big_list(ctx)
+        sink_port = prepare_sink(ctx) if "port_forward" in only else 0
+        per_endpoint = {
+            "small_get": small_get, "big_list": big_list, "dial": dial, "watches": watches,
+            "head_of_line": head_of_line,
+            "port_forward": lambda c, e: port_forward(c, e, sink_port),
+        }
+        for name in [s for s in SCENARIOS if s in only and s in per_endpoint]:
+            data: dict[str, list] = {"direct": [], "tunnel": []}
+            for round_number in range(rounds):
+                order = ctx.endpoints() if round_number % 2 == 0 else list(reversed(ctx.endpoints()))
+                for endpoint in order:
+                    print(f"[{name}] round {round_number + 1}/{rounds} {endpoint.name}", flush=True)
+                    data[endpoint.name].append(per_endpoint[name](ctx, endpoint))
+            results["scenarios"][name] = data
+        if "scale" in only:
+            results["scenarios"]["scale"] = [
+                scale(ctx, n, chain.cluster_kubeconfig, token_file) for n in sizes.scale_agents]
+        results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        return write_report(results, Path(args.out), stamp)
+    finally:
+        if chain is not None:
+            chain.stop_all()
+        os.killpg(devcluster.pid, signal.SIGTERM)
+        try:
+            devcluster.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(devcluster.pid, signal.SIGKILL)
+            devcluster.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: keeps the harness working")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    report = run(args)
+    print(report.read_text())
+
+
+if __name__ == "__main__":
+    main()

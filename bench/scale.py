@@ -1,0 +1,91 @@
+"""Scenario 7: N idle simulated agents on one relay process; connect time, relay RSS per agent, dial latency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from chain import Chain, wait_until
+from endpoints import Endpoint
+from scenarios import Context, dial, rss_mib
+
+from clusterconnect.relay.store import ClusterStore
+
+HERE = Path(__file__).resolve().parent
+SIM_PROCESSES = 4
+
+
+def _register(data_dir: Path, n: int) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = ClusterStore(data_dir / "relay.db")
+    entries = []
+    for i in range(n):
+        name = f"sim-{i:05d}"
+        if store.get(name) is not None:
+            store.remove(name)
+        _, credential = store.add(name)
+        entries.append([name, credential])
+    store.close()
+    path = data_dir.parent / f"sim-credentials-{n}.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def _agents_connected(relay) -> int:
+    import os
+    import signal
+    before = relay.log.read_text(errors="replace").count('"event": "stats"')
+    os.kill(relay.popen.pid, signal.SIGUSR1)
+
+    def newest():
+        lines = [l for l in relay.log.read_text(errors="replace").splitlines() if '"event": "stats"' in l]
+        return json.loads(lines[-1]) if len(lines) > before else None
+
+    return wait_until(newest, 10, "relay stats")["agents"]
+
+
+def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> dict:
+    chain = Chain(ctx.work_dir / f"scale-{n}", cluster_kubeconfig, cluster="real", log_level="warning")
+    credentials = _register(chain.relay_data, n)
+    sims = []
+    try:
+        relay = chain.start_relay()
+        chain.add_cluster("real")
+        chain.start_authproxy()
+        chain.start_agent()
+        rss_before = rss_mib(relay.popen.pid)
+        start = time.monotonic()
+        per = -(-n // SIM_PROCESSES)
+        for first in range(0, n, per):
+            sims.append(subprocess.Popen(
+                [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.relay_port}",
+                 "--relay-ca", str(chain.relay_ca), "--credentials", str(credentials), "--first", str(first),
+                 "--count", str(min(per, n - first))],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True))
+        for sim in sims:
+            line = sim.stdout.readline()
+            if not line.startswith("connected"):
+                raise RuntimeError(f"simulated agents failed: {line!r}")
+        connect_seconds = time.monotonic() - start
+        connected = _agents_connected(relay)
+        time.sleep(2)
+        rss_after = rss_mib(relay.popen.pid)
+        kubeconfig = chain.state_dir / "kubeconfig"
+        _, ready = chain.start_proxy(token_file, kubeconfig)
+        port = int(ready.split("https://127.0.0.1:")[1].split()[0])
+        proxy_ca = (chain.state_dir / "proxy-state" / "tls" / "ca.crt").read_text()
+        tunnel = Endpoint("tunnel", "127.0.0.1", port, proxy_ca, token_file.read_text().strip())
+        dials = dial(ctx, tunnel)["latencies"]
+        return {
+            "agents": n, "connected": connected, "connect_seconds": connect_seconds,
+            "relay_rss_mib_before": rss_before, "relay_rss_mib_after": rss_after,
+            "relay_kib_per_agent": (rss_after - rss_before) * 1024 / n, "dial_latencies": dials,
+        }
+    finally:
+        for sim in sims:
+            sim.kill()
+            sim.wait()
+        chain.stop_all()

@@ -1,0 +1,297 @@
+"""The benchmark scenarios. Each measures one endpoint (direct or tunnel) and returns plain data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h11
+
+from endpoints import Endpoint
+from workloads import SINK_SERVER
+
+KUBECTL = "/usr/bin/kubectl"
+
+
+@dataclass
+class Sizes:
+    get_requests: int = 2000
+    list_items: int = 100
+    list_item_bytes: int = 512 * 1024
+    forward_bytes: int = 1024 * 1024 * 1024
+    dials: int = 300
+    watches: int = 1000
+    watch_events: int = 20
+    stalled_readers: int = 10
+    hol_probe_requests: int = 500
+    scale_agents: tuple[int, ...] = (1000, 10000)
+
+    @classmethod
+    def smoke(cls) -> "Sizes":
+        return cls(get_requests=20, list_items=2, list_item_bytes=16 * 1024, forward_bytes=1024 * 1024, dials=5,
+                   watches=5, watch_events=2, stalled_readers=2, hol_probe_requests=20, scale_agents=(5,))
+
+
+@dataclass
+class Context:
+    direct: Endpoint
+    tunnel: Endpoint
+    admin_kubeconfig: Path
+    kubeconfigs: dict[str, Path]  # endpoint name -> kubeconfig for kubectl
+    namespace: str
+    sizes: Sizes
+    work_dir: Path
+    pids: dict[str, int] = field(default_factory=dict)  # tunnel processes, for RSS
+
+    def endpoints(self) -> list[Endpoint]:
+        return [self.direct, self.tunnel]
+
+
+def kubectl(kubeconfig: Path, *args: str, input: str | None = None, timeout: float = 600) -> str:
+    result = subprocess.run([KUBECTL, "--kubeconfig", str(kubeconfig), *args], input=input, capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# -- 1. small GET latency on a keep-alive connection ------------------------------------------------
+
+def small_get(ctx: Context, endpoint: Endpoint) -> dict:
+    conn = endpoint.connect()
+    try:
+        for _ in range(20):
+            endpoint.get(conn, "/api/v1/namespaces/default")
+        samples = []
+        for _ in range(ctx.sizes.get_requests):
+            start = time.perf_counter()
+            endpoint.get(conn, "/api/v1/namespaces/default")
+            samples.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    return {"latencies": samples}
+
+
+# -- 2. a big LIST ------------------------------------------------------------------------------------
+
+def prepare_big_list(ctx: Context) -> None:
+    items = [{"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": f"big-{i:04d}", "namespace": ctx.namespace, "labels": {"bench": "big"}},
+              "data": {"v": "x" * ctx.sizes.list_item_bytes}} for i in range(ctx.sizes.list_items)]
+    kubectl(ctx.admin_kubeconfig, "apply", "--server-side", "-f", "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+
+def big_list(ctx: Context, endpoint: Endpoint) -> dict:
+    conn = endpoint.connect()
+    try:
+        start = time.perf_counter()
+        body = endpoint.get(conn, f"/api/v1/namespaces/{ctx.namespace}/configmaps?labelSelector=bench%3Dbig")
+        seconds = time.perf_counter() - start
+    finally:
+        conn.close()
+    assert len(json.loads(body)["items"]) == ctx.sizes.list_items
+    return {"seconds": seconds, "bytes": len(body)}
+
+
+# -- 3. port-forward bulk transfer --------------------------------------------------------------------
+
+def prepare_sink(ctx: Context) -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sink", "namespace": ctx.namespace},
+           "spec": {"terminationGracePeriodSeconds": 1,
+                    "containers": [{"name": "sink", "image": "local",
+                                    "command": [sys.executable, "-c", SINK_SERVER, str(port)]}]}}
+    kubectl(ctx.admin_kubeconfig, "delete", "pod", "sink", "-n", ctx.namespace, "--ignore-not-found", "--wait=true")
+    kubectl(ctx.admin_kubeconfig, "apply", "-f", "-", input=json.dumps(pod))
+    kubectl(ctx.admin_kubeconfig, "wait", "--for=condition=Ready", "pod/sink", "-n", ctx.namespace, "--timeout=60s")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return port
+
+
+def port_forward(ctx: Context, endpoint: Endpoint, pod_port: int, websockets: bool = True) -> dict:
+    process = subprocess.Popen(
+        [KUBECTL, "--kubeconfig", str(ctx.kubeconfigs[endpoint.name]), "port-forward", "-n", ctx.namespace,
+         "pod/sink", f":{pod_port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "KUBECTL_PORT_FORWARD_WEBSOCKETS": "true" if websockets else "false"},
+        start_new_session=True)
+    try:
+        line = process.stdout.readline()
+        local = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        block = os.urandom(1 << 20)
+        size = ctx.sizes.forward_bytes
+        with socket.create_connection(("127.0.0.1", local)) as sock:
+            start = time.perf_counter()
+            sent = 0
+            while sent < size:
+                piece = block[: min(len(block), size - sent)]
+                sock.sendall(piece)
+                sent += len(piece)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while len(answer) < 8:
+                data = sock.recv(8 - len(answer))
+                if not data:
+                    break
+                answer += data
+            seconds = time.perf_counter() - start
+        assert int.from_bytes(answer, "big") == size, answer
+        return {"seconds": seconds, "bytes": size}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+
+
+# -- 4. dial: TCP connect until the first response byte ------------------------------------------------
+
+def dial(ctx: Context, endpoint: Endpoint) -> dict:
+    context = endpoint.ssl_context()
+    request = (f"GET /version HTTP/1.1\r\nHost: {endpoint.host}\r\nAuthorization: Bearer {endpoint.token}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    samples = []
+    for _ in range(ctx.sizes.dials):
+        start = time.perf_counter()
+        with socket.create_connection((endpoint.host, endpoint.port)) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with context.wrap_socket(raw, server_hostname=endpoint.host) as tls:
+                tls.sendall(request)
+                tls.recv(1)
+                samples.append(time.perf_counter() - start)
+                while tls.recv(65536):
+                    pass
+    return {"latencies": samples}
+
+
+# -- 5. many watches through one agent ----------------------------------------------------------------
+
+async def _watch(endpoint: Endpoint, context: ssl.SSLContext, path: str, latencies: list[float],
+                 established: asyncio.Event, counter: list[int], total: int, done: asyncio.Event) -> None:
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context)
+    conn = h11.Connection(h11.CLIENT)
+    writer.write(conn.send(h11.Request(method="GET", target=path, headers=[
+        ("Host", endpoint.host), ("Authorization", f"Bearer {endpoint.token}"), ("Accept", "application/json")])))
+    writer.write(conn.send(h11.EndOfMessage()))
+    buffer = b""
+    try:
+        while not done.is_set():
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                counter[0] += 1
+                if counter[0] == total:
+                    established.set()
+            elif isinstance(event, h11.Data):
+                buffer += event.data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    received = time.time()
+                    sent = json.loads(line)["object"]["metadata"].get("annotations", {}).get("bench/sent")
+                    if sent:
+                        latencies.append(received - float(sent))
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return
+    finally:
+        writer.close()
+
+
+async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
+    context = endpoint.ssl_context()
+    subprocess.run([KUBECTL, "--kubeconfig", str(ctx.admin_kubeconfig), "create", "configmap", "tick", "-n",
+                    ctx.namespace], capture_output=True)
+    path = f"/api/v1/namespaces/{ctx.namespace}/configmaps?watch=1&fieldSelector=metadata.name%3Dtick&timeoutSeconds=300"
+    latencies: list[float] = []
+    established, done = asyncio.Event(), asyncio.Event()
+    counter = [0]
+    n = ctx.sizes.watches
+    async with asyncio.TaskGroup() as group:
+        tasks = []
+        for i in range(n):
+            tasks.append(group.create_task(_watch(endpoint, context, path, latencies, established, counter, n, done)))
+            if i % 50 == 49:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(established.wait(), 300)
+        await asyncio.sleep(1)  # the initial ADDED events settle
+        latencies.clear()
+        rss = {name: rss_mib(pid) for name, pid in ctx.pids.items()} if endpoint.name == "tunnel" else {}
+        for i in range(ctx.sizes.watch_events):
+            patch = json.dumps({"metadata": {"annotations": {"bench/sent": repr(time.time())}}})
+            await asyncio.to_thread(kubectl, ctx.admin_kubeconfig, "patch", "configmap", "tick", "-n",
+                                    ctx.namespace, "--type=merge", "-p", patch)
+        deadline = time.monotonic() + 60
+        while len(latencies) < n * ctx.sizes.watch_events and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        done.set()
+        for task in tasks:
+            task.cancel()
+    return {"latencies": latencies, "expected": n * ctx.sizes.watch_events, "rss_mib": rss}
+
+
+def watches(ctx: Context, endpoint: Endpoint) -> dict:
+    return asyncio.run(_watches(ctx, endpoint))
+
+
+# -- 6. head-of-line isolation -------------------------------------------------------------------------
+
+def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
+    def probe() -> list[float]:
+        conn = endpoint.connect()
+        samples = []
+        try:
+            for _ in range(ctx.sizes.hol_probe_requests):
+                start = time.perf_counter()
+                endpoint.get(conn, "/api/v1/namespaces/default")
+                samples.append(time.perf_counter() - start)
+        finally:
+            conn.close()
+        return samples
+
+    unloaded = probe()
+    stalled = []
+    request = (f"GET /api/v1/namespaces/{ctx.namespace}/configmaps?watch=1&labelSelector=bench%3Dbig&timeoutSeconds=120"
+               f" HTTP/1.1\r\nHost: {endpoint.host}\r\nAuthorization: Bearer {endpoint.token}\r\n\r\n").encode()
+    context = endpoint.ssl_context()
+    for _ in range(ctx.sizes.stalled_readers):
+        raw = socket.create_connection((endpoint.host, endpoint.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tls = context.wrap_socket(raw, server_hostname=endpoint.host)
+        tls.sendall(request)  # the initial list of big objects fills every buffer; nobody reads it
+        stalled.append(tls)
+    try:
+        time.sleep(2)  # let the stalled streams fill their windows (this is load, not synchronisation)
+        loaded = probe()
+    finally:
+        for tls in stalled:
+            tls.close()
+    return {"unloaded": unloaded, "loaded": loaded}

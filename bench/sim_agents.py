@@ -1,0 +1,66 @@
+"""Lightweight simulated agents for the scale scenario: each holds a real Connect stream to the relay.
+
+    sim_agents.py --relay HOST:PORT --relay-ca CA --credentials FILE --first I --count N
+
+FILE is JSON [[cluster, credential], ...]. Prints `connected N` once all N sessions are welcomed,
+then heartbeats until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+
+from clusterconnect import metadata as md  # noqa: E402
+from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer  # noqa: E402
+from clusterconnect.service import raise_fd_limit  # noqa: E402
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc  # noqa: E402
+
+
+async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str, credential: str,
+                welcomed: asyncio.Event, counter: list[int], total: int) -> None:
+    async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
+        stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+        call = stub.Connect(metadata=((md.CLUSTER, cluster), bearer(credential)))
+        await call.write(tunnel_pb2.AgentMessage(hello=tunnel_pb2.AgentHello(cluster=cluster, agent_version="sim")))
+        await call.read()
+        counter[0] += 1
+        if counter[0] == total:
+            welcomed.set()
+        while True:
+            await asyncio.sleep(10)
+            await call.write(tunnel_pb2.AgentMessage(heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000))))
+
+
+async def main(args: argparse.Namespace) -> None:
+    entries = json.loads(open(args.credentials).read())[args.first:args.first + args.count]
+    credentials = grpc.ssl_channel_credentials(root_certificates=open(args.relay_ca, "rb").read())
+    welcomed = asyncio.Event()
+    counter = [0]
+    async with asyncio.TaskGroup() as group:
+        for i, (cluster, credential) in enumerate(entries):
+            group.create_task(agent(args.relay, credentials, cluster, credential, welcomed, counter, len(entries)))
+            if i % 100 == 99:
+                await asyncio.sleep(0)
+        await welcomed.wait()
+        print(f"connected {len(entries)}", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--relay", required=True)
+    parser.add_argument("--relay-ca", required=True)
+    parser.add_argument("--credentials", required=True)
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--count", type=int, required=True)
+    raise_fd_limit()
+    try:
+        import uvloop
+        uvloop.run(main(parser.parse_args()))
+    except KeyboardInterrupt:
+        pass
