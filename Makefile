@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv devcluster test test-fast demo demo-down bench protos check-protos clean
+.PHONY: venv devcluster oidc-provider test test-fast demo demo-down bench protos check-protos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -19,12 +19,16 @@ venv: $(STAMP)
 devcluster:
 	$(MAKE) -C tests/devcluster
 
+# A real OpenID Connect provider (Ory Hydra) for the identity tests.
+oidc-provider:
+	$(MAKE) -C tests/devcluster/oidc
+
 # Regenerate the committed Python stubs from protos/ (a test fails when they are stale).
 protos: venv
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/clusterconnect/v1/tunnel.proto
 
-test: venv devcluster
+test: venv devcluster oidc-provider
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.

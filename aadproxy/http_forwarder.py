@@ -22,6 +22,7 @@ error messages can quote header values, so only error *types* are logged.
 from __future__ import annotations
 
 import asyncio
+import time
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -217,6 +218,7 @@ class _Connection:
 
     async def _handle(self, request: h11.Request) -> bool:
         """Answer one request; True if the connection may carry another."""
+        started = time.monotonic()
         method = request.method.decode("ascii", "replace")
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         received = list(request.headers)
@@ -234,7 +236,9 @@ class _Connection:
         proposed = upgrade is not None or bool(hdr.values(received, b"upgrade"))
         decision = await self.authenticator.authenticate(hdr.strip_hop_by_hop(received))
         if isinstance(decision, Reject):
-            log.debug("request", method=method, path=path, status=decision.status, bytes=0, forwarded=False)
+            # The audit event: one per request (identity fields are bound by the authenticator).
+            log.info("request", method=method, path=path, status=decision.status, bytes=0, request_bytes=0,
+                     forwarded=False, duration_ms=round((time.monotonic() - started) * 1000, 1))
             await self._answer(decision.status, decision.message)
             return False
 
@@ -273,13 +277,14 @@ class _Connection:
                 body = group.create_task(self._pump_request_body(exchange))
                 group.create_task(self._pump_response(exchange, body))
         finally:
-            log.debug(
+            log.info(
                 "request",
                 method=method,
                 path=path,
                 status=exchange.status,
                 bytes=exchange.response_bytes,
                 request_bytes=exchange.request_bytes,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
             )
 
         if exchange.switched:

@@ -10,12 +10,15 @@ from pathlib import Path
 import grpc
 
 from clusterconnect.aadproxy import apiserver as apiserver_mod
-from clusterconnect.aadproxy.authn import TokenPassthrough
+from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
+from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
+from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
 from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
 from clusterconnect.aadproxy.server import AuthProxyService
 from clusterconnect.cliargs import add_flag, add_version
 from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import configure_logging, get_logger
+from clusterconnect.oidc import ConfigError, Verifier, load_config
 from clusterconnect.service import StartupError, register_gauge, run
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -32,6 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_flag(parser, "--kubeconfig", help="apiserver and own identity from this file (default: in-cluster)")
     add_flag(parser, "--tls-cert", help="serve gRPC with TLS: certificate chain (PEM)")
     add_flag(parser, "--tls-key", help="serve gRPC with TLS: private key (PEM)")
+    add_flag(parser, "--authentication-config",
+             help="OIDC mode: AuthenticationConfiguration file (kube-apiserver format); callers with a token of "
+             "a configured issuer are impersonated with the proxy's own ServiceAccount credential. Without it: "
+             "token passthrough")
+    parser.add_argument("--serviceaccount-issuer", action="append", default=None, metavar="URL",
+                        help="OIDC mode: tokens with this iss are ServiceAccount tokens, passed through untouched "
+                        "(repeatable; default: the cluster's issuer from the apiserver's discovery, plus "
+                        f"{LEGACY_SERVICEACCOUNT_ISSUER!r})")
+    add_flag(parser, "--cluster", default="", help="cluster name recorded in each request's log event")
     add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_version(parser)
     return parser.parse_args(argv)
@@ -84,6 +96,34 @@ def check_port_free(host: str, port: int) -> None:
                 raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
+async def build_authenticator(args: argparse.Namespace, target: apiserver_mod.ApiServer) -> tuple[Authenticator, str]:
+    """Token passthrough, or OIDC with impersonation when --authentication-config is given."""
+    if not args.authentication_config:
+        if args.serviceaccount_issuer:
+            raise StartupError("--serviceaccount-issuer needs --authentication-config")
+        return TokenPassthrough(), "token-passthrough"
+    try:
+        config = load_config(args.authentication_config)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    if not target.token.get():
+        raise StartupError(
+            "OIDC mode needs the proxy's own ServiceAccount token (in-cluster, or token/tokenFile in --kubeconfig)"
+        )
+    issuers = list(args.serviceaccount_issuer or [])
+    if not issuers:
+        try:
+            issuers = [await serviceaccount_issuer(target), LEGACY_SERVICEACCOUNT_ISSUER]
+        except (ApiError, OSError, TimeoutError) as exc:
+            raise StartupError(
+                f"cannot read the cluster's ServiceAccount issuer ({exc}); give --serviceaccount-issuer"
+            ) from None
+    verifier = Verifier(config)
+    await verifier.prefetch()
+    log.info("oidc authentication", issuers=list(verifier.issuer_urls), serviceaccount_issuers=issuers)
+    return OIDCAuthenticator(verifier, target.token.get, AccessReviewer(target), issuers), "oidc"
+
+
 async def serve(args: argparse.Namespace) -> None:
     host, port = split_listen(args.listen)
     credentials = server_credentials(args.tls_cert, args.tls_key)
@@ -93,9 +133,13 @@ async def serve(args: argparse.Namespace) -> None:
         )
     target = apiserver_mod.from_kubeconfig(args.kubeconfig) if args.kubeconfig else apiserver_mod.in_cluster()
 
+    authenticator, mode = await build_authenticator(args, target)
+
     check_port_free(host, port)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(AuthProxyService(target, TokenPassthrough()), server)
+    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(
+        AuthProxyService(target, authenticator, cluster=args.cluster), server
+    )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if credentials is None:
@@ -111,7 +155,7 @@ async def serve(args: argparse.Namespace) -> None:
     register_gauge("open_upstream_connections", open_upstream_connections)
     await server.start()
     log.info("listening", address=f"{host}:{bound}", tls=credentials is not None, apiserver=target.address,
-             authentication="token-passthrough")
+             authentication=mode)
     try:
         await server.wait_for_termination()
     finally:

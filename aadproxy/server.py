@@ -6,11 +6,13 @@ import asyncio
 import time
 
 import grpc
+import structlog
 
 from clusterconnect import __version__
 from clusterconnect.aadproxy.apiserver import ApiServer
 from clusterconnect.aadproxy.authn import Authenticator
 from clusterconnect.aadproxy.http_forwarder import forward_connection
+from clusterconnect import metadata as md
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -23,14 +25,21 @@ VERSION_TIMEOUT = 10.0
 
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
-    def __init__(self, apiserver: ApiServer, authenticator: Authenticator) -> None:
+    def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "") -> None:
         self.apiserver = apiserver
         self.authenticator = authenticator
+        self.cluster = cluster
         self._version = ""
         self._version_until = 0.0
         self._version_lock = asyncio.Lock()
 
     async def Serve(self, request_iterator, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+        # Every log event of this connection (the per-request ones included) names the cluster and
+        # the trace; the authenticator adds the caller's identity per request. Each RPC runs in its
+        # own task, so these bindings stay with this connection.
+        structlog.contextvars.bind_contextvars(
+            cluster=self.cluster or None, trace_id=trace_id(context.invocation_metadata())
+        )
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
         await forward_connection(GrpcServerStream(context), self.apiserver.connect, self.authenticator)
 
@@ -52,3 +61,13 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
                 log.warning("apiserver version unknown", error=" ".join(str(exc).split())[:300] or type(exc).__name__)
                 self._version_until = now + VERSION_RETRY
             return self._version
+
+
+def trace_id(metadata) -> str | None:
+    """The W3C trace id of the agent's ``traceparent`` metadata, if well-formed."""
+    for key, value in metadata or ():
+        if key == md.TRACEPARENT and isinstance(value, str):
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+                return parts[1]
+    return None

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
-pytest_plugins = ["devcluster.fixture"]
+pytest_plugins = ["devcluster.fixture", "oidc_provider"]
 
 from chain import Chain, endpoint_only  # noqa: E402
 

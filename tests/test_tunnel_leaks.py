@@ -53,7 +53,11 @@ def test_1000_connections_leave_nothing_behind(chain):
     tunnel, kubeconfig = chain
     endpoint = Endpoint(kubeconfig)
     assert _one_connection(endpoint) == 200
-    baseline = {name: _stats(tunnel.processes[name]) for name in SERVICES}
+    def idle() -> dict | bool:
+        now = {name: _stats(tunnel.processes[name]) for name in SERVICES}
+        return now if all(v.get("open_connections", 0) == 0 for v in now.values()) else False
+
+    baseline = wait_until(idle, 30, "the first connection to wind down", interval=0.2)
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda _: _one_connection(endpoint), range(1000)))
     assert statuses.count(200) == 1000

@@ -113,6 +113,7 @@ class Chain:
     processes: dict[str, Process] = field(default_factory=dict)
     relay_port: int = 0
     authproxy_port: int = 0
+    authproxy_args: list[str] = field(default_factory=list)  # e.g. OIDC mode: --authentication-config FILE
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -177,9 +178,9 @@ class Chain:
             self.authproxy_port = free_port()
         process = self.spawn("aadproxy", [
             script("clusterconnect-aadproxy"), "--listen", f"127.0.0.1:{self.authproxy_port}",
-            "--kubeconfig", str(self.cluster_kubeconfig), "--log-level", self.log_level,
+            "--kubeconfig", str(self.cluster_kubeconfig), "--log-level", self.log_level, *self.authproxy_args,
         ])
-        wait_until(lambda: port_open(self.authproxy_port), 20, "auth proxy to listen", process)
+        wait_until(lambda: port_open(self.authproxy_port), 30, "auth proxy to listen", process)
         return process
 
     def start_agent(self, credential: Path | None = None, name: str = "agent") -> Process:

@@ -4,9 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -175,44 +173,40 @@ func (l *launcher) start(name string, args ...string) (*child, error) {
 	return c, nil
 }
 
-// stopAll stops the children in reverse start order: SIGTERM, then SIGKILL
-// after the grace period.
+// stopAll stops the children in dependency order (node and controllers
+// first, then the apiserver, then etcd): SIGTERM, then SIGKILL after grace.
+// Stopping etcd together with the apiserver would make the apiserver hang
+// in its graceful shutdown.
 func (l *launcher) stopAll(grace time.Duration) {
 	l.mu.Lock()
 	children := append([]*child(nil), l.children...)
 	l.mu.Unlock()
-	// Node first so it can kill its pods while the apiserver is still up,
-	// then the rest.
-	for i := len(children) - 1; i >= 0; i-- {
-		c := children[i]
-		select {
-		case <-c.done:
-			continue
-		default:
-		}
-		_ = c.cmd.Process.Signal(syscall.SIGTERM)
-		if c.name == "node" {
-			select {
-			case <-c.done:
-			case <-time.After(grace):
+	byName := map[string]*child{}
+	for _, c := range children {
+		byName[c.name] = c
+	}
+	groups := [][]string{
+		{"node", "kube-scheduler", "kube-controller-manager"},
+		{"kube-apiserver"},
+		{"etcd"},
+	}
+	for _, g := range groups {
+		var cs []*child
+		for _, n := range g {
+			if c := byName[n]; c != nil {
+				cs = append(cs, c)
+				_ = c.cmd.Process.Signal(syscall.SIGTERM)
 			}
 		}
-	}
-	deadline := time.After(grace)
-	for _, c := range children {
-		select {
-		case <-c.done:
-		case <-deadline:
-			_ = c.cmd.Process.Signal(syscall.SIGKILL)
-			<-c.done
-		}
-	}
-	for _, c := range children {
-		select {
-		case <-c.done:
-		default:
-			_ = c.cmd.Process.Signal(syscall.SIGKILL)
-			<-c.done
+		deadline := time.Now().Add(grace)
+		for _, c := range cs {
+			select {
+			case <-c.done:
+			case <-time.After(time.Until(deadline)):
+				fmt.Fprintf(os.Stderr, "devcluster run: %s did not stop within %s, killing it\n", c.name, grace)
+				_ = c.cmd.Process.Signal(syscall.SIGKILL)
+				<-c.done
+			}
 		}
 	}
 }
@@ -222,7 +216,7 @@ func describeExit(c *child) string {
 	if c.cmd.ProcessState != nil {
 		state = c.cmd.ProcessState.String()
 	}
-	return fmt.Sprintf("devcluster: component %s died early (%s); last lines of %s:\n%s",
+	return fmt.Sprintf("devcluster: component %s exited unexpectedly (%s); last lines of %s:\n%s",
 		c.name, state, c.logPath, tailFile(c.logPath, 40))
 }
 
@@ -543,6 +537,3 @@ func (l *launcher) waitUntil(deadline time.Time, sigs chan os.Signal, what strin
 		}
 	}
 }
-
-var _ = tls.VersionTLS12
-var _ = errors.New

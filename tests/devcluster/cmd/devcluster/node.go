@@ -162,7 +162,7 @@ func (a *nodeAgent) nodeStatus(rl corev1.ResourceList) corev1.NodeStatus {
 			MachineID:               "devcluster",
 			SystemUUID:              "devcluster",
 			BootID:                  fmt.Sprintf("devcluster-%d", a.started.UnixNano()),
-			KernelVersion:           "",
+			KernelVersion:           kernelVersion(),
 			OSImage:                 "devcluster process node",
 			ContainerRuntimeVersion: "devcluster://0.1.0",
 			KubeletVersion:          "v1.37.2",
@@ -348,14 +348,24 @@ func (a *nodeAgent) forget(pr *podRuntime) {
 }
 
 func (a *nodeAgent) finalDelete(ns, name string, uid types.UID) {
-	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
-	defer cancel()
-	err := a.cs.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{
-		GracePeriodSeconds: ptr.To(int64(0)),
-		Preconditions:      &metav1.Preconditions{UID: &uid},
-	})
-	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-		logf("delete pod %s/%s: %v", ns, name, err)
+	for attempt := 0; attempt < 20; attempt++ {
+		ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
+		err := a.cs.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{
+			GracePeriodSeconds: ptr.To(int64(0)),
+			Preconditions:      &metav1.Preconditions{UID: &uid},
+		})
+		cancel()
+		if err == nil || apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
+			// Conflict: the UID precondition failed, i.e. a new pod with
+			// the same name exists; ours is gone.
+			return
+		}
+		logf("delete pod %s/%s: %v (retrying)", ns, name, err)
+		select {
+		case <-a.ctx.Done():
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
 }
 
@@ -376,4 +386,19 @@ func (a *nodeAgent) killAll() {
 		}()
 	}
 	wg.Wait()
+}
+
+func kernelVersion() string {
+	var u syscall.Utsname
+	if err := syscall.Uname(&u); err != nil {
+		return ""
+	}
+	b := make([]byte, 0, len(u.Release))
+	for _, c := range u.Release {
+		if c == 0 {
+			break
+		}
+		b = append(b, byte(c))
+	}
+	return string(b)
 }

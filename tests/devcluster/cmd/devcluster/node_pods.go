@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -74,6 +73,7 @@ type podRuntime struct {
 	initialized bool
 	phase       corev1.PodPhase
 	stopping    bool
+	execs       map[int]bool // process groups of running exec sessions
 
 	stopCh        chan struct{} // closed when the pod starts terminating
 	finished      chan struct{} // closed when all container loops have returned
@@ -93,6 +93,7 @@ func newPodRuntime(a *nodeAgent, p *corev1.Pod) *podRuntime {
 		finished:  make(chan struct{}),
 		gone:      make(chan struct{}),
 		dirty:     make(chan struct{}, 1),
+		execs:     map[int]bool{},
 	}
 	for _, c := range p.Spec.InitContainers {
 		pr.inits = append(pr.inits, &containerRuntime{spec: c, init: true, waiting: "PodInitializing"})
@@ -553,6 +554,25 @@ func (pr *podRuntime) signalAll(sig syscall.Signal) {
 			_ = syscall.Kill(-c.cur.pgid, sig)
 		}
 	}
+	for pgid := range pr.execs {
+		_ = syscall.Kill(-pgid, sig)
+	}
+}
+
+// trackExec registers an exec session's process group so that it is killed
+// with the pod; the returned func unregisters it.
+func (pr *podRuntime) trackExec(pgid int) func() {
+	pr.mu.Lock()
+	if pr.stopping {
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	}
+	pr.execs[pgid] = true
+	pr.mu.Unlock()
+	return func() {
+		pr.mu.Lock()
+		delete(pr.execs, pgid)
+		pr.mu.Unlock()
+	}
 }
 
 // terminate stops the pod: SIGTERM, SIGKILL after grace; then (if
@@ -600,6 +620,7 @@ func (pr *podRuntime) killNow() {
 }
 
 func (pr *podRuntime) statusLoop() {
+	var retry <-chan time.Time
 	for {
 		select {
 		case <-pr.gone:
@@ -607,44 +628,57 @@ func (pr *podRuntime) statusLoop() {
 		case <-pr.a.ctx.Done():
 			return
 		case <-pr.dirty:
+		case <-retry:
 		}
-		if !pr.pushStatus() {
+		retry = nil
+		ok, exists := pr.pushStatusResult()
+		if !exists {
 			return
+		}
+		if !ok {
+			retry = time.After(time.Second)
 		}
 	}
 }
 
 // pushStatus writes the current status; false if the pod no longer exists.
 func (pr *podRuntime) pushStatus() bool {
+	_, exists := pr.pushStatusResult()
+	return exists
+}
+
+// pushStatusResult writes the current status. ok reports success, exists
+// whether the pod (with our UID) still exists.
+func (pr *podRuntime) pushStatusResult() (ok, exists bool) {
 	ctx, cancel := context.WithTimeout(pr.a.ctx, 10*time.Second)
 	defer cancel()
 	pods := pr.a.cs.CoreV1().Pods(pr.ns)
 	for i := 0; i < 10; i++ {
 		p, err := pods.Get(ctx, pr.name, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {
-			return false
+			return false, false
 		}
 		if err != nil {
 			logf("pod %s: get for status: %v", pr.key, err)
-			return true
+			return false, true
 		}
 		if p.UID != pr.uid {
-			return false
+			return false, false
 		}
 		p.Status = pr.buildStatus(p.Status)
 		_, err = pods.UpdateStatus(ctx, p, metav1.UpdateOptions{})
 		if err == nil {
-			return true
+			return true, true
 		}
 		if apierrors.IsNotFound(err) {
-			return false
+			return false, false
 		}
 		if !apierrors.IsConflict(err) {
 			logf("pod %s: update status: %v", pr.key, err)
-			return true
+			return false, true
 		}
 	}
-	return true
+	return false, true
 }
 
 func setPodCondition(st *corev1.PodStatus, t corev1.PodConditionType, ok bool, reason string) {
@@ -889,5 +923,3 @@ func (pr *podRuntime) buildEnv(c *containerRuntime) error {
 	pr.mu.Unlock()
 	return nil
 }
-
-var _ = strconv.Itoa

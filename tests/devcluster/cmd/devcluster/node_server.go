@@ -213,7 +213,7 @@ func (ra runtimeAdapter) ExecInContainer(ctx context.Context, name, uid, contain
 	proc.Dir = pr.dir
 	proc.Env = env
 	if tty {
-		return ra.execTTY(ctx, proc, in, out, resize)
+		return ra.execTTY(ctx, pr, proc, in, out, resize)
 	}
 	proc.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if out != nil {
@@ -234,6 +234,7 @@ func (ra runtimeAdapter) ExecInContainer(ctx context.Context, name, uid, contain
 	if err := proc.Start(); err != nil {
 		return err
 	}
+	defer pr.trackExec(proc.Process.Pid)()
 	if in != nil {
 		go func() {
 			_, _ = io.Copy(stdinPipe, in)
@@ -251,7 +252,7 @@ func (ra runtimeAdapter) ExecInContainer(ctx context.Context, name, uid, contain
 	return exitError(err, proc.ProcessState)
 }
 
-func (ra runtimeAdapter) execTTY(ctx context.Context, proc *exec.Cmd, in io.Reader, out io.WriteCloser, resize <-chan remotecommand.TerminalSize) error {
+func (ra runtimeAdapter) execTTY(ctx context.Context, pr *podRuntime, proc *exec.Cmd, in io.Reader, out io.WriteCloser, resize <-chan remotecommand.TerminalSize) error {
 	proc.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Pdeathsig: syscall.SIGKILL}
 	// Wait for the initial size when the client sends one promptly.
 	var size *pty.Winsize
@@ -269,6 +270,7 @@ func (ra runtimeAdapter) execTTY(ctx context.Context, proc *exec.Cmd, in io.Read
 		return err
 	}
 	defer ptmx.Close()
+	defer pr.trackExec(proc.Process.Pid)()
 	if resize != nil {
 		go func() {
 			for s := range resize {
@@ -400,23 +402,16 @@ func (ra runtimeAdapter) PortForward(ctx context.Context, name, uid string, port
 	}
 	defer conn.Close()
 	tcp := conn.(*net.TCPConn)
-	inDone := make(chan error, 1)
 	go func() {
-		// client -> pod
-		_, err := io.Copy(tcp, stream)
-		if err != nil {
-			// Stream broke: tear the connection down.
+		// client -> pod; a clean EOF is passed on as a half-close.
+		if _, err := io.Copy(tcp, stream); err != nil {
 			tcp.Close()
 		} else {
 			_ = tcp.CloseWrite()
 		}
-		inDone <- err
 	}()
-	// pod -> client
-	_, err = io.Copy(stream, tcp)
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		return nil
-	}
+	// pod -> client; returning closes the stream (the caller defers Close).
+	_, _ = io.Copy(stream, tcp)
 	return nil
 }
 

@@ -1,0 +1,432 @@
+"""Acceptance tests for tests/devcluster: a real kube-apiserver + process node,
+driven with the real /usr/bin/kubectl."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import select
+import socket
+import struct
+import subprocess
+import termios
+import threading
+import time
+import uuid
+
+import pytest
+
+from devcluster.fixture import KUBECTL, wait_for
+
+NS = "devcluster-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LineReader:
+    """Reads a Popen's stdout lines in a thread; ``expect`` waits with a deadline."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self.lines.put(raw.decode(errors="replace") if isinstance(raw, bytes) else raw)
+        self.lines.put(None)
+
+    def next_line(self, timeout: float) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no output within {timeout}s; seen so far: {self.seen[-10:]}") from None
+        if line is None:
+            raise EOFError(f"process exited ({self.popen.poll()}); seen: {self.seen[-10:]}")
+        self.seen.append(line)
+        return line
+
+    def expect(self, predicate, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"timed out waiting for {what}; seen: {self.seen[-10:]}")
+            line = self.next_line(remaining)
+            if predicate(line):
+                return line
+
+
+def _stop(popen: subprocess.Popen) -> None:
+    if popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
+def _popen_kubectl(devcluster, *args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ)
+    full_env.pop("KUBECONFIG", None)
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [KUBECTL, "--kubeconfig", str(devcluster.kubeconfig), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+    )
+
+
+def _pod(name: str, command: list[str], env: dict | None = None, restart: str = "Always", labels=None) -> dict:
+    container = {"name": "main", "image": "devcluster/local", "command": command}
+    if env:
+        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels or {"test": name}},
+        "spec": {"containers": [container], "restartPolicy": restart, "terminationGracePeriodSeconds": 5},
+    }
+
+
+@pytest.fixture(scope="module")
+def ns(devcluster):
+    devcluster.create_namespace(NS)
+    yield NS
+    devcluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def shell_pod(devcluster, ns):
+    devcluster.apply(_pod("shell", ["sh", "-c", "echo started; exec sleep 3600"], env={"GREETING": "hello-from-env"}))
+    devcluster.wait_pod_ready("shell", ns)
+    return "shell"
+
+
+# ---------------------------------------------------------------- basics
+
+def test_readyz(devcluster):
+    assert devcluster.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+
+
+def test_node_ready(devcluster):
+    node = devcluster.get_json("node", "devnode")
+    conds = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+    assert conds["Ready"] == "True"
+    assert {"type": "InternalIP", "address": "127.0.0.1"} in node["status"]["addresses"]
+    assert node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] > 0
+    assert node["status"]["allocatable"]["cpu"] == "8"
+    assert "devnode" in devcluster.kubectl("get", "nodes").stdout
+
+
+def test_configmap_crud(devcluster, ns):
+    devcluster.kubectl("create", "configmap", "cm1", "-n", ns, "--from-literal=k=v1")
+    data = devcluster.get_json("configmap", "cm1", "-n", ns)
+    assert data["data"] == {"k": "v1"}
+    devcluster.kubectl("delete", "configmap", "cm1", "-n", ns)
+    r = devcluster.kubectl("get", "configmap", "cm1", "-n", ns, check=False)
+    assert r.returncode != 0 and "NotFound" in r.stderr
+
+
+def test_watch_sees_new_pod(devcluster, ns):
+    name = "watched-" + uuid.uuid4().hex[:6]
+    watcher = _popen_kubectl(devcluster, "get", "pods", "-n", ns, "-w", "--output-watch-events", "-o", "name")
+    try:
+        reader = LineReader(watcher)
+        # Whether the pod lands in the initial list or arrives as a watch
+        # event, kubectl prints it; wait for it with a deadline.
+        devcluster.apply(_pod(name, ["sleep", "600"]))
+        reader.expect(lambda line: f"pod/{name}" in line, timeout=30, what=f"watch event for {name}")
+    finally:
+        _stop(watcher)
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------- exec
+
+def test_exec_simple(devcluster, shell_pod):
+    r = devcluster.kubectl("exec", "-n", NS, shell_pod, "--", "sh", "-c", "echo $GREETING; pwd")
+    out = r.stdout.splitlines()
+    assert out[0] == "hello-from-env"
+    assert "/pods/" in out[1]
+
+
+@pytest.mark.parametrize("websockets", ["true", "false"], ids=["websocket", "spdy"])
+def test_exec_stdin_and_exit_code(devcluster, shell_pod, websockets):
+    payload = "line one\nline two\n" + "x" * 100000 + "\n"
+    r = devcluster.kubectl(
+        "exec", "-i", "-n", NS, shell_pod, "--", "sh", "-c", "cat; exit 7",
+        input=payload, check=False, env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": websockets},
+    )
+    assert r.returncode == 7, r.stderr
+    assert r.stdout == payload
+
+
+def test_exec_tty(devcluster, shell_pod):
+    master, slave = os.openpty()
+    # A fixed window size that must arrive in the pod's pty.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    env = dict(os.environ)
+    env.pop("KUBECONFIG", None)
+    proc = subprocess.Popen(
+        [KUBECTL, "--kubeconfig", str(devcluster.kubeconfig), "exec", "-it", "-n", NS, shell_pod, "--",
+         "sh", "-c", "tty; stty size; exit 3"],
+        stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+    )
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: all slave fds closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=10)
+    finally:
+        os.close(master)
+        _stop(proc)
+    text = out.decode(errors="replace")
+    assert re.search(r"/dev/pts/\d+", text), text
+    assert "33 101" in text, text
+    assert rc == 3, text
+
+
+# ---------------------------------------------------------------- logs
+
+def test_logs_follow(devcluster, ns):
+    name = "ticker"
+    devcluster.apply(_pod(name, ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]))
+    devcluster.wait_pod_ready(name, ns)
+    follower = _popen_kubectl(devcluster, "logs", "-f", "-n", ns, name)
+    try:
+        reader = LineReader(follower)
+        first = reader.expect(lambda l: l.startswith("tick "), timeout=20, what="first log line")
+        n0 = int(first.split()[1])
+        # New lines must keep arriving while we follow (~5 lines per second).
+        t0 = time.monotonic()
+        reader.expect(lambda l: l.startswith("tick ") and int(l.split()[1]) >= n0 + 10, timeout=15,
+                      what="10 more followed lines")
+        assert time.monotonic() - t0 >= 1.0  # they really arrived over time
+        # tailLines / plain logs work too
+        tail = devcluster.kubectl("logs", "-n", ns, name, "--tail=2").stdout.splitlines()
+        assert len(tail) == 2 and all(l.startswith("tick ") for l in tail)
+    finally:
+        _stop(follower)
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------- port-forward
+
+ECHO_SERVER = r"""
+import os, socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(os.environ["PORT"])))
+s.listen(16)
+print("listening", flush=True)
+def handle(c):
+    with c:
+        while True:
+            d = c.recv(1 << 16)
+            if not d:
+                break
+            c.sendall(d)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"""
+
+
+@pytest.fixture(scope="module")
+def echo_pod(devcluster, ns):
+    port = _free_port()
+    devcluster.apply(_pod("echo", ["python3", "-u", "-c", ECHO_SERVER], env={"PORT": str(port)}))
+    devcluster.wait_pod_ready("echo", ns)
+    wait_for(lambda: "listening" in devcluster.kubectl("logs", "-n", ns, "echo").stdout, 30, "echo server listening")
+    return "echo", port
+
+
+def _transfer(port: int, size: int) -> tuple[str, str, int]:
+    """Send ``size`` random bytes and read the echo concurrently; return (sha sent, sha received, n received)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sent_hash, recv_hash = hashlib.sha256(), hashlib.sha256()
+    errors: list[BaseException] = []
+
+    def sender():
+        try:
+            block = os.urandom(1 << 20)
+            remaining = size
+            while remaining > 0:
+                chunk = block[: min(len(block), remaining)]
+                sent_hash.update(chunk)
+                sock.sendall(chunk)
+                remaining -= len(chunk)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    received = 0
+    try:
+        while received < size:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            recv_hash.update(data)
+            received += len(data)
+    finally:
+        t.join(timeout=60)
+        sock.close()
+    assert not errors, errors
+    return sent_hash.hexdigest(), recv_hash.hexdigest(), received
+
+
+@pytest.mark.parametrize("websockets", ["true", "false"], ids=["websocket", "spdy"])
+def test_port_forward_100mib(devcluster, echo_pod, websockets):
+    name, pod_port = echo_pod
+    pf = _popen_kubectl(devcluster, "port-forward", "-n", NS, "--address", "127.0.0.1", f"pod/{name}", f":{pod_port}",
+                        env={"KUBECTL_PORT_FORWARD_WEBSOCKETS": websockets})
+    try:
+        reader = LineReader(pf)
+        line = reader.expect(lambda l: "Forwarding from 127.0.0.1:" in l, timeout=30, what="Forwarding line")
+        local_port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        size = 100 * 1024 * 1024
+        sent, got, n = _transfer(local_port, size)
+        assert n == size
+        assert sent == got
+        # A second connection over the same port-forward works as well.
+        sent, got, n = _transfer(local_port, 1024 * 1024)
+        assert (n, sent) == (1024 * 1024, got)
+    finally:
+        _stop(pf)
+
+
+# ---------------------------------------------------------------- RBAC
+
+def test_serviceaccount_rbac(devcluster, ns, tmp_path):
+    devcluster.create_service_account(ns, "nobody")
+    devcluster.create_service_account(ns, "reader", role_rules=[
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}])
+    nobody = devcluster.write_kubeconfig(tmp_path / "nobody", devcluster.token(ns, "nobody"))
+    reader = devcluster.write_kubeconfig(tmp_path / "reader", devcluster.token(ns, "reader"))
+
+    r = devcluster.kubectl("get", "pods", "-n", ns, user_kubeconfig=nobody, check=False)
+    assert r.returncode != 0 and "Forbidden" in r.stderr, r.stderr
+    # RBAC objects may take a moment to reach the authorizer's cache.
+    wait_for(lambda: devcluster.kubectl("get", "pods", "-n", ns, user_kubeconfig=reader, check=False).returncode == 0,
+             20, "reader SA may list pods")
+    r = devcluster.kubectl("get", "pods", "-n", "default", user_kubeconfig=reader, check=False)
+    assert r.returncode != 0 and "Forbidden" in r.stderr
+    r = devcluster.kubectl("auth", "whoami", "-o", "json", user_kubeconfig=reader)
+    assert json.loads(r.stdout)["status"]["userInfo"]["username"] == f"system:serviceaccount:{ns}:reader"
+
+
+def test_impersonation_rbac(devcluster, ns):
+    devcluster.apply({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "dev-configmaps", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list"]}],
+    })
+    devcluster.apply({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "dev-configmaps", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "dev-configmaps"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dev"}],
+    })
+
+    def can(*args: str) -> bool:
+        r = devcluster.kubectl(*args, check=False)
+        if r.returncode != 0:
+            assert "Forbidden" in r.stderr or "forbidden" in r.stderr, r.stderr
+        return r.returncode == 0
+
+    wait_for(lambda: can("--as=alice", "--as-group=dev", "get", "configmaps", "-n", ns), 20, "alice@dev can list")
+    assert not can("--as=alice", "get", "configmaps", "-n", ns)  # not in group dev
+    assert not can("--as=alice", "--as-group=dev", "get", "configmaps", "-n", "default")  # other namespace
+    assert not can("--as=alice", "--as-group=dev", "create", "configmap", "x", "-n", ns)  # verb not granted
+    assert not can("--as=alice", "--as-group=dev", "get", "secrets", "-n", ns)  # resource not granted
+    # The audit log records both the real and the impersonated user.
+    events = [e for e in devcluster.audit_events() if (e.get("impersonatedUser") or {}).get("username") == "alice"]
+    assert events
+    assert events[-1]["user"]["username"] == "kubernetes-admin"
+    assert "dev" in events[-1]["impersonatedUser"].get("groups", []) or any(
+        "dev" in e["impersonatedUser"].get("groups", []) for e in events)
+
+
+# ---------------------------------------------------------------- workloads
+
+def test_deployment_two_replicas(devcluster, ns):
+    devcluster.apply({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"terminationGracePeriodSeconds": 2,
+                         "containers": [{"name": "web", "image": "devcluster/local", "command": ["sleep", "3600"]}]},
+            },
+        },
+    })
+    devcluster.kubectl("rollout", "status", "deployment/web", "-n", ns, "--timeout=60s", timeout=70)
+
+    def two_running():
+        pods = devcluster.get_json("pods", "-n", ns, "-l", "app=web")["items"]
+        running = [p for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        return len(running) == 2 and running
+
+    pods = wait_for(two_running, 30, "2 running web pods")
+    assert all(p["spec"]["nodeName"] == "devnode" for p in pods)
+
+
+def _pids_with_marker(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_pod_lifecycle_processes(devcluster, ns):
+    """Deleting a pod kills its processes and removes the object; a
+    restartPolicy=Never pod that exits 3 ends up Failed with exit code 3."""
+    marker = "marker" + uuid.uuid4().hex[:8]
+    devcluster.apply(_pod("lifecycle", ["sh", "-c", f"sleep 3600; echo {marker}"]))
+    devcluster.wait_pod_ready("lifecycle", ns)
+    assert wait_for(lambda: _pids_with_marker(marker), 10, "pod process")
+    devcluster.kubectl("delete", "pod", "lifecycle", "-n", ns, "--timeout=30s", timeout=40)
+    wait_for(lambda: not _pids_with_marker(marker), 10, "pod processes gone")
+
+    devcluster.apply(_pod("fails", ["sh", "-c", "echo bye; exit 3"], restart="Never"))
+    wait_for(lambda: devcluster.get_json("pod", "fails", "-n", ns)["status"].get("phase") == "Failed", 30, "pod Failed")
+    st = devcluster.get_json("pod", "fails", "-n", ns)["status"]["containerStatuses"][0]
+    assert st["state"]["terminated"]["exitCode"] == 3
+    assert devcluster.kubectl("logs", "-n", ns, "fails").stdout == "bye\n"
+    # Following the log of an exited container ends by itself.
+    assert devcluster.kubectl("logs", "-f", "-n", ns, "fails", timeout=20).stdout == "bye\n"
+    devcluster.kubectl("delete", "pod", "fails", "-n", ns, "--timeout=30s", timeout=40)
