@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> Path:
         token = kubectl(admin, "create", "token", "bench-user", "-n", ns, "--duration=6h").strip()
         token_file = work / "bench-user.token"
         token_file.write_text(token)
-        chain = Chain(work / "chain", endpoint_only(admin, work / "endpoint.kubeconfig"), log_level="warning")
+        chain = Chain(work / "chain", endpoint_only(admin, work / "endpoint.kubeconfig"))
         tunnel_kubeconfig = work / "tunnel.kubeconfig"
         chain.start_all(token_file, tunnel_kubeconfig)
         ctx = Context(

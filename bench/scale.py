@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -12,6 +13,12 @@ from chain import Chain, wait_until
 from endpoints import Endpoint
 from scenarios import Context, dial, rss_mib
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from clusterconnect.agentcert import build_csr
+from clusterconnect.relay import agent_pki
+from clusterconnect.relay.enrollment import EnrollmentStore
 from clusterconnect.relay.store import ClusterStore
 
 HERE = Path(__file__).resolve().parent
@@ -19,15 +26,26 @@ SIM_PROCESSES = 4
 
 
 def _register(data_dir: Path, n: int) -> Path:
+    """Register N clusters and enroll their simulated agents directly in the relay's tables (as a Join
+    would): each gets its own key and a client certificate from the relay's agent CA."""
     data_dir.mkdir(parents=True, exist_ok=True)
     store = ClusterStore(data_dir / "relay.db")
+    enrollment = EnrollmentStore(data_dir / "relay.db")
+    agent_ca = agent_pki.ensure_agent_ca(data_dir / "pki")
     entries = []
     for i in range(n):
         name = f"sim-{i:05d}"
         if store.get(name) is not None:
             store.remove(name)
-        _, credential = store.add(name)
-        entries.append([name, credential])
+        store.add(name)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = agent_pki.issue(agent_ca, agent_pki.validate_csr(build_csr(key, name), name), name,
+                               datetime.timedelta(days=1))
+        enrollment.record_certificate(name, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
+        entries.append([name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()).decode(),
+                        cert.public_bytes(serialization.Encoding.PEM).decode()])
+    enrollment.close()
     store.close()
     path = data_dir.parent / f"sim-credentials-{n}.json"
     path.write_text(json.dumps(entries))
@@ -48,7 +66,7 @@ def _agents_connected(relay) -> int:
 
 
 def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> dict:
-    chain = Chain(ctx.work_dir / f"scale-{n}", cluster_kubeconfig, cluster="real", log_level="warning")
+    chain = Chain(ctx.work_dir / f"scale-{n}", cluster_kubeconfig, cluster="real")
     credentials = _register(chain.relay_data, n)
     sims = []
     try:
@@ -61,7 +79,7 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
         per = -(-n // SIM_PROCESSES)
         for first in range(0, n, per):
             sims.append(subprocess.Popen(
-                [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.relay_port}",
+                [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.agent_port}",
                  "--relay-ca", str(chain.relay_ca), "--credentials", str(credentials), "--first", str(first),
                  "--count", str(min(per, n - first))],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True))
