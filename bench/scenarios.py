@@ -226,6 +226,22 @@ async def _watch(endpoint: Endpoint, context: ssl.SSLContext, path: str, latenci
         writer.close()
 
 
+def _send_ticks(ctx: Context) -> None:
+    """Patch the watched object directly (one keep-alive connection), stamping the send time."""
+    conn = ctx.direct.connect()
+    try:
+        for _ in range(ctx.sizes.watch_events):
+            body = json.dumps({"metadata": {"annotations": {"bench/sent": repr(time.time())}}})
+            conn.request("PATCH", f"/api/v1/namespaces/{ctx.namespace}/configmaps/tick", body=body,
+                         headers={**ctx.direct.headers, "Content-Type": "application/merge-patch+json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            time.sleep(0.1)  # spacing between events, not synchronisation
+    finally:
+        conn.close()
+
+
 async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
     context = endpoint.ssl_context()
     subprocess.run([KUBECTL, "--kubeconfig", str(ctx.admin_kubeconfig), "create", "configmap", "tick", "-n",
@@ -245,10 +261,7 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
         await asyncio.sleep(1)  # the initial ADDED events settle
         latencies.clear()
         rss = {name: rss_mib(pid) for name, pid in ctx.pids.items()} if endpoint.name == "tunnel" else {}
-        for i in range(ctx.sizes.watch_events):
-            patch = json.dumps({"metadata": {"annotations": {"bench/sent": repr(time.time())}}})
-            await asyncio.to_thread(kubectl, ctx.admin_kubeconfig, "patch", "configmap", "tick", "-n",
-                                    ctx.namespace, "--type=merge", "-p", patch)
+        await asyncio.to_thread(_send_ticks, ctx)
         deadline = time.monotonic() + 60
         while len(latencies) < n * ctx.sizes.watch_events and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
