@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import sys
 from pathlib import Path
@@ -10,12 +11,16 @@ from pathlib import Path
 import grpc
 
 from clusterconnect import cliargs, service
+from clusterconnect.agent.backoff import Backoff
+from clusterconnect.agent.enrollment import AgentState, EnrollmentError, enroll
 from clusterconnect.agent.session import Agent, AgentConfig
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
-from clusterconnect.logs import configure_logging
+from clusterconnect.logs import configure_logging, get_logger
 from clusterconnect.tracing import configure_tracing
 from clusterconnect.service import StartupError
 from clusterconnect.v1 import tunnel_pb2_grpc
+
+log = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,8 +28,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_version(parser)
     cliargs.add_flag(parser, "--relay", required=True, help="relay URL, e.g. https://relay.example.com:8443")
     cliargs.add_flag(parser, "--cluster", required=True, help="this cluster's name at the relay")
-    cliargs.add_flag(parser, "--credential", required=True, type=Path, help="file holding the agent credential")
-    cliargs.add_flag(parser, "--relay-ca", type=Path, help="CA bundle to verify the relay (default: system roots)")
+    cliargs.add_flag(parser, "--state-dir", type=Path,
+                     help="where the agent keeps its key, certificate and the relay CA (mode 700; a volume in a pod;"
+                     " default ~/.local/state/clusterconnect/agent-CLUSTER)")
+    cliargs.add_flag(parser, "--join-token",
+                     help="one-time token from `clusterconnect clusters add`; needed only until the agent has joined")
+    cliargs.add_flag(parser, "--relay-ca-hash",
+                     help="sha256:<hex> of the relay CA's public key (from `clusters add`): pins the relay on the first start")
+    cliargs.add_flag(parser, "--relay-ca", type=Path,
+                     help="CA bundle of the relay, instead of discovering it by --relay-ca-hash")
     cliargs.add_flag(parser, "--authproxy", default="127.0.0.1:8080", help="HOST:PORT of the auth proxy")
     cliargs.add_flag(parser, "--authproxy-ca", type=Path,
                      help="CA bundle to verify the auth proxy's TLS; without it only a loopback auth proxy is allowed")
@@ -63,19 +75,30 @@ def authproxy_channel(address: str, ca: Path | None) -> grpc.aio.Channel:
 
 
 async def run(args: argparse.Namespace) -> None:
-    credential = _read(args.credential, "credential file").decode().strip()
-    if not credential:
-        raise StartupError(f"credential file {args.credential} is empty")
     relay_ca = _read(args.relay_ca, "relay CA") if args.relay_ca else None
     try:
         target = grpc_target(args.relay)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    state_dir = args.state_dir or Path.home() / ".local/state/clusterconnect" / f"agent-{args.cluster}"
+    backoff = Backoff()
+    while True:
+        try:
+            enrolled = await enroll(AgentState(state_dir), target, args.cluster, args.join_token,
+                                    args.relay_ca_hash, relay_ca)
+            break
+        except EnrollmentError as exc:
+            if not exc.transient:
+                raise StartupError(str(exc)) from None
+            delay = backoff.next_delay()
+            log.warning("relay not reachable for enrollment; retrying", reason=str(exc), retry_in=round(delay, 2))
+            await asyncio.sleep(delay)
+        except OSError as exc:
+            raise StartupError(f"agent state in {state_dir}: {exc}") from None
     async with authproxy_channel(args.authproxy, args.authproxy_ca) as channel:
         agent = Agent(
             AgentConfig(
-                target, args.cluster, credential, relay_ca, tunnel_pb2_grpc.AuthProxyStub(channel),
-                health_file=args.health_file,
+                args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel), health_file=args.health_file,
             )
         )
         service.register_gauge("open_connections", lambda: agent.open_connections)

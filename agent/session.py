@@ -12,7 +12,8 @@ import grpc
 from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
-from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer
+from clusterconnect.agent.enrollment import Enrolled
+from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
 from clusterconnect.tasks import race, unwrap
@@ -31,10 +32,9 @@ class _SessionOver(Exception):
 
 @dataclass
 class AgentConfig:
-    relay_target: str
     cluster: str
-    credential: str
-    relay_ca: bytes | None
+    # The agent's certificate and the relay's CA; the tunnel goes to enrolled.agent_target (mutual TLS).
+    enrolled: Enrolled
     authproxy: tunnel_pb2_grpc.AuthProxyStub
     # Touched while the control stream is healthy, for an exec readiness probe in Kubernetes.
     health_file: Path | None = None
@@ -47,14 +47,45 @@ class Agent:
         self.connected = asyncio.Event()
 
     def _metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
-        return ((md.CLUSTER, self.config.cluster), bearer(self.config.credential), *extra)
+        # No credential: the relay knows the agent by its client certificate.
+        return ((md.CLUSTER, self.config.cluster), *extra)
 
     async def run_forever(self) -> None:
+        draining: set[asyncio.Task] = set()
+        renewals = asyncio.create_task(self.config.enrolled.renew_forever())
+        try:
+            await self._sessions(draining)
+        finally:
+            renewals.cancel()
+            for task in draining:
+                task.cancel()
+            await asyncio.gather(renewals, *draining, return_exceptions=True)
+
+    async def _sessions(self, draining: set[asyncio.Task]) -> None:
+        """One session after another. A session whose certificate was renewed hands over: the next one
+        starts at once with the new certificate while the old one finishes its connections."""
         backoff = Backoff()
         while True:
             started = time.monotonic()
+            handover = asyncio.Event()
+            session = asyncio.create_task(self._session(handover))
+            handed_over = asyncio.create_task(handover.wait())
             try:
-                await self._session()
+                await asyncio.wait((session, handed_over), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                session.cancel()
+                handed_over.cancel()
+                await asyncio.gather(session, handed_over, return_exceptions=True)
+                raise
+            handed_over.cancel()
+            if handover.is_set() and not session.done():
+                log.info("certificate renewed; reconnecting with it, connections on the old one go on")
+                draining.add(session)
+                session.add_done_callback(self._drained(draining))
+                backoff.reset()
+                continue
+            try:
+                session.result()
                 reason = "relay ended the session"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
@@ -75,10 +106,21 @@ class Agent:
             log.warning("auth proxy not reachable", reason=f"{exc.code().name}: {exc.details()}")
             return ""
 
-    async def _session(self) -> None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=self.config.relay_ca)
+    @staticmethod
+    def _drained(draining: set[asyncio.Task]):
+        def done(task: asyncio.Task) -> None:
+            draining.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("old session ended", reason=str(task.exception()))
+        return done
+
+    async def _session(self, handover: asyncio.Event) -> None:
+        enrolled = self.config.enrolled
+        rotated = enrolled.rotated  # taken before the certificate, so no renewal goes unnoticed
+        # A channel of its own (no shared subchannel): a session must really use its certificate.
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         async with grpc.aio.secure_channel(
-            self.config.relay_target, credentials, options=CHANNEL_OPTIONS
+            enrolled.agent_target, enrolled.channel_credentials(), options=options
         ) as channel:
             stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
             hello = tunnel_pb2.AgentHello(
@@ -92,15 +134,25 @@ class Agent:
                 first = await call.read()
                 if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
                     raise PeerGone("relay did not welcome the agent")
-                log.info("connected to relay", relay=self.config.relay_target, cluster=self.config.cluster)
+                log.info("connected to relay", relay=enrolled.agent_target, cluster=self.config.cluster,
+                         certificate_serial=format(enrolled.identity.serial, "x"))
                 self.connected.set()
                 self._touch_health()
                 try:
                     async with asyncio.TaskGroup() as connections:
-                        await race(
-                            self._heartbeats(call, first.welcome.heartbeat_seconds or 10),
-                            self._control(call, stub, connections),
-                        )
+                        try:
+                            await race(
+                                self._heartbeats(call, first.welcome.heartbeat_seconds or 10),
+                                self._control(call, stub, connections),
+                                self._hand_over_on(rotated, handover),
+                            )
+                        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                            if not handover.is_set():
+                                raise
+                        if handover.is_set():
+                            # Renewed: the relay ended this control stream when the next session said
+                            # hello. Connections on this channel finish; the TaskGroup waits for them.
+                            return
                         # The control stream is gone; connections riding on this channel go with it.
                         raise _SessionOver
                 except BaseExceptionGroup as failure:
@@ -109,6 +161,13 @@ class Agent:
                         raise error from None
             finally:
                 call.cancel()
+
+    @staticmethod
+    async def _hand_over_on(rotated: asyncio.Event, handover: asyncio.Event) -> None:
+        """Once the certificate is renewed, ask for the next session but keep serving this one."""
+        await rotated.wait()
+        handover.set()
+        await asyncio.Future()  # until the relay ends this control stream
 
     async def _heartbeats(self, call, interval: int) -> None:
         while True:

@@ -1,8 +1,9 @@
 """Lightweight simulated agents for the scale scenario: each holds a real Connect stream to the relay.
 
-    sim_agents.py --relay HOST:PORT --relay-ca CA --credentials FILE --first I --count N
+    sim_agents.py --relay HOST:AGENT_PORT --relay-ca CA --credentials FILE --first I --count N
 
-FILE is JSON [[cluster, credential], ...]. Prints `connected N` once all N sessions are welcomed,
+FILE is JSON [[cluster, key PEM, certificate PEM], ...] (scale.py enrolls them); each agent connects
+with mutual TLS to the relay's agent port. Prints `connected N` once all N sessions are welcomed,
 then heartbeats until killed.
 """
 
@@ -17,16 +18,16 @@ import time
 import grpc
 
 from clusterconnect import metadata as md  # noqa: E402
-from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer  # noqa: E402
+from clusterconnect.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from clusterconnect.service import raise_fd_limit  # noqa: E402
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc  # noqa: E402
 
 
-async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str, credential: str,
+async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
                 welcomed: asyncio.Event, counter: list[int], total: int) -> None:
     async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
         stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
-        call = stub.Connect(metadata=((md.CLUSTER, cluster), bearer(credential)))
+        call = stub.Connect(metadata=((md.CLUSTER, cluster),))
         await call.write(tunnel_pb2.AgentMessage(hello=tunnel_pb2.AgentHello(cluster=cluster, agent_version="sim")))
         await call.read()
         counter[0] += 1
@@ -39,12 +40,13 @@ async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
 
 async def main(args: argparse.Namespace) -> None:
     entries = json.loads(open(args.credentials).read())[args.first:args.first + args.count]
-    credentials = grpc.ssl_channel_credentials(root_certificates=open(args.relay_ca, "rb").read())
+    root = open(args.relay_ca, "rb").read()
     welcomed = asyncio.Event()
     counter = [0]
     async with asyncio.TaskGroup() as group:
-        for i, (cluster, credential) in enumerate(entries):
-            group.create_task(agent(args.relay, credentials, cluster, credential, welcomed, counter, len(entries)))
+        for i, (cluster, key, cert) in enumerate(entries):
+            credentials = grpc.ssl_channel_credentials(root, key.encode(), cert.encode())
+            group.create_task(agent(args.relay, credentials, cluster, welcomed, counter, len(entries)))
             if i % 100 == 99:
                 await asyncio.sleep(0)
         await welcomed.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -14,12 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from clusterconnect import cliargs, service
+from clusterconnect.cli import identity as identity_cli
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.logs import configure_logging
 from clusterconnect.tracing import configure_tracing
-from clusterconnect.pki import write_private
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 
@@ -40,22 +41,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tokens = proxy.add_mutually_exclusive_group()
     cliargs.add_flag(tokens, "--token", help="bearer token for the cluster (a ServiceAccount token)")
     cliargs.add_flag(tokens, "--token-file", type=Path, help="file holding the bearer token")
+    cliargs.add_flag(tokens, "--login", help="use this login (clusterconnect login); kubectl then gets tokens from"
+                     " `clusterconnect token` (default without --token/--token-file: the login at --relay)")
     cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
                      " (default: first file of KUBECONFIG, else ~/.kube/config)")
-    cliargs.add_flag(proxy, "--state-dir", type=Path, default=_state_dir(), help="where the local TLS CA is kept")
+    cliargs.add_flag(proxy, "--state-dir", type=Path, default=_state_dir(),
+                     help="where the local TLS CA and the logins are kept")
     cliargs.add_flag(proxy, "--log-level", default="warning", help="debug, info, warning or error")
 
     clusters = commands.add_parser("clusters", help="administer the clusters registered at the relay")
     actions = clusters.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", help="register a cluster and print its agent's credential")
+    add = actions.add_parser("add", help="register a cluster and print the command that joins its agent")
     add.add_argument("name")
-    add.add_argument("--credential-out", type=Path, help="write the agent credential to this file (mode 600)")
+    add.add_argument("--authproxy", default="127.0.0.1:8080", help="auth proxy address to put in the agent command")
+    add.add_argument("--json", action="store_true",
+                     help="print join_token, relay_ca_hash, expires_unix and agent_command as one JSON object")
     _admin_flags(add)
     listing = actions.add_parser("list", help="table of clusters and their connectivity")
     _admin_flags(listing)
     remove = actions.add_parser("remove", help="remove a cluster and disconnect its agent")
     remove.add_argument("name")
     _admin_flags(remove)
+    identity_cli.add_parsers(commands, actions, _relay_flags, _admin_flags, _state_dir())
     return parser.parse_args(argv)
 
 
@@ -88,13 +95,16 @@ def proxy_command(args: argparse.Namespace) -> None:
         token = _read(args.token_file, "token file").decode().strip()
     else:
         token = (args.token or "").strip()
-    if not token:
-        fail("a token is needed: --token TOKEN or --token-file FILE (a ServiceAccount token of the cluster)")
+    login = args.login or (None if token or args.token_file else identity_cli.default_login(args.relay, args.state_dir))
+    if not token and not login:
+        fail("a token is needed: --token TOKEN or --token-file FILE (a ServiceAccount token of the cluster),"
+             " or log in first (clusterconnect login --relay URL --code CODE) or give --login NAME")
     settings = ProxySettings(
         cluster=args.cluster, relay=args.relay,
         relay_ca=_read(args.relay_ca, "relay CA") if args.relay_ca else None,
         port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
-        kubeconfig_out=args.kubeconfig_out,
+        kubeconfig_out=args.kubeconfig_out, login=login,
+        token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
     )
     configure_logging("clientproxy", args.log_level)
     configure_tracing("clientproxy")
@@ -129,17 +139,21 @@ def clusters_command(args: argparse.Namespace) -> None:
     elif args.action == "list":
         _print_table(reply.clusters)
     else:
-        print(f"cluster {args.name} removed; its agent was disconnected and its credential no longer works")
+        print(f"cluster {args.name} removed; its agent was disconnected and its certificate no longer works")
 
 
 def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse) -> None:
-    path = args.credential_out or Path(f"{args.name}.credential")
-    write_private(path, reply.agent_credential.encode() + b"\n")
-    ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
-    print(f"cluster {args.name} added; agent credential written to {path} (mode 600, shown only once)")
-    print("run the agent in the cluster with:")
-    print(f"  clusterconnect-agent --relay {args.relay} --cluster {args.name} --credential {path}{ca}"
-          " --authproxy 127.0.0.1:8080")
+    command = (f"clusterconnect-agent --relay {args.relay} --cluster {args.name} --join-token {reply.join_token}"
+               f" --relay-ca-hash {reply.relay_ca_hash} --authproxy {args.authproxy}")
+    if args.json:
+        print(json.dumps({"cluster": args.name, "join_token": reply.join_token, "relay_ca_hash": reply.relay_ca_hash,
+                          "expires_unix": reply.join_token_expires_unix, "agent_command": command}))
+        return
+    expires = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(reply.join_token_expires_unix))
+    print(f"cluster {args.name} added; its agent joins once with the token below (valid until {expires},"
+          " shown only once), pins the relay CA by its hash and from then on uses its own certificate.")
+    print("run the agent in the cluster with (keep --state-dir on a volume):")
+    print(f"  {command}")
 
 
 def _print_table(clusters) -> None:
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "proxy":
         proxy_command(args)
+    elif identity_cli.handles(args):
+        identity_cli.run(args)
     else:
         clusters_command(args)
 

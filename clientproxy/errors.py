@@ -36,10 +36,23 @@ def status_body(code: int, reason: str, message: str) -> bytes:
     ).encode()
 
 
-def error_response(grpc_code: grpc.StatusCode | None, message: str) -> bytes:
-    """A complete HTTP/1.1 response (head and body) that closes the connection."""
+def is_discovery_request(head: bytes) -> bool:
+    """Whether the request line (if it arrived) asks for API discovery (GET /api or /apis).
+
+    kubectl reads discovery answers with ``Raw()``, which never decodes a Status body: for a JSON
+    body it shows "unknown". A text/plain body is shown as the message, so discovery gets that.
+    """
+    line = head.split(b"\r\n", 1)[0].split(b" ")
+    return len(line) == 3 and line[0] == b"GET" and line[1].split(b"?", 1)[0] in (b"/api", b"/apis")
+
+
+def error_response(grpc_code: grpc.StatusCode | None, message: str, plain: bool = False) -> bytes:
+    """A complete HTTP/1.1 response (head and body) that closes the connection.
+
+    The body is a Kubernetes Status, or with ``plain`` just the message as text/plain.
+    """
     code, reason = _MAPPING.get(grpc_code, (502, "InternalError")) if grpc_code else (502, "ServiceUnavailable")
-    body = status_body(code, reason, message)
+    body = message.encode() + b"\n" if plain else status_body(code, reason, message)
     conn = h11.Connection(h11.SERVER)
     # h11 needs to have seen a request before it writes a response; give it a minimal one.
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: clusterconnect\r\n\r\n")
@@ -48,7 +61,7 @@ def error_response(grpc_code: grpc.StatusCode | None, message: str) -> bytes:
         h11.Response(
             status_code=code,
             headers=[
-                ("Content-Type", "application/json"),
+                ("Content-Type", "text/plain; charset=utf-8" if plain else "application/json"),
                 ("Content-Length", str(len(body))),
                 ("Connection", "close"),
                 ("X-Clusterconnect-Error", "1"),

@@ -19,11 +19,20 @@ def default_path() -> Path:
     return Path(first) if first else Path.home() / ".kube" / "config"
 
 
+def exec_credential(command: str, args: list[str]) -> dict[str, Any]:
+    """A kubeconfig user that runs ``command args`` (``clusterconnect token ...``) for each fresh token."""
+    return {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": command, "args": args,
+                     "interactiveMode": "Never", "provideClusterInfo": False}}
+
+
 def build_entries(
-    context: str, server: str, ca_pem: bytes, token: str | None, token_file: Path | None
+    context: str, server: str, ca_pem: bytes, token: str | None, token_file: Path | None,
+    exec_user: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     user: dict[str, Any] = {}
-    if token_file is not None:
+    if exec_user is not None:
+        user = exec_user
+    elif token_file is not None:
         user["tokenFile"] = str(token_file.resolve())
     elif token is not None:
         user["token"] = token

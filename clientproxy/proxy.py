@@ -14,6 +14,7 @@ import grpc
 from clusterconnect import service
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.probe import probe
+from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.clientproxy.tunnel import ConnectionHandler, TunnelTarget
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
@@ -36,6 +37,10 @@ class ProxySettings:
     token_file: Path | None
     state_dir: Path
     kubeconfig_out: str | None  # None: default kubeconfig; "-": print; else a path
+    # A login (clusterconnect login) instead of a fixed token: the Dial token comes from it, and the
+    # kubeconfig user runs `clusterconnect token` (exec credential plugin).
+    login: str | None = None
+    token_command: list[str] | None = None  # argv of `clusterconnect token ...` for the kubeconfig
 
 
 def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
@@ -55,8 +60,15 @@ async def run_proxy(settings: ProxySettings) -> None:
         raise StartupError(str(exc)) from None
     credentials = grpc.ssl_channel_credentials(root_certificates=settings.relay_ca)
     async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
+        tokens = CachedTokenSource(settings.state_dir, settings.login) if settings.login else None
+        if tokens is not None:
+            try:
+                await tokens.get()
+            except LoginError as exc:
+                raise StartupError(str(exc)) from None
         handler = ConnectionHandler(
-            tunnel_pb2_grpc.ClientTunnelStub(channel), TunnelTarget(settings.relay, settings.cluster, settings.token)
+            tunnel_pb2_grpc.ClientTunnelStub(channel),
+            TunnelTarget(settings.relay, settings.cluster, settings.token, tokens.get if tokens else None),
         )
         try:
             server = await asyncio.start_server(handler, "127.0.0.1", settings.port, ssl=tls, backlog=1024)
@@ -69,11 +81,14 @@ async def run_proxy(settings: ProxySettings) -> None:
         port = server.sockets[0].getsockname()[1]
         service.register_gauge("open_connections", lambda: handler.open_connections)
         async with server:
+            exec_user = None
+            if settings.token_command:
+                exec_user = kubeconfig.exec_credential(settings.token_command[0], settings.token_command[1:])
             entries = kubeconfig.build_entries(
-                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file
+                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file, exec_user
             )
             where = _write_kubeconfig(settings.kubeconfig_out, entries)
-            version = await _wait_until_reachable(port, ca_pem, settings)
+            version = await _wait_until_reachable(port, ca_pem, settings, handler.target)
             print(
                 f"ready https://127.0.0.1:{port} context={settings.cluster} kubeconfig={where} kubernetes={version}",
                 flush=True,
@@ -93,12 +108,14 @@ def _write_kubeconfig(out: str | None, entries: dict) -> str:
     return str(path)
 
 
-async def _wait_until_reachable(port: int, ca_pem: bytes, settings: ProxySettings) -> str:
+async def _wait_until_reachable(port: int, ca_pem: bytes, settings: ProxySettings, target: TunnelTarget) -> str:
     """Probe until a request went through the whole path; report why not, once per distinct reason."""
     last = ""
     while True:
         try:
-            result = await probe(port, ca_pem, settings.token)
+            result = await probe(port, ca_pem, await target.current_token())
+        except LoginError as exc:
+            raise StartupError(str(exc)) from None
         except (OSError, TimeoutError, ValueError) as exc:
             reason = f"probe failed: {exc}"
         else:
@@ -106,6 +123,10 @@ async def _wait_until_reachable(port: int, ca_pem: bytes, settings: ProxySetting
                 raise StartupError(
                     f"cluster {settings.cluster} rejected the token (401 Unauthorized): {result.message}"
                 )
+            if result.status == 403:
+                # e.g. not (yet) on the cluster's access list at the relay: serve anyway, say why.
+                print(f"warning: {result.message}", file=sys.stderr, flush=True)
+                return "unknown"
             if 200 <= result.status < 500:
                 return result.message
             reason = f"{result.status}: {result.message}"

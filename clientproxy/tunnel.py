@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 
 from clusterconnect import metadata as md
-from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
+from clusterconnect.clientproxy.errors import describe_rpc_error, error_response, is_discovery_request
+from clusterconnect.clientproxy.tokens import LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
 from clusterconnect.tracing import connection_span
@@ -28,6 +30,11 @@ class TunnelTarget:
     relay: str  # as the user wrote it, for messages
     cluster: str
     token: str
+    # The user's login (clientproxy.tokens.CachedTokenSource.get): a fresh token for each Dial.
+    tokens: Callable[[], Awaitable[str]] | None = None
+
+    async def current_token(self) -> str:
+        return await self.tokens() if self.tokens is not None else self.token
 
 
 class ConnectionHandler:
@@ -43,7 +50,14 @@ class ConnectionHandler:
             await self._carry(downstream, traceparent)
 
     async def _carry(self, downstream: SocketStream, traceparent: str) -> None:
-        metadata = ((md.CLUSTER, self.target.cluster), bearer(self.target.token), (md.TRACEPARENT, traceparent))
+        try:
+            token = await self.target.current_token()
+        except LoginError as exc:
+            await self._refuse(downstream, grpc.StatusCode.UNAUTHENTICATED, f"clusterconnect proxy: {exc}")
+            await downstream.close()
+            self.open_connections -= 1
+            return
+        metadata = ((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent))
         call = self.stub.Dial(metadata=metadata)
         try:
             failure = await self._opened(call)
@@ -78,7 +92,13 @@ class ConnectionHandler:
     async def _refuse(downstream: SocketStream, code: grpc.StatusCode | None, message: str) -> None:
         log.info("connection refused", reason=message)
         try:
-            await downstream.send(error_response(code, message))
+            head = b""
+            try:  # the request line only decides how the error is shaped (see errors.py)
+                async with asyncio.timeout(0.2):
+                    head = await downstream.receive()
+            except TimeoutError:
+                pass
+            await downstream.send(error_response(code, message, plain=is_discovery_request(head)))
             # Let kubectl read the answer and hang up first, so it sees the response, not a reset.
             async with asyncio.timeout(LINGER):
                 while await downstream.receive():

@@ -16,6 +16,8 @@ from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import configure_logging, get_logger
 from clusterconnect.tracing import configure_tracing
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
+from clusterconnect.relay import identity as user_identity
+from clusterconnect.relay import enrollment as agent_enrollment
 from clusterconnect.relay.passthrough import raw_stream_handler
 from clusterconnect.relay.registry import Registry
 from clusterconnect.relay.sessions import SessionTable
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(serve, "--heartbeat-seconds", type=int, default=10,
                      help="how often agents send heartbeats; 3 missed ones end a session")
     cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
+    user_identity.add_flags(serve)
+    agent_enrollment.add_flags(serve)
     return parser.parse_args(argv)
 
 
@@ -66,7 +70,10 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *(args.hostname or [])]
         _, cert_path, key_path = ensure_ca_and_server_cert(data_dir / "pki", "clusterconnect relay CA", hosts)
-    credentials = grpc.ssl_server_credentials([(key_path.read_bytes(), cert_path.read_bytes())])
+    # The chain includes the relay CA: agents find the CA they pinned by hash in it (enrollment.py).
+    chain_pem, relay_ca_pem = agent_enrollment.serving_chain(
+        cert_path, None if args.tls_cert else data_dir / "pki" / "ca.crt")
+    credentials = grpc.ssl_server_credentials([(key_path.read_bytes(), chain_pem)])
 
     store = ClusterStore(data_dir / "relay.db")
     sessions = SessionTable()
@@ -84,7 +91,17 @@ async def serve(args: argparse.Namespace) -> None:
             "Accept": grpc.stream_stream_rpc_method_handler(tunnel.Accept),
         }),
     ))
-    tunnel_pb2_grpc.add_RegistryServicer_to_server(Registry(store, sessions, admin_credential(data_dir)), server)
+    registry = Registry(store, sessions, admin_credential(data_dir))
+    tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)
+    agents = agent_enrollment.AgentEnrollment(args, data_dir, store, relay_ca_pem)
+    agent_port = agents.add_to_server(server, key_path.read_bytes(), chain_pem)
+    tunnel.agent_auth = registry.agent_enrollment = agents
+    ca_file = data_dir / "pki" / "ca.crt"
+    identity = await user_identity.start(
+        args, data_dir, store, cert_path, key_path, None if args.tls_cert else ca_file.read_text(),
+        admin_credential(data_dir), server,
+    )
+    tunnel.authorizer = identity.authorizer
     try:
         port = server.add_secure_port(args.listen, credentials)
     except RuntimeError as exc:
@@ -95,11 +112,14 @@ async def serve(args: argparse.Namespace) -> None:
     service.register_gauge("open_connections", lambda: tunnel.open_connections)
     await server.start()
     host = args.listen.rsplit(":", 1)[0]
-    log.info("serving", address=f"{host}:{port}", data_dir=str(data_dir))
+    log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir))
     try:
         await server.wait_for_termination()
     finally:
         await server.stop(grace=2)
+        await identity.endpoint.close()
+        identity.close()
+        agents.close()
         store.close()
 
 

@@ -17,6 +17,9 @@ log = get_logger(__name__)
 
 
 class Registry(tunnel_pb2_grpc.RegistryServicer):
+    # relay.enrollment.AgentEnrollment: join tokens and agent certificates (set in main.py).
+    agent_enrollment = None
+
     def __init__(self, store: ClusterStore, sessions: SessionTable, admin_credential: str) -> None:
         self.store = store
         self.sessions = sessions
@@ -47,13 +50,16 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
     async def AddCluster(self, request, context):
         await self._require_admin(context)
         try:
-            record, credential = self.store.add(request.name)
+            record = self.store.add(request.name)
         except InvalidName as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AlreadyExists as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         log.info("cluster added", cluster=record.name)
-        return tunnel_pb2.AddClusterResponse(cluster=self._status(record), agent_credential=credential)
+        token, expires, ca_hash = self.agent_enrollment.new_join_token(record.name)
+        return tunnel_pb2.AddClusterResponse(
+            cluster=self._status(record), join_token=token, join_token_expires_unix=expires, relay_ca_hash=ca_hash
+        )
 
     async def ListClusters(self, request, context):
         await self._require_admin(context)
@@ -70,6 +76,7 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
         await self._require_admin(context)
         if not self.store.remove(request.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
+        self.agent_enrollment.revoke(request.name)
         self.sessions.end(request.name, f"cluster removed at {int(time.time())}")
         log.info("cluster removed", cluster=request.name)
         return tunnel_pb2.RemoveClusterResponse()

@@ -60,11 +60,12 @@ class AgentSession:
         self.pending[dial_id] = future
         return dial_id, future
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, drop_connections: bool = True) -> None:
         self.end_reason = reason
         self.ended.set()
-        for accepted in list(self.active):
-            accepted.peer_lost.set()
+        if drop_connections:
+            for accepted in list(self.active):
+                accepted.peer_lost.set()
 
 
 class SessionTable:
@@ -84,7 +85,11 @@ class SessionTable:
     def add(self, session: AgentSession) -> None:
         previous = self._sessions.get(session.cluster)
         if previous is not None:
-            previous.end("replaced by a newer connection of the same agent")
+            # The older control stream ends, but its connections go on: an agent that renewed its
+            # certificate reconnects with the new one and lets the connections of the old channel
+            # finish. Dials the older session was asked for can still be accepted.
+            session.pending = previous.pending
+            previous.end("replaced by a newer connection of the same agent", drop_connections=False)
         self._sessions[session.cluster] = session
 
     def discard(self, session: AgentSession) -> None:

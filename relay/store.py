@@ -1,15 +1,13 @@
 """The relay's cluster registry, in SQLite in the data directory (the embedded default).
 
-Agent credentials are stored as SHA-256 hashes: they are random 256-bit secrets, so a plain hash
-is enough, and a stolen database does not let anyone pose as an agent.
+Agents authenticate with client certificates; join tokens and certificate serials live in
+relay/enrollment.py's tables of the same database. The ``credential_sha256`` column is a leftover
+of bearer agent credentials and stays empty.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -46,10 +44,6 @@ class ClusterRecord:
     kubernetes_version: str
 
 
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def validate_name(name: str) -> None:
     if not CLUSTER_NAME.match(name):
         raise InvalidName(
@@ -66,19 +60,18 @@ class ClusterStore:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, name: str) -> tuple[ClusterRecord, str]:
-        """Register a cluster; returns it and the agent credential (shown once)."""
+    def add(self, name: str) -> ClusterRecord:
+        """Register a cluster (its agent joins with a token from relay/enrollment.py)."""
         validate_name(name)
-        credential = secrets.token_urlsafe(32)
         now = int(time.time())
         try:
             self._db.execute(
-                "INSERT INTO clusters (name, credential_sha256, created_unix) VALUES (?, ?, ?)",
-                (name, _digest(credential), now),
+                "INSERT INTO clusters (name, credential_sha256, created_unix) VALUES (?, '', ?)",
+                (name, now),
             )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"cluster {name} already exists") from None
-        return ClusterRecord(name, now, 0, "", ""), credential
+        return ClusterRecord(name, now, 0, "", "")
 
     def remove(self, name: str) -> bool:
         return self._db.execute("DELETE FROM clusters WHERE name = ?", (name,)).rowcount > 0
@@ -97,14 +90,6 @@ class ClusterStore:
             " FROM clusters ORDER BY name"
         ).fetchall()
         return [ClusterRecord(*row) for row in rows]
-
-    def verify_agent(self, name: str, credential: str) -> bool:
-        row = self._db.execute(
-            "SELECT credential_sha256 FROM clusters WHERE name = ?", (name,)
-        ).fetchone()
-        # Compare against a dummy digest for unknown names so timing does not reveal them.
-        expected = row[0] if row else _digest(secrets.token_hex(16))
-        return hmac.compare_digest(expected, _digest(credential)) and row is not None
 
     def record_seen(self, name: str, seen_unix: int, agent_version: str, kubernetes_version: str) -> None:
         self._db.execute(

@@ -32,6 +32,11 @@ class _PeerLost(Exception):
 class Tunnel:
     """Handlers of ClientTunnel.Dial and AgentTunnel.Connect/Accept (registered in main.py)."""
 
+    # relay.access.DialAuthorizer: the per-cluster access list check (set in main.py).
+    authorizer = None
+    # relay.enrollment.AgentEnrollment: agents' identity from their client certificates (set in main.py).
+    agent_auth = None
+
     def __init__(self, store: ClusterStore, sessions: SessionTable, heartbeat_seconds: int) -> None:
         self.store = store
         self.sessions = sessions
@@ -45,10 +50,17 @@ class Tunnel:
         cluster = metadata_value(metadata, md.CLUSTER)
         if not cluster:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing {md.CLUSTER} metadata")
-        if bearer_from_metadata(metadata) is None:
+        token = bearer_from_metadata(metadata)
+        if token is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
         if self.store.get(cluster) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {cluster} is not registered")
+        if self.authorizer is not None:
+            decision = await self.authorizer.check(cluster, token)
+            if not decision.allowed:
+                log.info("dial refused", cluster=cluster, reason=decision.message,
+                         user=decision.identity.username if decision.identity else None)
+                await context.abort(getattr(grpc.StatusCode, decision.code), decision.message)
         session = self.sessions.get(cluster)
         if session is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_connected(cluster))
@@ -107,16 +119,13 @@ class Tunnel:
     # -- agents ---------------------------------------------------------------------------------
 
     async def _authenticate_agent(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = context.invocation_metadata()
-        cluster = metadata_value(metadata, md.CLUSTER)
-        credential = bearer_from_metadata(metadata)
-        if not cluster or not credential:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "agent credential missing")
-        if not self.store.verify_agent(cluster, credential):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"agent credential not valid for cluster {cluster} (removed, or wrong credential)",
-            )
+        # The agent's client certificate names its cluster (relay/enrollment.py); the claim must match.
+        cluster = metadata_value(context.invocation_metadata(), md.CLUSTER)
+        if not cluster:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing {md.CLUSTER} metadata")
+        if self.agent_auth is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "agent authentication is not configured")
+        await self.agent_auth.authenticate(context, cluster)
         return cluster
 
     async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -128,7 +137,7 @@ class Tunnel:
         if hello.cluster != cluster:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"hello names cluster {hello.cluster!r} but the credential is for {cluster!r}",
+                f"hello names cluster {hello.cluster!r} but the certificate is for {cluster!r}",
             )
         session = AgentSession(cluster, hello.agent_version[:64], hello.kubernetes_version[:64])
         self.sessions.add(session)
@@ -148,7 +157,8 @@ class Tunnel:
             )
         finally:
             self.sessions.discard(session)
-            session.end(session.end_reason or "agent disconnected")
+            if not session.ended.is_set():  # a session replaced by a newer one keeps its connections
+                session.end(session.end_reason or "agent disconnected")
             self.store.record_seen(cluster, int(session.last_seen), session.agent_version,
                                    session.kubernetes_version)
             log.info("agent disconnected", cluster=cluster, reason=session.end_reason)

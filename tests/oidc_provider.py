@@ -36,7 +36,7 @@ HYDRA = ROOT / "tests" / "devcluster" / "bin" / "hydra"
 REDIRECT_URI = "https://127.0.0.1:9/callback"  # never contacted: the code is read from the redirect
 ID_TOKEN_KEY_SET = "hydra.openid.id-token"
 
-__all__ = ["Hydra", "oidc_provider", "build_hydra"]
+__all__ = ["Hydra", "oidc_provider", "oidc_provider_jwt_access_tokens", "build_hydra", "create_machine_client"]
 
 
 def _free_port() -> int:
@@ -234,6 +234,29 @@ class Hydra:
                 "iat": now, "exp": now + 600, "nbf": now - 5}
         base.update(overrides)
         return {k: v for k, v in base.items() if v is not None}
+
+
+def create_machine_client(hydra: Hydra, audience: str) -> tuple[str, str]:
+    """A client for the client credentials grant (CI), allowed to ask for ``audience``; (id, secret)."""
+    secret = secrets.token_urlsafe(24)
+    client = hydra._admin("POST", "/admin/clients", json={
+        "client_name": "clusterconnect-ci", "client_secret": secret, "grant_types": ["client_credentials"],
+        "response_types": ["token"], "audience": [audience], "scope": "",
+        "token_endpoint_auth_method": "client_secret_post",
+    })
+    return client["client_id"], secret
+
+
+@pytest.fixture(scope="session")
+def oidc_provider_jwt_access_tokens(tmp_path_factory) -> Hydra:
+    """A second Hydra whose access tokens are JWTs (strategies.access_token=jwt): client credentials tokens
+    that a relay or auth proxy can verify."""
+    hydra = Hydra(tmp_path_factory.mktemp("hydra-jwt"), extra_env={"STRATEGIES_ACCESS_TOKEN": "jwt"})
+    try:
+        hydra.start()
+        yield hydra
+    finally:
+        hydra.stop()
 
 
 def _query(url: str, name: str) -> str:

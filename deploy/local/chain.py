@@ -114,6 +114,10 @@ class Chain:
     relay_port: int = 0
     authproxy_port: int = 0
     authproxy_args: list[str] = field(default_factory=list)  # e.g. OIDC mode: --authentication-config FILE
+    relay_args: list[str] = field(default_factory=list)  # e.g. --access-token-lifetime 5
+    issuer_port: int = 0  # the relay's built-in issuer (HTTPS discovery + JWKS)
+    agent_port: int = 0  # the relay's agent endpoint (mutual TLS)
+    joins: dict[str, dict] = field(default_factory=dict)  # cluster -> `clusters add --json` output
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +130,10 @@ class Chain:
     @property
     def relay_url(self) -> str:
         return f"https://127.0.0.1:{self.relay_port}"
+
+    @property
+    def issuer_url(self) -> str:
+        return f"https://127.0.0.1:{self.issuer_port}"
 
     @property
     def relay_ca(self) -> Path:
@@ -151,11 +159,17 @@ class Chain:
     def start_relay(self) -> Process:
         if not self.relay_port:
             self.relay_port = free_port()
+        if not self.issuer_port:
+            self.issuer_port = free_port()
+        if not self.agent_port:
+            self.agent_port = free_port()
         log = self.state_dir / "logs" / "relay.log"
         offset = log.stat().st_size if log.exists() else 0
         process = self.spawn("relay", [
             script("clusterconnect-relay"), "serve", "--data-dir", str(self.relay_data),
             "--listen", f"127.0.0.1:{self.relay_port}", "--log-level", self.log_level,
+            "--issuer-listen", f"127.0.0.1:{self.issuer_port}", "--agent-listen", f"127.0.0.1:{self.agent_port}",
+            *self.relay_args,
         ])
         wait_until(lambda: _logged_since(log, offset, "serving"), 20, "relay to serve", process)
         return process
@@ -167,11 +181,22 @@ class Chain:
             capture_output=True, text=True, timeout=30, check=check,
         )
 
-    def add_cluster(self, name: str | None = None) -> Path:
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`clusterconnect GROUP ACTION ...` with the admin flags (users, keys, clusters grant ...)."""
+        return subprocess.run(
+            [script("clusterconnect"), *args, "--relay", self.relay_url,
+             "--relay-ca", str(self.relay_ca), "--admin-credential", str(self.admin_credential)],
+            capture_output=True, text=True, timeout=30, check=check,
+        )
+
+    def add_cluster(self, name: str | None = None) -> dict:
+        """Register a cluster; returns its one-time join token, the relay CA hash and the agent command."""
         name = name or self.cluster
-        credential = self.state_dir / f"{name}.credential"
-        self.admin("add", name, "--credential-out", str(credential))
-        return credential
+        self.joins[name] = json.loads(self.admin("add", name, "--json").stdout)
+        return self.joins[name]
+
+    def agent_state(self, cluster: str | None = None) -> Path:
+        return self.state_dir / f"agent-{cluster or self.cluster}"
 
     def start_authproxy(self) -> Process:
         if not self.authproxy_port:
@@ -183,28 +208,41 @@ class Chain:
         wait_until(lambda: port_open(self.authproxy_port), 30, "auth proxy to listen", process)
         return process
 
-    def start_agent(self, credential: Path | None = None, name: str = "agent") -> Process:
-        credential = credential or self.state_dir / f"{self.cluster}.credential"
+    def start_agent(self, name: str = "agent", cluster: str | None = None, state_dir: Path | None = None,
+                    wait: bool = True) -> Process:
+        """Start an agent the way `clusters add` prints it: join token + pinned CA hash, state in
+        STATE_DIR/agent-CLUSTER (it joins on the first start and uses its certificate afterwards)."""
+        cluster = cluster or self.cluster
+        join = self.joins.get(cluster) or self.joins.get(self.cluster) or {}
         log = self.state_dir / "logs" / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
         process = self.spawn(name, [
-            script("clusterconnect-agent"), "--relay", self.relay_url, "--cluster", self.cluster,
-            "--credential", str(credential), "--relay-ca", str(self.relay_ca),
+            script("clusterconnect-agent"), "--relay", self.relay_url, "--cluster", cluster,
+            "--state-dir", str(state_dir or self.agent_state(cluster)),
             "--authproxy", f"127.0.0.1:{self.authproxy_port}", "--log-level", self.log_level,
-        ])
-        wait_until(lambda: _logged_since(log, offset, "connected to relay"), 20, "agent to connect", process)
+        ], env={"CLUSTERCONNECT_JOIN_TOKEN": join.get("join_token", ""),
+                "CLUSTERCONNECT_RELAY_CA_HASH": join.get("relay_ca_hash", "")})
+        if wait:
+            wait_until(lambda: _logged_since(log, offset, "connected to relay"), 20, "agent to connect", process)
         return process
 
-    def start_proxy(self, token_file: Path, kubeconfig: Path, port: int = 0, name: str = "proxy",
-                    cluster: str | None = None) -> tuple[Process, str]:
-        """Start `clusterconnect proxy`; returns the process and its `ready` line."""
+    def start_proxy(self, token_file: Path | None, kubeconfig: Path, port: int = 0, name: str = "proxy",
+                    cluster: str | None = None, login: str | None = None,
+                    state_dir: Path | None = None) -> tuple[Process, str]:
+        """Start `clusterconnect proxy`; returns the process and its `ready` line.
+
+        ``token_file`` None: the proxy uses a login (``login``, else the one of this relay) from
+        ``state_dir`` (default STATE_DIR/proxy-state), and the kubeconfig runs `clusterconnect token`.
+        """
         out = self.state_dir / "logs" / f"{name}.out"
         handle = open(out, "wb")
+        credential = ["--token-file", str(token_file)] if token_file is not None else \
+            (["--login", login] if login else [])
         process = self.spawn(name, [
             script("clusterconnect"), "proxy", cluster or self.cluster, "--relay", self.relay_url,
-            "--relay-ca", str(self.relay_ca), "--token-file", str(token_file),
+            "--relay-ca", str(self.relay_ca), *credential,
             "--port", str(port), "--kubeconfig-out", str(kubeconfig),
-            "--state-dir", str(self.state_dir / "proxy-state"),
+            "--state-dir", str(state_dir or self.state_dir / "proxy-state"),
         ], stdout=handle.fileno())
         handle.close()
         ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", process)

@@ -103,12 +103,16 @@ class AddClusterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class AddClusterResponse(_message.Message):
-    __slots__ = ("cluster", "agent_credential")
+    __slots__ = ("cluster", "join_token", "join_token_expires_unix", "relay_ca_hash")
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
-    AGENT_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RELAY_CA_HASH_FIELD_NUMBER: _ClassVar[int]
     cluster: Cluster
-    agent_credential: str
-    def __init__(self, cluster: _Optional[_Union[Cluster, _Mapping]] = ..., agent_credential: _Optional[str] = ...) -> None: ...
+    join_token: str
+    join_token_expires_unix: int
+    relay_ca_hash: str
+    def __init__(self, cluster: _Optional[_Union[Cluster, _Mapping]] = ..., join_token: _Optional[str] = ..., join_token_expires_unix: _Optional[int] = ..., relay_ca_hash: _Optional[str] = ...) -> None: ...
 
 class ListClustersRequest(_message.Message):
     __slots__ = ()

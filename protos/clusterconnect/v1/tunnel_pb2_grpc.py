@@ -125,9 +125,9 @@ class ClientTunnel:
 
 
 class AgentTunnelStub:
-    """Served by the relay for agents. Request metadata on both RPCs:
-    x-clusterconnect-cluster: the agent's cluster
-    authorization: "Bearer <agent credential>"
+    """Served by the relay for agents, on its agent port (mutual TLS): the agent's identity is the cluster
+    named by its client certificate (see enrollment.proto). Request metadata on both RPCs:
+    x-clusterconnect-cluster: the agent's cluster; must be the certificate's cluster
     Accept additionally carries x-clusterconnect-dial-id.
     """
 
@@ -150,9 +150,9 @@ class AgentTunnelStub:
 
 
 class AgentTunnelServicer:
-    """Served by the relay for agents. Request metadata on both RPCs:
-    x-clusterconnect-cluster: the agent's cluster
-    authorization: "Bearer <agent credential>"
+    """Served by the relay for agents, on its agent port (mutual TLS): the agent's identity is the cluster
+    named by its client certificate (see enrollment.proto). Request metadata on both RPCs:
+    x-clusterconnect-cluster: the agent's cluster; must be the certificate's cluster
     Accept additionally carries x-clusterconnect-dial-id.
     """
 
@@ -193,9 +193,9 @@ def add_AgentTunnelServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentTunnel:
-    """Served by the relay for agents. Request metadata on both RPCs:
-    x-clusterconnect-cluster: the agent's cluster
-    authorization: "Bearer <agent credential>"
+    """Served by the relay for agents, on its agent port (mutual TLS): the agent's identity is the cluster
+    named by its client certificate (see enrollment.proto). Request metadata on both RPCs:
+    x-clusterconnect-cluster: the agent's cluster; must be the certificate's cluster
     Accept additionally carries x-clusterconnect-dial-id.
     """
 
@@ -433,7 +433,7 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveCluster(self, request, context):
-        """Disconnects the cluster's agent and invalidates its credential.
+        """Disconnects the cluster's agent and revokes its certificate and any unused join token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

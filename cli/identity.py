@@ -1,0 +1,249 @@
+"""`clusterconnect login`, `token`, `users`, `keys` and `clusters grant|revoke|access` (user identity)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import getpass
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from clusterconnect import cliargs
+from clusterconnect.clientproxy import tokens
+from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
+from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
+
+COMMANDS = ("login", "token", "users", "keys")
+CLUSTER_ACTIONS = ("grant", "revoke", "access")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def add_parsers(commands, cluster_actions, relay_flags, admin_flags, state_dir: Path) -> None:
+    login = commands.add_parser("login", help="log in: at the relay (--code), an OIDC issuer, or via a command")
+    how = login.add_mutually_exclusive_group(required=True)
+    how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay)")
+    how.add_argument("--issuer", help="external OIDC issuer URL (device authorization grant, or client"
+                                      " credentials with --client-secret)")
+    how.add_argument("--token-command", help="command printing a token (e.g. 'az account get-access-token"
+                                             " --resource ... -o json')")
+    login.add_argument("--relay", help="relay URL (with --code)")
+    login.add_argument("--relay-ca", type=Path, help="CA bundle of the relay's certificate")
+    login.add_argument("--client-id", help="OAuth client id at --issuer")
+    login.add_argument("--client-secret", help="client secret: use the client credentials grant (CI)")
+    login.add_argument("--issuer-ca", type=Path, help="CA bundle of the issuer's certificate")
+    login.add_argument("--scope", help="scopes to ask for (default: 'openid offline_access' for people)")
+    login.add_argument("--audience", help="audience to ask for (client credentials)")
+    login.add_argument("--name", help="name of this login (default: derived from the relay or issuer)")
+    cliargs.add_flag(login, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
+
+    token = commands.add_parser("token", help="print an ExecCredential with a fresh token (kubectl exec plugin)")
+    token.add_argument("--cluster", help="cluster the token is for (informational)")
+    token.add_argument("--login", help="login name (default: the only one)")
+    cliargs.add_flag(token, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
+
+    users = commands.add_parser("users", help="users of the relay's built-in issuer (admin)")
+    actions = users.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create a user and print a one-time login code")
+    add.add_argument("name")
+    add.add_argument("--group", action="append", default=[], help="group of the user (repeatable)")
+    admin_flags(add)
+    code = actions.add_parser("code", help="a new one-time login code for an existing user")
+    code.add_argument("name")
+    admin_flags(code)
+    listing = actions.add_parser("list", help="table of users")
+    admin_flags(listing)
+    remove = actions.add_parser("remove", help="remove a user; their credentials stop working at once")
+    remove.add_argument("name")
+    admin_flags(remove)
+
+    keys = commands.add_parser("keys", help="the built-in issuer's signing keys (admin)")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    admin_flags(key_actions.add_parser("rotate", help="sign with the next key; the old one stays published"
+                                                      " until its tokens expired"))
+
+    for action, text in (("grant", "let a user or group reach a cluster"),
+                         ("revoke", "take that back")):
+        parser = cluster_actions.add_parser(action, help=text)
+        parser.add_argument("name", help="cluster")
+        who = parser.add_mutually_exclusive_group(required=True)
+        who.add_argument("--user")
+        who.add_argument("--group")
+        admin_flags(parser)
+    access = cluster_actions.add_parser("access", help="a cluster's access list")
+    access.add_argument("name", help="cluster")
+    admin_flags(access)
+
+
+def handles(args: argparse.Namespace) -> bool:
+    return args.command in COMMANDS or (args.command == "clusters" and args.action in CLUSTER_ACTIONS)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "login":
+        login_command(args)
+    elif args.command == "token":
+        token_command(args)
+    else:
+        admin_command(args)
+
+
+# ---- user side ------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}")
+        raise
+
+
+def login_command(args: argparse.Namespace) -> None:
+    device = f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        if args.code:
+            if not args.relay:
+                fail("--code needs --relay URL")
+            data = tokens.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
+            name = args.name or tokens.relay_profile(args.relay)
+            who = f"{data['username']} at relay {args.relay}"
+        elif args.issuer:
+            if not args.client_id:
+                fail("--issuer needs --client-id")
+            ca = _read_text(args.issuer_ca, "issuer CA")
+            name = args.name or tokens.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
+            if args.client_secret:
+                data = tokens.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
+                                                       args.scope or "", args.audience)
+            else:
+                def show(uri: str, code: str) -> None:
+                    print(f"To log in, open {uri} and enter the code {code}", flush=True)
+                data = tokens.device_login(args.issuer, ca, args.client_id, None,
+                                           args.scope or "openid offline_access", show)
+            who = f"client {args.client_id} at {args.issuer}"
+        else:
+            data = {"kind": "command", "command": args.token_command}
+            name = args.name or "command"
+            tokens.save(args.state_dir, name, data)
+            tokens.get_token(args.state_dir, name)  # proves the command works
+            who = f"command {args.token_command.split()[0]}"
+        path = tokens.save(args.state_dir, name, data)
+    except tokens.LoginError as exc:
+        fail(str(exc))
+    print(f"logged in as {who}; login {name} saved in {path} (mode 600)")
+    print(f"use it with: clusterconnect proxy CLUSTER --relay URL --login {name}")
+
+
+def _resolve_login(args: argparse.Namespace) -> str:
+    if args.login:
+        return args.login
+    logins = tokens.list_logins(args.state_dir)
+    if len(logins) == 1:
+        return logins[0]
+    if not logins:
+        fail("not logged in: run `clusterconnect login` first")
+    fail(f"several logins ({', '.join(logins)}): choose one with --login")
+    raise AssertionError
+
+
+def token_command(args: argparse.Namespace) -> None:
+    try:
+        token, expires = tokens.get_token(args.state_dir, _resolve_login(args))
+    except tokens.LoginError as exc:
+        where = f" for cluster {args.cluster}" if args.cluster else ""
+        fail(f"no token{where}: {exc}")
+        raise
+    # kubectl uses a credential until expirationTimestamp: end it a little early, so a request never
+    # arrives with a token that expired on the way.
+    early = min(30.0, max(0.0, (expires - time.time()) / 5))
+    stamp = datetime.datetime.fromtimestamp(expires - early, datetime.timezone.utc)
+    print(json.dumps({
+        "apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+        "status": {"token": token, "expirationTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ")},
+    }))
+
+
+def token_command_argv(cluster: str, login: str, state_dir: Path) -> list[str]:
+    """argv of `clusterconnect token` for the kubeconfig's exec plugin."""
+    program = os.path.abspath(sys.argv[0]) if Path(sys.argv[0]).name.startswith("clusterconnect") else "clusterconnect"
+    return [program, "token", "--cluster", cluster, "--login", login, "--state-dir", str(state_dir.resolve())]
+
+
+def default_login(relay: str, state_dir: Path) -> str | None:
+    name = tokens.relay_profile(relay)
+    return name if name in tokens.list_logins(state_dir) else None
+
+
+# ---- admin side -----------------------------------------------------------------------------------
+
+
+async def _call(args: argparse.Namespace, method: str, request):
+    ca = args.relay_ca.read_bytes() if args.relay_ca else None
+    admin = args.admin_credential.read_text().strip()
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+    async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
+        stub = identity_pb2_grpc.AccessAdminStub(channel)
+        return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
+
+
+def _entry(args: argparse.Namespace) -> identity_pb2.AccessEntry:
+    return identity_pb2.AccessEntry(user=args.user) if args.user else identity_pb2.AccessEntry(group=args.group)
+
+
+def admin_command(args: argparse.Namespace) -> None:
+    requests = {
+        ("users", "add"): ("AddUser", lambda: identity_pb2.AddUserRequest(name=args.name, groups=args.group)),
+        ("users", "code"): ("NewLoginCode", lambda: identity_pb2.NewLoginCodeRequest(name=args.name)),
+        ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest),
+        ("users", "remove"): ("RemoveUser", lambda: identity_pb2.RemoveUserRequest(name=args.name)),
+        ("keys", "rotate"): ("RotateSigningKey", identity_pb2.RotateSigningKeyRequest),
+        ("clusters", "grant"): ("Grant", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args))),
+        ("clusters", "revoke"): ("Revoke", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args))),
+        ("clusters", "access"): ("GetAccess", lambda: identity_pb2.GetAccessRequest(cluster=args.name)),
+    }
+    method, build = requests[(args.command, args.action)]
+    try:
+        reply = asyncio.run(_call(args, method, build()))
+    except grpc.aio.AioRpcError as exc:
+        fail(exc.details() or exc.code().name)
+    except (OSError, ValueError) as exc:
+        fail(str(exc))
+    if method in ("AddUser", "NewLoginCode"):
+        ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
+        groups = ", ".join(reply.user.groups) or "none"
+        print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
+              f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC):")
+        print(reply.login_code)
+        print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
+    elif method == "ListUsers":
+        table = Table("NAME", "GROUPS", "LOGINS", box=None, header_style="bold")
+        for user in reply.users:
+            table.add_row(user.name, ",".join(user.groups) or "-", str(user.credentials))
+        Console(width=120).print(table)
+    elif method == "RemoveUser":
+        print(f"user {args.name} removed; their logins no longer work")
+    elif method == "RotateSigningKey":
+        print(f"signing with key {reply.kid}; published keys: {', '.join(reply.published_kids)}")
+    else:
+        entries = [f"user:{e.user}" if e.WhichOneof("subject") == "user" else f"group:{e.group}"
+                   for e in reply.entries]
+        if entries:
+            print(f"cluster {reply.cluster} access list: {' '.join(entries)}")
+        else:
+            print(f"cluster {reply.cluster} access list is empty: any bearer token may dial it (passthrough;"
+                  " the cluster authenticates)")

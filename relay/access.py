@@ -1,0 +1,127 @@
+"""Who may reach which cluster: per-cluster access lists, checked when a client Dials.
+
+The rule (docs/identity.md):
+
+- A cluster with an **empty** access list is a *passthrough* cluster: a Dial needs a bearer token,
+  which the relay does not interpret; the cluster's auth proxy and apiserver authenticate every
+  request. This is how ServiceAccount tokens reach a cluster.
+- A cluster with a **non-empty** access list admits only a caller whose token the relay verifies
+  (``clusterconnect.oidc.Verifier``, the auth proxy's code: the built-in issuer plus any issuer of
+  ``--authentication-config``) and whose mapped user name, or one of whose groups, is on the list.
+  Anyone else is refused with PERMISSION_DENIED (an invalid token of a trusted issuer with
+  UNAUTHENTICATED) before anything is sent toward the cluster.
+- A built-in user removed with ``users remove`` is refused at once, even with an unexpired token.
+
+Grants are stored with the cluster's ``created_unix``, so the grants of a removed cluster do not
+apply to a new cluster registered later under the same name.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
+from clusterconnect.relay.store import ClusterStore
+from clusterconnect.relay.users import UserStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cluster_access (
+    cluster TEXT NOT NULL,
+    cluster_created_unix INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('user', 'group')),
+    name TEXT NOT NULL,
+    PRIMARY KEY (cluster, cluster_created_unix, kind, name)
+);
+"""
+
+
+class AccessError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "user" or "group"
+    name: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    code: str = ""  # "UNAUTHENTICATED" or "PERMISSION_DENIED" when refused
+    message: str = ""
+    identity: Identity | None = None
+
+
+class AccessStore:
+    def __init__(self, path: Path, clusters: ClusterStore) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self.clusters = clusters
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _generation(self, cluster: str) -> int:
+        record = self.clusters.get(cluster)
+        if record is None:
+            raise AccessError(f"cluster {cluster} is not registered")
+        return record.created_unix
+
+    def grant(self, cluster: str, entry: Entry) -> list[Entry]:
+        if entry.kind not in ("user", "group") or not entry.name or len(entry.name) > 256:
+            raise AccessError("grant a --user NAME or a --group NAME")
+        generation = self._generation(cluster)
+        self._db.execute("INSERT OR IGNORE INTO cluster_access VALUES (?, ?, ?, ?)",
+                         (cluster, generation, entry.kind, entry.name))
+        return self.entries(cluster)
+
+    def revoke(self, cluster: str, entry: Entry) -> list[Entry]:
+        generation = self._generation(cluster)
+        self._db.execute("DELETE FROM cluster_access WHERE cluster = ? AND cluster_created_unix = ? AND kind = ?"
+                         " AND name = ?", (cluster, generation, entry.kind, entry.name))
+        return self.entries(cluster)
+
+    def entries(self, cluster: str) -> list[Entry]:
+        record = self.clusters.get(cluster)
+        if record is None:
+            return []
+        rows = self._db.execute(
+            "SELECT kind, name FROM cluster_access WHERE cluster = ? AND cluster_created_unix = ?"
+            " ORDER BY kind DESC, name", (cluster, record.created_unix)).fetchall()
+        return [Entry(kind, name) for kind, name in rows]
+
+
+class DialAuthorizer:
+    """Decides whether a Dial with ``token`` may reach ``cluster`` (see the module doc)."""
+
+    def __init__(self, access: AccessStore, verifier: Verifier, users: UserStore, builtin_issuer: str) -> None:
+        self.access = access
+        self.verifier = verifier
+        self.users = users
+        self.builtin_issuer = builtin_issuer
+
+    async def check(self, cluster: str, token: str) -> Decision:
+        entries = self.access.entries(cluster)
+        if not entries:
+            return Decision(True)  # passthrough cluster: the cluster authenticates
+        try:
+            identity = await self.verifier.verify(token)
+        except (UnknownIssuer, NotAJWT):
+            return Decision(False, "PERMISSION_DENIED",
+                            f"cluster {cluster} admits only users on its access list, and the relay does not "
+                            "know this token's issuer (log in with `clusterconnect login`)")
+        except TokenError as exc:
+            return Decision(False, "UNAUTHENTICATED", f"the relay refused the token: {exc}")
+        if identity.issuer == self.builtin_issuer and self.users.get(identity.uid or identity.username) is None:
+            return Decision(False, "PERMISSION_DENIED", f"user {identity.username} was removed from the relay")
+        users = {e.name for e in entries if e.kind == "user"}
+        groups = {e.name for e in entries if e.kind == "group"}
+        if identity.username in users or groups.intersection(identity.groups):
+            return Decision(True, identity=identity)
+        return Decision(False, "PERMISSION_DENIED",
+                        f'user "{identity.username}" may not reach cluster {cluster} (not on its access list at '
+                        "the relay; an admin can run `clusterconnect clusters grant`)", identity)

@@ -1,0 +1,307 @@
+"""Agent enrollment at the relay: join tokens, agent certificates, and who an agent is.
+
+State lives in two tables of relay.db (next to the cluster registry):
+- ``agent_join_tokens``: SHA-256 of each one-time join token, its cluster, expiry and when it was used.
+  Tokens are 256-bit random secrets, so a plain hash is enough.
+- ``agent_certificates``: per cluster, the serial of the current certificate and of the one that
+  renewed into it, with their expiry. These are the only certificates of the cluster the relay
+  accepts: an agent keeps using the previous one on connections opened before a renewal. Removing
+  the cluster deletes the row, so both stop working at once, even though they are still within
+  their validity.
+
+``AgentAuthenticator`` turns the client certificate of a call (the relay's agent port requires one,
+and the TLS handshake already verified it against the agent CA) into a cluster name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from clusterconnect.logs import get_logger
+from clusterconnect.pki import KeyPair
+from clusterconnect.relay import agent_pki
+from clusterconnect.relay.agent_pki import AgentIdentity, CsrInvalid, CsrRefused
+from clusterconnect.relay.store import ClusterStore
+from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+log = get_logger(__name__)
+
+JOIN_TOKEN_LIFETIME = 24 * 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agent_join_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    expires_unix INTEGER NOT NULL,
+    used_unix INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS agent_certificates (
+    cluster TEXT PRIMARY KEY,
+    current_serial TEXT NOT NULL,
+    current_not_after_unix INTEGER NOT NULL,
+    previous_serial TEXT NOT NULL DEFAULT '',
+    previous_not_after_unix INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class EnrollmentStore:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create_join_token(self, cluster: str, lifetime: int = JOIN_TOKEN_LIFETIME) -> tuple[str, int]:
+        """A new one-time token for ``cluster`` (shown once). Certificates of an earlier cluster of the
+        same name are forgotten."""
+        token = secrets.token_urlsafe(32)
+        expires = int(time.time()) + lifetime
+        self.revoke(cluster)
+        self._db.execute(
+            "INSERT INTO agent_join_tokens (token_sha256, cluster, expires_unix) VALUES (?, ?, ?)",
+            (_digest(token), cluster, expires),
+        )
+        return token, expires
+
+    def consume_join_token(self, cluster: str, token: str) -> bool:
+        """True exactly once per valid token: marking it used is one atomic UPDATE."""
+        now = int(time.time())
+        return self._db.execute(
+            "UPDATE agent_join_tokens SET used_unix = ?"
+            " WHERE token_sha256 = ? AND cluster = ? AND used_unix = 0 AND expires_unix > ?",
+            (now, _digest(token), cluster, now),
+        ).rowcount == 1
+
+    def record_certificate(self, cluster: str, serial: int, not_after_unix: int,
+                           previous: AgentIdentity | None = None) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO agent_certificates"
+            " (cluster, current_serial, current_not_after_unix, previous_serial, previous_not_after_unix)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (cluster, format(serial, "x"), not_after_unix,
+             format(previous.serial, "x") if previous else "", previous.not_after_unix if previous else 0),
+        )
+
+    def accepts(self, identity: AgentIdentity, now: float | None = None) -> bool:
+        """Is this the cluster's current certificate, or the one it renewed from, and not expired?"""
+        now = time.time() if now is None else now
+        if identity.not_after_unix <= now:
+            return False
+        row = self._db.execute(
+            "SELECT current_serial, previous_serial FROM agent_certificates WHERE cluster = ?",
+            (identity.cluster,),
+        ).fetchone()
+        return row is not None and format(identity.serial, "x") in row
+
+    def revoke(self, cluster: str) -> None:
+        """Forget the cluster's certificates and unused tokens (cluster removed or re-added)."""
+        self._db.execute("DELETE FROM agent_certificates WHERE cluster = ?", (cluster,))
+        self._db.execute("DELETE FROM agent_join_tokens WHERE cluster = ?", (cluster,))
+        self._db.execute("DELETE FROM agent_join_tokens WHERE expires_unix < ?", (int(time.time()) - 86400,))
+
+
+class AgentAuthenticator:
+    """The cluster of the agent making a call, from its verified client certificate."""
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, enrollment: EnrollmentStore, clusters: ClusterStore) -> None:
+        self.enrollment = enrollment
+        self.clusters = clusters
+        # Parsing a certificate per Accept stream is avoidable work: cache by the PEM grpc hands us.
+        self._cache: dict[bytes, AgentIdentity | None] = {}
+
+    def identify(self, context: grpc.aio.ServicerContext) -> AgentIdentity | None:
+        pems = context.auth_context().get("x509_pem_cert") or []
+        if len(pems) != 1:
+            return None
+        pem = pems[0]
+        if pem not in self._cache:
+            if len(self._cache) >= self._CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[pem] = agent_pki.identity_of(pem)
+        return self._cache[pem]
+
+    async def authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> AgentIdentity:
+        """The caller's identity; aborts the call unless it is an accepted certificate of ``claimed``."""
+        identity = self.identify(context)
+        if identity is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "agent certificate missing: agents connect to the relay's agent port with the certificate"
+                " they obtained by joining",
+            )
+        if claimed is not None and claimed != identity.cluster:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the agent certificate is for cluster {identity.cluster!r}, not {claimed!r}",
+            )
+        if self.clusters.get(identity.cluster) is None or not self.enrollment.accepts(identity):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent certificate of cluster {identity.cluster} is no longer valid"
+                " (cluster removed, certificate replaced or expired)",
+            )
+        return identity
+
+
+class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
+    def __init__(self, enrollment: EnrollmentStore, clusters: ClusterStore, authenticator: AgentAuthenticator,
+                 agent_ca: KeyPair, relay_ca_pem: bytes, relay_ca_hash: str, agent_port: int,
+                 lifetime_seconds: int) -> None:
+        self.enrollment = enrollment
+        self.clusters = clusters
+        self.authenticator = authenticator
+        self.agent_ca = agent_ca
+        self.relay_ca_pem = relay_ca_pem
+        self.relay_ca_hash = relay_ca_hash
+        self.agent_port = agent_port
+        self.lifetime = datetime.timedelta(seconds=lifetime_seconds)
+
+    async def GetCA(self, request, context):
+        return enrollment_pb2.GetCAResponse(
+            ca_pem=self.relay_ca_pem.decode(), ca_hash=self.relay_ca_hash, agent_port=self.agent_port
+        )
+
+    async def _checked_csr(self, context, csr_pem: bytes, cluster: str):
+        try:
+            return agent_pki.validate_csr(csr_pem, cluster)
+        except CsrRefused as exc:
+            log.warning("agent CSR refused", cluster=cluster, reason=str(exc))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"CSR refused: {exc}")
+        except CsrInvalid as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _issue(self, csr, cluster: str, previous: AgentIdentity | None) -> enrollment_pb2.AgentCertificate:
+        cert = agent_pki.issue(self.agent_ca, csr, cluster, self.lifetime)
+        not_after = int(cert.not_valid_after_utc.timestamp())
+        self.enrollment.record_certificate(cluster, cert.serial_number, not_after, previous)
+        log.info("agent certificate issued", cluster=cluster, serial=format(cert.serial_number, "x"),
+                 not_after_unix=not_after, renewal=previous is not None)
+        return enrollment_pb2.AgentCertificate(
+            certificate_pem=cert.public_bytes(Encoding.PEM) + self.agent_ca.cert_pem, not_after_unix=not_after
+        )
+
+    async def Join(self, request, context):
+        cluster = request.cluster
+        csr = await self._checked_csr(context, request.csr_pem, cluster)
+        if self.clusters.get(cluster) is None or not self.enrollment.consume_join_token(cluster, request.join_token):
+            log.warning("agent join refused", cluster=cluster, peer=context.peer())
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"join token not valid for cluster {cluster!r} (unknown, already used or expired):"
+                " get a new one from `clusterconnect clusters add`",
+            )
+        certificate = self._issue(csr, cluster, None)
+        log.info("agent joined", cluster=cluster, peer=context.peer())
+        return enrollment_pb2.JoinResponse(certificate=certificate, agent_port=self.agent_port)
+
+    async def Renew(self, request, context):
+        identity = await self.authenticator.authenticate(context, None)
+        csr = await self._checked_csr(context, request.csr_pem, identity.cluster)
+        return enrollment_pb2.RenewResponse(certificate=self._issue(csr, identity.cluster, identity))
+
+
+# -- wiring (called from relay/main.py) ---------------------------------------------------------
+
+
+def add_flags(parser) -> None:
+    from clusterconnect import cliargs
+
+    cliargs.add_flag(parser, "--agent-listen", default="0.0.0.0:8444",
+                     help="HOST:PORT of the agent endpoint: mutual TLS, only agent certificates of this relay")
+    cliargs.add_flag(parser, "--agent-advertise-port", type=int, default=0,
+                     help="agent port as agents reach it, if a balancer maps it (default: the listening port)")
+    cliargs.add_flag(parser, "--agent-cert-lifetime", type=int, default=24 * 3600,
+                     help="seconds an agent certificate is valid; agents renew at two thirds of it")
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    return [part[part.index(begin):] + end + b"\n" for part in data.split(end)[:-1] if begin in part]
+
+
+def serving_chain(cert_path: Path, ca_path: Path | None) -> tuple[bytes, bytes]:
+    """The chain the relay presents (its certificate, then its CA) and the CA agents pin.
+
+    Agents discover the CA from the handshake (they pin its hash), so it must be in the chain.
+    With an operator's --tls-cert, the file must hold the chain up to the CA whose hash is pinned;
+    the last certificate of the file is that CA.
+    """
+    chain = cert_path.read_bytes()
+    blocks = _pem_blocks(chain)
+    if ca_path is not None:
+        ca = ca_path.read_bytes()
+        if ca.strip() not in [b.strip() for b in blocks]:
+            chain = chain.rstrip(b"\n") + b"\n" + ca
+        return chain, ca
+    return chain, blocks[-1] if blocks else b""
+
+
+class AgentEnrollment:
+    """Everything agent identity adds to the relay process."""
+
+    def __init__(self, args, data_dir: Path, clusters: ClusterStore, relay_ca_pem: bytes) -> None:
+        from clusterconnect.pki import ca_hash
+
+        self.args = args
+        self.store = EnrollmentStore(data_dir / "relay.db")
+        self.agent_ca = agent_pki.ensure_agent_ca(data_dir / "pki")
+        self.authenticator = AgentAuthenticator(self.store, clusters)
+        self.clusters = clusters
+        self.relay_ca_pem = relay_ca_pem
+        try:
+            self.relay_ca_hash = ca_hash(relay_ca_pem) if relay_ca_pem else ""
+        except ValueError:
+            self.relay_ca_hash = ""
+        self.agent_port = 0
+
+    def new_join_token(self, cluster: str) -> tuple[str, int, str]:
+        token, expires = self.store.create_join_token(cluster)
+        return token, expires, self.relay_ca_hash
+
+    def revoke(self, cluster: str) -> None:
+        self.store.revoke(cluster)
+
+    async def authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> AgentIdentity:
+        return await self.authenticator.authenticate(context, claimed)
+
+    def add_to_server(self, server: grpc.aio.Server, key_pem: bytes, chain_pem: bytes) -> int:
+        """Register Enrollment and bind the agent port (mutual TLS, agent CA only); returns that port."""
+        credentials = grpc.ssl_server_credentials(
+            [(key_pem, chain_pem)], root_certificates=self.agent_ca.cert_pem, require_client_auth=True
+        )
+        try:
+            port = server.add_secure_port(self.args.agent_listen, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            from clusterconnect.service import StartupError
+
+            raise StartupError(f"cannot listen on {self.args.agent_listen} (--agent-listen): address in use or not available")
+        self.agent_port = self.args.agent_advertise_port or port
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+            Enrollment(self.store, self.clusters, self.authenticator, self.agent_ca, self.relay_ca_pem,
+                       self.relay_ca_hash, self.agent_port, self.args.agent_cert_lifetime),
+            server,
+        )
+        log.info("agent endpoint", port=port, agent_cert_lifetime=self.args.agent_cert_lifetime)
+        return port
+
+    def close(self) -> None:
+        self.store.close()

@@ -1,0 +1,135 @@
+"""gRPC services of identity.proto: IdentityProvider (users log in, get tokens) and AccessAdmin (admin)."""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+from clusterconnect.grpc_options import bearer_from_metadata
+from clusterconnect.logs import get_logger
+from clusterconnect.relay.access import AccessError, AccessStore, Entry
+from clusterconnect.relay.issuer import Issuer
+from clusterconnect.relay.users import NoSuchUser, UserError, UserExists, UserRecord, UserStore
+from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
+
+log = get_logger(__name__)
+
+
+def _user(record: UserRecord) -> identity_pb2.User:
+    return identity_pb2.User(name=record.name, groups=list(record.groups), created_unix=record.created_unix,
+                             credentials=record.credentials)
+
+
+class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
+    def __init__(self, users: UserStore, issuer: Issuer) -> None:
+        self.users = users
+        self.issuer = issuer
+
+    async def Login(self, request, context):
+        try:
+            user, credential = self.users.redeem_code(request.code.strip(), request.device)
+        except UserError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        log.info("user logged in", user=user.name, device=request.device[:128])
+        return identity_pb2.LoginResponse(refresh_credential=credential, username=user.name,
+                                          issuer=self.issuer.url, audience=self.issuer.audience)
+
+    async def IssueToken(self, request, context):
+        credential = bearer_from_metadata(context.invocation_metadata())
+        if credential is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential missing")
+        user = self.users.user_of_credential(credential)
+        if user is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "refresh credential is not valid (user removed or never logged in); "
+                                "log in again with `clusterconnect login --code`")
+        token, expires = self.issuer.mint(user.name, user.groups)
+        log.info("access token issued", user=user.name, expires_unix=expires)
+        return identity_pb2.IssueTokenResponse(access_token=token, expires_unix=expires)
+
+
+class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
+    def __init__(self, users: UserStore, access: AccessStore, issuer: Issuer, admin_credential: str) -> None:
+        self.users = users
+        self.access = access
+        self.issuer = issuer
+        self._admin = admin_credential
+
+    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        token = bearer_from_metadata(context.invocation_metadata())
+        if token is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin credential missing")
+        if not hmac.compare_digest(token.encode(), self._admin.encode()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an admin credential")
+
+    async def AddUser(self, request, context):
+        await self._require_admin(context)
+        try:
+            record, code, expires = self.users.add(request.name, list(request.groups))
+        except UserExists as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except UserError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("user added", user=record.name, groups=list(record.groups))
+        return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
+
+    async def NewLoginCode(self, request, context):
+        await self._require_admin(context)
+        try:
+            code, expires = self.users.new_code(request.name)
+        except NoSuchUser as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        record = self.users.get(request.name)
+        return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
+
+    async def ListUsers(self, request, context):
+        await self._require_admin(context)
+        return identity_pb2.ListUsersResponse(users=[_user(r) for r in self.users.list()])
+
+    async def RemoveUser(self, request, context):
+        await self._require_admin(context)
+        if not self.users.remove(request.name):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.name} does not exist")
+        log.info("user removed", user=request.name)
+        return identity_pb2.RemoveUserResponse()
+
+    @staticmethod
+    def _entry(message: identity_pb2.AccessEntry) -> Entry:
+        kind = message.WhichOneof("subject") or ""
+        return Entry(kind, getattr(message, kind) if kind else "")
+
+    def _list(self, cluster: str, entries: list[Entry]) -> identity_pb2.AccessList:
+        return identity_pb2.AccessList(
+            cluster=cluster, entries=[identity_pb2.AccessEntry(**{e.kind: e.name}) for e in entries])
+
+    async def Grant(self, request, context):
+        await self._require_admin(context)
+        try:
+            entries = self.access.grant(request.cluster, self._entry(request.entry))
+        except AccessError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND if "not registered" in str(exc)
+                                else grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("access granted", cluster=request.cluster, entry=str(self._entry(request.entry)))
+        return self._list(request.cluster, entries)
+
+    async def Revoke(self, request, context):
+        await self._require_admin(context)
+        try:
+            entries = self.access.revoke(request.cluster, self._entry(request.entry))
+        except AccessError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("access revoked", cluster=request.cluster, entry=str(self._entry(request.entry)))
+        return self._list(request.cluster, entries)
+
+    async def GetAccess(self, request, context):
+        await self._require_admin(context)
+        if self.access.clusters.get(request.cluster) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.cluster} is not registered")
+        return self._list(request.cluster, self.access.entries(request.cluster))
+
+    async def RotateSigningKey(self, request, context):
+        await self._require_admin(context)
+        current = self.issuer.keys.rotate()
+        return identity_pb2.RotateSigningKeyResponse(
+            kid=current.kid, published_kids=[k["kid"] for k in self.issuer.keys.jwks()["keys"]])

@@ -1,0 +1,264 @@
+"""The relay's built-in OIDC issuer: ES256 signing keys that rotate, access tokens, discovery + JWKS over HTTPS.
+
+Keys (table ``issuer_keys`` in relay.db) go through three states:
+
+- *next*: published in the JWKS but not signing yet, so verifiers that fetched the JWKS after it was
+  made already know it when it starts signing (no "unknown kid" window after a rotation);
+- *current*: the one key that signs;
+- *previous*: retired by a rotation, still published until every token it signed has expired
+  (``MAX_ACCESS_TOKEN_LIFETIME`` plus clock skew), then deleted.
+
+A rotation (``clusterconnect keys rotate``, or automatically when the current key is older than
+``--signing-key-max-age``) makes current previous, next current, and creates a new next.
+
+The discovery document and JWKS are served by a small HTTPS endpoint (asyncio + h11, GET only, the
+relay's serving certificate), so the auth proxy verifies these tokens like any other issuer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import secrets
+import sqlite3
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h11
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from clusterconnect.logs import get_logger
+from clusterconnect.oidc import fetch_json
+from clusterconnect.oidc.keys import FetchJson
+
+log = get_logger(__name__)
+
+MAX_ACCESS_TOKEN_LIFETIME = 15 * 60
+DEFAULT_ACCESS_TOKEN_LIFETIME = 10 * 60
+CLOCK_SKEW = 60
+ALGORITHM = "ES256"
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+JWKS_PATH = "/keys"
+READ_TIMEOUT = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS issuer_keys (
+    kid TEXT PRIMARY KEY,
+    private_pem TEXT NOT NULL,
+    created_unix INTEGER NOT NULL,
+    activated_unix INTEGER NOT NULL DEFAULT 0,  -- 0: next key, published but not signing yet
+    retired_unix INTEGER NOT NULL DEFAULT 0     -- >0: previous key, published until its tokens expired
+);
+"""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict:
+    numbers = key.public_key().public_numbers()
+    jwk = {"kty": "EC", "crv": "P-256", "x": _b64(numbers.x.to_bytes(32, "big")),
+           "y": _b64(numbers.y.to_bytes(32, "big"))}
+    # RFC 7638 thumbprint as kid: stable, and derived from the key only.
+    thumbprint = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+    return {**jwk, "kid": _b64(hashlib.sha256(thumbprint.encode()).digest()), "use": "sig", "alg": ALGORITHM}
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    private: ec.EllipticCurvePrivateKey
+    created_unix: int
+    activated_unix: int
+    retired_unix: int
+
+
+class SigningKeys:
+    def __init__(self, path: Path, max_age: float) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self.max_age = max_age
+        self._cache: list[SigningKey] | None = None
+        self._ensure()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _insert(self, activated: int) -> None:
+        private = ec.generate_private_key(ec.SECP256R1())
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        self._db.execute("INSERT INTO issuer_keys (kid, private_pem, created_unix, activated_unix) VALUES (?, ?, ?, ?)",
+                         (public_jwk(private)["kid"], pem, int(time.time()), activated))
+
+    def _ensure(self) -> None:
+        now = int(time.time())
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DELETE FROM issuer_keys WHERE retired_unix > 0 AND retired_unix < ?",
+                             (now - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW,))
+            current = self._db.execute(
+                "SELECT COUNT(*) FROM issuer_keys WHERE activated_unix > 0 AND retired_unix = 0").fetchone()[0]
+            if not current:
+                self._insert(activated=now)
+            pending = self._db.execute("SELECT COUNT(*) FROM issuer_keys WHERE activated_unix = 0").fetchone()[0]
+            if not pending:
+                self._insert(activated=0)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._cache = None
+
+    def keys(self) -> list[SigningKey]:
+        if self._cache is None:
+            rows = self._db.execute(
+                "SELECT kid, private_pem, created_unix, activated_unix, retired_unix FROM issuer_keys"
+                " ORDER BY created_unix, kid").fetchall()
+            self._cache = [SigningKey(kid, serialization.load_pem_private_key(pem.encode(), None), c, a, r)
+                           for kid, pem, c, a, r in rows]
+        return self._cache
+
+    def current(self) -> SigningKey:
+        now = time.time()
+        found = [k for k in self.keys() if k.activated_unix and not k.retired_unix]
+        if not found or (self.max_age and now - found[-1].activated_unix >= self.max_age):
+            self.rotate()
+            found = [k for k in self.keys() if k.activated_unix and not k.retired_unix]
+        return found[-1]
+
+    def rotate(self) -> SigningKey:
+        """current -> previous, next -> current, new next. Returns the new current key."""
+        now = int(time.time())
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("UPDATE issuer_keys SET retired_unix = ? WHERE activated_unix > 0 AND retired_unix = 0",
+                             (now,))
+            self._db.execute("UPDATE issuer_keys SET activated_unix = ? WHERE activated_unix = 0", (now,))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        self._ensure()
+        current = [k for k in self.keys() if k.activated_unix and not k.retired_unix][-1]
+        log.info("signing key rotated", kid=current.kid)
+        return current
+
+    def jwks(self) -> dict:
+        """Every key that is next, current, or previous with tokens possibly still alive."""
+        horizon = time.time() - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
+        if any(k.retired_unix and k.retired_unix < horizon for k in self.keys()):
+            self._ensure()
+        return {"keys": [public_jwk(k.private) for k in self.keys()]}
+
+
+class Issuer:
+    """Mints access tokens for the built-in users."""
+
+    def __init__(self, url: str, audience: str, keys: SigningKeys, lifetime: int) -> None:
+        if not 1 <= lifetime <= MAX_ACCESS_TOKEN_LIFETIME:
+            raise ValueError(f"access token lifetime must be 1..{MAX_ACCESS_TOKEN_LIFETIME} seconds")
+        self.url = url
+        self.audience = audience
+        self.keys = keys
+        self.lifetime = lifetime
+
+    def mint(self, username: str, groups: tuple[str, ...]) -> tuple[str, int]:
+        key = self.keys.current()
+        now = int(time.time())
+        expires = now + self.lifetime
+        claims = {"iss": self.url, "sub": username, "aud": self.audience, "groups": list(groups),
+                  "iat": now, "nbf": now, "exp": expires, "jti": secrets.token_urlsafe(12)}
+        token = jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"})
+        return token, expires
+
+    def discovery(self) -> dict:
+        return {
+            "issuer": self.url,
+            "jwks_uri": self.url + JWKS_PATH,
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": [ALGORITHM],
+            "claims_supported": ["iss", "sub", "aud", "groups", "iat", "nbf", "exp", "jti"],
+        }
+
+    def document(self, path: str) -> dict | None:
+        if path == DISCOVERY_PATH:
+            return self.discovery()
+        if path == JWKS_PATH:
+            return self.keys.jwks()
+        return None
+
+    def local_fetch(self) -> FetchJson:
+        """A fetch for the relay's own Verifier: this issuer's documents from memory, others over HTTPS."""
+        async def fetch(url: str, ca_pem: str | None) -> dict:
+            if url.startswith(self.url + "/"):
+                document = self.document(url[len(self.url):])
+                if document is not None:
+                    return document
+            return await fetch_json(url, ca_pem)
+        return fetch
+
+
+class IssuerEndpoint:
+    """HTTPS: GET /.well-known/openid-configuration and GET /keys; anything else 404/405."""
+
+    def __init__(self, issuer: Issuer, cert: Path, key: Path) -> None:
+        self.issuer = issuer
+        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls.load_cert_chain(cert, key)
+        self.tls.set_alpn_protocols(["http/1.1"])
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._serve, host, port, ssl=self.tls)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    writer.write(self._respond(conn, event))
+                    await writer.drain()
+                elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
+                    return
+                elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+        except (h11.RemoteProtocolError, OSError, TimeoutError, ssl.SSLError):
+            return
+        finally:
+            writer.close()
+
+    def _respond(self, conn: h11.Connection, request: h11.Request) -> bytes:
+        path = request.target.decode("latin-1").split("?", 1)[0]
+        document = self.issuer.document(path) if request.method in (b"GET", b"HEAD") else None
+        if document is not None:
+            status, body = 200, json.dumps(document).encode()
+        elif request.method not in (b"GET", b"HEAD"):
+            status, body = 405, b'{"error":"method not allowed"}'
+        else:
+            status, body = 404, b'{"error":"not found"}'
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                   ("Cache-Control", "max-age=60")]
+        out = conn.send(h11.Response(status_code=status, headers=headers))
+        if request.method != b"HEAD":
+            out += conn.send(h11.Data(data=body))
+        return out + conn.send(h11.EndOfMessage())
