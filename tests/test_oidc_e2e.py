@@ -15,7 +15,6 @@ import http.client
 import json
 import secrets
 import time
-from pathlib import Path
 
 import jwt
 import pytest
@@ -25,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chain import Chain, free_port, port_open, script, wait_until
 from https_client import Endpoint
+from identities import POD_READER, authproxy_kubeconfig, grant_role, hydra_issuer, write_authentication_config
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 PROXY_NS = "clusterconnect-oidc"
 DEV_NS = "dev"
 ISSUED: list[str] = []  # every token this module handled: none may appear in any log
@@ -41,33 +40,11 @@ def oidc(devcluster, oidc_provider, tmp_path_factory):
     state = tmp_path_factory.mktemp("oidc-chain")
     # alice's permissions: read pods in namespace dev, through her group
     devcluster.create_namespace(DEV_NS)
-    devcluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                      "metadata": {"name": "pod-reader", "namespace": DEV_NS},
-                      "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]})
-    devcluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                      "metadata": {"name": "oidc-dev-pod-reader", "namespace": DEV_NS},
-                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
-                      "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "oidc:dev"}]})
+    grant_role(devcluster, DEV_NS, "pod-reader", POD_READER, "oidc-dev-pod-reader", groups=["oidc:dev"])
     # the auth proxy's own identity, with exactly the deployed ClusterRole
-    role = next(d for d in yaml.safe_load_all((DEPLOY / "aadproxy.yaml").read_text())
-                if d and d["kind"] == "ClusterRole")
-    devcluster.apply(role)
-    devcluster.create_namespace(PROXY_NS)
-    devcluster.create_service_account(PROXY_NS, "aadproxy", cluster_role=role["metadata"]["name"])
-    own_token = devcluster.token(PROXY_NS, "aadproxy", duration="6h")
+    proxy_kubeconfig, own_token = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
     ISSUED.append(own_token)
-    proxy_kubeconfig = devcluster.write_kubeconfig(state / "aadproxy.kubeconfig", own_token)
-
-    config = state / "authentication.yaml"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AuthenticationConfiguration",
-        "jwt": [{
-            "issuer": {"url": oidc_provider.issuer, "audiences": [oidc_provider.client_id],
-                       "certificateAuthority": oidc_provider.ca_pem},
-            "claimMappings": {"username": {"claim": "sub", "prefix": "oidc:"},
-                              "groups": {"claim": "groups", "prefix": "oidc:"}},
-        }],
-    }))
+    config = write_authentication_config(state / "authentication.yaml", hydra_issuer(oidc_provider, prefix="oidc:"))
 
     alice = oidc_provider.login("alice", ["dev"])
     ISSUED.append(alice)
@@ -75,7 +52,7 @@ def oidc(devcluster, oidc_provider, tmp_path_factory):
     token_file.write_text(alice)
     token_file.chmod(0o600)
 
-    tunnel = Chain(state, Path(proxy_kubeconfig), log_level="debug",
+    tunnel = Chain(state, proxy_kubeconfig, log_level="debug",
                    authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
     kubeconfig = state / "kubeconfig"
     try:

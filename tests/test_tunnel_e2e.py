@@ -1,7 +1,19 @@
 """kubectl through the whole tunnel: client proxy -> relay -> agent -> auth proxy -> kube-apiserver.
 
-Real processes from the console scripts, the real kubectl, the devcluster. The caller authenticates
-with a ServiceAccount token that the auth proxy passes through to the apiserver.
+Real processes from the console scripts, the real kubectl, the devcluster. Every test runs once per
+caller identity, each with a chain of its own (stopped before the next identity's starts):
+
+- ``serviceaccount``: a ServiceAccount token (cluster-admin) in the proxy's kubeconfig; the relay's
+  access list is empty and the auth proxy passes the token through to the apiserver.
+- ``builtin-oidc``: alice, a user of the relay's built-in issuer (`users add` + `login --code`); kubectl
+  gets her token from the exec credential plugin (`clusterconnect token`); the relay admits her group
+  on its access list; the auth proxy (OIDC mode) trusts the built-in issuer and impersonates her.
+- ``external-oidc``: alice with an id_token of an external provider (Hydra, groups ["dev"]) through
+  `login --token-command`; relay and auth proxy trust Hydra with the prefix "oidc:", the access list
+  names group "oidc:dev".
+
+alice may do in namespace NS what these tests do (a Role bound to "dev" and "oidc:dev") and get that
+namespace, nothing more.
 """
 
 from __future__ import annotations
@@ -9,28 +21,112 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 
 import pytest
-from chain import free_port
+import yaml
+from chain import Chain, free_port
+from identities import (
+    authproxy_kubeconfig, builtin_issuer, grant_cluster_role, grant_role, hydra_issuer, login_with_code,
+    login_with_token_command, write_authentication_config,
+)
 from kube import (
     LineReader, echo_pod, echo_roundtrip, exec_in_pty, kubectl, kubectl_popen, port_forward, run_pod,
     shell_pod, stop, wait_for,
 )
 
 NS = "tunnel-e2e"
+PROXY_NS = "clusterconnect-tunnel-e2e"  # the auth proxy's ServiceAccount in OIDC mode
+MiB = 1024 * 1024
+
+# What the tests do as alice, and nothing else.
+ALICE_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods/exec", "pods/portforward"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["configmaps"],
+     "verbs": ["get", "list", "watch", "create", "delete", "patch", "update"]},
+]
 
 
-@pytest.fixture(scope="module")
-def tunnel(chain, devcluster):
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    username: str  # as the apiserver sees it
+    group: str  # a group the apiserver sees it in (besides system:authenticated)
+    port_forward_bytes: int  # each way
+
+
+IDENTITIES = [
+    Identity("serviceaccount", "system:serviceaccount:clusterconnect-tests:tunnel-admin",
+             "system:serviceaccounts:clusterconnect-tests", 100 * MiB),
+    Identity("builtin-oidc", "alice", "dev", 20 * MiB),
+    Identity("external-oidc", "oidc:alice", "oidc:dev", 20 * MiB),
+]
+
+
+@pytest.fixture(scope="module", params=IDENTITIES, ids=[i.id for i in IDENTITIES])
+def tunnel(request, devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_factory):
+    """A chain of its own for one caller identity; yields the kubeconfig kubectl uses through it."""
+    identity: Identity = request.param
     devcluster.create_namespace(NS)
-    return chain[1]
+    state = tmp_path_factory.mktemp(f"tunnel-{identity.id}")
+    kubeconfig = state / "kubeconfig"
+    if identity.id == "serviceaccount":
+        chain = Chain(state, cluster_endpoint_kubeconfig)
+        try:
+            chain.start_all(admin_sa_token, kubeconfig)
+            yield kubeconfig
+        finally:
+            chain.stop_all()
+        return
+
+    grant_role(devcluster, NS, "tunnel-e2e-user", ALICE_RULES, "tunnel-e2e-user", groups=["dev", "oidc:dev"])
+    grant_cluster_role(devcluster, "tunnel-e2e-namespace-reader",
+                       [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"], "resourceNames": [NS]}],
+                       groups=["dev", "oidc:dev"])
+    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
+    config = state / "authentication.yaml"
+    user_state = state / "alice"
+    if identity.id == "builtin-oidc":
+        chain = Chain(state, proxy_kubeconfig, authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
+    else:
+        hydra = request.getfixturevalue("oidc_provider")
+        write_authentication_config(config, hydra_issuer(hydra, prefix="oidc:"))
+        chain = Chain(state, proxy_kubeconfig, relay_args=["--authentication-config", str(config)],
+                      authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
+    try:
+        chain.start_relay()
+        chain.add_cluster()
+        if identity.id == "builtin-oidc":
+            write_authentication_config(config, builtin_issuer(chain))  # needs the relay's CA and issuer port
+            login_with_code(chain, "alice", ["dev"], user_state)
+            login = None  # the relay's login
+        else:
+            login_with_token_command(hydra.login("alice", ["dev"]), user_state, "hydra")
+            login = "hydra"
+        chain.cli("clusters", "grant", chain.cluster, "--group", identity.group)
+        chain.start_authproxy()
+        chain.start_agent()
+        chain.start_proxy(None, kubeconfig, login=login, state_dir=user_state)
+        user = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]
+        assert set(user) == {"exec"}, f"the kubeconfig should use the exec credential plugin: {user}"
+        yield kubeconfig
+    finally:
+        chain.stop_all()
 
 
-def test_get_and_whoami_go_through_with_the_callers_token(tunnel):
+@pytest.fixture
+def identity(request, tunnel) -> Identity:
+    return request.node.callspec.params["tunnel"]
+
+
+def test_get_and_whoami_go_through_with_the_callers_token(tunnel, identity):
     assert "gitVersion" in kubectl(tunnel, "get", "--raw", "/version").stdout
     kubectl(tunnel, "get", "namespaces", NS)
     whoami = json.loads(kubectl(tunnel, "auth", "whoami", "-o", "json").stdout)
-    assert whoami["status"]["userInfo"]["username"] == "system:serviceaccount:clusterconnect-tests:tunnel-admin"
+    assert whoami["status"]["userInfo"]["username"] == identity.username
+    assert identity.group in whoami["status"]["userInfo"]["groups"], whoami
 
 
 def test_apply_get_delete(tunnel):
@@ -90,14 +186,17 @@ def test_exec_tty(tunnel, shell):
 
 
 @pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "spdy"])
-def test_port_forward_100_mib_each_way(tunnel, devcluster, websockets):
+def test_port_forward_each_way(tunnel, identity, devcluster, websockets):
+    """100 MiB each way as the ServiceAccount, 20 MiB as alice."""
     port = free_port()
-    name = f"echo-{'ws' if websockets else 'spdy'}"
+    name = f"echo-{'ws' if websockets else 'spdy'}-{identity.id}"
     echo_pod(devcluster.kubeconfig, name, NS, port)
     forward, local = port_forward(tunnel, NS, name, port, websockets)
     try:
-        sent, received, seconds = echo_roundtrip(local, 100 * 1024 * 1024)
+        sent, received, seconds = echo_roundtrip(local, identity.port_forward_bytes)
         assert sent == received
-        print(f"port-forward {'websocket' if websockets else 'spdy'}: 100 MiB each way in {seconds:.1f}s")
+        print(f"port-forward {'websocket' if websockets else 'spdy'} as {identity.id}: "
+              f"{identity.port_forward_bytes // MiB} MiB each way in {seconds:.1f}s")
     finally:
         stop(forward)
+        devcluster.kubectl("delete", "pod", name, "-n", NS, "--wait=false", "--ignore-not-found")

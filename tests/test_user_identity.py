@@ -27,6 +27,10 @@ import pytest
 import yaml
 
 from chain import Chain, free_port, script, wait_until
+from identities import (
+    POD_READER, authproxy_kubeconfig, builtin_issuer, grant_role, hydra_issuer, login_with_code,
+    write_authentication_config,
+)
 from clusterconnect.clientproxy import tokens
 from clusterconnect.oidc import AuthenticationConfig, IssuerKeys, Verifier
 from clusterconnect.relay.access import AccessStore, DialAuthorizer, Entry
@@ -36,7 +40,6 @@ from clusterconnect.relay.store import ClusterStore
 from clusterconnect.relay.users import UserError, UserStore
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy" / "k8s"
 PROXY_NS = "clusterconnect-builtin"
 DEV_NS = "dev"
 LIFETIME = 4  # seconds: the e2e relay's access token lifetime
@@ -164,22 +167,10 @@ def test_token_source_caches_and_refreshes_under_a_lock(tmp_path):
 def ident(devcluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("user-identity")
     devcluster.create_namespace(DEV_NS)
-    devcluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                      "metadata": {"name": "pod-reader", "namespace": DEV_NS},
-                      "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]})
-    devcluster.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                      "metadata": {"name": "builtin-dev-pod-reader", "namespace": DEV_NS},
-                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
-                      "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dev"}]})
-    role = next(d for d in yaml.safe_load_all((DEPLOY / "aadproxy.yaml").read_text())
-                if d and d["kind"] == "ClusterRole")
-    devcluster.apply(role)
-    devcluster.create_namespace(PROXY_NS)
-    devcluster.create_service_account(PROXY_NS, "aadproxy", cluster_role=role["metadata"]["name"])
-    proxy_kubeconfig = devcluster.write_kubeconfig(state / "aadproxy.kubeconfig",
-                                                   devcluster.token(PROXY_NS, "aadproxy", duration="6h"))
+    grant_role(devcluster, DEV_NS, "pod-reader", POD_READER, "builtin-dev-pod-reader", groups=[DEV_NS])
+    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
     config = state / "authentication.yaml"
-    chain = Chain(state, Path(proxy_kubeconfig), log_level="debug",
+    chain = Chain(state, proxy_kubeconfig, log_level="debug",
                   relay_args=["--access-token-lifetime", str(LIFETIME), "--clock-skew-seconds", "1"],
                   authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
     user_state = state / "alice-config"
@@ -188,23 +179,12 @@ def ident(devcluster, tmp_path_factory):
         chain.start_relay()
         chain.add_cluster()
         # the auth proxy trusts the relay's built-in issuer like any OIDC issuer (discovery over HTTPS)
-        config.write_text(yaml.safe_dump({
-            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AuthenticationConfiguration",
-            "jwt": [{"issuer": {"url": chain.issuer_url, "audiences": [chain.issuer_url],
-                                "certificateAuthority": chain.relay_ca.read_text()},
-                     "claimMappings": {"username": {"claim": "sub", "prefix": ""},
-                                       "groups": {"claim": "groups", "prefix": ""}}}],
-        }))
+        write_authentication_config(config, builtin_issuer(chain))
         chain.start_authproxy()
         chain.start_agent()
         # a non-empty access list without alice
         chain.cli("clusters", "grant", chain.cluster, "--user", "bob")
-        added = chain.cli("users", "add", "alice", "--group", DEV_NS)
-        code = added.stdout.splitlines()[1].strip()
-        login = subprocess.run([script("clusterconnect"), "login", "--relay", chain.relay_url, "--relay-ca",
-                                str(chain.relay_ca), "--code", code, "--state-dir", str(user_state)],
-                               capture_output=True, text=True, timeout=30)
-        assert login.returncode == 0, login.stderr
+        code = login_with_code(chain, "alice", [DEV_NS], user_state)
         _, ready = chain.start_proxy(None, kubeconfig, state_dir=user_state)
         yield type("Ident", (), {"chain": chain, "kubeconfig": kubeconfig, "devcluster": devcluster,
                                  "user_state": user_state, "code": code, "ready": ready})
@@ -403,20 +383,10 @@ def external(devcluster, oidc_provider_jwt_access_tokens, tmp_path_factory):
     hydra = oidc_provider_jwt_access_tokens
     state = tmp_path_factory.mktemp("external-identity")
     client_id, client_secret = create_machine_client(hydra, RELAY_AUDIENCE)
-    devcluster.create_namespace(PROXY_NS)
-    role = next(d for d in yaml.safe_load_all((DEPLOY / "aadproxy.yaml").read_text())
-                if d and d["kind"] == "ClusterRole")
-    devcluster.apply(role)
-    devcluster.create_service_account(PROXY_NS, "aadproxy", cluster_role=role["metadata"]["name"])
-    proxy_kubeconfig = devcluster.write_kubeconfig(state / "aadproxy.kubeconfig",
-                                                   devcluster.token(PROXY_NS, "aadproxy", duration="6h"))
-    config = state / "authentication.yaml"
-    config.write_text(yaml.safe_dump({
-        "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AuthenticationConfiguration",
-        "jwt": [{"issuer": {"url": hydra.issuer, "audiences": [RELAY_AUDIENCE], "certificateAuthority": hydra.ca_pem},
-                 "claimMappings": {"username": {"claim": "sub", "prefix": "hydra:"}}}],
-    }))
-    chain = Chain(state, Path(proxy_kubeconfig), relay_args=["--authentication-config", str(config)],
+    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
+    config = write_authentication_config(state / "authentication.yaml",
+                                         hydra_issuer(hydra, RELAY_AUDIENCE, prefix="hydra:", groups=False))
+    chain = Chain(state, proxy_kubeconfig, relay_args=["--authentication-config", str(config)],
                   authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
     try:
         chain.start_relay()
