@@ -17,9 +17,9 @@ from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstre
 from clusterconnect.aadproxy.server import AuthProxyService
 from clusterconnect.cliargs import add_flag, add_version
 from clusterconnect.grpc_options import SERVER_OPTIONS
-from clusterconnect.logs import configure_logging, get_logger
+from clusterconnect.logs import get_logger
 from clusterconnect.oidc import ConfigError, Verifier, load_config
-from clusterconnect.service import StartupError, register_gauge, run
+from clusterconnect.service import StartupError, register_gauge, run_service
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
@@ -164,8 +164,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_logging("aadproxy", args.log_level)
-    run(lambda: serve(args))
+    run_service("aadproxy", args.log_level, lambda: serve(args))
 
 
 if __name__ == "__main__":

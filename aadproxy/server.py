@@ -12,6 +12,7 @@ from clusterconnect import __version__
 from clusterconnect.aadproxy.apiserver import ApiServer
 from clusterconnect.aadproxy.authn import Authenticator
 from clusterconnect.aadproxy.http_forwarder import forward_connection
+from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect import metadata as md
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
@@ -55,7 +56,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             if now < self._version_until:
                 return self._version
             try:
-                self._version = await asyncio.wait_for(self.apiserver.fetch_version(), VERSION_TIMEOUT)
+                self._version = await asyncio.wait_for(fetch_version(self.apiserver), VERSION_TIMEOUT)
                 self._version_until = now + VERSION_TTL
             except Exception as exc:  # noqa: BLE001 - Info degrades to "unknown", never fails
                 log.warning("apiserver version unknown", error=" ".join(str(exc).split())[:300] or type(exc).__name__)
