@@ -26,8 +26,11 @@ VERSION_TIMEOUT = 10.0
 
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
-    def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "") -> None:
+    def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "",
+                 connect_upstream=None) -> None:
         self.apiserver = apiserver
+        # Where forwarded connections come from (main.py passes the warm pool); default: a new one each.
+        self.connect_upstream = connect_upstream or apiserver.connect
         self.authenticator = authenticator
         self.cluster = cluster
         self._version = ""
@@ -42,7 +45,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             cluster=self.cluster or None, trace_id=trace_id(context.invocation_metadata())
         )
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
-        await forward_connection(GrpcServerStream(context), self.apiserver.connect, self.authenticator)
+        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator)
 
     async def Info(self, request, context) -> tunnel_pb2.InfoResponse:  # noqa: N802
         return tunnel_pb2.InfoResponse(
