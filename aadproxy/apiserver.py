@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import ssl
 import tempfile
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import h11
 import yaml
 
 from clusterconnect.service import StartupError
@@ -31,7 +29,6 @@ from clusterconnect.streams import SocketStream
 
 SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 CONNECT_TIMEOUT = 10.0
-MAX_VERSION_BODY = 1024 * 1024
 
 
 class TokenSource:
@@ -85,44 +82,6 @@ class ApiServer:
             CONNECT_TIMEOUT,
         )
         return SocketStream(reader, writer)
-
-    async def fetch_version(self) -> str:
-        """``gitVersion`` from ``GET /version``, with the proxy's own credential (or anonymously)."""
-        stream = await self.connect(own_identity=True)
-        try:
-            conn = h11.Connection(h11.CLIENT)
-            headers = [(b"host", self.address.encode()), (b"accept", b"application/json")]
-            token = self.token.get()
-            if token:
-                headers.append((b"authorization", b"Bearer " + token.encode()))
-            await stream.send(
-                conn.send(h11.Request(method=b"GET", target=b"/version", headers=headers))
-                + conn.send(h11.EndOfMessage())
-            )
-            status = 0
-            body = bytearray()
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive())
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_VERSION_BODY:
-                        raise ValueError("/version answer too large")
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise ConnectionError("apiserver closed the connection")
-            if status != 200:
-                raise ValueError(f"/version answered HTTP {status}")
-            version = json.loads(body).get("gitVersion", "")
-            if not isinstance(version, str):
-                raise ValueError("/version has no gitVersion string")
-            return version
-        finally:
-            await stream.close()
 
 
 def _tls_context(*, cafile: str | None, cadata: str | None) -> ssl.SSLContext:

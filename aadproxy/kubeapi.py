@@ -76,6 +76,17 @@ async def _request_json(api: ApiServer, method: str, path: str, body: dict | Non
     return status, document if isinstance(document, dict) else {}
 
 
+async def fetch_version(api: ApiServer) -> str:
+    """``gitVersion`` from ``GET /version``, with the proxy's own credential (or anonymously)."""
+    status, document = await request_json(api, "GET", "/version")
+    if status != 200:
+        raise ApiError(f"/version answered HTTP {status}")
+    version = document.get("gitVersion", "")
+    if not isinstance(version, str) or not version:
+        raise ApiError("/version has no gitVersion string")
+    return version
+
+
 async def serviceaccount_issuer(api: ApiServer) -> str:
     """The cluster's ServiceAccount token issuer (``iss``), from the apiserver's OIDC discovery."""
     status, document = await request_json(api, "GET", "/.well-known/openid-configuration")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import socket
 from pathlib import Path
@@ -14,12 +15,13 @@ from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
 from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
 from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
+from clusterconnect.aadproxy.upstream_pool import UpstreamPool
 from clusterconnect.aadproxy.server import AuthProxyService
 from clusterconnect.cliargs import add_flag, add_version
 from clusterconnect.grpc_options import SERVER_OPTIONS
-from clusterconnect.logs import configure_logging, get_logger
+from clusterconnect.logs import get_logger
 from clusterconnect.oidc import ConfigError, Verifier, load_config
-from clusterconnect.service import StartupError, register_gauge, run
+from clusterconnect.service import StartupError, register_gauge, run_service
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
@@ -137,8 +139,9 @@ async def serve(args: argparse.Namespace) -> None:
 
     check_port_free(host, port)
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    pool = UpstreamPool(target.connect)
     tunnel_pb2_grpc.add_AuthProxyServicer_to_server(
-        AuthProxyService(target, authenticator, cluster=args.cluster), server
+        AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect), server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -157,15 +160,16 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("listening", address=f"{host}:{bound}", tls=credentials is not None, apiserver=target.address,
              authentication=mode)
     try:
-        await server.wait_for_termination()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(pool.run())
+            await server.wait_for_termination()
     finally:
         await server.stop(grace=2)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_logging("aadproxy", args.log_level)
-    run(lambda: serve(args))
+    run_service("aadproxy", args.log_level, lambda: serve(args))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from clusterconnect import __version__
 from clusterconnect.aadproxy.apiserver import ApiServer
 from clusterconnect.aadproxy.authn import Authenticator
 from clusterconnect.aadproxy.http_forwarder import forward_connection
+from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect import metadata as md
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
@@ -25,8 +26,11 @@ VERSION_TIMEOUT = 10.0
 
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
-    def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "") -> None:
+    def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "",
+                 connect_upstream=None) -> None:
         self.apiserver = apiserver
+        # Where forwarded connections come from (main.py passes the warm pool); default: a new one each.
+        self.connect_upstream = connect_upstream or apiserver.connect
         self.authenticator = authenticator
         self.cluster = cluster
         self._version = ""
@@ -41,7 +45,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             cluster=self.cluster or None, trace_id=trace_id(context.invocation_metadata())
         )
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
-        await forward_connection(GrpcServerStream(context), self.apiserver.connect, self.authenticator)
+        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator)
 
     async def Info(self, request, context) -> tunnel_pb2.InfoResponse:  # noqa: N802
         return tunnel_pb2.InfoResponse(
@@ -55,7 +59,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             if now < self._version_until:
                 return self._version
             try:
-                self._version = await asyncio.wait_for(self.apiserver.fetch_version(), VERSION_TIMEOUT)
+                self._version = await asyncio.wait_for(fetch_version(self.apiserver), VERSION_TIMEOUT)
                 self._version_until = now + VERSION_TTL
             except Exception as exc:  # noqa: BLE001 - Info degrades to "unknown", never fails
                 log.warning("apiserver version unknown", error=" ".join(str(exc).split())[:300] or type(exc).__name__)

@@ -15,8 +15,7 @@ from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import AgentState, EnrollmentError, enroll
 from clusterconnect.agent.session import Agent, AgentConfig
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
-from clusterconnect.logs import configure_logging, get_logger
-from clusterconnect.tracing import configure_tracing
+from clusterconnect.logs import get_logger
 from clusterconnect.service import StartupError
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -107,9 +106,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_logging("agent", args.log_level)
-    configure_tracing("agent")
-    service.run(lambda: run(args))
+    service.run_service("agent", args.log_level, lambda: run(args))
 
 
 if __name__ == "__main__":

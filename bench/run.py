@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime
-import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

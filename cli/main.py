@@ -19,8 +19,6 @@ from clusterconnect.cli import identity as identity_cli
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
-from clusterconnect.logs import configure_logging
-from clusterconnect.tracing import configure_tracing
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 
@@ -106,9 +104,7 @@ def proxy_command(args: argparse.Namespace) -> None:
         kubeconfig_out=args.kubeconfig_out, login=login,
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
     )
-    configure_logging("clientproxy", args.log_level)
-    configure_tracing("clientproxy")
-    service.run(lambda: run_proxy(settings))
+    service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings))
 
 
 async def _admin_call(args: argparse.Namespace, method: str, request):

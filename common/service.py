@@ -47,6 +47,16 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def run_service(name: str, log_level: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """A service process: JSON logs and a span per connection named after ``name``, then ``run(main)``."""
+    from clusterconnect.logs import configure_logging
+    from clusterconnect.tracing import configure_tracing
+
+    configure_logging(name, log_level)
+    configure_tracing(name)
+    run(main)
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run ``main()`` until it returns or the process is asked to stop."""
     raise_fd_limit()

@@ -135,37 +135,49 @@ class GrpcClientStream:
 
 
 class GrpcServerStream:
-    """Our side of a stream-stream RPC that a peer opened (a handler's ``context``)."""
+    """Our side of a stream-stream RPC that a peer opened (a handler's ``context``), carrying Chunks."""
+
+    # End of our sending direction: the server cannot half-close in gRPC, so it says so in-band.
+    eof_message: object = _EOF_CHUNK
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self.context = context
         self._eof_sent = False
 
+    def decode(self, message) -> bytes | None:
+        """The payload of a received message, or None for an in-band end of stream."""
+        return None if message.eof else message.data
+
+    def encode(self, data: bytes) -> object:
+        return tunnel_pb2.Chunk(data=data)
+
     async def receive(self) -> bytes:
         while True:
             try:
-                chunk = await self.context.read()
+                message = await self.context.read()
             except _RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
-            if chunk is grpc.aio.EOF or chunk.eof:
+            if message is grpc.aio.EOF:
                 return b""
-            if chunk.data:
-                return chunk.data
+            data = self.decode(message)
+            if data is None:
+                return b""
+            if data:  # an empty payload carries nothing
+                return data
+
+    async def _write(self, message: object) -> None:
+        try:
+            await self.context.write(message)
+        except _RPC_ENDED as exc:
+            raise PeerGone(str(exc)) from exc
 
     async def send(self, data: bytes) -> None:
-        try:
-            await self.context.write(tunnel_pb2.Chunk(data=data))
-        except _RPC_ENDED as exc:
-            raise PeerGone(str(exc)) from exc
+        await self._write(self.encode(data))
 
     async def send_eof(self) -> None:
-        if self._eof_sent:
-            return
-        self._eof_sent = True
-        try:
-            await self.context.write(_EOF_CHUNK)
-        except _RPC_ENDED as exc:
-            raise PeerGone(str(exc)) from exc
+        if not self._eof_sent:
+            self._eof_sent = True
+            await self._write(self.eof_message)
 
     async def close(self) -> None:
         # The RPC ends when its handler returns; nothing to do here.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 
 import grpc
 
 from clusterconnect.grpc_options import bearer_from_metadata
 from clusterconnect.logs import get_logger
+from clusterconnect.relay.admin import AdminCheck
 from clusterconnect.relay.access import AccessError, AccessStore, Entry
 from clusterconnect.relay.issuer import Issuer
 from clusterconnect.relay.users import NoSuchUser, UserError, UserExists, UserRecord, UserStore
@@ -54,17 +54,10 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         self.users = users
         self.access = access
         self.issuer = issuer
-        self._admin = admin_credential
-
-    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
-        token = bearer_from_metadata(context.invocation_metadata())
-        if token is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin credential missing")
-        if not hmac.compare_digest(token.encode(), self._admin.encode()):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an admin credential")
+        self._admin = AdminCheck(admin_credential)
 
     async def AddUser(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         try:
             record, code, expires = self.users.add(request.name, list(request.groups))
         except UserExists as exc:
@@ -75,7 +68,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
 
     async def NewLoginCode(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         try:
             code, expires = self.users.new_code(request.name)
         except NoSuchUser as exc:
@@ -84,11 +77,11 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
 
     async def ListUsers(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         return identity_pb2.ListUsersResponse(users=[_user(r) for r in self.users.list()])
 
     async def RemoveUser(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         if not self.users.remove(request.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.name} does not exist")
         log.info("user removed", user=request.name)
@@ -104,7 +97,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
             cluster=cluster, entries=[identity_pb2.AccessEntry(**{e.kind: e.name}) for e in entries])
 
     async def Grant(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         try:
             entries = self.access.grant(request.cluster, self._entry(request.entry))
         except AccessError as exc:
@@ -114,7 +107,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         return self._list(request.cluster, entries)
 
     async def Revoke(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         try:
             entries = self.access.revoke(request.cluster, self._entry(request.entry))
         except AccessError as exc:
@@ -123,13 +116,13 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         return self._list(request.cluster, entries)
 
     async def GetAccess(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         if self.access.clusters.get(request.cluster) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.cluster} is not registered")
         return self._list(request.cluster, self.access.entries(request.cluster))
 
     async def RotateSigningKey(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         current = self.issuer.keys.rotate()
         return identity_pb2.RotateSigningKeyResponse(
             kid=current.kid, published_kids=[k["kid"] for k in self.issuer.keys.jwks()["keys"]])

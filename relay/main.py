@@ -13,8 +13,7 @@ import grpc
 
 from clusterconnect import cliargs, service
 from clusterconnect.grpc_options import SERVER_OPTIONS
-from clusterconnect.logs import configure_logging, get_logger
-from clusterconnect.tracing import configure_tracing
+from clusterconnect.logs import get_logger
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
 from clusterconnect.relay import identity as user_identity
 from clusterconnect.relay import enrollment as agent_enrollment
@@ -125,9 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_logging("relay", args.log_level)
-    configure_tracing("relay")
-    service.run(lambda: serve(args))
+    service.run_service("relay", args.log_level, lambda: serve(args))
 
 
 if __name__ == "__main__":

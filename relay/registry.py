@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 
 import grpc
 
-from clusterconnect.grpc_options import bearer_from_metadata
 from clusterconnect.logs import get_logger
+from clusterconnect.relay.admin import AdminCheck
 from clusterconnect.relay.sessions import SessionTable
 from clusterconnect.relay.store import AlreadyExists, ClusterRecord, ClusterStore, InvalidName
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -23,14 +22,7 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
     def __init__(self, store: ClusterStore, sessions: SessionTable, admin_credential: str) -> None:
         self.store = store
         self.sessions = sessions
-        self._admin = admin_credential
-
-    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
-        token = bearer_from_metadata(context.invocation_metadata())
-        if token is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin credential missing")
-        if not hmac.compare_digest(token.encode(), self._admin.encode()):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not an admin credential")
+        self._admin = AdminCheck(admin_credential)
 
     def _status(self, record: ClusterRecord) -> tunnel_pb2.Cluster:
         session = self.sessions.get(record.name)
@@ -48,7 +40,7 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
         )
 
     async def AddCluster(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         try:
             record = self.store.add(request.name)
         except InvalidName as exc:
@@ -62,18 +54,18 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
         )
 
     async def ListClusters(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         return tunnel_pb2.ListClustersResponse(clusters=[self._status(r) for r in self.store.list()])
 
     async def GetCluster(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         record = self.store.get(request.name)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
         return self._status(record)
 
     async def RemoveCluster(self, request, context):
-        await self._require_admin(context)
+        await self._admin.require(context)
         if not self.store.remove(request.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
         self.agent_enrollment.revoke(request.name)

@@ -6,7 +6,6 @@ import base64
 import http.client
 import json
 import ssl
-import tempfile
 from pathlib import Path
 
 import yaml

@@ -21,9 +21,10 @@ import pytest
 
 from clusterconnect.aadproxy import headers as hdr
 from clusterconnect.aadproxy import http_forwarder
-from clusterconnect.aadproxy.apiserver import ApiServer, TokenSource, from_kubeconfig
+from clusterconnect.aadproxy.apiserver import TokenSource, from_kubeconfig
 from clusterconnect.aadproxy.authn import Forward, Reject, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import forward_connection
+from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect.streams import SocketStream
 
 TIMEOUT = 5.0
@@ -892,7 +893,7 @@ def test_tls_upstream_from_kubeconfig_and_own_version(tmp_path: Path) -> None:
         port = server.sockets[0].getsockname()[1]
         async with server:
             target = from_kubeconfig(write_kubeconfig(tmp_path, port, ca_path))
-            assert await target.fetch_version() == "v1.99.0-test"
+            assert await fetch_version(target) == "v1.99.0-test"
             assert (b"authorization", b"Bearer proxy-own-token") in seen[-1].headers
 
             down = MemoryStream()
