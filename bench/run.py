@@ -102,8 +102,14 @@ def run(args: argparse.Namespace) -> Path:
                     data[endpoint.name].append(per_endpoint[name](ctx, endpoint))
             results["scenarios"][name] = data
         if "scale" in only:
-            results["scenarios"]["scale"] = [
-                scale(ctx, n, chain.cluster_kubeconfig, token_file) for n in sizes.scale_agents]
+            results["scenarios"]["scale"] = []
+            for n in sizes.scale_agents:
+                print(f"[scale] {n} agents", flush=True)
+                try:
+                    results["scenarios"]["scale"].append(scale(ctx, n, chain.cluster_kubeconfig, token_file))
+                except Exception as exc:  # keep the figures of everything else
+                    print(f"[scale] {n} agents failed: {exc}", flush=True)
+                    results.setdefault("errors", []).append(f"scale {n}: {exc}")
         results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return write_report(results, Path(args.out), stamp)

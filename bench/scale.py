@@ -78,15 +78,18 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
         start = time.monotonic()
         per = -(-n // SIM_PROCESSES)
         for first in range(0, n, per):
+            log = open(chain.state_dir / "logs" / f"sim-{first}.log", "wb")
             sims.append(subprocess.Popen(
                 [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.agent_port}",
                  "--relay-ca", str(chain.relay_ca), "--credentials", str(credentials), "--first", str(first),
                  "--count", str(min(per, n - first))],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True))
-        for sim in sims:
+                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True))
+            log.close()
+        for first, sim in zip(range(0, n, per), sims):
             line = sim.stdout.readline()
             if not line.startswith("connected"):
-                raise RuntimeError(f"simulated agents failed: {line!r}")
+                tail = (chain.state_dir / "logs" / f"sim-{first}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"simulated agents failed: {line!r}\n{tail}")
         connect_seconds = time.monotonic() - start
         connected = _agents_connected(relay)
         time.sleep(2)

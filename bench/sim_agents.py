@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 
 import grpc
@@ -24,17 +25,33 @@ from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc  # noqa: E402
 
 async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
                 welcomed: asyncio.Event, counter: list[int], total: int) -> None:
-    async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
-        call = stub.Connect(metadata=((md.CLUSTER, cluster),))
-        await call.write(tunnel_pb2.AgentMessage(hello=tunnel_pb2.AgentHello(cluster=cluster, agent_version="sim")))
-        await call.read()
-        counter[0] += 1
-        if counter[0] == total:
-            welcomed.set()
-        while True:
-            await asyncio.sleep(10)
-            await call.write(tunnel_pb2.AgentMessage(heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000))))
+    """Like a real agent: connect, and on failure retry after a jittered backoff."""
+    counted = False
+    delay = 0.5
+    while True:
+        try:
+            async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
+                stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+                call = stub.Connect(metadata=((md.CLUSTER, cluster),))
+                await call.write(tunnel_pb2.AgentMessage(hello=tunnel_pb2.AgentHello(cluster=cluster, agent_version="sim")))
+                await call.read()
+                if not counted:
+                    counted = True
+                    counter[0] += 1
+                    if counter[0] == total:
+                        welcomed.set()
+                delay = 0.5
+                while True:
+                    await asyncio.sleep(10)
+                    await call.write(tunnel_pb2.AgentMessage(
+                        heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000))))
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            counter_failures[0] += 1
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 30)
+
+
+counter_failures = [0]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -49,7 +66,7 @@ async def main(args: argparse.Namespace) -> None:
             if i % 100 == 99:
                 await asyncio.sleep(0)
         await welcomed.wait()
-        print(f"connected {len(entries)}", flush=True)
+        print(f"connected {len(entries)} after {counter_failures[0]} failed attempts", flush=True)
 
 
 if __name__ == "__main__":
