@@ -67,7 +67,7 @@ async def run_proxy(settings: ProxySettings) -> None:
             except LoginError as exc:
                 raise StartupError(str(exc)) from None
         handler = ConnectionHandler(
-            tunnel_pb2_grpc.ClientTunnelStub(channel),
+            channel,
             TunnelTarget(settings.relay, settings.cluster, settings.token, tokens.get if tokens else None),
         )
         try:

@@ -19,7 +19,10 @@ from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
-# The relay answers within 1.5 s (its Accept timeout); past this the relay itself is not answering.
+# How long a Dial may take to open. With the relay connected, the relay itself answers within its
+# Accept timeout (a burst of new connections may keep the agent busy for a while); without a
+# connection to the relay, a relay that does not answer must become an error quickly.
+DIAL_TIMEOUT_CONNECTED = 6.0
 DIAL_TIMEOUT = 1.8
 # After an error response, how long kubectl may take to read it and hang up.
 LINGER = 1.0
@@ -38,8 +41,9 @@ class TunnelTarget:
 
 
 class ConnectionHandler:
-    def __init__(self, stub: tunnel_pb2_grpc.ClientTunnelStub, target: TunnelTarget) -> None:
-        self.stub = stub
+    def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget) -> None:
+        self.channel = channel
+        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
         self.target = target
         self.open_connections = 0
 
@@ -78,11 +82,13 @@ class ConnectionHandler:
 
     async def _opened(self, call: grpc.aio.StreamStreamCall) -> tuple[grpc.StatusCode | None, str] | None:
         """None once the relay says the path is open, else (code, one-line reason)."""
+        connected = self.channel.get_state() == grpc.ChannelConnectivity.READY
+        timeout = DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT
         try:
-            initial = await asyncio.wait_for(call.initial_metadata(), DIAL_TIMEOUT)
+            initial = await asyncio.wait_for(call.initial_metadata(), timeout)
         except TimeoutError:
             return (grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"relay {self.target.relay} did not answer within {DIAL_TIMEOUT:g}s")
+                    f"relay {self.target.relay} did not answer within {timeout:g}s")
         if any(key == md.OPEN for key, _ in initial or ()):
             return None
         code = await call.code()
