@@ -32,7 +32,7 @@ import h11
 
 from clusterconnect.aadproxy import headers as hdr
 from clusterconnect.aadproxy.authn import Authenticator, Reject
-from clusterconnect.aadproxy.kstatus import status_body
+from clusterconnect.kstatus import status_body
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import ByteStream, PeerGone
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import socket
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OID
 from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
 from clusterconnect.aadproxy.upstream_pool import UpstreamPool
 from clusterconnect.aadproxy.server import AuthProxyService
+from clusterconnect.addresses import is_loopback
 from clusterconnect.cliargs import add_flag, add_version
 from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import get_logger
@@ -59,15 +59,6 @@ def split_listen(addr: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def server_credentials(cert: str | None, key: str | None) -> grpc.ServerCredentials | None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import sys
 from pathlib import Path
 
 import grpc
 
 from clusterconnect import cliargs, service
+from clusterconnect.addresses import is_loopback
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import AgentState, EnrollmentError, enroll
 from clusterconnect.agent.session import Agent, AgentConfig
@@ -45,16 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -66,7 +56,7 @@ def authproxy_channel(address: str, ca: Path | None) -> grpc.aio.Channel:
     if ca is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca, "auth proxy CA"))
         return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-    if not _is_loopback(address):
+    if not is_loopback(address.rsplit(":", 1)[0]):
         raise StartupError(
             f"auth proxy {address} is not on loopback: give --authproxy-ca to reach it over TLS"
         )

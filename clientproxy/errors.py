@@ -6,10 +6,10 @@ to close, when the relay refused or could not open the path.
 
 from __future__ import annotations
 
-import json
-
 import grpc
 import h11
+
+from clusterconnect.kstatus import status_body
 
 # gRPC status -> (HTTP status, Kubernetes StatusReason)
 _MAPPING: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -20,20 +20,6 @@ _MAPPING: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "Timeout"),
     grpc.StatusCode.UNAVAILABLE: (502, "ServiceUnavailable"),
 }
-
-
-def status_body(code: int, reason: str, message: str) -> bytes:
-    return json.dumps(
-        {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }
-    ).encode()
 
 
 def is_discovery_request(head: bytes) -> bool:
@@ -52,7 +38,7 @@ def error_response(grpc_code: grpc.StatusCode | None, message: str, plain: bool 
     The body is a Kubernetes Status, or with ``plain`` just the message as text/plain.
     """
     code, reason = _MAPPING.get(grpc_code, (502, "InternalError")) if grpc_code else (502, "ServiceUnavailable")
-    body = message.encode() + b"\n" if plain else status_body(code, reason, message)
+    body = message.encode() + b"\n" if plain else status_body(code, message, reason)
     conn = h11.Connection(h11.SERVER)
     # h11 needs to have seen a request before it writes a response; give it a minimal one.
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: clusterconnect\r\n\r\n")

@@ -18,10 +18,10 @@ apply to a new cluster registered later under the same name.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from clusterconnect.relay.db import open_db
 from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
 from clusterconnect.relay.store import ClusterStore
 from clusterconnect.relay.users import UserStore
@@ -57,9 +57,7 @@ class Decision:
 
 class AccessStore:
     def __init__(self, path: Path, clusters: ClusterStore) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self.clusters = clusters
 
     def close(self) -> None:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import secrets
-import sqlite3
 import time
 from pathlib import Path
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from clusterconnect.relay.db import open_db
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import KeyPair
 from clusterconnect.relay import agent_pki
@@ -59,9 +59,7 @@ def _digest(secret: str) -> str:
 
 class EnrollmentStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

@@ -22,7 +22,6 @@ import base64
 import hashlib
 import json
 import secrets
-import sqlite3
 import ssl
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from clusterconnect.relay.db import open_db
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import fetch_json
 from clusterconnect.oidc.keys import FetchJson
@@ -82,9 +82,7 @@ class SigningKey:
 
 class SigningKeys:
     def __init__(self, path: Path, max_age: float) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self.max_age = max_age
         self._cache: list[SigningKey] | None = None
         self._ensure()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import sqlite3
+
+from clusterconnect.relay.db import open_db
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +55,7 @@ def validate_name(name: str) -> None:
 
 class ClusterStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
 
     def close(self) -> None:
         self._db.close()

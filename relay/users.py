@@ -11,6 +11,8 @@ import hashlib
 import re
 import secrets
 import sqlite3
+
+from clusterconnect.relay.db import open_db
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,10 +82,7 @@ def validate_group(group: str) -> None:
 
 class UserStore:
     def __init__(self, path: Path, code_ttl: int = LOGIN_CODE_TTL) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(path, _SCHEMA)
         self.code_ttl = code_ttl
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import http.client
 import json
 import secrets
 import time
@@ -22,7 +21,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from chain import Chain, free_port, port_open, script, wait_until
+from chain import Chain, wait_until
 from https_client import Endpoint
 from identities import POD_READER, authproxy_kubeconfig, grant_role, hydra_issuer, write_authentication_config
 

@@ -32,7 +32,7 @@ from identities import (
 )
 from kube import (
     LineReader, echo_pod, echo_roundtrip, exec_in_pty, kubectl, kubectl_popen, port_forward, run_pod,
-    shell_pod, stop, wait_for,
+    shell_pod, stop,
 )
 
 NS = "tunnel-e2e"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import stat
 import subprocess
@@ -24,11 +25,12 @@ from clusterconnect.relay.store import AlreadyExists, ClusterStore, InvalidName
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_committed_stubs_match_the_protos(tmp_path):
+@pytest.mark.parametrize("proto", ["tunnel", "enrollment", "identity"])
+def test_committed_stubs_match_the_protos(tmp_path, proto):
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}",
                     f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-                    str(ROOT / "protos/clusterconnect/v1/tunnel.proto")], check=True)
-    for name in ("tunnel_pb2.py", "tunnel_pb2.pyi", "tunnel_pb2_grpc.py"):
+                    str(ROOT / f"protos/clusterconnect/v1/{proto}.proto")], check=True)
+    for name in (f"{proto}_pb2.py", f"{proto}_pb2.pyi", f"{proto}_pb2_grpc.py"):
         generated = (tmp_path / "clusterconnect/v1" / name).read_text()
         committed = (ROOT / "protos/clusterconnect/v1" / name).read_text()
         assert generated == committed, f"{name} is stale: run `make protos`"
@@ -74,9 +76,9 @@ def test_error_response_is_valid_http_with_a_status_body():
     client.receive_data(raw)
     response = client.next_event()
     assert response.status_code == 502
-    body = client.next_event().data
-    assert b'"message": "cluster prod is not connected (agent last seen 3m ago)"' in body
-    assert b'"code": 502' in body
+    body = json.loads(client.next_event().data)
+    assert body["message"] == "cluster prod is not connected (agent last seen 3m ago)"
+    assert body["code"] == 502 and body["kind"] == "Status"
     assert isinstance(client.next_event(), h11.EndOfMessage)
     assert error_response(grpc.StatusCode.NOT_FOUND, "x").startswith(b"HTTP/1.1 404 ")
 

@@ -1,4 +1,4 @@
-"""Kubernetes ``Status`` bodies for the errors the proxy answers itself (kubectl prints ``message``)."""
+"""Kubernetes ``Status`` bodies for errors answered by the auth proxy or the client proxy (kubectl prints ``message``)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ REASONS = {
 }
 
 
-def status_body(code: int, message: str) -> bytes:
-    """``{"kind":"Status",...}`` as kube-apiserver writes it."""
+def status_body(code: int, message: str, reason: str | None = None) -> bytes:
+    """``{"kind":"Status",...}`` as kube-apiserver writes it; ``reason`` defaults from the code."""
     return json.dumps(
         {
             "kind": "Status",
@@ -25,7 +25,7 @@ def status_body(code: int, message: str) -> bytes:
             "metadata": {},
             "status": "Failure",
             "message": message,
-            "reason": REASONS.get(code, "InternalError"),
+            "reason": reason or REASONS.get(code, "InternalError"),
             "code": code,
         },
         separators=(",", ":"),
