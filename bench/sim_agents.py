@@ -45,7 +45,7 @@ async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
                     await asyncio.sleep(10)
                     await call.write(tunnel_pb2.AgentMessage(
                         heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000))))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             counter_failures[0] += 1
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, 30)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import threading
 import time
 
 import pytest
+from chain import quiescent
 from https_client import Endpoint
 from kube import kubectl, wait_for
 
@@ -93,22 +93,6 @@ def _p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98]
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _quiescent(pids: list[int], window: float = 1.0) -> bool:
-    """True once the tunnel processes used under 5% of a core over ``window`` seconds."""
-    before = _cpu_seconds(pids)
-    time.sleep(window)  # a measuring interval, not synchronisation
-    return _cpu_seconds(pids) - before < 0.05 * window
-
-
 def _probe_for(endpoint: Endpoint, seconds: float) -> list[float]:
     samples: list[float] = []
     deadline = time.monotonic() + seconds
@@ -140,7 +124,7 @@ def test_a_stalled_watch_does_not_slow_other_connections(loaded, chain, devclust
             devcluster.kubectl("label", "configmap", f"big-{i:03d}", "-n", NS, f"round={i}", "--overwrite")
         # Measure once the stalled stream's buffers are full and the tunnel is idle again: while they
         # fill, the copying itself takes CPU from the probe on this 2-core machine.
-        wait_for(lambda: _quiescent(pids), 30, "the stalled stream's buffers to fill")
+        wait_for(lambda: quiescent(pids), 30, "the stalled stream's buffers to fill")
         # At least 20 s of probes, and the reader stalled for at least 30 s in all.
         stalled_samples = _probe_for(endpoint, max(20.0, 30 - (time.monotonic() - stalled_since)))
     finally:

@@ -318,3 +318,20 @@ def endpoint_only(admin_kubeconfig: Path, path: Path) -> Path:
         "current-context": "cluster",
     }))
     return path
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes used so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def quiescent(pids: list[int], window: float = 1.0, share: float = 0.05) -> bool:
+    """True once the processes used under ``share`` of a core over ``window`` seconds."""
+    before = cpu_seconds(pids)
+    time.sleep(window)  # a measuring interval, not synchronisation
+    return cpu_seconds(pids) - before < share * window
