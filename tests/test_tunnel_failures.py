@@ -61,42 +61,34 @@ def test_relay_killed_and_restarted_agent_reconnects_within_10s(own_chain):
     print(f"kubectl worked again {time.monotonic() - restarted:.1f}s after the relay restarted")
 
 
-def test_unknown_cluster_is_a_clear_error(own_chain):
-    chain, _ = own_chain
-    out = chain.state_dir / "nope.kubeconfig"
-    process = chain.spawn("proxy-nope", [
-        str(chain_script("clusterconnect")), "proxy", "nope", "--relay", chain.relay_url,
-        "--relay-ca", str(chain.relay_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
+def _proxy_reports(chain, name: str, cluster: str, relay_ca, expected: str) -> None:
+    """A second client proxy whose path cannot open: it says why while waiting, and kubectl gets the
+    same one-line reason; the chain's own proxy keeps working."""
+    out = chain.state_dir / f"{name}.kubeconfig"
+    process = chain.spawn(name, [
+        str(chain_script("clusterconnect")), "proxy", cluster, "--relay", chain.relay_url,
+        "--relay-ca", str(relay_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
         "--state-dir", str(chain.state_dir / "proxy-state"),
     ])
     try:
-        wait_until(lambda: "cluster nope is not registered" in process.log.read_text(), 15,
-                   "the proxy to report the unknown cluster", process)
+        wait_until(lambda: expected in process.log.read_text(), 15, f"the proxy to report {expected!r}", process)
         result = kubectl(out, "get", "--raw", "/version", check=False, timeout=10)
-        assert "cluster nope is not registered" in result.stderr, result.stderr
+        assert expected in result.stderr, result.stderr
     finally:
         process.stop()
     assert _works(chain.state_dir / "kubeconfig")
+
+
+def test_unknown_cluster_is_a_clear_error(own_chain):
+    chain, _ = own_chain
+    _proxy_reports(chain, "proxy-nope", "nope", chain.relay_ca, "cluster nope is not registered")
 
 
 def test_wrong_relay_ca_is_a_clear_error(own_chain):
     chain, _ = own_chain
     wrong_ca = chain.state_dir / "wrong-ca.crt"
     wrong_ca.write_bytes(create_ca("not the relay").cert_pem)
-    out = chain.state_dir / "wrongca.kubeconfig"
-    process = chain.spawn("proxy-wrongca", [
-        str(chain_script("clusterconnect")), "proxy", chain.cluster, "--relay", chain.relay_url,
-        "--relay-ca", str(wrong_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
-        "--state-dir", str(chain.state_dir / "proxy-state"),
-    ])
-    try:
-        wait_until(lambda: "TLS verification failed" in process.log.read_text(), 15,
-                   "the proxy to report the TLS failure", process)
-        result = kubectl(out, "get", "--raw", "/version", check=False, timeout=10)
-        assert "TLS verification failed" in result.stderr, result.stderr
-    finally:
-        process.stop()
-    assert _works(chain.state_dir / "kubeconfig")
+    _proxy_reports(chain, "proxy-wrongca", chain.cluster, wrong_ca, "TLS verification failed")
 
 
 def test_missing_token(own_chain):
