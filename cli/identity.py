@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clusterconnect import cliargs
+from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy import tokens
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
@@ -26,12 +27,7 @@ COMMANDS = ("login", "token", "users", "keys")
 CLUSTER_ACTIONS = ("grant", "revoke", "access")
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def add_parsers(commands, cluster_actions, relay_flags, admin_flags, state_dir: Path) -> None:
+def add_parsers(commands, cluster_actions, admin_flags, state_dir: Path) -> None:
     login = commands.add_parser("login", help="log in: at the relay (--code), an OIDC issuer, or via a command")
     how = login.add_mutually_exclusive_group(required=True)
     how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay)")
@@ -104,13 +100,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _read_text(path: Path | None, what: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text()
-    except OSError as exc:
-        fail(f"cannot read {what} {path}: {exc.strerror}")
-        raise
+    return read_file(path, what).decode() if path is not None else None
 
 
 def login_command(args: argparse.Namespace) -> None:

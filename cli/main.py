@@ -16,6 +16,7 @@ from rich.table import Table
 
 from clusterconnect import cliargs, service
 from clusterconnect.cli import identity as identity_cli
+from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     remove = actions.add_parser("remove", help="remove a cluster and disconnect its agent")
     remove.add_argument("name")
     _admin_flags(remove)
-    identity_cli.add_parsers(commands, actions, _relay_flags, _admin_flags, _state_dir())
+    identity_cli.add_parsers(commands, actions, _admin_flags, _state_dir())
     return parser.parse_args(argv)
 
 
@@ -75,22 +76,9 @@ def _admin_flags(parser: argparse.ArgumentParser) -> None:
                      help="file with the relay's admin credential (DATA_DIR/admin.credential)")
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        fail(f"cannot read {what} {path}: {exc.strerror}")
-        raise
-
-
 def proxy_command(args: argparse.Namespace) -> None:
     if args.token_file:
-        token = _read(args.token_file, "token file").decode().strip()
+        token = read_file(args.token_file, "token file").decode().strip()
     else:
         token = (args.token or "").strip()
     login = args.login or (None if token or args.token_file else identity_cli.default_login(args.relay, args.state_dir))
@@ -99,7 +87,7 @@ def proxy_command(args: argparse.Namespace) -> None:
              " or log in first (clusterconnect login --relay URL --code CODE) or give --login NAME")
     settings = ProxySettings(
         cluster=args.cluster, relay=args.relay,
-        relay_ca=_read(args.relay_ca, "relay CA") if args.relay_ca else None,
+        relay_ca=read_file(args.relay_ca, "relay CA") if args.relay_ca else None,
         port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
         kubeconfig_out=args.kubeconfig_out, login=login,
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
@@ -109,9 +97,9 @@ def proxy_command(args: argparse.Namespace) -> None:
 
 async def _admin_call(args: argparse.Namespace, method: str, request):
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(args.relay_ca, "relay CA") if args.relay_ca else None
+        root_certificates=read_file(args.relay_ca, "relay CA") if args.relay_ca else None
     )
-    admin = _read(args.admin_credential, "admin credential").decode().strip()
+    admin = read_file(args.admin_credential, "admin credential").decode().strip()
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
         stub = tunnel_pb2_grpc.RegistryStub(channel)
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)

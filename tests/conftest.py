@@ -49,8 +49,5 @@ def chain(devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_fact
     state = tmp_path_factory.mktemp("chain")
     tunnel = Chain(state, cluster_endpoint_kubeconfig)
     kubeconfig = state / "kubeconfig"
-    try:
-        tunnel.start_all(admin_sa_token, kubeconfig)
+    with tunnel.running(admin_sa_token, kubeconfig):
         yield tunnel, kubeconfig
-    finally:
-        tunnel.stop_all()

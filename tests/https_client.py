@@ -12,9 +12,9 @@ import yaml
 
 
 class Endpoint:
-    """Server, CA and token of a kubeconfig's current context (as written by `clusterconnect proxy`)."""
+    """Server, CA and token of a kubeconfig's current context (as written by `clusterconnect proxy`), or another token."""
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, token: str | None = None) -> None:
         config = yaml.safe_load(kubeconfig.read_text())
         context = next(c for c in config["contexts"] if c["name"] == config["current-context"])["context"]
         cluster = next(c for c in config["clusters"] if c["name"] == context["cluster"])["cluster"]
@@ -22,7 +22,7 @@ class Endpoint:
         self.host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
         self.port = int(port)
         self.ssl = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
-        token = user.get("token") or Path(user["tokenFile"]).read_text().strip()
+        token = token or user.get("token") or Path(user["tokenFile"]).read_text().strip()
         self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
 
     def connect(self, timeout: float = 30) -> http.client.HTTPSConnection:

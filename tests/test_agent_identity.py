@@ -182,11 +182,8 @@ def identity_chain(devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_
     chain = Chain(tmp_path_factory.mktemp("agent-identity"), cluster_endpoint_kubeconfig,
                   relay_args=["--agent-cert-lifetime", str(LIFETIME)])
     kubeconfig = chain.state_dir / "kubeconfig"
-    try:
-        chain.start_all(admin_sa_token, kubeconfig)
+    with chain.running(admin_sa_token, kubeconfig):
         yield chain, kubeconfig
-    finally:
-        chain.stop_all()
 
 
 def _log(chain: Chain, name: str) -> str:

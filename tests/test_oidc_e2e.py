@@ -54,12 +54,9 @@ def oidc(devcluster, oidc_provider, tmp_path_factory):
     tunnel = Chain(state, proxy_kubeconfig, log_level="debug",
                    authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
     kubeconfig = state / "kubeconfig"
-    try:
-        tunnel.start_all(token_file, kubeconfig)
+    with tunnel.running(token_file, kubeconfig):
         yield type("OIDC", (), {"chain": tunnel, "kubeconfig": kubeconfig, "provider": oidc_provider,
                                 "devcluster": devcluster, "alice": alice, "endpoint": Endpoint(kubeconfig)})
-    finally:
-        tunnel.stop_all()
 
 
 def kubectl(oidc, *args, check: bool = False):

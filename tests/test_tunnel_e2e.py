@@ -73,12 +73,8 @@ def tunnel(request, devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp
     state = tmp_path_factory.mktemp(f"tunnel-{identity.id}")
     kubeconfig = state / "kubeconfig"
     if identity.id == "serviceaccount":
-        chain = Chain(state, cluster_endpoint_kubeconfig)
-        try:
-            chain.start_all(admin_sa_token, kubeconfig)
+        with Chain(state, cluster_endpoint_kubeconfig).running(admin_sa_token, kubeconfig):
             yield kubeconfig
-        finally:
-            chain.stop_all()
         return
 
     grant_role(devcluster, NS, "tunnel-e2e-user", ALICE_RULES, "tunnel-e2e-user", groups=["dev", "oidc:dev"])

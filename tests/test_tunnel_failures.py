@@ -22,11 +22,8 @@ def own_chain(devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_
     """A chain of its own: these tests kill and restart its processes."""
     chain = Chain(tmp_path_factory.mktemp("failures"), cluster_endpoint_kubeconfig)
     kubeconfig = chain.state_dir / "kubeconfig"
-    try:
-        chain.start_all(admin_sa_token, kubeconfig)
+    with chain.running(admin_sa_token, kubeconfig):
         yield chain, kubeconfig
-    finally:
-        chain.stop_all()
 
 
 def _works(kubeconfig) -> bool:

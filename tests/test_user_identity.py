@@ -11,10 +11,8 @@ kubectl --exec plugin `clusterconnect token`--> clusterconnect proxy --Dial (ali
 from __future__ import annotations
 
 import asyncio
-import base64
 import http.client
 import json
-import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import jwt
 import pytest
 import yaml
 
+from https_client import Endpoint
 from chain import Chain, free_port, script, wait_until
 from identities import (
     POD_READER, authproxy_kubeconfig, builtin_issuer, grant_role, hydra_issuer, login_with_code,
@@ -301,13 +300,10 @@ def _http_ok(port: int) -> bool:
 
 
 def _raw_get(kubeconfig: Path, token: str, path: str) -> int:
-    config = yaml.safe_load(kubeconfig.read_text())
-    cluster = config["clusters"][0]["cluster"]
-    host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
-    context = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
-    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=30)
+    endpoint = Endpoint(kubeconfig, token)
+    conn = endpoint.connect()
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+        conn.request("GET", path, headers=endpoint.headers)
         response = conn.getresponse()
         response.read()
         return response.status
@@ -396,20 +392,25 @@ def _whoami(ext, kubeconfig: Path) -> subprocess.CompletedProcess:
     return ext.devcluster.kubectl("auth", "whoami", "-o", "json", user_kubeconfig=kubeconfig, check=False)
 
 
-def test_client_credentials_login_reaches_a_listed_cluster(external, tmp_path):
-    ext = external
-    login = _login("--issuer", ext.hydra.issuer, "--client-id", ext.client_id, "--client-secret", ext.client_secret,
-                   "--issuer-ca", str(ext.hydra.ca_file), "--audience", RELAY_AUDIENCE, "--name", "ci",
-                   "--state-dir", str(tmp_path))
-    assert login.returncode == 0, login.stderr
-    kubeconfig = tmp_path / "kubeconfig"
-    process, _ = ext.chain.start_proxy(None, kubeconfig, name="proxy-ci", login="ci", state_dir=tmp_path)
+def _assert_proxy_sees_hydra_client(ext, state_dir: Path, login: str) -> None:
+    """A client proxy using the stored login reaches the listed cluster as the Hydra client."""
+    kubeconfig = state_dir / "kubeconfig"
+    process, _ = ext.chain.start_proxy(None, kubeconfig, name=f"proxy-{login}", login=login, state_dir=state_dir)
     try:
         result = _whoami(ext, kubeconfig)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["status"]["userInfo"]["username"] == f"hydra:{ext.client_id}"
     finally:
         process.stop()
+
+
+def test_client_credentials_login_reaches_a_listed_cluster(external, tmp_path):
+    ext = external
+    login = _login("--issuer", ext.hydra.issuer, "--client-id", ext.client_id, "--client-secret", ext.client_secret,
+                   "--issuer-ca", str(ext.hydra.ca_file), "--audience", RELAY_AUDIENCE, "--name", "ci",
+                   "--state-dir", str(tmp_path))
+    assert login.returncode == 0, login.stderr
+    _assert_proxy_sees_hydra_client(ext, tmp_path, "ci")
 
 
 def test_token_command_login(external, tmp_path):
@@ -423,14 +424,7 @@ def test_token_command_login(external, tmp_path):
     command.chmod(0o755)
     login = _login("--token-command", str(command), "--name", "tool", "--state-dir", str(tmp_path))
     assert login.returncode == 0, login.stderr
-    kubeconfig = tmp_path / "kubeconfig"
-    process, _ = ext.chain.start_proxy(None, kubeconfig, name="proxy-tool", login="tool", state_dir=tmp_path)
-    try:
-        result = _whoami(ext, kubeconfig)
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["status"]["userInfo"]["username"] == f"hydra:{ext.client_id}"
-    finally:
-        process.stop()
+    _assert_proxy_sees_hydra_client(ext, tmp_path, "tool")
 
 
 def test_device_login_reports_an_issuer_without_the_device_grant(external, tmp_path):

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,6 +257,15 @@ class Chain:
         self.start_agent()
         _, ready = self.start_proxy(token_file, kubeconfig)
         return ready
+
+    @contextmanager
+    def running(self, token_file: Path | None, kubeconfig: Path) -> Iterator["Chain"]:
+        """``start_all``, then ``stop_all`` however the block ends (also when starting failed)."""
+        try:
+            self.start_all(token_file, kubeconfig)
+            yield self
+        finally:
+            self.stop_all()
 
     def stop_all(self) -> None:
         for process in reversed(list(self.processes.values())):
