@@ -85,11 +85,14 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
                  "--count", str(min(per, n - first))],
                 stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True))
             log.close()
+        failed_attempts = 0
         for first, sim in zip(range(0, n, per), sims):
             line = sim.stdout.readline()
             if not line.startswith("connected"):
                 tail = (chain.state_dir / "logs" / f"sim-{first}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"simulated agents failed: {line!r}\n{tail}")
+            # "connected N after K failed attempts": each failed attempt is a handshake done in vain.
+            failed_attempts += int(line.split()[3])
         connect_seconds = time.monotonic() - start
         connected = _agents_connected(relay)
         time.sleep(2)
@@ -102,6 +105,7 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
         dials = dial(ctx, tunnel)["latencies"]
         return {
             "agents": n, "connected": connected, "connect_seconds": connect_seconds,
+            "failed_attempts": failed_attempts,
             "relay_rss_mib_before": rss_before, "relay_rss_mib_after": rss_after,
             "relay_kib_per_agent": (rss_after - rss_before) * 1024 / n, "dial_latencies": dials,
         }

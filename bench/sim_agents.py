@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
-import random
+import sys
 import time
 
 import grpc
 
 from clusterconnect import metadata as md  # noqa: E402
+from clusterconnect.agent.backoff import Backoff  # noqa: E402
 from clusterconnect.grpc_options import CHANNEL_OPTIONS  # noqa: E402
 from clusterconnect.service import raise_fd_limit  # noqa: E402
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc  # noqa: E402
@@ -25,9 +27,9 @@ from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc  # noqa: E402
 
 async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
                 welcomed: asyncio.Event, counter: list[int], total: int) -> None:
-    """Like a real agent: connect, and on failure retry after a jittered backoff."""
+    """Like a real agent: connect, and on failure retry after the agent's own jittered backoff."""
     counted = False
-    delay = 0.5
+    backoff = Backoff()
     while True:
         try:
             async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
@@ -40,18 +42,25 @@ async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
                     counter[0] += 1
                     if counter[0] == total:
                         welcomed.set()
-                delay = 0.5
+                backoff.reset()
                 while True:
                     await asyncio.sleep(10)
                     await call.write(tunnel_pb2.AgentMessage(
                         heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000))))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            counter_failures[0] += 1
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, 30)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            failures[_reason(exc)] += 1
+            await asyncio.sleep(backoff.next_delay())
 
 
-counter_failures = [0]
+# Failed attempts by status: each one is a TLS handshake both sides did for nothing, so a run says
+# how many there were and why (printed on stderr, in the sim's log).
+failures: collections.Counter = collections.Counter()
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {(exc.details() or '')[:100]}"
+    return type(exc).__name__
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -66,7 +75,8 @@ async def main(args: argparse.Namespace) -> None:
             if i % 100 == 99:
                 await asyncio.sleep(0)
         await welcomed.wait()
-        print(f"connected {len(entries)} after {counter_failures[0]} failed attempts", flush=True)
+        print(f"connected {len(entries)} after {sum(failures.values())} failed attempts", flush=True)
+        print(json.dumps(failures.most_common(8)), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

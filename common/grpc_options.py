@@ -20,6 +20,11 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     # Fail fast while the relay is down; our own loops do the retrying.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # How long one connection attempt (TCP + TLS handshake) may take; default 20 s. A relay taking
+    # back thousands of agents at once can take longer than that to get to a handshake, and an agent
+    # that gives up throws away the handshake and queues again behind everyone else. An unreachable
+    # or refusing relay still fails at once (and calls have their own deadlines).
+    ("grpc.min_reconnect_backoff_ms", 60_000),
     ("grpc.enable_retries", 0),
 ]
 
@@ -32,6 +37,20 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
+]
+
+# The relay's server: every agent of the fleet holds one Connect call on it, and a relay restart
+# brings them all back within seconds. gRPC core parks calls that arrive faster than the event loop
+# takes them up, and by default cancels any call parked for 30 s (the agent sees CANCELLED; core's
+# newer call path also refuses calls beyond 1,000 parked, at random, and all beyond 3,000). So
+# once a burst needed more than 30 s of Connect handling, its late calls were cancelled after both
+# sides had paid for the TLS handshake; they retried and paid again: 10,000 agents took minutes.
+# A parked call costs a few KiB, much less than the handshake of its retry, so the relay parks them.
+RELAY_SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    *SERVER_OPTIONS,
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.server_max_unrequested_time_in_server", 300),
 ]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from clusterconnect import cliargs, service
-from clusterconnect.grpc_options import SERVER_OPTIONS
+from clusterconnect.grpc_options import RELAY_SERVER_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
 from clusterconnect.relay import identity as user_identity
@@ -77,7 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
     store = ClusterStore(data_dir / "relay.db")
     sessions = SessionTable()
     tunnel = Tunnel(store, sessions, args.heartbeat_seconds)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=RELAY_SERVER_OPTIONS)
     server.add_generic_rpc_handlers((
         raw_stream_handler("clusterconnect.v1.ClientTunnel", {"Dial": tunnel.Dial}),
         # Connect carries control messages and is decoded as usual; Accept carries raw Chunks.
