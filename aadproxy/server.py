@@ -14,6 +14,7 @@ from clusterconnect.aadproxy.authn import Authenticator
 from clusterconnect.aadproxy.http_forwarder import forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect import metadata as md
+from clusterconnect.grpc_options import metadata_value
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -41,9 +42,15 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         # Every log event of this connection (the per-request ones included) names the cluster and
         # the trace; the authenticator adds the caller's identity per request. Each RPC runs in its
         # own task, so these bindings stay with this connection.
-        structlog.contextvars.bind_contextvars(
-            cluster=self.cluster or None, trace_id=trace_id(context.invocation_metadata())
-        )
+        metadata = context.invocation_metadata()
+        traceparent = metadata_value(metadata, md.TRACEPARENT)
+        if metadata_value(metadata, md.WARM) == "1":
+            # Opened by the agent ahead of need: it starts once the agent says it is bound to a client.
+            first = await context.read()
+            if first is grpc.aio.EOF or not first.HasField("bound"):
+                return
+            traceparent = first.bound.traceparent
+        structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
         await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator)
 
@@ -67,11 +74,9 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             return self._version
 
 
-def trace_id(metadata) -> str | None:
-    """The W3C trace id of the agent's ``traceparent`` metadata, if well-formed."""
-    for key, value in metadata or ():
-        if key == md.TRACEPARENT and isinstance(value, str):
-            parts = value.split("-")
-            if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
-                return parts[1]
+def trace_id(traceparent: str | None) -> str | None:
+    """The W3C trace id of a ``traceparent``, if well-formed."""
+    parts = (traceparent or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return parts[1]
     return None

@@ -21,6 +21,9 @@ from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
+# The relay keeps at most this many warm streams per agent (relay/sessions.py MAX_WARM).
+MAX_WARM_STREAMS = 8
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clusterconnect-agent", description=__doc__)
@@ -41,8 +44,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="CA bundle to verify the auth proxy's TLS; without it only a loopback auth proxy is allowed")
     cliargs.add_flag(parser, "--health-file", type=Path,
                      help="file touched on every heartbeat while connected (for a readiness probe)")
+    cliargs.add_flag(parser, "--warm-streams", type=int, default=2,
+                     help="connections kept open at the relay ahead of need, so a new connection starts at once "
+                          "(0: none)")
     cliargs.add_flag(parser, "--log-level", default="info", help="debug, info, warning or error")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.warm_streams <= MAX_WARM_STREAMS:
+        parser.error(f"--warm-streams must be between 0 and {MAX_WARM_STREAMS}")
+    return args
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -88,6 +97,7 @@ async def run(args: argparse.Namespace) -> None:
         agent = Agent(
             AgentConfig(
                 args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel), health_file=args.health_file,
+                warm_streams=args.warm_streams,
             )
         )
         service.register_gauge("open_connections", lambda: agent.open_connections)

@@ -38,6 +38,8 @@ class AgentConfig:
     authproxy: tunnel_pb2_grpc.AuthProxyStub
     # Touched while the control stream is healthy, for an exec readiness probe in Kubernetes.
     health_file: Path | None = None
+    # Accept streams kept open at the relay ahead of need, so a Dial needs no round trip to us.
+    warm_streams: int = 2
 
 
 class Agent:
@@ -145,6 +147,7 @@ class Agent:
                                 self._heartbeats(call, first.welcome.heartbeat_seconds or 10),
                                 self._control(call, stub, connections),
                                 self._hand_over_on(rotated, handover),
+                                self._keep_warm(stub, connections),
                             )
                         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                             if not handover.is_set():
@@ -194,13 +197,59 @@ class Agent:
                 return
 
     async def _carry(self, stub, dial: tunnel_pb2.DialRequest) -> None:
-        """One user connection: relay Accept stream <-> auth proxy Serve stream."""
-        with connection_span("agent.connection", dial.traceparent or None, cluster=self.config.cluster) as traceparent:
-            await self._splice(stub, dial, traceparent)
-
-    async def _splice(self, stub, dial: tunnel_pb2.DialRequest, traceparent: str) -> None:
+        """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream."""
         accept = stub.Accept(metadata=self._metadata((md.DIAL_ID, dial.dial_id)))
-        serve = self.config.authproxy.Serve(metadata=((md.TRACEPARENT, traceparent),))
+        with connection_span("agent.connection", dial.traceparent or None, cluster=self.config.cluster) as traceparent:
+            serve = self.config.authproxy.Serve(metadata=((md.TRACEPARENT, traceparent),))
+            await self._splice(accept, serve, dial.dial_id)
+
+    async def _keep_warm(self, stub, connections: asyncio.TaskGroup) -> None:
+        """Keep ``warm_streams`` pairs of Accept (at the relay) and Serve (at the auth proxy) streams
+        open ahead of need; each pair given to a client is replaced at once. Unbound ones end with
+        this coroutine (session over or handed over)."""
+        slots = asyncio.Semaphore(self.config.warm_streams)
+        unbound: set[asyncio.Task] = set()
+        retry = Backoff()
+        try:
+            while self.config.warm_streams > 0:
+                await slots.acquire()
+                unbound.add(connections.create_task(self._warm(stub, slots, unbound, retry)))
+        finally:
+            for task in unbound:
+                task.cancel()
+
+    async def _warm(self, stub, slots: asyncio.Semaphore, unbound: set[asyncio.Task], retry: Backoff) -> None:
+        """One warm pair: wait until the relay binds the Accept stream to a client (Chunk{bound}),
+        pass the binding on to the auth proxy with our span's traceparent, then carry the connection."""
+        accept = stub.Accept(metadata=self._metadata((md.WARM, "1")))
+        serve = self.config.authproxy.Serve(metadata=((md.WARM, "1"),))
+        try:
+            first = await accept.read()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            first = None
+        except asyncio.CancelledError:
+            accept.cancel()
+            serve.cancel()
+            raise
+        if first is None or first is grpc.aio.EOF or not first.HasField("bound"):
+            # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
+            accept.cancel()
+            serve.cancel()
+            await asyncio.sleep(retry.next_delay())
+            unbound.discard(asyncio.current_task())
+            slots.release()
+            return
+        unbound.discard(asyncio.current_task())
+        retry.reset()
+        slots.release()
+        with connection_span("agent.connection", first.bound.traceparent or None, cluster=self.config.cluster) as traceparent:
+            try:
+                await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
+            await self._splice(accept, serve, "warm")
+
+    async def _splice(self, accept: grpc.aio.StreamStreamCall, serve: grpc.aio.StreamStreamCall, label: str) -> None:
         self.open_connections += 1
         relay_side, cluster_side = GrpcClientStream(accept), GrpcClientStream(serve)
         try:
@@ -208,9 +257,9 @@ class Agent:
             await cluster_side.finish()
             await relay_side.finish()
         except PeerGone as exc:
-            log.debug("connection ended abnormally", dial_id=dial.dial_id, reason=str(exc))
+            log.debug("connection ended abnormally", dial_id=label, reason=str(exc))
         except Exception:  # one broken connection must never take the agent down
-            log.exception("connection failed", dial_id=dial.dial_id)
+            log.exception("connection failed", dial_id=label)
         finally:
             self.open_connections -= 1
             accept.cancel()

@@ -15,12 +15,11 @@ from clusterconnect import service
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.probe import probe
 from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
-from clusterconnect.clientproxy.tunnel import ConnectionHandler, TunnelTarget
+from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, ConnectionHandler, TunnelTarget
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import ensure_ca_and_server_cert
 from clusterconnect.service import StartupError
-from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
@@ -68,10 +67,13 @@ async def run_proxy(settings: ProxySettings) -> None:
                 raise StartupError(str(exc)) from None
         handler = ConnectionHandler(
             channel,
-            TunnelTarget(settings.relay, settings.cluster, settings.token, tokens.get if tokens else None),
+            TunnelTarget(settings.relay, settings.cluster, settings.token, tokens),
         )
         try:
-            server = await asyncio.start_server(handler, "127.0.0.1", settings.port, ssl=tls, backlog=1024)
+            server = await asyncio.get_running_loop().create_server(
+                handler.protocol, "127.0.0.1", settings.port, ssl=tls, backlog=1024,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(

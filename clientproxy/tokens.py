@@ -359,6 +359,10 @@ class CachedTokenSource:
         lifetime = max(1.0, self._expires - self._obtained)
         return bool(self._token) and self._expires - now > min(REFRESH_MARGIN_MAX, lifetime / 3)
 
+    def cached(self) -> str | None:
+        """The token if it is still good for a while, without waiting; None if it must be refreshed."""
+        return self._token if self._fresh() else None
+
     async def get(self) -> str:
         import asyncio
 

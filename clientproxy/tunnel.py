@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import functools
+import weakref
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from clusterconnect import metadata as md
 from clusterconnect.clientproxy.errors import describe_rpc_error, error_response, is_discovery_request
-from clusterconnect.clientproxy.tokens import LoginError
+from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
-from clusterconnect.tracing import connection_span
+from clusterconnect.tracing import start_connection_span
 from clusterconnect.streams import GrpcClientStream, PeerGone, SocketStream, splice
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -26,6 +28,8 @@ DIAL_TIMEOUT_CONNECTED = 6.0
 DIAL_TIMEOUT = 1.8
 # After an error response, how long kubectl may take to read it and hang up.
 LINGER = 1.0
+# A client that has not finished its TLS handshake by then is dropped (and so is its early Dial).
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -33,38 +37,99 @@ class TunnelTarget:
     relay: str  # as the user wrote it, for messages
     cluster: str
     token: str
-    # The user's login (clientproxy.tokens.CachedTokenSource.get): a fresh token for each Dial.
-    tokens: Callable[[], Awaitable[str]] | None = None
+    # The user's login instead of a fixed token: a fresh token for each Dial.
+    login: CachedTokenSource | None = None
 
     async def current_token(self) -> str:
-        return await self.tokens() if self.tokens is not None else self.token
+        return await self.login.get() if self.login is not None else self.token
+
+    def token_at_hand(self) -> str | None:
+        """The token without waiting, unless the login's token must be refreshed first."""
+        return self.login.cached() if self.login is not None else self.token
+
+
+@dataclass
+class _Accepted:
+    """What was started for a TCP connection when it was accepted, before its TLS handshake."""
+
+    span: trace.Span
+    traceparent: str
+    connected: bool  # the channel to the relay was ready when the Dial went out
+    call: grpc.aio.StreamStreamCall | None = None  # None: no token at hand; dial after the handshake
+    expiry: asyncio.TimerHandle | None = None
+    claimed: bool = False  # the handler took over (or the Dial was dropped): nothing left to expire
 
 
 class ConnectionHandler:
+    """Serves the local endpoint: ``loop.create_server(handler.protocol, ssl=..., ssl_handshake_timeout=
+    HANDSHAKE_TIMEOUT)``. The protocol is made when TCP accepts, before the TLS handshake: the Dial goes
+    out then, and the path through the relay opens while the handshake runs."""
+
     def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget) -> None:
         self.channel = channel
         self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
         self.target = target
         self.open_connections = 0
 
-    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def protocol(self) -> asyncio.StreamReaderProtocol:
+        accepted = self._dial_early()
+        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(), functools.partial(self._connection, accepted))
+        # A failed handshake never reaches the handler, and nothing tells us but the protocol being
+        # dropped: then its Dial goes too (and at the latest once the handshake would have timed out).
+        weakref.finalize(protocol, self._expire, accepted).atexit = False
+        accepted.expiry = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._expire, accepted)
+        return protocol
+
+    def _dial_early(self) -> _Accepted:
+        span, traceparent = start_connection_span("clientproxy.connection", cluster=self.target.cluster)
+        accepted = _Accepted(span, traceparent, self.channel.get_state() == grpc.ChannelConnectivity.READY)
+        token = self.target.token_at_hand()
+        if token is not None:
+            accepted.call = self._dial(token, traceparent)
+        return accepted
+
+    def _dial(self, token: str, traceparent: str) -> grpc.aio.StreamStreamCall:
+        return self.stub.Dial(metadata=((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent)))
+
+    @staticmethod
+    def _expire(accepted: _Accepted) -> None:
+        if accepted.claimed:
+            return
+        accepted.claimed = True
+        if accepted.expiry is not None:
+            accepted.expiry.cancel()
+        if accepted.call is not None:
+            accepted.call.cancel()
+        accepted.span.end()
+
+    async def _connection(self, accepted: _Accepted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if accepted.claimed:  # the handshake outlasted HANDSHAKE_TIMEOUT after all: the Dial is gone
+            writer.transport.abort()
+            return
+        accepted.claimed = True
+        if accepted.expiry is not None:
+            accepted.expiry.cancel()
         self.open_connections += 1
         downstream = SocketStream(reader, writer)
-        with connection_span("clientproxy.connection", cluster=self.target.cluster) as traceparent:
-            await self._carry(downstream, traceparent)
-
-    async def _carry(self, downstream: SocketStream, traceparent: str) -> None:
         try:
-            token = await self.target.current_token()
-        except LoginError as exc:
-            await self._refuse(downstream, grpc.StatusCode.UNAUTHENTICATED, f"clusterconnect proxy: {exc}")
-            await downstream.close()
+            with trace.use_span(accepted.span, end_on_exit=True):
+                await self._carry(downstream, accepted)
+        finally:
             self.open_connections -= 1
-            return
-        metadata = ((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent))
-        call = self.stub.Dial(metadata=metadata)
+
+    async def _carry(self, downstream: SocketStream, accepted: _Accepted) -> None:
+        call = accepted.call
+        if call is None:
+            try:
+                call = self._dial(await self.target.current_token(), accepted.traceparent)
+            except LoginError as exc:
+                await self._refuse(downstream, grpc.StatusCode.UNAUTHENTICATED, f"clusterconnect proxy: {exc}")
+                await downstream.close()
+                return
         try:
-            failure = await self._opened(call)
+            # (The request could go out before the relay says "open", but a write racing the relay's
+            # refusal turns grpc's status into INTERNAL and the user would not learn why.)
+            failure = await self._opened(call, accepted.connected)
             if failure is not None:
                 await self._refuse(downstream, *failure)
                 return
@@ -78,11 +143,9 @@ class ConnectionHandler:
         finally:
             call.cancel()
             await downstream.close()
-            self.open_connections -= 1
 
-    async def _opened(self, call: grpc.aio.StreamStreamCall) -> tuple[grpc.StatusCode | None, str] | None:
+    async def _opened(self, call: grpc.aio.StreamStreamCall, connected: bool) -> tuple[grpc.StatusCode | None, str] | None:
         """None once the relay says the path is open, else (code, one-line reason)."""
-        connected = self.channel.get_state() == grpc.ChannelConnectivity.READY
         timeout = DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT
         try:
             initial = await asyncio.wait_for(call.initial_metadata(), timeout)

@@ -2,5 +2,6 @@
 
 CLUSTER = "x-clusterconnect-cluster"
 DIAL_ID = "x-clusterconnect-dial-id"
+WARM = "x-clusterconnect-warm"  # on an Accept opened ahead of need (see tunnel.proto)
 TRACEPARENT = "traceparent"
 OPEN = "x-clusterconnect-open"  # initial metadata from the relay: the agent accepted the connection

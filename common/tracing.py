@@ -33,3 +33,12 @@ def connection_span(name: str, traceparent: str | None = None, **attributes: str
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         yield carrier.get("traceparent", "")
+
+
+def start_connection_span(name: str, **attributes: str) -> tuple[trace.Span, str]:
+    """A span started now and ended by the caller (``span.end()`` or ``trace.use_span``), for a
+    connection whose handler runs later; with the traceparent to hand to the next hop."""
+    span = _tracer.start_span(name, attributes=attributes)
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return span, carrier.get("traceparent", "")

@@ -109,6 +109,9 @@ async def serve(args: argparse.Namespace) -> None:
         raise StartupError(f"cannot listen on {args.listen}: address in use or not available")
     service.register_gauge("agents", lambda: len(sessions))
     service.register_gauge("open_connections", lambda: tunnel.open_connections)
+    service.register_gauge("warm_streams", sessions.warm_streams)
+    service.register_gauge("dials_warm", lambda: tunnel.dials_warm)
+    service.register_gauge("dials_requested", lambda: tunnel.dials_requested)
     await server.start()
     host = args.listen.rsplit(":", 1)[0]
     log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir))

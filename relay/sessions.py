@@ -19,6 +19,8 @@ from clusterconnect.v1 import tunnel_pb2
 # Control messages waiting for one agent. A full queue means the agent's stream is stuck; new
 # dials then fail fast instead of piling up.
 OUTBOX_SIZE = 1024
+# Warm Accept streams kept per agent at most; an agent asking for more is refused.
+MAX_WARM = 8
 
 
 @dataclass(eq=False)
@@ -45,6 +47,8 @@ class AgentSession:
     outbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
     pending: dict[str, asyncio.Future] = field(default_factory=dict)
     active: set[AcceptedStream] = field(default_factory=set)
+    # Warm Accept streams the agent opened ahead of need, oldest first (see tunnel.proto).
+    warm: list[AcceptedStream] = field(default_factory=list)
     # Set to end the session from outside (cluster removed, replaced by a newer connection).
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_reason: str = ""
@@ -60,9 +64,31 @@ class AgentSession:
         self.pending[dial_id] = future
         return dial_id, future
 
+    def add_warm(self, accepted: AcceptedStream) -> bool:
+        """Keep a warm stream for the next Dial; False if the agent already has enough."""
+        if len(self.warm) >= MAX_WARM or self.ended.is_set():
+            return False
+        self.warm.append(accepted)
+        return True
+
+    def take_warm(self) -> AcceptedStream | None:
+        while self.warm:
+            accepted = self.warm.pop(0)
+            if not accepted.peer_lost.is_set():
+                return accepted
+        return None
+
+    def discard_warm(self, accepted: AcceptedStream) -> None:
+        if accepted in self.warm:
+            self.warm.remove(accepted)
+
     def end(self, reason: str, drop_connections: bool = True) -> None:
         self.end_reason = reason
         self.ended.set()
+        # Warm streams carry nothing yet; they belong to this session's channel and end with it.
+        for accepted in self.warm:
+            accepted.finish(False)
+        self.warm.clear()
         if drop_connections:
             for accepted in list(self.active):
                 accepted.peer_lost.set()
@@ -78,6 +104,10 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def warm_streams(self) -> int:
+        """Warm Accept streams waiting for a Dial, over all agents."""
+        return sum(len(session.warm) for session in self._sessions.values())
 
     def get(self, cluster: str) -> AgentSession | None:
         return self._sessions.get(cluster)

@@ -31,6 +31,11 @@ class _PeerLost(Exception):
     pass
 
 
+def _bound(traceparent: str) -> bytes:
+    """The first message on a warm Accept stream given to a Dial (the relay's streams carry raw bytes)."""
+    return tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)).SerializeToString()
+
+
 class Tunnel:
     """Handlers of ClientTunnel.Dial and AgentTunnel.Connect/Accept (registered in main.py)."""
 
@@ -44,6 +49,9 @@ class Tunnel:
         self.sessions = sessions
         self.heartbeat_seconds = heartbeat_seconds
         self.open_connections = 0
+        # How dials found their agent stream: a warm one at hand, or a DialRequest round trip.
+        self.dials_warm = 0
+        self.dials_requested = 0
 
     # -- clients --------------------------------------------------------------------------------
 
@@ -89,6 +97,14 @@ class Tunnel:
             self.open_connections -= 1
 
     async def _open(self, session: AgentSession, context: grpc.aio.ServicerContext, traceparent: str) -> AcceptedStream:
+        while (warm := session.take_warm()) is not None:
+            try:
+                await warm.stream.send(_bound(traceparent))
+                self.dials_warm += 1
+                return warm
+            except PeerGone:
+                warm.finish(False)
+        self.dials_requested += 1
         try:
             dial_id, future = session.request_dial(traceparent)
         except asyncio.QueueFull:
@@ -191,17 +207,27 @@ class Tunnel:
 
     async def Accept(self, request_iterator, context: grpc.aio.ServicerContext):
         cluster = await self._authenticate_agent(context)
-        dial_id = metadata_value(context.invocation_metadata(), md.DIAL_ID) or ""
+        metadata = context.invocation_metadata()
         session = self.sessions.get(cluster)
-        future = session.pending.get(dial_id) if session else None
-        if future is None or future.done():
-            await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
         accepted = AcceptedStream(PassthroughStream(context))
-        future.set_result(accepted)
+        if metadata_value(metadata, md.WARM) == "1":
+            if session is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no control stream for this cluster")
+            if not session.add_warm(accepted):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "enough warm streams for this agent")
+        else:
+            dial_id = metadata_value(metadata, md.DIAL_ID) or ""
+            future = session.pending.get(dial_id) if session else None
+            if future is None or future.done():
+                await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
+            future.set_result(accepted)
         try:
             clean = await accepted.finished
         except asyncio.CancelledError:
             accepted.peer_lost.set()
             raise
+        finally:
+            if session is not None:
+                session.discard_warm(accepted)
         if not clean:
             await context.abort(grpc.StatusCode.CANCELLED, "client connection ended")

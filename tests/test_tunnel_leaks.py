@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 from chain import Process, wait_until
 from https_client import Endpoint
+from service_stats import stats
 
 SERVICES = ("proxy", "relay", "agent", "aadproxy")
 # Timers and keepalive pings come and go; a leak of 1,000 connections would be far above this.
 SLACK = 3
 
 
-def _stats(process: Process) -> dict:
-    """Ask the process for its gauges (SIGUSR1 -> one `stats` log line) and read the newest one."""
-    before = process.log.read_text(errors="replace").count('"event": "stats"')
-    os.kill(process.popen.pid, signal.SIGUSR1)
-
-    def newest():
-        lines = [l for l in process.log.read_text(errors="replace").splitlines() if '"event": "stats"' in l]
-        return json.loads(lines[-1]) if len(lines) > before else None
-
-    return wait_until(newest, 10, f"stats from {process.name}")
-
-
 def _settled(processes: dict[str, Process], baseline: dict[str, dict]) -> dict | bool:
-    now = {name: _stats(processes[name]) for name in SERVICES}
+    now = {name: stats(processes[name]) for name in SERVICES}
     ok = all(
         now[name].get("open_connections", 0) == 0
         and now[name]["tasks"] <= baseline[name]["tasks"] + SLACK
@@ -54,7 +41,7 @@ def test_1000_connections_leave_nothing_behind(chain):
     endpoint = Endpoint(kubeconfig)
     assert _one_connection(endpoint) == 200
     def idle() -> dict | bool:
-        now = {name: _stats(tunnel.processes[name]) for name in SERVICES}
+        now = {name: stats(tunnel.processes[name]) for name in SERVICES}
         return now if all(v.get("open_connections", 0) == 0 for v in now.values()) else False
 
     baseline = wait_until(idle, 30, "the first connection to wind down", interval=0.2)

@@ -7,12 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Chunk(_message.Message):
-    __slots__ = ("data", "eof")
+    __slots__ = ("data", "eof", "bound")
     DATA_FIELD_NUMBER: _ClassVar[int]
     EOF_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     eof: bool
-    def __init__(self, data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+    bound: Bound
+    def __init__(self, data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., bound: _Optional[_Union[Bound, _Mapping]] = ...) -> None: ...
+
+class Bound(_message.Message):
+    __slots__ = ("traceparent",)
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    traceparent: str
+    def __init__(self, traceparent: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("cluster", "agent_version", "kubernetes_version")

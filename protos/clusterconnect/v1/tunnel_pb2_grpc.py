@@ -128,7 +128,7 @@ class AgentTunnelStub:
     """Served by the relay for agents, on its agent port (mutual TLS): the agent's identity is the cluster
     named by its client certificate (see enrollment.proto). Request metadata on both RPCs:
     x-clusterconnect-cluster: the agent's cluster; must be the certificate's cluster
-    Accept additionally carries x-clusterconnect-dial-id.
+    Accept additionally carries x-clusterconnect-dial-id, or x-clusterconnect-warm: 1.
     """
 
     def __init__(self, channel):
@@ -153,7 +153,7 @@ class AgentTunnelServicer:
     """Served by the relay for agents, on its agent port (mutual TLS): the agent's identity is the cluster
     named by its client certificate (see enrollment.proto). Request metadata on both RPCs:
     x-clusterconnect-cluster: the agent's cluster; must be the certificate's cluster
-    Accept additionally carries x-clusterconnect-dial-id.
+    Accept additionally carries x-clusterconnect-dial-id, or x-clusterconnect-warm: 1.
     """
 
     def Connect(self, request_iterator, context):
@@ -166,6 +166,12 @@ class AgentTunnelServicer:
     def Accept(self, request_iterator, context):
         """Opened by the agent, on the same HTTP/2 connection, in answer to a DialRequest. The relay
         splices it to the waiting Dial: requests carry bytes toward the cluster, responses bytes back.
+
+        A warm Accept (metadata x-clusterconnect-warm: 1, no dial id) is opened ahead of need: the relay
+        keeps a few per agent (it refuses more with RESOURCE_EXHAUSTED) and gives one to the next Dial
+        at once, first sending Chunk{bound}; then it is spliced like any other. An agent keeps its pool
+        full by opening a new warm Accept whenever one is bound. Without a warm stream at hand, the
+        relay falls back to a DialRequest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -196,7 +202,7 @@ class AgentTunnel:
     """Served by the relay for agents, on its agent port (mutual TLS): the agent's identity is the cluster
     named by its client certificate (see enrollment.proto). Request metadata on both RPCs:
     x-clusterconnect-cluster: the agent's cluster; must be the certificate's cluster
-    Accept additionally carries x-clusterconnect-dial-id.
+    Accept additionally carries x-clusterconnect-dial-id, or x-clusterconnect-warm: 1.
     """
 
     @staticmethod
