@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def demo_identity(admin: Path, state: Path) -> Path:
 def up(state: Path) -> None:
     if (state / "pids").exists():
         down(state, quiet=True)
+    # Every demo starts afresh: a relay database of an earlier demo already knows cluster "demo".
+    shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True, exist_ok=True)
     (state / "logs").mkdir(exist_ok=True)
     print("starting the devcluster (kube-apiserver, etcd, controller manager, scheduler, node) ...", flush=True)
