@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -47,6 +50,62 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# -- giving freed memory back ------------------------------------------------------------------------
+#
+# A burst of connections (1,000 watches) allocates per-connection memory in glibc's heaps (gRPC call
+# state, TLS buffers, Python objects). When they close, glibc keeps the freed pages resident in the
+# middle of its heaps (it only gives back the top). Measured with the watches bench, 2 rounds of
+# 1,000 with the first round's connections gone before the second: idle again after round 1, relay
+# 139 MiB, agent 125, auth proxy 156 without a trim, 114 / 93 / 109 with one; with round 2's 1,000
+# watches open, relay + agent + auth proxy 443 -> 414 MiB. A trim took 0-6 ms (in a thread).
+# So a service trims once its connection count moved by a burst and then held still. Not on a
+# plain timer: a trim walks every free chunk (13-48 ms for 200 MiB in 30,000 pieces, measured),
+# and asking glibc how much is free (mallinfo2) costs nearly as much; the connection gauge is free.
+
+# Trim after the number of open connections moved by this much since the last trim (a burst, not
+# a trickle) and then stayed put for one check.
+TRIM_AFTER_CHANGE = 100
+TRIM_CHECK_INTERVAL = 0.5
+
+_trims = {"count": 0, "last_ms": 0}
+
+
+def _malloc_trim() -> Callable[[], int] | None:
+    """glibc's malloc_trim(0); None elsewhere (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+def _timed(trim: Callable[[], int]) -> None:
+    started = time.perf_counter()
+    trim()
+    _trims["count"] += 1
+    _trims["last_ms"] = round((time.perf_counter() - started) * 1000)
+
+
+async def release_freed_memory(interval: float = TRIM_CHECK_INTERVAL, change: int = TRIM_AFTER_CHANGE) -> None:
+    """Give glibc's freed pages back to the system after each burst of connections opening or closing."""
+    trim = _malloc_trim()
+    if trim is None:
+        return
+    trimmed_at = previous = 0
+    while True:
+        await asyncio.sleep(interval)
+        # Registered by the service once it runs; a service without one never trims.
+        now = _gauges.get("open_connections", lambda: 0)()
+        if now == previous and abs(now - trimmed_at) >= change:
+            # In a thread: the event loop goes on while glibc walks its heaps (arena by arena).
+            await asyncio.to_thread(_timed, trim)
+            log.debug("freed memory returned", connections=now, trim_ms=_trims["last_ms"])
+            trimmed_at = now
+        previous = now
+
+
 def run_service(name: str, log_level: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """A service process: JSON logs and a span per connection named after ``name``, then ``run(main)``."""
     from clusterconnect.logs import configure_logging
@@ -77,11 +136,17 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         loop.add_signal_handler(signal.SIGINT, stop, "SIGINT")
         loop.add_signal_handler(signal.SIGTERM, stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGUSR1, report_stats)
+        register_gauge("malloc_trims", lambda: _trims["count"])
+        register_gauge("malloc_trim_last_ms", lambda: _trims["last_ms"])
+        trimmer = asyncio.create_task(release_freed_memory())
         try:
             await main()
         except asyncio.CancelledError:
             if not stopping:
                 raise
+        finally:
+            trimmer.cancel()
+            await asyncio.gather(trimmer, return_exceptions=True)
 
     try:
         if os.environ.get("CLUSTERCONNECT_EVENT_LOOP", "uvloop") == "uvloop":
