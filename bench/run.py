@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> Path:
                          "tunnel": tunnel_kubeconfig},
             namespace=ns, sizes=sizes, work_dir=work,
             pids={name: chain.processes[name].popen.pid for name in ("relay", "agent", "aadproxy", "proxy")},
+            logs={name: chain.processes[name].log for name in ("relay", "agent", "aadproxy", "proxy")},
         )
         results: dict = {"rounds": rounds, "smoke": args.smoke, "sizes": vars(sizes), "scenarios": {}}
         if "big_list" in only or "head_of_line" in only:

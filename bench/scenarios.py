@@ -53,6 +53,7 @@ class Context:
     sizes: Sizes
     work_dir: Path
     pids: dict[str, int] = field(default_factory=dict)  # tunnel processes, for RSS
+    logs: dict[str, Path] = field(default_factory=dict)  # their logs, for their stats lines
 
     def endpoints(self) -> list[Endpoint]:
         return [self.direct, self.tunnel]
@@ -64,6 +65,27 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None, timeout: flo
     if result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout
+
+
+def memory_detail(pid: int) -> dict[str, int]:
+    """Where a process's RSS is (/proc/PID/smaps_rollup, MiB): anonymous (heaps) vs file-backed
+    (shared libraries, the same in every process), and its thread count.
+
+    Also asks the process for its stats line (SIGUSR1: open connections ...) in its own log, which
+    tells whether the previous round's connections are still open."""
+    kib: dict[str, int] = {}
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    kib[parts[0].rstrip(":")] = int(parts[1])
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return {}
+    return {"rss": kib.get("Rss", 0) // 1024, "anonymous": kib.get("Anonymous", 0) // 1024,
+            "file": (kib.get("Rss", 0) - kib.get("Anonymous", 0)) // 1024, "threads": threads}
 
 
 def rss_mib(pid: int) -> float:
@@ -223,7 +245,9 @@ async def _watch(endpoint: Endpoint, context: ssl.SSLContext, path: str, latenci
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 return
     finally:
-        writer.close()
+        # At once, not a TLS shutdown that asyncio.run() may cut short, leaving the socket open
+        # until garbage collection (and the connection open through the tunnel into the next round).
+        writer.transport.abort()
 
 
 def _send_ticks(ctx: Context) -> None:
@@ -251,6 +275,9 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
     established, done = asyncio.Event(), asyncio.Event()
     counter = [0]
     n = ctx.sizes.watches
+    if endpoint.name == "tunnel":
+        before = {name: memory_detail(pid) for name, pid in ctx.pids.items()}
+        print(f"[watches] memory (MiB) before opening the watches: {json.dumps(before)}", flush=True)
     async with asyncio.TaskGroup() as group:
         tasks = []
         for i in range(n):
@@ -261,6 +288,11 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
         await asyncio.sleep(1)  # the initial ADDED events settle
         latencies.clear()
         rss = {name: rss_mib(pid) for name, pid in ctx.pids.items()} if endpoint.name == "tunnel" else {}
+        detail = {name: memory_detail(pid) for name, pid in ctx.pids.items()} if endpoint.name == "tunnel" else {}
+        if detail:
+            print(f"[watches] memory (MiB) while {n} watches are open: {json.dumps(detail)}", flush=True)
+            # BENCH_WATCH_HOLD=seconds keeps the watches open for inspecting the processes by hand.
+            await asyncio.sleep(float(os.environ.get("BENCH_WATCH_HOLD", "0")))
         await asyncio.to_thread(_send_ticks, ctx)
         deadline = time.monotonic() + 60
         while len(latencies) < n * ctx.sizes.watch_events and time.monotonic() < deadline:
@@ -268,11 +300,40 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
         done.set()
         for task in tasks:
             task.cancel()
-    return {"latencies": latencies, "expected": n * ctx.sizes.watch_events, "rss_mib": rss}
+    return {"latencies": latencies, "expected": n * ctx.sizes.watch_events, "rss_mib": rss, "memory": detail}
 
 
 def watches(ctx: Context, endpoint: Endpoint) -> dict:
-    return asyncio.run(_watches(ctx, endpoint))
+    result = asyncio.run(_watches(ctx, endpoint))
+    if endpoint.name == "tunnel":
+        # The next round measures its own 1,000 watches, not these too: a client that hung up leaves
+        # its response up to the auth proxy's EOF grace (10 s) before the tunnel lets go.
+        wait_drained(ctx, 60)
+    return result
+
+
+def open_connections(log: Path, pid: int) -> int | None:
+    """A service's open connections from its newest stats line (asks for one with SIGUSR1)."""
+    before = log.read_text(errors="replace").count('"event": "stats"')
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if '"event": "stats"' in line]
+        if len(lines) > before:
+            return json.loads(lines[-1]).get("open_connections", 0)
+        time.sleep(0.05)  # polling the log file for the answer
+    return None
+
+
+def wait_drained(ctx: Context, timeout: float) -> None:
+    """Until no tunnel process has an open connection (or the timeout: then say so)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = {name: open_connections(ctx.logs[name], pid) for name, pid in ctx.pids.items()}
+        if all(count == 0 for count in counts.values()):
+            return
+        time.sleep(0.5)  # polling the services' gauges
+    print(f"[bench] tunnel still has open connections after {timeout:g}s: {counts}", flush=True)
 
 
 # -- 6. head-of-line isolation -------------------------------------------------------------------------
