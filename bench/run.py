@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,10 +59,13 @@ def token_kubeconfig(admin_kubeconfig: Path, token_file: Path, path: Path) -> Pa
     return path
 
 
-def run(args: argparse.Namespace) -> Path:
-    sizes = Sizes.smoke() if args.smoke else Sizes()
-    rounds = 1 if args.smoke else args.rounds
-    only = args.only.split(",") if args.only else SCENARIOS
+SERVICES = ("relay", "agent", "aadproxy", "proxy")
+
+
+@contextmanager
+def bench_setup(sizes: Sizes) -> Iterator[tuple[Context, Chain, Path]]:
+    """A devcluster with a cluster-admin ServiceAccount token, and the whole tunnel chain in front of it;
+    yields (context, chain, token file) and stops everything after."""
     work = Path(tempfile.mkdtemp(prefix="clusterconnect-bench-"))
     devcluster, admin = start_devcluster(work / "devcluster", work / "devcluster.out")
     chain = None
@@ -76,15 +81,31 @@ def run(args: argparse.Namespace) -> Path:
         chain = Chain(work / "chain", endpoint_only(admin, work / "endpoint.kubeconfig"))
         tunnel_kubeconfig = work / "tunnel.kubeconfig"
         chain.start_all(token_file, tunnel_kubeconfig)
-        ctx = Context(
+        yield Context(
             direct=direct_endpoint(admin, token), tunnel=tunnel_endpoint(tunnel_kubeconfig, token),
             admin_kubeconfig=admin,
             kubeconfigs={"direct": token_kubeconfig(admin, token_file, work / "direct.kubeconfig"),
                          "tunnel": tunnel_kubeconfig},
             namespace=ns, sizes=sizes, work_dir=work,
-            pids={name: chain.processes[name].popen.pid for name in ("relay", "agent", "aadproxy", "proxy")},
-            logs={name: chain.processes[name].log for name in ("relay", "agent", "aadproxy", "proxy")},
-        )
+            pids={name: chain.processes[name].popen.pid for name in SERVICES},
+            logs={name: chain.processes[name].log for name in SERVICES},
+        ), chain, token_file
+    finally:
+        if chain is not None:
+            chain.stop_all()
+        os.killpg(devcluster.pid, signal.SIGTERM)
+        try:
+            devcluster.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(devcluster.pid, signal.SIGKILL)
+            devcluster.wait()
+
+
+def run(args: argparse.Namespace) -> Path:
+    sizes = Sizes.smoke() if args.smoke else Sizes()
+    rounds = 1 if args.smoke else args.rounds
+    only = args.only.split(",") if args.only else SCENARIOS
+    with bench_setup(sizes) as (ctx, chain, token_file):
         results: dict = {"rounds": rounds, "smoke": args.smoke, "sizes": vars(sizes), "scenarios": {}}
         if "big_list" in only or "head_of_line" in only:
             prepare_big_list(ctx)
@@ -114,15 +135,6 @@ def run(args: argparse.Namespace) -> Path:
         results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return write_report(results, Path(args.out), stamp)
-    finally:
-        if chain is not None:
-            chain.stop_all()
-        os.killpg(devcluster.pid, signal.SIGTERM)
-        try:
-            devcluster.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(devcluster.pid, signal.SIGKILL)
-            devcluster.wait()
 
 
 def main() -> None:

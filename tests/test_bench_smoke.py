@@ -21,3 +21,19 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, devcluster):
     [table] = tmp_path.glob("*.md")
     assert "| small GET | p50 latency (ms) |" in table.read_text()
     assert list(tmp_path.glob("*.png"))
+
+
+def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(devcluster):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_profile.py"), "--smoke", "--requests", "20",
+                             "--dials", "3", "--lists", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for line in ("small GET: p50 tunnel", "dial: p50 tunnel", "LIST: MB/s median tunnel"):
+        assert line in result.stdout
+    assert "aadproxy" in result.stdout
+
+
+def test_forwarder_micro_measures_the_auth_proxy_alone():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "forwarder_micro.py"), "--requests", "50"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "µs CPU per small GET" in result.stdout
