@@ -35,6 +35,7 @@ from clusterconnect.aadproxy.authn import Authenticator, Reject
 from clusterconnect.kstatus import status_body
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import ByteStream, PeerGone
+from clusterconnect.tasks import cancelling
 
 log = get_logger(__name__)
 
@@ -119,11 +120,6 @@ def _abort(stream: ByteStream) -> None:
     writer = getattr(stream, "writer", None)
     if writer is not None:
         writer.transport.abort()
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class _Connection:
@@ -498,7 +494,7 @@ class _Connection:
         self.upstream = None
         self.up = None
         _counts["upstream"] -= 1
-        if _cancelling():
+        if cancelling():
             _abort(stream)
         await stream.close()
 
@@ -531,7 +527,7 @@ class _Connection:
             reader.cancel()
         try:
             await self._drop_upstream()
-            if not _cancelling():
+            if not cancelling():
                 try:
                     await self.downstream.send_eof()
                 except PeerGone:

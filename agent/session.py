@@ -16,7 +16,7 @@ from clusterconnect.agent.enrollment import Enrolled
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
-from clusterconnect.tasks import race, unwrap
+from clusterconnect.tasks import cancelling, race, unwrap
 from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
@@ -38,7 +38,7 @@ class AgentConfig:
     authproxy: tunnel_pb2_grpc.AuthProxyStub
     # Touched while the control stream is healthy, for an exec readiness probe in Kubernetes.
     health_file: Path | None = None
-    # Accept streams kept open at the relay ahead of need, so a Dial needs no round trip to us.
+    # Accept (relay) + Serve (auth proxy) pairs kept open ahead of need, so a Dial needs no round trip to us.
     warm_streams: int = 2
 
 
@@ -207,11 +207,13 @@ class Agent:
         """Keep ``warm_streams`` pairs of Accept (at the relay) and Serve (at the auth proxy) streams
         open ahead of need; each pair given to a client is replaced at once. Unbound ones end with
         this coroutine (session over or handed over)."""
+        if self.config.warm_streams == 0:
+            await asyncio.Future()  # nothing to keep; ending would end the session (race)
         slots = asyncio.Semaphore(self.config.warm_streams)
         unbound: set[asyncio.Task] = set()
         retry = Backoff()
         try:
-            while self.config.warm_streams > 0:
+            while True:
                 await slots.acquire()
                 unbound.add(connections.create_task(self._warm(stub, slots, unbound, retry)))
         finally:
@@ -228,9 +230,11 @@ class Agent:
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             first = None
         except asyncio.CancelledError:
-            accept.cancel()
-            serve.cancel()
-            raise
+            if cancelling():  # handed over or session over
+                accept.cancel()
+                serve.cancel()
+                raise
+            first = None  # the relay ended the warm stream with CANCELLED (grpc.aio raises that as ours)
         if first is None or first is grpc.aio.EOF or not first.HasField("bound"):
             # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
             accept.cancel()
@@ -242,12 +246,17 @@ class Agent:
         unbound.discard(asyncio.current_task())
         retry.reset()
         slots.release()
-        with connection_span("agent.connection", first.bound.traceparent or None, cluster=self.config.cluster) as traceparent:
-            try:
-                await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
-            await self._splice(accept, serve, "warm")
+        try:
+            with connection_span("agent.connection", first.bound.traceparent or None,
+                                 cluster=self.config.cluster) as traceparent:
+                try:
+                    await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
+                await self._splice(accept, serve, "warm")
+        finally:  # also when cancelled before the splice began
+            accept.cancel()
+            serve.cancel()
 
     async def _splice(self, accept: grpc.aio.StreamStreamCall, serve: grpc.aio.StreamStreamCall, label: str) -> None:
         self.open_connections += 1

@@ -11,11 +11,11 @@ those of a TCP connection:
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import grpc
 
-from clusterconnect.tasks import gather_strict
+from clusterconnect.tasks import cancelling, gather_strict
 from clusterconnect.v1 import tunnel_pb2
 
 # What grpc.aio raises when the other end is gone or the RPC already ended.
@@ -25,6 +25,16 @@ _RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateErr
 READ_SIZE = 256 * 1024
 
 _EOF_CHUNK = tunnel_pb2.Chunk(eof=True)
+
+
+def raise_unless_peer_cancelled() -> NoReturn:
+    """Called on CancelledError from a gRPC call: grpc.aio raises it also when the *peer* ended the
+    call with status CANCELLED. That is the peer going away (PeerGone), not our task being cancelled;
+    treated as cancellation, it would end one direction of a splice silently and leave the other
+    one waiting for ever."""
+    if cancelling():
+        raise asyncio.CancelledError
+    raise PeerGone("CANCELLED: the other end cancelled the stream")
 
 
 class ByteStream(Protocol):
@@ -99,6 +109,8 @@ class GrpcClientStream:
                 raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
             except _RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
+            except asyncio.CancelledError:
+                raise_unless_peer_cancelled()
             if chunk is grpc.aio.EOF:
                 return b""
             if chunk.eof:
@@ -111,6 +123,8 @@ class GrpcClientStream:
             await self.call.write(tunnel_pb2.Chunk(data=data))
         except _RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
+        except asyncio.CancelledError:
+            raise_unless_peer_cancelled()
 
     async def send_eof(self) -> None:
         if self._eof_sent:
@@ -151,12 +165,17 @@ class GrpcServerStream:
     def encode(self, data: bytes) -> object:
         return tunnel_pb2.Chunk(data=data)
 
+    async def _read(self) -> object:
+        return await self.context.read()
+
     async def receive(self) -> bytes:
         while True:
             try:
-                message = await self.context.read()
+                message = await self._read()
             except _RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
+            except asyncio.CancelledError:  # e.g. read by the other RPC's task of a splice
+                raise_unless_peer_cancelled()
             if message is grpc.aio.EOF:
                 return b""
             data = self.decode(message)
@@ -165,11 +184,16 @@ class GrpcServerStream:
             if data:  # an empty payload carries nothing
                 return data
 
+    async def _send(self, message: object) -> None:
+        await self.context.write(message)
+
     async def _write(self, message: object) -> None:
         try:
-            await self.context.write(message)
+            await self._send(message)
         except _RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
+        except asyncio.CancelledError:
+            raise_unless_peer_cancelled()
 
     async def send(self, data: bytes) -> None:
         await self._write(self.encode(data))

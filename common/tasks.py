@@ -11,6 +11,12 @@ class _Finished(Exception):
     pass
 
 
+def cancelling() -> bool:
+    """True while the current task is being cancelled (by its owner, not by a peer's status)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def unwrap(group: BaseExceptionGroup) -> BaseException:
     """The first exception of a TaskGroup failure, so callers can catch plain exception types."""
     for exc in group.exceptions:

@@ -9,6 +9,8 @@ passes through as bytes and ends the stream at the far end.)
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from clusterconnect.streams import GrpcServerStream
@@ -25,6 +27,20 @@ class PassthroughStream(GrpcServerStream):
 
     def encode(self, data: bytes) -> bytes:
         return data
+
+
+class ForeignPassthroughStream(PassthroughStream):
+    """A PassthroughStream used from another RPC's task: the Dial handler splices the agent's Accept.
+
+    Its writes are shielded from that task's cancellation. grpc.aio cannot take back a write
+    cancelled half-way: after one, the RPC could no longer tell the agent that it ended, and the
+    agent's side of the connection (and the auth proxy's) stayed open (tests/test_warm_streams.py).
+    So a write in flight runs to its end, or to the RPC's end, which the Accept handler brings about.
+    (Reads cancelled half-way do no such harm; shielding costs a task per message.)
+    """
+
+    async def _send(self, message: object) -> None:
+        await asyncio.shield(self.context.write(message))
 
 
 def raw_stream_handler(service: str, methods: dict) -> grpc.GenericRpcHandler:

@@ -33,6 +33,12 @@ class AcceptedStream:
     # Resolved by the Dial handler when the connection is over: True if it ended cleanly.
     finished: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
+    # Warm streams only: a Dial puts its traceparent here; the Accept handler sends Chunk{bound} (in its
+    # own task: a write cancelled half-way, as a cancelled Dial would, leaves grpc.aio unable to end
+    # that RPC) and answers in ``ready`` whether the stream is usable.
+    binding: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
     def finish(self, clean: bool) -> None:
         if not self.finished.done():
             self.finished.set_result(clean)

@@ -13,7 +13,7 @@ from clusterconnect.humanize import ago
 from clusterconnect.logs import get_logger
 from clusterconnect.relay.sessions import AcceptedStream, AgentSession, SessionTable
 from clusterconnect.relay.store import ClusterStore
-from clusterconnect.relay.passthrough import PassthroughStream
+from clusterconnect.relay.passthrough import ForeignPassthroughStream, PassthroughStream
 from clusterconnect.streams import PeerGone, splice
 from clusterconnect.tasks import race
 from clusterconnect.tracing import connection_span
@@ -81,11 +81,11 @@ class Tunnel:
     async def _carry(self, context: grpc.aio.ServicerContext, session: AgentSession, traceparent: str) -> None:
         cluster = session.cluster
         accepted = await self._open(session, context, traceparent)
-        await context.send_initial_metadata(((md.OPEN, "1"),))
         self.open_connections += 1
         session.active.add(accepted)
         clean = False
-        try:
+        try:  # from here on, however this ends, the agent's stream is told (accepted.finish)
+            await context.send_initial_metadata(((md.OPEN, "1"),))
             await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted))
             clean = True
         except (_PeerLost, PeerGone) as exc:
@@ -97,13 +97,20 @@ class Tunnel:
             self.open_connections -= 1
 
     async def _open(self, session: AgentSession, context: grpc.aio.ServicerContext, traceparent: str) -> AcceptedStream:
+        """The agent's stream for this Dial: a warm one at hand, else one the agent opens on request.
+        A stream handed over here is the caller's to finish; one that is not, is finished here."""
         while (warm := session.take_warm()) is not None:
+            warm.binding.set_result(traceparent)
             try:
-                await warm.stream.send(_bound(traceparent))
-                self.dials_warm += 1
-                return warm
-            except PeerGone:
+                usable = await warm.ready
+            except BaseException:  # the Dial was cancelled meanwhile: the warm stream goes with it
                 warm.finish(False)
+                raise
+            if not usable:
+                warm.finish(False)
+                continue
+            self.dials_warm += 1
+            return warm
         self.dials_requested += 1
         try:
             dial_id, future = session.request_dial(traceparent)
@@ -113,6 +120,11 @@ class Tunnel:
             )
         try:
             return await asyncio.wait_for(future, ACCEPT_TIMEOUT)
+        except asyncio.CancelledError:
+            # Cancelled just as the agent's Accept arrived: end that stream too, or it waits for ever.
+            if future.done() and not future.cancelled():
+                future.result().finish(False)
+            raise
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -120,6 +132,20 @@ class Tunnel:
             )
         finally:
             session.pending.pop(dial_id, None)
+
+    @staticmethod
+    async def _bind_when_dialled(accepted: AcceptedStream) -> None:
+        """A warm stream waits for a Dial; then it tells the agent (Chunk{bound}) from this task."""
+        await asyncio.wait((accepted.binding, accepted.finished), return_when=asyncio.FIRST_COMPLETED)
+        if not accepted.binding.done():
+            return  # ended before a Dial took it (its session ended)
+        try:
+            await accepted.stream.send(_bound(accepted.binding.result()))
+        except PeerGone:
+            accepted.ready.set_result(False)
+            accepted.finish(False)
+            return
+        accepted.ready.set_result(True)
 
     @staticmethod
     async def _lost(accepted: AcceptedStream) -> None:
@@ -209,8 +235,9 @@ class Tunnel:
         cluster = await self._authenticate_agent(context)
         metadata = context.invocation_metadata()
         session = self.sessions.get(cluster)
-        accepted = AcceptedStream(PassthroughStream(context))
-        if metadata_value(metadata, md.WARM) == "1":
+        accepted = AcceptedStream(ForeignPassthroughStream(context))
+        warm = metadata_value(metadata, md.WARM) == "1"
+        if warm:
             if session is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no control stream for this cluster")
             if not session.add_warm(accepted):
@@ -222,6 +249,8 @@ class Tunnel:
                 await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
             future.set_result(accepted)
         try:
+            if warm:
+                await self._bind_when_dialled(accepted)
             clean = await accepted.finished
         except asyncio.CancelledError:
             accepted.peer_lost.set()
@@ -229,5 +258,7 @@ class Tunnel:
         finally:
             if session is not None:
                 session.discard_warm(accepted)
+            if not accepted.ready.done():
+                accepted.ready.set_result(False)
         if not clean:
             await context.abort(grpc.StatusCode.CANCELLED, "client connection ended")

@@ -211,7 +211,7 @@ class Chain:
         return process
 
     def start_agent(self, name: str = "agent", cluster: str | None = None, state_dir: Path | None = None,
-                    wait: bool = True) -> Process:
+                    wait: bool = True, extra_args: tuple[str, ...] = ()) -> Process:
         """Start an agent the way `clusters add` prints it: join token + pinned CA hash, state in
         STATE_DIR/agent-CLUSTER (it joins on the first start and uses its certificate afterwards)."""
         cluster = cluster or self.cluster
@@ -221,7 +221,7 @@ class Chain:
         process = self.spawn(name, [
             script("clusterconnect-agent"), "--relay", self.relay_url, "--cluster", cluster,
             "--state-dir", str(state_dir or self.agent_state(cluster)),
-            "--authproxy", f"127.0.0.1:{self.authproxy_port}", "--log-level", self.log_level,
+            "--authproxy", f"127.0.0.1:{self.authproxy_port}", "--log-level", self.log_level, *extra_args,
         ], env={"CLUSTERCONNECT_JOIN_TOKEN": join.get("join_token", ""),
                 "CLUSTERCONNECT_RELAY_CA_HASH": join.get("relay_ca_hash", "")})
         if wait:
