@@ -6,6 +6,7 @@ whose handshake fails must not leave that Dial (and the agent stream it took) be
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -114,10 +115,41 @@ def test_clients_resetting_at_once_leave_the_pool_whole(chain) -> None:
         raw = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         raw.close()  # RST right after the TCP handshake
-    before = _relay_when(tunnel, lambda s: s["open_connections"] == 0 and s["warm_streams"] == WARM,
-                         "every early Dial to end and the pool to refill", timeout=4)
+    _relay_when(tunnel, lambda s: s["open_connections"] == 0 and s["warm_streams"] == WARM,
+                "every early Dial to end and the pool to refill", timeout=4)
     # Every agent stream the relay ended is ended at the agent too (and its auth proxy stream).
     wait_until(agent_idle, 4, "the agent's connections of the reset clients to end", interval=0.2)
     assert _get_version(endpoint) == 200
     _relay_when(tunnel, lambda s: s["open_connections"] == 0 and s["warm_streams"] == WARM,
                 "the request to end and the pool to refill")
+
+
+def test_clients_resetting_mid_download_leave_nothing_at_the_agent(chain) -> None:
+    """The relay reads the agent's stream from the Dial's task; a client that resets while a large
+    response is on its way cancels that read half-way. The agent must still learn the end."""
+    tunnel, kubeconfig = chain
+    endpoint = Endpoint(kubeconfig)
+    items = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"reset-{i}", "namespace": "default",
+                                                                    "labels": {"reset-test": "1"}},
+              "data": {"v": "x" * 256 * 1024}} for i in range(16)]
+    conn = endpoint.connect()
+    for item in items:
+        conn.request("POST", "/api/v1/namespaces/default/configmaps", body=json.dumps(item),
+                     headers={**endpoint.headers, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status in (201, 409)
+    conn.close()
+    agent_idle = lambda: stats(tunnel.processes["agent"]).get("open_connections", 0) == 0  # noqa: E731
+    wait_until(agent_idle, 15, "an idle agent", interval=0.2)
+    request = (f"GET /api/v1/namespaces/default/configmaps?labelSelector=reset-test%3D1 HTTP/1.1\r\n"
+               f"Host: {endpoint.host}\r\nAuthorization: {endpoint.headers['Authorization']}\r\n\r\n").encode()
+    for _ in range(10):
+        raw = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
+        tls = endpoint.ssl.wrap_socket(raw, server_hostname=endpoint.host)
+        tls.sendall(request)
+        assert tls.recv(65536)  # the response (4 MiB) is on its way
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()  # reset with most of it still in flight
+    wait_until(agent_idle, 5, "the agent's connections of the reset downloads to end", interval=0.2)
+    _relay_when(tunnel, lambda s: s["open_connections"] == 0 and s["warm_streams"] == WARM, "an idle relay")
