@@ -35,3 +35,14 @@ class Endpoint:
         if response.status != 200:
             raise AssertionError(f"GET {path}: {response.status} {body[:300]!r}")
         return json.loads(body)
+
+    def one_request(self, path: str = "/version") -> int:
+        """GET ``path`` on a connection of its own (``Connection: close``); the response status."""
+        conn = self.connect()
+        try:
+            conn.request("GET", path, headers={**self.headers, "Connection": "close"})
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()

@@ -25,28 +25,17 @@ def _settled(processes: dict[str, Process], baseline: dict[str, dict]) -> dict |
     return now if ok else False
 
 
-def _one_connection(endpoint: Endpoint) -> int:
-    conn = endpoint.connect()
-    try:
-        conn.request("GET", "/version", headers={**endpoint.headers, "Connection": "close"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def test_1000_connections_leave_nothing_behind(chain):
     tunnel, kubeconfig = chain
     endpoint = Endpoint(kubeconfig)
-    assert _one_connection(endpoint) == 200
+    assert endpoint.one_request() == 200
     def idle() -> dict | bool:
         now = {name: stats(tunnel.processes[name]) for name in SERVICES}
         return now if all(v.get("open_connections", 0) == 0 for v in now.values()) else False
 
     baseline = wait_until(idle, 30, "the first connection to wind down", interval=0.2)
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda _: _one_connection(endpoint), range(1000)))
+        statuses = list(pool.map(lambda _: endpoint.one_request(), range(1000)))
     assert statuses.count(200) == 1000
     # Connections wind down asynchronously after the client hangs up; wait for every gauge to return.
     final = wait_until(lambda: _settled(tunnel.processes, baseline), 30, "every process to return to its baseline",

@@ -18,17 +18,6 @@ from service_stats import stats
 WARM = 2  # the agent's default --warm-streams
 
 
-def _get_version(endpoint: Endpoint) -> int:
-    conn = endpoint.connect()
-    try:
-        conn.request("GET", "/version", headers={**endpoint.headers, "Connection": "close"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
-
-
 def _relay_when(chain, predicate, what: str, timeout: float = 15) -> dict:
     relay = chain.processes["relay"]
     return wait_until(lambda: (lambda now: now if predicate(now) else None)(stats(relay)), timeout, what, interval=0.2)
@@ -38,7 +27,7 @@ def test_a_connection_takes_a_warm_stream_and_the_pool_refills(chain) -> None:
     tunnel, kubeconfig = chain
     before = _relay_when(tunnel, lambda s: s["warm_streams"] == WARM and s["open_connections"] == 0,
                          "a full pool of warm streams")
-    assert _get_version(Endpoint(kubeconfig)) == 200
+    assert Endpoint(kubeconfig).one_request() == 200
     after = _relay_when(tunnel, lambda s: s["warm_streams"] == WARM and s["open_connections"] == 0,
                         "the pool to refill")
     assert after["dials_warm"] == before["dials_warm"] + 1
@@ -53,7 +42,7 @@ def test_an_agent_without_warm_streams_is_asked_for_each_connection(chain) -> No
         before = _relay_when(tunnel, lambda s: s["agents"] == 1 and s["open_connections"] == 0,
                              "the agent without warm streams")
         assert before["warm_streams"] == 0
-        assert _get_version(Endpoint(kubeconfig)) == 200
+        assert Endpoint(kubeconfig).one_request() == 200
         after = _relay_when(tunnel, lambda s: s["open_connections"] == 0, "the request to end")
         assert after["dials_requested"] == before["dials_requested"] + 1
         assert after["dials_warm"] == before["dials_warm"]
@@ -100,7 +89,7 @@ def test_a_failed_tls_handshake_leaves_no_dial_behind(chain) -> None:
     # Well within the 10 s handshake timeout: the dropped connections' Dials are gone at once.
     _relay_when(tunnel, lambda s: s["open_connections"] == 0 and s["warm_streams"] == WARM,
                 "the early Dials of the failed handshakes to end", timeout=4)
-    assert _get_version(endpoint) == 200
+    assert endpoint.one_request() == 200
 
 
 def test_clients_resetting_at_once_leave_the_pool_whole(chain) -> None:
@@ -119,7 +108,7 @@ def test_clients_resetting_at_once_leave_the_pool_whole(chain) -> None:
                 "every early Dial to end and the pool to refill", timeout=4)
     # Every agent stream the relay ended is ended at the agent too (and its auth proxy stream).
     wait_until(agent_idle, 4, "the agent's connections of the reset clients to end", interval=0.2)
-    assert _get_version(endpoint) == 200
+    assert endpoint.one_request() == 200
     _relay_when(tunnel, lambda s: s["open_connections"] == 0 and s["warm_streams"] == WARM,
                 "the request to end and the pool to refill")
 
