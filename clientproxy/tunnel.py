@@ -92,23 +92,26 @@ class ConnectionHandler:
         return self.stub.Dial(metadata=((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent)))
 
     @staticmethod
-    def _expire(accepted: _Accepted) -> None:
+    def _claim(accepted: _Accepted) -> bool:
+        """Take the accepted connection over, once: by its handler, or by expiry; False if already taken."""
         if accepted.claimed:
-            return
+            return False
         accepted.claimed = True
         if accepted.expiry is not None:
             accepted.expiry.cancel()
-        if accepted.call is not None:
-            accepted.call.cancel()
-        accepted.span.end()
+        return True
+
+    @classmethod
+    def _expire(cls, accepted: _Accepted) -> None:
+        if cls._claim(accepted):
+            if accepted.call is not None:
+                accepted.call.cancel()
+            accepted.span.end()
 
     async def _connection(self, accepted: _Accepted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if accepted.claimed:  # the handshake outlasted HANDSHAKE_TIMEOUT after all: the Dial is gone
+        if not self._claim(accepted):  # the handshake outlasted HANDSHAKE_TIMEOUT after all: the Dial is gone
             writer.transport.abort()
             return
-        accepted.claimed = True
-        if accepted.expiry is not None:
-            accepted.expiry.cancel()
         self.open_connections += 1
         downstream = SocketStream(reader, writer)
         try:

@@ -28,10 +28,11 @@ _EOF_CHUNK = tunnel_pb2.Chunk(eof=True)
 
 
 def raise_unless_peer_cancelled() -> NoReturn:
-    """Called on CancelledError from a gRPC call: grpc.aio raises it also when the *peer* ended the
-    call with status CANCELLED. That is the peer going away (PeerGone), not our task being cancelled;
-    treated as cancellation, it would end one direction of a splice silently and leave the other
-    one waiting for ever."""
+    """Called on CancelledError from a gRPC call's read or write: grpc.aio raises it also when the
+    call was cancelled by someone other than this task (``call.cancel()`` elsewhere, or the other
+    RPC's end of a splice). Unless this task is being cancelled, that is the stream going away
+    (PeerGone); treated as our own cancellation, it would end one direction of a splice silently
+    and leave the other one waiting for ever."""
     if cancelling():
         raise asyncio.CancelledError
     raise PeerGone("CANCELLED: the other end cancelled the stream")
@@ -165,13 +166,10 @@ class GrpcServerStream:
     def encode(self, data: bytes) -> object:
         return tunnel_pb2.Chunk(data=data)
 
-    async def _read(self) -> object:
-        return await self.context.read()
-
     async def receive(self) -> bytes:
         while True:
             try:
-                message = await self._read()
+                message = await self.context.read()
             except _RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
             except asyncio.CancelledError:  # e.g. read by the other RPC's task of a splice
