@@ -3,8 +3,10 @@
     cpu_profile.py [--requests 2000] [--dials 200] [--lists 5] [--py-spy DIR] [--smoke]
 
 Through the tunnel: small GETs on one keep-alive connection, new connections (one GET each, 50 ms
-apart), and LISTs (50 MiB; small with --smoke); prints the CPU of each process per request, per dial and per MB, beside
-the latencies of direct access in the same run. With --py-spy, DIR gets one raw py-spy profile per
+apart), and LISTs (50 MiB; small with --smoke); prints the CPU of each process per request, per dial and per MB
+(and how much of it the kernel spent for them), beside the latencies of direct access in the same run, and
+the CPU the apiserver and this load generator spend on the same operation, direct and through the tunnel:
+on two shared cores, the tunnel gets what those two leave. With --py-spy, DIR gets one raw py-spy profile per
 process and phase (`py-spy record -f raw`: one line per stack, count last). The per-hop figures
 in docs/performance.md come from this script.
 """
@@ -12,6 +14,7 @@ in docs/performance.md come from this script.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import subprocess
@@ -24,7 +27,7 @@ from run import SERVICES, bench_setup
 from scenarios import Sizes, big_list, prepare_big_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy" / "local"))
-from chain import cpu_seconds  # noqa: E402
+from chain import cpu_times, machine_idle_total  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 
@@ -48,11 +51,17 @@ def profiled(pids: dict[str, int], out: Path | None, phase: str):
             spy.wait()
 
 
-def per_process_cpu(pids: dict[str, int], operation, count: int) -> tuple[list[float], dict[str, float]]:
-    """Run ``operation`` ``count`` times; its latencies and each process's CPU seconds per operation."""
-    before = {name: cpu_seconds([pid]) for name, pid in pids.items()}
+def per_process_cpu(pids: dict[str, int], operation, count: int) -> tuple[list[float], dict[str, tuple[float, float]], float]:
+    """Run ``operation`` ``count`` times: its latencies, each process's (user, system) CPU seconds per
+    operation, and the share of the machine's cores that were busy meanwhile."""
+    before = {name: cpu_times([pid]) for name, pid in pids.items()}
+    idle0, total0 = machine_idle_total()
     latencies = [operation() for _ in range(count)]
-    return latencies, {name: (cpu_seconds([pid]) - before[name]) / count for name, pid in pids.items()}
+    idle1, total1 = machine_idle_total()
+    after = {name: cpu_times([pid]) for name, pid in pids.items()}
+    per_operation = {name: ((after[name][0] - before[name][0]) / count, (after[name][1] - before[name][1]) / count)
+                     for name in pids}
+    return latencies, per_operation, 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
 def timed(function) -> float:
@@ -70,14 +79,17 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a small LIST: keeps the script working")
     args = parser.parse_args()
     with bench_setup(Sizes.smoke() if args.smoke else Sizes()) as (ctx, _chain, _token):
-        pids = {name: ctx.pids[name] for name in SERVICES}
+        tunnel_pids = {name: ctx.pids[name] for name in SERVICES}
+        # The apiserver's CPU is measured too: the same work either way, and the budget's other half.
+        apiserver = {"apiserver": ctx.apiserver_pid} if ctx.apiserver_pid else {}
+        pids = {**tunnel_pids, **apiserver, "client": os.getpid()}
         path = "/api/v1/namespaces/default"
 
         def gets(endpoint):
             conn = endpoint.connect()
             for _ in range(50):
                 endpoint.get(conn, path)
-            with profiled(pids if endpoint is ctx.tunnel else {}, args.py_spy, "get"):
+            with profiled(tunnel_pids if endpoint is ctx.tunnel else {}, args.py_spy, "get"):
                 result = per_process_cpu(pids, lambda: timed(lambda: endpoint.get(conn, path)), args.requests)
             conn.close()
             return result
@@ -91,31 +103,41 @@ def main() -> None:
                 conn.close()
                 time.sleep(0.05)  # one new connection at a time, as separate kubectl commands make them
                 return elapsed
-            with profiled(pids if endpoint is ctx.tunnel else {}, args.py_spy, "dial"):
+            with profiled(tunnel_pids if endpoint is ctx.tunnel else {}, args.py_spy, "dial"):
                 return per_process_cpu(pids, one, args.dials)
 
         prepare_big_list(ctx)
 
         def lists(endpoint):
-            with profiled(pids if endpoint is ctx.tunnel else {}, args.py_spy, "list"):
+            with profiled(tunnel_pids if endpoint is ctx.tunnel else {}, args.py_spy, "list"):
                 results = []
-                latencies, cpu = per_process_cpu(pids, lambda: results.append(big_list(ctx, endpoint)), args.lists)
+                _, cpu, busy = per_process_cpu(pids, lambda: results.append(big_list(ctx, endpoint)), args.lists)
             megabytes = statistics.mean(r["bytes"] for r in results) / 1e6
-            return [r["bytes"] / r["seconds"] / 1e6 for r in results], {k: v / megabytes for k, v in cpu.items()}
+            return ([r["bytes"] / r["seconds"] / 1e6 for r in results],
+                    {k: (user / megabytes, system / megabytes) for k, (user, system) in cpu.items()}, busy)
 
         for name, measure, unit, scale in (("small GET", gets, "µs CPU per request", 1e6),
                                            ("dial", dials, "µs CPU per dial", 1e6),
                                            ("LIST", lists, "ms CPU per MB", 1e3)):
-            tunnel, cpu = measure(ctx.tunnel)
-            direct, _ = measure(ctx.direct)
+            tunnel, cpu, busy = measure(ctx.tunnel)
+            direct, direct_cpu, direct_busy = measure(ctx.direct)
             if name == "LIST":
                 figures = f"MB/s median tunnel {statistics.median(tunnel):.0f}, direct {statistics.median(direct):.0f}"
             else:
                 figures = (f"p50 tunnel {statistics.median(tunnel) * 1e3:.2f} ms, "
                            f"direct {statistics.median(direct) * 1e3:.2f} ms")
             digits = 1 if scale < 1e6 else 0
-            per = ", ".join(f"{k} {v * scale:.{digits}f}" for k, v in cpu.items())
-            print(f"{name}: {figures}; {unit}: {per}; total {sum(cpu.values()) * scale:.{digits}f}", flush=True)
+
+            def show(seconds: float) -> str:
+                return f"{seconds * scale:.{digits}f}"
+
+            per = ", ".join(f"{k} {show(sum(cpu[k]))}" for k in tunnel_pids)
+            line = (f"{name}: {figures}; {unit}: {per}; total {show(sum(sum(cpu[k]) for k in tunnel_pids))}, "
+                    f"of it kernel {show(sum(cpu[k][1] for k in tunnel_pids))}")
+            for other in [*apiserver, "client"]:
+                line += f"; {other} {show(sum(cpu[other]))} through the tunnel, {show(sum(direct_cpu[other]))} direct"
+            line += f"; cores busy {busy:.0%} through the tunnel, {direct_busy:.0%} direct"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

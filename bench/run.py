@@ -24,7 +24,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 import yaml  # noqa: E402
-from chain import Chain, endpoint_only, start_devcluster  # noqa: E402
+from chain import Chain, endpoint_only, process_in_group, start_devcluster  # noqa: E402
 from endpoints import Endpoint  # noqa: E402
 from report import write_report  # noqa: E402
 from scale import scale  # noqa: E402
@@ -89,6 +89,7 @@ def bench_setup(sizes: Sizes) -> Iterator[tuple[Context, Chain, Path]]:
             namespace=ns, sizes=sizes, work_dir=work,
             pids={name: chain.processes[name].popen.pid for name in SERVICES},
             logs={name: chain.processes[name].log for name in SERVICES},
+            apiserver_pid=process_in_group(devcluster.pid, "kube-apiserver"),
         ), chain, token_file
     finally:
         if chain is not None:

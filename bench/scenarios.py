@@ -17,7 +17,7 @@ from pathlib import Path
 
 import h11
 
-from chain import quiescent
+from chain import machine_idle_total, quiescent
 from endpoints import Endpoint
 from workloads import SINK_SERVER
 
@@ -54,6 +54,7 @@ class Context:
     work_dir: Path
     pids: dict[str, int] = field(default_factory=dict)  # tunnel processes, for RSS
     logs: dict[str, Path] = field(default_factory=dict)  # their logs, for their stats lines
+    apiserver_pid: int | None = None  # the devcluster's kube-apiserver, for its CPU time
 
     def endpoints(self) -> list[Endpoint]:
         return [self.direct, self.tunnel]
@@ -340,13 +341,9 @@ def wait_drained(ctx: Context, timeout: float) -> None:
 
 def _machine_idle(window: float = 1.0) -> bool:
     """True when both cores were at least 80% idle over ``window`` seconds."""
-    def idle_total() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-        return values[3] + values[4], sum(values)
-    idle0, total0 = idle_total()
+    idle0, total0 = machine_idle_total()
     time.sleep(window)  # a measuring interval, not synchronisation
-    idle1, total1 = idle_total()
+    idle1, total1 = machine_idle_total()
     return (idle1 - idle0) >= 0.8 * (total1 - total0)
 
 

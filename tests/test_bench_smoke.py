@@ -30,6 +30,9 @@ def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(devcluster):
     for line in ("small GET: p50 tunnel", "dial: p50 tunnel", "LIST: MB/s median tunnel"):
         assert line in result.stdout
     assert "aadproxy" in result.stdout
+    # the budget's other parts: the kernel's share, the apiserver, the load generator, the machine
+    for part in ("of it kernel", "apiserver", "client", "cores busy"):
+        assert part in result.stdout, result.stdout
 
 
 def test_forwarder_micro_measures_the_auth_proxy_alone():

@@ -331,14 +331,45 @@ def endpoint_only(admin_kubeconfig: Path, path: Path) -> Path:
     return path
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system) the processes used so far."""
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """CPU time the processes used so far: (user, system) seconds; system is the kernel's work for them
+    (on loopback, every TCP hop's copies and wake-ups are paid here, by sender and receiver)."""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime, in clock ticks
+        system += int(fields[12])  # stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
+
+
+def machine_idle_total() -> tuple[int, int]:
+    """The machine's (idle, total) CPU time so far, in clock ticks summed over every core."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    return values[3] + values[4], sum(values)  # idle + iowait
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes used so far."""
+    return sum(cpu_times(pids))
+
+
+def process_in_group(group: int, name: str) -> int | None:
+    """The pid of a process of process group ``group`` whose command line mentions ``name``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != group:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if name.encode() in cmdline.read():
+                    return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 def quiescent(pids: list[int], window: float = 1.0, share: float = 0.05) -> bool:
