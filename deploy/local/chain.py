@@ -357,7 +357,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def process_in_group(group: int, name: str) -> int | None:
-    """The pid of a process of process group ``group`` whose command line mentions ``name``."""
+    """The pid of a process of process group ``group`` that is ``name`` (its program or, for a multi-call
+    binary like the devcluster's, its first argument)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -365,8 +366,9 @@ def process_in_group(group: int, name: str) -> int | None:
             if os.getpgid(int(entry)) != group:
                 continue
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                if name.encode() in cmdline.read():
-                    return int(entry)
+                program = [os.path.basename(arg) for arg in cmdline.read().split(b"\0")[:2]]
+            if name.encode() in program:
+                return int(entry)
         except OSError:
             continue
     return None
