@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from clusterconnect.service import StartupError
-from clusterconnect.streams import SocketStream
+from clusterconnect.socket_stream import SocketStream, open_socket_stream
 
 SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 CONNECT_TIMEOUT = 10.0
@@ -71,17 +71,15 @@ class ApiServer:
 
     async def connect(self, *, own_identity: bool = False) -> SocketStream:
         """A new TLS connection to the apiserver (ALPN http/1.1), as a ByteStream."""
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        return await asyncio.wait_for(
+            open_socket_stream(
                 self.host,
                 self.port,
-                ssl=self.identity_tls if own_identity else self.forward_tls,
+                tls=self.identity_tls if own_identity else self.forward_tls,
                 server_hostname=self.server_hostname,
-                limit=256 * 1024,
             ),
             CONNECT_TIMEOUT,
         )
-        return SocketStream(reader, writer)
 
 
 def _tls_context(*, cafile: str | None, cadata: str | None) -> ssl.SSLContext:

@@ -117,9 +117,9 @@ def _leaf_types(exc: BaseException) -> set[type[BaseException]]:
 
 def _abort(stream: ByteStream) -> None:
     """Drop a socket-backed stream at once (no TLS close_notify, no waiting)."""
-    writer = getattr(stream, "writer", None)
-    if writer is not None:
-        writer.transport.abort()
+    abort = getattr(stream, "abort", None)
+    if abort is not None:
+        abort()
 
 
 class _Connection:

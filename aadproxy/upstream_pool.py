@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from clusterconnect.logs import get_logger
-from clusterconnect.streams import SocketStream
+from clusterconnect.socket_stream import SocketStream
 
 log = get_logger(__name__)
 
@@ -37,9 +37,9 @@ class UpstreamPool:
         while self._idle:
             opened, stream = self._idle.popleft()
             self._wanted.set()
-            if time.monotonic() - opened < MAX_IDLE and not _closed(stream):
+            if time.monotonic() - opened < MAX_IDLE and not stream.ended():
                 return stream
-            await _drop(stream)
+            stream.abort()
         return await self._connect()
 
     async def run(self) -> None:
@@ -63,18 +63,11 @@ class UpstreamPool:
                     await asyncio.sleep(RETRY)
         finally:
             while self._idle:
-                await _drop(self._idle.popleft()[1])
+                self._idle.popleft()[1].abort()
 
     def _expire(self) -> None:
         now = time.monotonic()
-        while self._idle and (now - self._idle[0][0] >= MAX_IDLE / 2 or _closed(self._idle[0][1])):
+        while self._idle and (now - self._idle[0][0] >= MAX_IDLE / 2 or self._idle[0][1].ended()):
             _, stream = self._idle.popleft()
-            stream.writer.transport.abort()
+            stream.abort()
 
-
-def _closed(stream: SocketStream) -> bool:
-    return stream.reader.at_eof() or stream.writer.transport.is_closing()
-
-
-async def _drop(stream: SocketStream) -> None:
-    stream.writer.transport.abort()

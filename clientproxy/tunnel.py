@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import weakref
 from dataclasses import dataclass
 
@@ -16,7 +15,8 @@ from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
 from clusterconnect.tracing import start_connection_span
-from clusterconnect.streams import GrpcClientStream, PeerGone, SocketStream, splice
+from clusterconnect.socket_stream import SocketStream
+from clusterconnect.streams import GrpcClientStream, PeerGone, splice
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
@@ -70,10 +70,12 @@ class ConnectionHandler:
         self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
         self.target = target
         self.open_connections = 0
+        # The connections being served: their tasks are held here until they end.
+        self._connections: set[asyncio.Task[None]] = set()
 
-    def protocol(self) -> asyncio.StreamReaderProtocol:
+    def protocol(self) -> SocketStream:
         accepted = self._dial_early()
-        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(), functools.partial(self._connection, accepted))
+        protocol = SocketStream(on_connected=lambda stream: self._start(accepted, stream))
         # A failed handshake never reaches the handler, and nothing tells us but the protocol being
         # dropped: then its Dial goes too (and at the latest once the handshake would have timed out).
         weakref.finalize(protocol, self._expire, accepted).atexit = False
@@ -108,12 +110,17 @@ class ConnectionHandler:
                 accepted.call.cancel()
             accepted.span.end()
 
-    async def _connection(self, accepted: _Accepted, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _start(self, accepted: _Accepted, downstream: SocketStream) -> None:
+        """The TLS handshake is done: serve the connection."""
         if not self._claim(accepted):  # the handshake outlasted HANDSHAKE_TIMEOUT after all: the Dial is gone
-            writer.transport.abort()
+            downstream.abort()
             return
+        task = asyncio.get_running_loop().create_task(self._connection(accepted, downstream))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _connection(self, accepted: _Accepted, downstream: SocketStream) -> None:
         self.open_connections += 1
-        downstream = SocketStream(reader, writer)
         try:
             with trace.use_span(accepted.span, end_on_exit=True):
                 await self._carry(downstream, accepted)

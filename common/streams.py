@@ -1,4 +1,5 @@
-"""One direction-pair of bytes, whatever carries it: a socket, or a gRPC stream of Chunks.
+"""One direction-pair of bytes, whatever carries it: a socket (clusterconnect.socket_stream), or a
+gRPC stream of Chunks (here).
 
 Every hop of the tunnel is "take bytes from one ByteStream, give them to another". The semantics are
 those of a TCP connection:
@@ -50,49 +51,6 @@ class ByteStream(Protocol):
 
 class PeerGone(Exception):
     """The other end of a stream went away without an orderly close."""
-
-
-class SocketStream:
-    """An asyncio stream pair (plain TCP or TLS)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self._closed = False
-
-    async def receive(self) -> bytes:
-        try:
-            return await self.reader.read(READ_SIZE)
-        except (ConnectionError, OSError) as exc:
-            raise PeerGone(str(exc)) from exc
-
-    async def send(self, data: bytes) -> None:
-        try:
-            self.writer.write(data)
-            await self.writer.drain()
-        except (ConnectionError, OSError) as exc:
-            raise PeerGone(str(exc)) from exc
-
-    async def send_eof(self) -> None:
-        # TLS cannot half-close; once our side is done the connection is done.
-        if self.writer.can_write_eof() and not self.writer.is_closing():
-            try:
-                self.writer.write_eof()
-            except (ConnectionError, OSError):
-                pass
-        else:
-            await self.close()
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
-        except (ConnectionError, OSError, asyncio.TimeoutError, TimeoutError):
-            # TLS close_notify to a vanished peer; the transport is closed regardless.
-            self.writer.transport.abort()
 
 
 class GrpcClientStream:

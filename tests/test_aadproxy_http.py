@@ -25,7 +25,7 @@ from clusterconnect.aadproxy.apiserver import TokenSource, from_kubeconfig
 from clusterconnect.aadproxy.authn import Forward, Reject, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
-from clusterconnect.streams import SocketStream
+from clusterconnect.socket_stream import SocketStream, open_socket_stream
 
 TIMEOUT = 5.0
 AUTH = (b"authorization", b"Bearer tok-123")
@@ -249,7 +249,7 @@ class Upstream:
         return self.server.sockets[0].getsockname()[1]
 
     async def connect(self) -> SocketStream:
-        return SocketStream(*await asyncio.open_connection("127.0.0.1", self.port))
+        return await open_socket_stream("127.0.0.1", self.port)
 
 
 async def read_request(reader: asyncio.StreamReader, conn: h11.Connection) -> tuple[h11.Request, bytes] | None:
@@ -595,7 +595,7 @@ def test_upstream_unreachable_is_502() -> None:
         sock.close()  # nothing listens there now
 
         async def connect() -> SocketStream:
-            return SocketStream(*await asyncio.open_connection("127.0.0.1", port))
+            return await open_socket_stream("127.0.0.1", port)
 
         down = MemoryStream()
         task = asyncio.create_task(forward_connection(down, connect, TokenPassthrough()))

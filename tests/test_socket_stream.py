@@ -1,0 +1,151 @@
+"""SocketStream on real loopback sockets: the ByteStream semantics the proxies rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+import uvloop
+
+from clusterconnect.socket_stream import HIGH_WATER, SocketStream, open_socket_stream
+from clusterconnect.streams import READ_SIZE, PeerGone
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def run(request):
+    """Run a test's coroutine on the event loop the services use (uvloop) and on asyncio's own."""
+    runner = uvloop.run if request.param == "uvloop" else asyncio.run
+    return lambda coroutine: runner(asyncio.wait_for(coroutine, 20))
+
+
+async def _pair() -> tuple[SocketStream, socket.socket]:
+    """Our SocketStream connected to a plain blocking socket we drive by hand."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        stream = await open_socket_stream("127.0.0.1", listener.getsockname()[1])
+        peer, _ = await asyncio.to_thread(listener.accept)
+    finally:
+        listener.close()
+    return stream, peer
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+def test_blocks_that_queued_up_leave_as_one_up_to_read_size(run):
+    run(_blocks_that_queued_up_leave_as_one_up_to_read_size())
+
+
+async def _blocks_that_queued_up_leave_as_one_up_to_read_size():
+    stream, peer = await _pair()
+    try:
+        peer.sendall(b"a" * 1000)
+        await _until(lambda: stream._buffered == 1000)
+        peer.sendall(b"b" * 1000)
+        await _until(lambda: stream._buffered == 2000)
+        assert await stream.receive() == b"a" * 1000 + b"b" * 1000
+
+        peer.sendall(b"c" * (READ_SIZE + 10))
+        await _until(lambda: stream._buffered == READ_SIZE + 10)
+        received = b""
+        while len(received) < READ_SIZE + 10:
+            block = await stream.receive()
+            assert len(block) <= READ_SIZE or block == b"c" * len(block)
+            received += block
+        assert received == b"c" * (READ_SIZE + 10)
+    finally:
+        peer.close()
+        await stream.close()
+
+
+def test_reading_pauses_above_high_water_and_resumes_once_drained(run):
+    run(_reading_pauses_above_high_water_and_resumes_once_drained())
+
+
+async def _reading_pauses_above_high_water_and_resumes_once_drained():
+    stream, peer = await _pair()
+    try:
+        peer.setblocking(False)
+        payload = b"x" * (HIGH_WATER * 4)
+        sent = 0
+
+        def send_some() -> bool:
+            nonlocal sent
+            try:
+                sent += peer.send(payload[sent:])
+            except BlockingIOError:
+                pass
+            return stream._reading_paused
+
+        await _until(send_some)
+        assert stream._buffered <= HIGH_WATER + READ_SIZE  # bounded: no unbounded queue
+        received = 0
+        while received < len(payload):
+            if sent < len(payload):
+                send_some()
+            received += len(await stream.receive())
+        assert not stream._reading_paused
+    finally:
+        peer.close()
+        await stream.close()
+
+
+def test_a_cancelled_receive_loses_nothing(run):
+    run(_a_cancelled_receive_loses_nothing())
+
+
+async def _a_cancelled_receive_loses_nothing():
+    stream, peer = await _pair()
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await stream.receive()
+        peer.sendall(b"after")
+        assert await stream.receive() == b"after"
+    finally:
+        peer.close()
+        await stream.close()
+
+
+def test_half_close_both_ways_on_plain_tcp(run):
+    run(_half_close_both_ways_on_plain_tcp())
+
+
+async def _half_close_both_ways_on_plain_tcp():
+    stream, peer = await _pair()
+    try:
+        peer.sendall(b"last words")
+        peer.shutdown(socket.SHUT_WR)
+        assert await stream.receive() == b"last words"
+        assert await stream.receive() == b""
+        await stream.send(b"still open")  # our direction is still ours
+        await stream.send_eof()
+        received = b""
+        while chunk := await asyncio.to_thread(peer.recv, 100):
+            received += chunk
+        assert received == b"still open"
+    finally:
+        peer.close()
+        await stream.close()
+
+
+def test_a_reset_is_peer_gone_and_close_is_idempotent(run):
+    run(_a_reset_is_peer_gone_and_close_is_idempotent())
+
+
+async def _a_reset_is_peer_gone_and_close_is_idempotent():
+    stream, peer = await _pair()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    peer.close()  # RST
+    with pytest.raises(PeerGone):
+        while await stream.receive():
+            pass
+    with pytest.raises(PeerGone):
+        await stream.send(b"x")
+    await stream.close()
+    await stream.close()
+    assert stream.ended()
