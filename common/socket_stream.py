@@ -92,6 +92,8 @@ class SocketStream(asyncio.Protocol):
 
     async def receive(self) -> bytes:
         """The next bytes; b"" once the peer ended its side. Cancelling it loses nothing."""
+        if self._data_waiter is not None:
+            raise RuntimeError("receive() called while another receive() is waiting")
         while not self._blocks:
             if self._error is not None:
                 raise PeerGone(_describe(self._error))
