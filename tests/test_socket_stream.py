@@ -8,26 +8,33 @@ import socket
 import pytest
 import uvloop
 
-from clusterconnect.socket_stream import HIGH_WATER, SocketStream, open_socket_stream
+from clusterconnect.socket_stream import HIGH_WATER, open_socket_stream
 from clusterconnect.streams import READ_SIZE, PeerGone
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])
-def run(request):
-    """Run a test's coroutine on the event loop the services use (uvloop) and on asyncio's own."""
+def connected(request):
+    """``connected(body)`` runs ``body(stream, peer)``: our SocketStream connected to a plain blocking
+    socket the test drives by hand, on the event loop the services use (uvloop) and on asyncio's own."""
     runner = uvloop.run if request.param == "uvloop" else asyncio.run
-    return lambda coroutine: runner(asyncio.wait_for(coroutine, 20))
 
+    def run(body) -> None:
+        async def main() -> None:
+            listener = socket.create_server(("127.0.0.1", 0))
+            try:
+                stream = await open_socket_stream("127.0.0.1", listener.getsockname()[1])
+                peer, _ = await asyncio.to_thread(listener.accept)
+            finally:
+                listener.close()
+            try:
+                await body(stream, peer)
+            finally:
+                peer.close()
+                await stream.close()
 
-async def _pair() -> tuple[SocketStream, socket.socket]:
-    """Our SocketStream connected to a plain blocking socket we drive by hand."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    try:
-        stream = await open_socket_stream("127.0.0.1", listener.getsockname()[1])
-        peer, _ = await asyncio.to_thread(listener.accept)
-    finally:
-        listener.close()
-    return stream, peer
+        runner(asyncio.wait_for(main(), 20))
+
+    return run
 
 
 async def _until(condition, timeout: float = 5.0) -> None:
@@ -36,13 +43,8 @@ async def _until(condition, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.001)
 
 
-def test_blocks_that_queued_up_leave_as_one_up_to_read_size(run):
-    run(_blocks_that_queued_up_leave_as_one_up_to_read_size())
-
-
-async def _blocks_that_queued_up_leave_as_one_up_to_read_size():
-    stream, peer = await _pair()
-    try:
+def test_blocks_that_queued_up_leave_as_one_up_to_read_size(connected):
+    async def body(stream, peer):
         peer.sendall(b"a" * 1000)
         await _until(lambda: stream._buffered == 1000)
         peer.sendall(b"b" * 1000)
@@ -57,18 +59,12 @@ async def _blocks_that_queued_up_leave_as_one_up_to_read_size():
             assert len(block) <= READ_SIZE or block == b"c" * len(block)
             received += block
         assert received == b"c" * (READ_SIZE + 10)
-    finally:
-        peer.close()
-        await stream.close()
+
+    connected(body)
 
 
-def test_reading_pauses_above_high_water_and_resumes_once_drained(run):
-    run(_reading_pauses_above_high_water_and_resumes_once_drained())
-
-
-async def _reading_pauses_above_high_water_and_resumes_once_drained():
-    stream, peer = await _pair()
-    try:
+def test_reading_pauses_above_high_water_and_resumes_once_drained(connected):
+    async def body(stream, peer):
         peer.setblocking(False)
         payload = b"x" * (HIGH_WATER * 4)
         sent = 0
@@ -89,35 +85,23 @@ async def _reading_pauses_above_high_water_and_resumes_once_drained():
                 send_some()
             received += len(await stream.receive())
         assert not stream._reading_paused
-    finally:
-        peer.close()
-        await stream.close()
+
+    connected(body)
 
 
-def test_a_cancelled_receive_loses_nothing(run):
-    run(_a_cancelled_receive_loses_nothing())
-
-
-async def _a_cancelled_receive_loses_nothing():
-    stream, peer = await _pair()
-    try:
+def test_a_cancelled_receive_loses_nothing(connected):
+    async def body(stream, peer):
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.05):
                 await stream.receive()
         peer.sendall(b"after")
         assert await stream.receive() == b"after"
-    finally:
-        peer.close()
-        await stream.close()
+
+    connected(body)
 
 
-def test_half_close_both_ways_on_plain_tcp(run):
-    run(_half_close_both_ways_on_plain_tcp())
-
-
-async def _half_close_both_ways_on_plain_tcp():
-    stream, peer = await _pair()
-    try:
+def test_half_close_both_ways_on_plain_tcp(connected):
+    async def body(stream, peer):
         peer.sendall(b"last words")
         peer.shutdown(socket.SHUT_WR)
         assert await stream.receive() == b"last words"
@@ -128,24 +112,33 @@ async def _half_close_both_ways_on_plain_tcp():
         while chunk := await asyncio.to_thread(peer.recv, 100):
             received += chunk
         assert received == b"still open"
-    finally:
-        peer.close()
+
+    connected(body)
+
+
+def test_a_reset_is_peer_gone_and_close_is_idempotent(connected):
+    async def body(stream, peer):
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # RST
+        with pytest.raises(PeerGone):
+            while await stream.receive():
+                pass
+        with pytest.raises(PeerGone):
+            await stream.send(b"x")
         await stream.close()
+        await stream.close()
+        assert stream.ended()
+
+    connected(body)
 
 
-def test_a_reset_is_peer_gone_and_close_is_idempotent(run):
-    run(_a_reset_is_peer_gone_and_close_is_idempotent())
+def test_a_second_concurrent_receive_is_refused(connected):
+    async def body(stream, peer):
+        first = asyncio.create_task(stream.receive())
+        await _until(lambda: stream._data_waiter is not None)
+        with pytest.raises(RuntimeError):
+            await stream.receive()
+        peer.sendall(b"one")
+        assert await first == b"one"
 
-
-async def _a_reset_is_peer_gone_and_close_is_idempotent():
-    stream, peer = await _pair()
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    peer.close()  # RST
-    with pytest.raises(PeerGone):
-        while await stream.receive():
-            pass
-    with pytest.raises(PeerGone):
-        await stream.send(b"x")
-    await stream.close()
-    await stream.close()
-    assert stream.ended()
+    connected(body)
