@@ -226,37 +226,39 @@ class Agent:
         accept = stub.Accept(metadata=self._metadata((md.WARM, "1")))
         serve = self.config.authproxy.Serve(metadata=((md.WARM, "1"),))
         try:
-            first = await accept.read()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            first = None
-        except asyncio.CancelledError:
-            if cancelling():  # handed over or session over
-                accept.cancel()
-                serve.cancel()
-                raise
-            first = None  # the relay ended the warm stream with CANCELLED (grpc.aio raises that as ours)
-        if first is None or first is grpc.aio.EOF or not first.HasField("bound"):
-            # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
+            first = await self._binding(accept)
+            if first is not None:
+                unbound.discard(asyncio.current_task())
+                retry.reset()
+                slots.release()
+                with connection_span("agent.connection", first.bound.traceparent or None,
+                                     cluster=self.config.cluster) as traceparent:
+                    try:
+                        await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
+                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                        pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
+                    await self._splice(accept, serve, "warm")
+        finally:  # however it went, cancelled (handed over, session over) included, the pair ends here
             accept.cancel()
             serve.cancel()
+        if first is None:
+            # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
             await asyncio.sleep(retry.next_delay())
             unbound.discard(asyncio.current_task())
             slots.release()
-            return
-        unbound.discard(asyncio.current_task())
-        retry.reset()
-        slots.release()
+
+    @staticmethod
+    async def _binding(accept: grpc.aio.StreamStreamCall) -> tunnel_pb2.Chunk | None:
+        """The relay's Chunk{bound} once a Dial takes this warm stream; None if refused or ended first."""
         try:
-            with connection_span("agent.connection", first.bound.traceparent or None,
-                                 cluster=self.config.cluster) as traceparent:
-                try:
-                    await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
-                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-                    pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
-                await self._splice(accept, serve, "warm")
-        finally:  # also when cancelled before the splice began
-            accept.cancel()
-            serve.cancel()
+            first = await accept.read()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            return None
+        except asyncio.CancelledError:
+            if cancelling():  # handed over or session over
+                raise
+            return None  # the relay ended the warm stream with CANCELLED (grpc.aio raises that as ours)
+        return first if first is not grpc.aio.EOF and first.HasField("bound") else None
 
     async def _splice(self, accept: grpc.aio.StreamStreamCall, serve: grpc.aio.StreamStreamCall, label: str) -> None:
         self.open_connections += 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import h11
 
-from chain import machine_idle_total, quiescent
+from chain import StartFailed, machine_idle_total, quiescent, service_stats
 from endpoints import Endpoint
 from workloads import SINK_SERVER
 
@@ -314,16 +314,11 @@ def watches(ctx: Context, endpoint: Endpoint) -> dict:
 
 
 def open_connections(log: Path, pid: int) -> int | None:
-    """A service's open connections from its newest stats line (asks for one with SIGUSR1)."""
-    before = log.read_text(errors="replace").count('"event": "stats"')
-    os.kill(pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if '"event": "stats"' in line]
-        if len(lines) > before:
-            return json.loads(lines[-1]).get("open_connections", 0)
-        time.sleep(0.05)  # polling the log file for the answer
-    return None
+    """A service's open connections from a fresh stats line; None if it does not answer."""
+    try:
+        return service_stats(log, pid).get("open_connections", 0)
+    except StartFailed:
+        return None
 
 
 def wait_drained(ctx: Context, timeout: float) -> None:

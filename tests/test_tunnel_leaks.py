@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from chain import Process, wait_until
 from https_client import Endpoint
-from service_stats import stats
 
 SERVICES = ("proxy", "relay", "agent", "aadproxy")
 # Timers and keepalive pings come and go; a leak of 1,000 connections would be far above this.
@@ -15,7 +14,7 @@ SLACK = 3
 
 
 def _settled(processes: dict[str, Process], baseline: dict[str, dict]) -> dict | bool:
-    now = {name: stats(processes[name]) for name in SERVICES}
+    now = {name: processes[name].stats() for name in SERVICES}
     ok = all(
         now[name].get("open_connections", 0) == 0
         and now[name]["tasks"] <= baseline[name]["tasks"] + SLACK
@@ -30,7 +29,7 @@ def test_1000_connections_leave_nothing_behind(chain):
     endpoint = Endpoint(kubeconfig)
     assert endpoint.one_request() == 200
     def idle() -> dict | bool:
-        now = {name: stats(tunnel.processes[name]) for name in SERVICES}
+        now = {name: tunnel.processes[name].stats() for name in SERVICES}
         return now if all(v.get("open_connections", 0) == 0 for v in now.values()) else False
 
     baseline = wait_until(idle, 30, "the first connection to wind down", interval=0.2)

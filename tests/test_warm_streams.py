@@ -13,14 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from chain import wait_until
 from https_client import Endpoint
-from service_stats import stats
 
 WARM = 2  # the agent's default --warm-streams
 
 
 def _relay_when(chain, predicate, what: str, timeout: float = 15) -> dict:
     relay = chain.processes["relay"]
-    return wait_until(lambda: (lambda now: now if predicate(now) else None)(stats(relay)), timeout, what, interval=0.2)
+    return wait_until(lambda: (lambda now: now if predicate(now) else None)(relay.stats()), timeout, what, interval=0.2)
 
 
 def test_a_connection_takes_a_warm_stream_and_the_pool_refills(chain) -> None:
@@ -65,7 +64,7 @@ def test_more_connections_than_warm_streams_are_all_served(chain) -> None:
 
         with ThreadPoolExecutor(12) as pool:
             assert list(pool.map(watch, conns)) == [200] * 12
-        during = stats(tunnel.processes["relay"])
+        during = tunnel.processes["relay"].stats()
         assert during["open_connections"] == 12
         requested = during["dials_requested"] - before["dials_requested"]
         warm = during["dials_warm"] - before["dials_warm"]
@@ -97,7 +96,7 @@ def test_clients_resetting_at_once_leave_the_pool_whole(chain) -> None:
     must give back or end the agent streams they took, or the pool would shrink for good."""
     tunnel, kubeconfig = chain
     endpoint = Endpoint(kubeconfig)
-    agent_idle = lambda: stats(tunnel.processes["agent"]).get("open_connections", 0) == 0  # noqa: E731
+    agent_idle = lambda: tunnel.processes["agent"].stats().get("open_connections", 0) == 0  # noqa: E731
     # Watches of an earlier test may still be in the auth proxy's EOF grace (10 s).
     wait_until(agent_idle, 15, "an idle agent", interval=0.2)
     for _ in range(40):
@@ -129,7 +128,7 @@ def test_clients_resetting_mid_download_leave_nothing_at_the_agent(chain) -> Non
         response.read()
         assert response.status in (201, 409)
     conn.close()
-    agent_idle = lambda: stats(tunnel.processes["agent"]).get("open_connections", 0) == 0  # noqa: E731
+    agent_idle = lambda: tunnel.processes["agent"].stats().get("open_connections", 0) == 0  # noqa: E731
     wait_until(agent_idle, 15, "an idle agent", interval=0.2)
     request = (f"GET /api/v1/namespaces/default/configmaps?labelSelector=reset-test%3D1 HTTP/1.1\r\n"
                f"Host: {endpoint.host}\r\nAuthorization: {endpoint.headers['Authorization']}\r\n\r\n").encode()

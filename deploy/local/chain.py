@@ -50,6 +50,10 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def stats(self) -> dict:
+        """The service's gauges (see service_stats)."""
+        return service_stats(self.log, self.popen.pid)
+
     def stop(self, timeout: float = 10) -> None:
         if self.popen.poll() is not None:
             return
@@ -104,6 +108,20 @@ def log_event(log: Path, event: str) -> dict | None:
             except ValueError:
                 continue
     return None
+
+
+def service_stats(log: Path, pid: int, timeout: float = 10) -> dict:
+    """A running service's gauges: SIGUSR1 makes it log one `stats` line (clusterconnect.service);
+    the new line, read from its log. Raises StartFailed if none comes within ``timeout``."""
+    marker = '"event": "stats"'
+    before = log.read_text(errors="replace").count(marker)
+    os.kill(pid, signal.SIGUSR1)
+
+    def newest() -> dict | None:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if marker in line]
+        return json.loads(lines[-1]) if len(lines) > before else None
+
+    return wait_until(newest, timeout, f"stats from pid {pid}")
 
 
 @dataclass
