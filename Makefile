@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv devcluster oidc-provider test test-fast demo demo-down bench protos check-protos clean
+.PHONY: venv lint devcluster oidc-provider test test-fast demo demo-down bench protos check-protos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -28,11 +28,17 @@ protos: venv
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/clusterconnect/v1/tunnel.proto protos/clusterconnect/v1/identity.proto protos/clusterconnect/v1/enrollment.proto
 
-test: venv devcluster oidc-provider
+# ruff (the rule set chosen in pyproject.toml) and mypy (strict for common/, aadproxy/ and relay/).
+lint: venv
+	$(BIN)/ruff check .
+	scripts/typecheck-tree
+	$(BIN)/mypy
+
+test: venv devcluster oidc-provider lint
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.
-test-fast: venv
+test-fast: venv lint
 	$(BIN)/python -m pytest -q -ra -m "not devcluster"
 
 demo: venv devcluster

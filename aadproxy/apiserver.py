@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from clusterconnect.service import StartupError
+from clusterconnect.errors import StartupError
 from clusterconnect.socket_stream import SocketStream, open_socket_stream
 
 SERVICEACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")

@@ -22,9 +22,9 @@ error messages can quote header values, so only error *types* are logged.
 from __future__ import annotations
 
 import asyncio
-import time
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -95,7 +95,7 @@ async def forward_connection(
     _counts["downstream"] += 1
     try:
         await connection.run()
-    except Exception as exc:  # noqa: BLE001 - one bad connection never takes the process down
+    except Exception as exc:
         kinds = _leaf_types(exc)
         if not all(issubclass(kind, (_Close, PeerGone)) for kind in kinds):
             log.warning("connection failed", error=",".join(sorted(k.__name__ for k in kinds)))
@@ -247,7 +247,7 @@ class _Connection:
         if self.upstream is None:
             try:
                 await self._connect()
-            except (OSError, ssl.SSLError, asyncio.TimeoutError, PeerGone) as exc:
+            except (TimeoutError, OSError, ssl.SSLError, PeerGone) as exc:
                 message = _one_line(exc)
                 log.warning("apiserver unreachable", error=message)
                 await self._answer(502, f"auth proxy cannot reach the apiserver: {message}")

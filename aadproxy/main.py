@@ -11,17 +11,18 @@ import grpc
 
 from clusterconnect.aadproxy import apiserver as apiserver_mod
 from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
+from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
 from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
-from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
-from clusterconnect.aadproxy.upstream_pool import UpstreamPool
 from clusterconnect.aadproxy.server import AuthProxyService
+from clusterconnect.aadproxy.upstream_pool import UpstreamPool
 from clusterconnect.addresses import is_loopback
 from clusterconnect.cliargs import add_flag, add_version
+from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import ConfigError, Verifier, load_config
-from clusterconnect.service import StartupError, register_gauge, run_service
+from clusterconnect.service import register_gauge, run_service
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)

@@ -9,11 +9,11 @@ import grpc
 import structlog
 
 from clusterconnect import __version__
+from clusterconnect import metadata as md
 from clusterconnect.aadproxy.apiserver import ApiServer
 from clusterconnect.aadproxy.authn import Authenticator
 from clusterconnect.aadproxy.http_forwarder import forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
-from clusterconnect import metadata as md
 from clusterconnect.grpc_options import metadata_value
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
@@ -38,7 +38,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         self._version_until = 0.0
         self._version_lock = asyncio.Lock()
 
-    async def Serve(self, request_iterator, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Serve(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         # Every log event of this connection (the per-request ones included) names the cluster and
         # the trace; the authenticator adds the caller's identity per request. Each RPC runs in its
         # own task, so these bindings stay with this connection.
@@ -54,7 +54,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
         await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator)
 
-    async def Info(self, request, context) -> tunnel_pb2.InfoResponse:  # noqa: N802
+    async def Info(self, request, context) -> tunnel_pb2.InfoResponse:
         return tunnel_pb2.InfoResponse(
             kubernetes_version=await self.kubernetes_version(), auth_proxy_version=__version__
         )
@@ -68,7 +68,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             try:
                 self._version = await asyncio.wait_for(fetch_version(self.apiserver), VERSION_TIMEOUT)
                 self._version_until = now + VERSION_TTL
-            except Exception as exc:  # noqa: BLE001 - Info degrades to "unknown", never fails
+            except Exception as exc:
                 log.warning("apiserver version unknown", error=" ".join(str(exc).split())[:300] or type(exc).__name__)
                 self._version_until = now + VERSION_RETRY
             return self._version

@@ -254,7 +254,7 @@ class Enrolled:
     async def renew_forever(self) -> None:
         """Renew at two thirds of each certificate's lifetime; retry failures until it expires."""
         while True:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             await asyncio.sleep(max(0.0, (self.identity.renew_at() - now).total_seconds()))
             delay = 1.0
             while True:
@@ -264,7 +264,7 @@ class Enrolled:
                     break
                 except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
                     reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                    left = (self.identity.not_after - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                    left = (self.identity.not_after - datetime.datetime.now(datetime.UTC)).total_seconds()
                     wait = min(delay, max(left / 4, 0.5))
                     log.warning("certificate renewal failed", reason=reason, expires_in=round(left, 1),
                                 retry_in=round(wait, 1))
@@ -293,7 +293,7 @@ async def enroll(state: AgentState, relay_target: str, cluster: str, join_token:
     elif pin:
         root = discover_ca(relay_target, pin)
     identity = state.identity()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if identity is not None and identity.not_after > now and root is not None:
         if identity.cluster != cluster:
             log.warning("the certificate in the state directory is for another cluster",

@@ -14,14 +14,14 @@ from clusterconnect.addresses import is_loopback
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import AgentState, EnrollmentError, enroll
 from clusterconnect.agent.session import Agent, AgentConfig
+from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
-from clusterconnect.service import StartupError
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
-# The relay keeps at most this many warm streams per agent (relay/sessions.py MAX_WARM).
+# The relay keeps at most this many warm streams per agent (relay/datapath/sessions.py MAX_WARM).
 MAX_WARM_STREAMS = 8
 
 

@@ -27,7 +27,7 @@ from run import SERVICES, bench_setup
 from scenarios import Sizes, big_list, prepare_big_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "deploy" / "local"))
-from chain import cpu_times, machine_idle_total  # noqa: E402
+from chain import cpu_times, machine_idle_total
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 

@@ -29,8 +29,17 @@ from endpoints import Endpoint  # noqa: E402
 from report import write_report  # noqa: E402
 from scale import scale  # noqa: E402
 from scenarios import (  # noqa: E402
-    Context, Sizes, big_list, dial, head_of_line, kubectl, port_forward, prepare_big_list, prepare_sink,
-    small_get, watches,
+    Context,
+    Sizes,
+    big_list,
+    dial,
+    head_of_line,
+    kubectl,
+    port_forward,
+    prepare_big_list,
+    prepare_sink,
+    small_get,
+    watches,
 )
 
 SCENARIOS = ["small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale"]
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace) -> Path:
                     print(f"[scale] {n} agents failed: {exc}", flush=True)
                     results.setdefault("errors", []).append(f"scale {n}: {exc}")
         results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         return write_report(results, Path(args.out), stamp)
 
 

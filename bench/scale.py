@@ -10,16 +10,15 @@ import time
 from pathlib import Path
 
 from chain import Chain, wait_until
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from endpoints import Endpoint
 from scenarios import Context, dial, rss_mib
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from clusterconnect.agentcert import build_csr
-from clusterconnect.relay import agent_pki
-from clusterconnect.relay.enrollment import EnrollmentStore
-from clusterconnect.relay.store import ClusterStore
+from clusterconnect.relay.agent_identity import pki as agent_pki
+from clusterconnect.relay.agent_identity.enrollment import EnrollmentStore
+from clusterconnect.relay.storage.clusters import ClusterStore
 
 HERE = Path(__file__).resolve().parent
 SIM_PROCESSES = 4

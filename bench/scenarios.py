@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
-
 from chain import StartFailed, machine_idle_total, quiescent, service_stats
 from endpoints import Endpoint
 from workloads import SINK_SERVER
@@ -38,7 +37,7 @@ class Sizes:
     scale_agents: tuple[int, ...] = (1000, 10000)
 
     @classmethod
-    def smoke(cls) -> "Sizes":
+    def smoke(cls) -> Sizes:
         return cls(get_requests=20, list_items=2, list_item_bytes=16 * 1024, forward_bytes=1024 * 1024, dials=5,
                    watches=5, watch_events=2, stalled_readers=2, hol_probe_requests=20, scale_agents=(5,))
 

@@ -18,11 +18,11 @@ import time
 
 import grpc
 
-from clusterconnect import metadata as md  # noqa: E402
-from clusterconnect.agent.backoff import Backoff  # noqa: E402
-from clusterconnect.grpc_options import CHANNEL_OPTIONS  # noqa: E402
-from clusterconnect.service import raise_fd_limit  # noqa: E402
-from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc  # noqa: E402
+from clusterconnect import metadata as md
+from clusterconnect.agent.backoff import Backoff
+from clusterconnect.grpc_options import CHANNEL_OPTIONS
+from clusterconnect.service import raise_fd_limit
+from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 
 async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,

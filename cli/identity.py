@@ -161,7 +161,7 @@ def token_command(args: argparse.Namespace) -> None:
     # kubectl uses a credential until expirationTimestamp: end it a little early, so a request never
     # arrives with a token that expired on the way.
     early = min(30.0, max(0.0, (expires - time.time()) / 5))
-    stamp = datetime.datetime.fromtimestamp(expires - early, datetime.timezone.utc)
+    stamp = datetime.datetime.fromtimestamp(expires - early, datetime.UTC)
     print(json.dumps({
         "apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
         "status": {"token": token, "expirationTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ")},
@@ -217,7 +217,7 @@ def admin_command(args: argparse.Namespace) -> None:
         ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
         groups = ", ".join(reply.user.groups) or "none"
         print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
-              f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC):")
+              f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.UTC):%Y-%m-%d %H:%M} UTC):")
         print(reply.login_code)
         print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
     elif method == "ListUsers":

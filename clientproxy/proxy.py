@@ -16,10 +16,10 @@ from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.probe import probe
 from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, ConnectionHandler, TunnelTarget
+from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import ensure_ca_and_server_cert
-from clusterconnect.service import StartupError
 
 log = get_logger(__name__)
 

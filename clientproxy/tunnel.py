@@ -14,9 +14,9 @@ from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
 from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
-from clusterconnect.tracing import start_connection_span
 from clusterconnect.socket_stream import SocketStream
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
+from clusterconnect.tracing import start_connection_span
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)

@@ -16,6 +16,7 @@ from typing import Any
 
 import uvloop
 
+from clusterconnect.errors import StartupError
 from clusterconnect.logs import get_logger
 
 log = get_logger(__name__)
@@ -158,8 +159,4 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         pass
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-class StartupError(Exception):
-    """A configuration or environment problem found at start: reported as one line, exit code 2."""
+        sys.exit(exc.exit_code)

@@ -7,8 +7,8 @@ DialRequest. No exporter is configured by default; set OTEL_TRACES_EXPORTER=cons
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource

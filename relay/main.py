@@ -12,17 +12,17 @@ from pathlib import Path
 import grpc
 
 from clusterconnect import cliargs, service
+from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import RELAY_SERVER_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
-from clusterconnect.relay import identity as user_identity
-from clusterconnect.relay import enrollment as agent_enrollment
-from clusterconnect.relay.passthrough import raw_stream_handler
-from clusterconnect.relay.registry import Registry
-from clusterconnect.relay.sessions import SessionTable
-from clusterconnect.relay.store import ClusterStore
-from clusterconnect.relay.tunnel import Tunnel
-from clusterconnect.service import StartupError
+from clusterconnect.relay.admin_api.registry import Registry
+from clusterconnect.relay.agent_identity import enrollment as agent_enrollment
+from clusterconnect.relay.datapath.passthrough import raw_stream_handler
+from clusterconnect.relay.datapath.sessions import SessionTable
+from clusterconnect.relay.datapath.tunnel import Tunnel
+from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.user_identity import wiring as user_identity
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)

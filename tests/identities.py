@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import yaml
-
 from chain import Chain, script
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "k8s"

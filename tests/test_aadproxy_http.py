@@ -227,7 +227,7 @@ class Upstream:
         self.closed = asyncio.Event()
         self.server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> "Upstream":
+    async def __aenter__(self) -> Upstream:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
             try:
@@ -803,13 +803,14 @@ def test_many_connections_leave_nothing_behind() -> None:
 
 
 def make_pki(tmp: Path, names: list[str]) -> tuple[Path, Path, Path]:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
     ca = (
@@ -930,7 +931,7 @@ def test_tls_upstream_hostname_mismatch_is_502(tmp_path: Path) -> None:
 
 
 def test_kubeconfig_insecure_skip_verify_is_refused(tmp_path: Path) -> None:
-    from clusterconnect.service import StartupError
+    from clusterconnect.errors import StartupError
 
     path = tmp_path / "kubeconfig"
     path.write_text(json.dumps({

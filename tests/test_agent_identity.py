@@ -32,9 +32,9 @@ from clusterconnect import metadata as md
 from clusterconnect.agent import enrollment as agent_enrollment
 from clusterconnect.agentcert import build_csr, uri_for
 from clusterconnect.pki import ca_hash, create_ca, issue_server_cert
-from clusterconnect.relay import agent_pki
-from clusterconnect.relay.agent_pki import CsrInvalid, CsrRefused
-from clusterconnect.relay.enrollment import EnrollmentStore
+from clusterconnect.relay.agent_identity import pki as agent_pki
+from clusterconnect.relay.agent_identity.enrollment import EnrollmentStore
+from clusterconnect.relay.agent_identity.pki import CsrInvalid, CsrRefused
 from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
 
 LIFETIME = 6  # seconds: the agent renews every 4 s

@@ -19,7 +19,6 @@ import time
 import uuid
 
 import pytest
-
 from devcluster.fixture import KUBECTL, wait_for
 
 NS = "devcluster-test"
@@ -36,7 +35,7 @@ class LineReader:
 
     def __init__(self, popen: subprocess.Popen):
         self.popen = popen
-        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -280,7 +279,7 @@ def _transfer(port: int, size: int) -> tuple[str, str, int]:
                 sent_hash.update(chunk)
                 sock.sendall(chunk)
                 remaining -= len(chunk)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=sender, daemon=True)

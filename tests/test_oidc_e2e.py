@@ -18,10 +18,9 @@ import time
 import jwt
 import pytest
 import yaml
+from chain import Chain, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
-from chain import Chain, wait_until
 from https_client import Endpoint
 from identities import POD_READER, authproxy_kubeconfig, grant_role, hydra_issuer, write_authentication_config
 

@@ -27,12 +27,26 @@ import pytest
 import yaml
 from chain import Chain, free_port
 from identities import (
-    authproxy_kubeconfig, builtin_issuer, grant_cluster_role, grant_role, hydra_issuer, login_with_code,
-    login_with_token_command, write_authentication_config,
+    authproxy_kubeconfig,
+    builtin_issuer,
+    grant_cluster_role,
+    grant_role,
+    hydra_issuer,
+    login_with_code,
+    login_with_token_command,
+    write_authentication_config,
 )
 from kube import (
-    LineReader, echo_pod, echo_roundtrip, exec_in_pty, kubectl, kubectl_popen, port_forward, run_pod,
-    shell_pod, stop,
+    LineReader,
+    echo_pod,
+    echo_roundtrip,
+    exec_in_pty,
+    kubectl,
+    kubectl_popen,
+    port_forward,
+    run_pod,
+    shell_pod,
+    stop,
 )
 
 NS = "tunnel-e2e"

@@ -20,7 +20,7 @@ from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
 from clusterconnect.grpc_options import bearer_from_metadata, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.pki import ca_hash, create_ca, ensure_ca_and_server_cert
-from clusterconnect.relay.store import AlreadyExists, ClusterStore, InvalidName
+from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, InvalidName
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def test_ago():
 def test_agent_session_keeps_a_bounded_pool_of_warm_streams():
     import asyncio
 
-    from clusterconnect.relay.sessions import MAX_WARM, AcceptedStream, AgentSession
+    from clusterconnect.relay.datapath.sessions import MAX_WARM, AcceptedStream, AgentSession
 
     async def scenario() -> None:
         session = AgentSession("dev", "v", "k")

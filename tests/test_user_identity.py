@@ -21,20 +21,25 @@ from pathlib import Path
 import jwt
 import pytest
 import yaml
-
-from https_client import Endpoint
 from chain import Chain, free_port, script, wait_until
+from https_client import Endpoint
 from identities import (
-    POD_READER, authproxy_kubeconfig, builtin_issuer, grant_role, hydra_issuer, login_with_code,
+    POD_READER,
+    authproxy_kubeconfig,
+    builtin_issuer,
+    grant_role,
+    hydra_issuer,
+    login_with_code,
     write_authentication_config,
 )
+
 from clusterconnect.clientproxy import tokens
 from clusterconnect.oidc import AuthenticationConfig, IssuerKeys, Verifier
-from clusterconnect.relay.access import AccessStore, DialAuthorizer, Entry
-from clusterconnect.relay.identity import builtin_issuer_config
-from clusterconnect.relay.issuer import Issuer, SigningKeys
-from clusterconnect.relay.store import ClusterStore
-from clusterconnect.relay.users import UserError, UserStore
+from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
+from clusterconnect.relay.user_identity.issuer import Issuer, SigningKeys
+from clusterconnect.relay.user_identity.users import UserError, UserStore
+from clusterconnect.relay.user_identity.wiring import builtin_issuer_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_NS = "clusterconnect-builtin"

@@ -277,7 +277,7 @@ class Chain:
         return ready
 
     @contextmanager
-    def running(self, token_file: Path | None, kubeconfig: Path) -> Iterator["Chain"]:
+    def running(self, token_file: Path | None, kubeconfig: Path) -> Iterator[Chain]:
         """``start_all``, then ``stop_all`` however the block ends (also when starting failed)."""
         try:
             self.start_all(token_file, kubeconfig)

@@ -15,8 +15,9 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -48,13 +49,13 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30, what: str = "condi
     reported on timeout.
     """
     deadline = time.monotonic() + timeout
-    last_exc: Optional[BaseException] = None
+    last_exc: BaseException | None = None
     while True:
         try:
             result = predicate()
             if result:
                 return result
-        except Exception as exc:  # noqa: BLE001 - polled conditions may fail transiently
+        except Exception as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             msg = f"timed out after {timeout:.0f}s waiting for {what}"
@@ -85,11 +86,11 @@ class DevCluster:
     def kubectl(
         self,
         *args: str,
-        input: Optional[str | bytes] = None,
-        env: Optional[dict] = None,
+        input: str | bytes | None = None,
+        env: dict | None = None,
         check: bool = True,
         timeout: float = 60,
-        user_kubeconfig: Optional[os.PathLike | str] = None,
+        user_kubeconfig: os.PathLike | str | None = None,
     ) -> subprocess.CompletedProcess:
         """Run kubectl against the cluster (admin unless ``user_kubeconfig``).
 
@@ -111,7 +112,7 @@ class DevCluster:
             raise KubectlError(proc.returncode, cmd, output=proc.stdout, stderr=proc.stderr)
         return proc
 
-    def apply(self, manifest: str | dict, namespace: Optional[str] = None) -> subprocess.CompletedProcess:
+    def apply(self, manifest: str | dict, namespace: str | None = None) -> subprocess.CompletedProcess:
         """``kubectl apply -f -`` with a YAML/JSON string or a dict."""
         if isinstance(manifest, dict):
             manifest = json.dumps(manifest)
@@ -138,8 +139,8 @@ class DevCluster:
         self,
         namespace: str,
         name: str,
-        cluster_role: Optional[str] = None,
-        role_rules: Optional[Sequence[dict]] = None,
+        cluster_role: str | None = None,
+        role_rules: Sequence[dict] | None = None,
     ) -> None:
         """Create a ServiceAccount (idempotent).
 
@@ -321,7 +322,7 @@ def _wait_ready_line(popen: subprocess.Popen, timeout: float) -> str:
         sel.close()
 
 
-def stop_devcluster(popen: subprocess.Popen, timeout: float = 30, state_dir: Optional[os.PathLike | str] = None) -> int:
+def stop_devcluster(popen: subprocess.Popen, timeout: float = 30, state_dir: os.PathLike | str | None = None) -> int:
     """SIGTERM the launcher, wait, then SIGKILL its whole process group.
     Also kills stray pod processes under ``state_dir/pods``. Returns the exit code."""
     if popen.poll() is None:

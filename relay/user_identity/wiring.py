@@ -14,17 +14,21 @@ from pathlib import Path
 import grpc
 
 from clusterconnect import cliargs
+from clusterconnect.errors import StartupError
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import AuthenticationConfig, ConfigError, IssuerConfig, IssuerKeys, Verifier, load_config
 from clusterconnect.oidc.config import PrefixedClaim
-from clusterconnect.relay.access import AccessStore, DialAuthorizer
-from clusterconnect.relay.identity_api import AccessAdmin, IdentityProvider
-from clusterconnect.relay.issuer import (
-    DEFAULT_ACCESS_TOKEN_LIFETIME, MAX_ACCESS_TOKEN_LIFETIME, Issuer, IssuerEndpoint, SigningKeys,
+from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer
+from clusterconnect.relay.user_identity.api import AccessAdmin, IdentityProvider
+from clusterconnect.relay.user_identity.issuer import (
+    DEFAULT_ACCESS_TOKEN_LIFETIME,
+    MAX_ACCESS_TOKEN_LIFETIME,
+    Issuer,
+    IssuerEndpoint,
+    SigningKeys,
 )
-from clusterconnect.relay.store import ClusterStore
-from clusterconnect.relay.users import UserStore
-from clusterconnect.service import StartupError
+from clusterconnect.relay.user_identity.users import UserStore
 from clusterconnect.v1 import identity_pb2_grpc
 
 log = get_logger(__name__)

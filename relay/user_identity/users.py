@@ -11,12 +11,12 @@ import hashlib
 import re
 import secrets
 import sqlite3
-
-from clusterconnect.relay.db import open_db
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from clusterconnect.relay.storage.sqlite import open_db
 
 USER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9._@]{0,62}[a-z0-9])?$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9._@:/]{0,126}[A-Za-z0-9])?$")

@@ -83,7 +83,7 @@ def issue(ca: KeyPair, csr: x509.CertificateSigningRequest, cluster: str,
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     # No backdating: only the relay checks this certificate, with the clock that issued it.
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     return (
         x509.CertificateBuilder()
         .subject_name(subject_for(cluster))

@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterconnect.relay.db import open_db
 from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
-from clusterconnect.relay.store import ClusterStore
-from clusterconnect.relay.users import UserStore
+from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.user_identity.users import UserStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cluster_access (

@@ -11,9 +11,9 @@ from clusterconnect import metadata as md
 from clusterconnect.grpc_options import bearer_from_metadata, metadata_value
 from clusterconnect.humanize import ago
 from clusterconnect.logs import get_logger
-from clusterconnect.relay.sessions import AcceptedStream, AgentSession, SessionTable
-from clusterconnect.relay.store import ClusterStore
-from clusterconnect.relay.passthrough import ForeignPassthroughStream, PassthroughStream
+from clusterconnect.relay.datapath.passthrough import ForeignPassthroughStream, PassthroughStream
+from clusterconnect.relay.datapath.sessions import AcceptedStream, AgentSession, SessionTable
+from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.streams import PeerGone, splice
 from clusterconnect.tasks import race
 from clusterconnect.tracing import connection_span
@@ -163,7 +163,7 @@ class Tunnel:
     # -- agents ---------------------------------------------------------------------------------
 
     async def _authenticate_agent(self, context: grpc.aio.ServicerContext) -> str:
-        # The agent's client certificate names its cluster (relay/enrollment.py); the claim must match.
+        # The agent's client certificate names its cluster (relay/agent_identity/enrollment.py); the claim must match.
         cluster = metadata_value(context.invocation_metadata(), md.CLUSTER)
         if not cluster:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing {md.CLUSTER} metadata")

@@ -7,9 +7,9 @@ import time
 import grpc
 
 from clusterconnect.logs import get_logger
-from clusterconnect.relay.admin import AdminCheck
-from clusterconnect.relay.sessions import SessionTable
-from clusterconnect.relay.store import AlreadyExists, ClusterRecord, ClusterStore, InvalidName
+from clusterconnect.relay.admin_api.check import AdminCheck
+from clusterconnect.relay.datapath.sessions import SessionTable
+from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterRecord, ClusterStore, InvalidName
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-
 import grpc
 
 from clusterconnect.grpc_options import bearer_from_metadata
 from clusterconnect.logs import get_logger
-from clusterconnect.relay.admin import AdminCheck
-from clusterconnect.relay.access import AccessError, AccessStore, Entry
-from clusterconnect.relay.issuer import Issuer
-from clusterconnect.relay.users import NoSuchUser, UserError, UserExists, UserRecord, UserStore
+from clusterconnect.relay.admin_api.check import AdminCheck
+from clusterconnect.relay.user_identity.access import AccessError, AccessStore, Entry
+from clusterconnect.relay.user_identity.issuer import Issuer
+from clusterconnect.relay.user_identity.users import NoSuchUser, UserError, UserExists, UserRecord, UserStore
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
 log = get_logger(__name__)

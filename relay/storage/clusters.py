@@ -1,7 +1,7 @@
 """The relay's cluster registry, in SQLite in the data directory (the embedded default).
 
 Agents authenticate with client certificates; join tokens and certificate serials live in
-relay/enrollment.py's tables of the same database. The ``credential_sha256`` column is a leftover
+relay/agent_identity/enrollment.py's tables of the same database. The ``credential_sha256`` column is a leftover
 of bearer agent credentials and stays empty.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
-
-from clusterconnect.relay.db import open_db
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from clusterconnect.relay.storage.sqlite import open_db
 
 CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -61,7 +61,7 @@ class ClusterStore:
         self._db.close()
 
     def add(self, name: str) -> ClusterRecord:
-        """Register a cluster (its agent joins with a token from relay/enrollment.py)."""
+        """Register a cluster (its agent joins with a token from relay/agent_identity/enrollment.py)."""
         validate_name(name)
         now = int(time.time())
         try:

@@ -32,10 +32,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from clusterconnect.relay.db import open_db
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import fetch_json
 from clusterconnect.oidc.keys import FetchJson
+from clusterconnect.relay.storage.sqlite import open_db
 
 log = get_logger(__name__)
 

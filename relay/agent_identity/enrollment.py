@@ -24,12 +24,12 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from clusterconnect.relay.db import open_db
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import KeyPair
-from clusterconnect.relay import agent_pki
-from clusterconnect.relay.agent_pki import AgentIdentity, CsrInvalid, CsrRefused
-from clusterconnect.relay.store import ClusterStore
+from clusterconnect.relay.agent_identity import pki as agent_pki
+from clusterconnect.relay.agent_identity.pki import AgentIdentity, CsrInvalid, CsrRefused
+from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.sqlite import open_db
 from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = get_logger(__name__)
@@ -292,7 +292,7 @@ class AgentEnrollment:
         except RuntimeError:
             port = 0
         if port == 0:
-            from clusterconnect.service import StartupError
+            from clusterconnect.errors import StartupError
 
             raise StartupError(f"cannot listen on {self.args.agent_listen} (--agent-listen): address in use or not available")
         self.agent_port = self.args.agent_advertise_port or port

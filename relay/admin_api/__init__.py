@@ -1,0 +1,1 @@
+"""The admin role and the Registry API (clusters added, listed, removed)."""

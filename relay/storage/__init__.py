@@ -1,0 +1,1 @@
+"""What the relay keeps: the cluster registry and the SQLite file every store opens the same way."""
