@@ -6,7 +6,10 @@ without an answer; servers accept pings that often (otherwise they answer GOAWAY
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from urllib.parse import urlparse
+
+from clusterconnect.errors import InvalidInput
 
 MAX_MESSAGE = 8 * 1024 * 1024
 
@@ -60,7 +63,7 @@ def grpc_target(url: str) -> str:
         url = "https://" + url
     parsed = urlparse(url)
     if not parsed.hostname:
-        raise ValueError(f"not a host:port address: {url!r}")
+        raise InvalidInput(f"not a host:port address: {url!r}")
     host = parsed.hostname
     if ":" in host:
         host = f"[{host}]"
@@ -71,9 +74,13 @@ def bearer(token: str) -> tuple[str, str]:
     return ("authorization", f"Bearer {token}")
 
 
-def bearer_from_metadata(metadata: object) -> str | None:
+# What grpc.aio hands a handler as invocation metadata (or a client as initial metadata): key/value pairs.
+Metadata = Iterable[tuple[str, str | bytes]] | None
+
+
+def bearer_from_metadata(metadata: Metadata) -> str | None:
     """The token of the one ``authorization: Bearer`` entry, or None (also for several entries)."""
-    values = [v for k, v in (metadata or ()) if k == "authorization"]
+    values = [v for k, v in (metadata or ()) if k == "authorization" and isinstance(v, str)]
     if len(values) != 1:
         return None
     scheme, _, token = values[0].partition(" ")
@@ -82,6 +89,6 @@ def bearer_from_metadata(metadata: object) -> str | None:
     return token.strip()
 
 
-def metadata_value(metadata: object, key: str) -> str | None:
-    values = [v for k, v in (metadata or ()) if k == key]
+def metadata_value(metadata: Metadata, key: str) -> str | None:
+    values = [v for k, v in (metadata or ()) if k == key and isinstance(v, str)]
     return values[0] if len(values) == 1 else None

@@ -1,4 +1,4 @@
-"""Kubernetes ``Status`` bodies for errors answered by the auth proxy or the client proxy (kubectl prints ``message``)."""
+"""Kubernetes ``Status`` bodies for errors answered by the auth or client proxy (kubectl prints ``message``)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from clusterconnect.errors import StartupError
+
 CA_LIFETIME = datetime.timedelta(days=3650)
 LEAF_LIFETIME = datetime.timedelta(days=365)
 
@@ -75,9 +77,17 @@ def _subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
+def _load_ec_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    """Our CAs' keys are EC keys (create_ca): anything else in the file is refused, not signed with."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StartupError("a CA key in the data directory is not an EC private key")
+    return key
+
+
 def issue_server_cert(ca: KeyPair, hosts: list[str]) -> KeyPair:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    ca_key = _load_ec_key(ca.key_pem)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     cert = (
@@ -92,7 +102,7 @@ def issue_server_cert(ca: KeyPair, hosts: list[str]) -> KeyPair:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )

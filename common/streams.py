@@ -12,10 +12,11 @@ those of a TCP connection:
 from __future__ import annotations
 
 import asyncio
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, cast
 
 import grpc
 
+from clusterconnect.errors import Unavailable
 from clusterconnect.tasks import cancelling, gather_strict
 from clusterconnect.v1 import tunnel_pb2
 
@@ -49,14 +50,14 @@ class ByteStream(Protocol):
     async def close(self) -> None: ...
 
 
-class PeerGone(Exception):
+class PeerGone(Unavailable):
     """The other end of a stream went away without an orderly close."""
 
 
 class GrpcClientStream:
     """Our side of a stream-stream call that we opened (``stub.Method(...)``)."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall[tunnel_pb2.Chunk, tunnel_pb2.Chunk]) -> None:
         self.call = call
         self._eof_sent = False
 
@@ -72,10 +73,11 @@ class GrpcClientStream:
                 raise_unless_peer_cancelled()
             if chunk is grpc.aio.EOF:
                 return b""
-            if chunk.eof:
+            message = cast(tunnel_pb2.Chunk, chunk)  # the stubs cannot narrow away EOF
+            if message.eof:
                 return b""
-            if chunk.data:
-                return chunk.data
+            if message.data:
+                return message.data
 
     async def send(self, data: bytes) -> None:
         try:
@@ -113,11 +115,11 @@ class GrpcServerStream:
     # End of our sending direction: the server cannot half-close in gRPC, so it says so in-band.
     eof_message: object = _EOF_CHUNK
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.context = context
         self._eof_sent = False
 
-    def decode(self, message) -> bytes | None:
+    def decode(self, message: Any) -> bytes | None:
         """The payload of a received message, or None for an in-band end of stream."""
         return None if message.eof else message.data
 

@@ -30,9 +30,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+
+from clusterconnect.errors import InvalidInput
 
 API_VERSIONS = {
     "apiserver.config.k8s.io/v1",
@@ -43,7 +46,7 @@ API_VERSIONS = {
 _EXTRA_EXPRESSION = re.compile(r"""^\s*claims\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*(["'])(.+?)\2\s*\])\s*$""")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput):
     """The authentication configuration is invalid; the message says where."""
 
 
@@ -122,7 +125,7 @@ def parse(document: object, source: str = "authentication configuration") -> Aut
     return AuthenticationConfig(issuers=issuers)
 
 
-def _mapping(value: object, where: str) -> dict:
+def _mapping(value: object, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -141,15 +144,17 @@ def _https_url(value: object, where: str) -> str:
     return value
 
 
-def _string(value: object, where: str, *, required: bool = True) -> str | None:
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value):
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: must be a non-empty string")
     return value
 
 
-def _no_expression(section: dict, where: str) -> None:
+def _optional_string(value: object, where: str) -> str | None:
+    return None if value is None else _string(value, where)
+
+
+def _no_expression(section: dict[str, Any], where: str) -> None:
     if section.get("expression"):
         raise ConfigError(f"{where}: CEL expressions are not supported here; use claim (and prefix)")
 
@@ -204,7 +209,7 @@ def _issuer(entry: object, where: str) -> IssuerConfig:
 
     uid_section = _mapping(mappings.get("uid"), f"{where}.claimMappings.uid")
     _no_expression(uid_section, f"{where}.claimMappings.uid")
-    uid = _string(uid_section.get("claim"), f"{where}.claimMappings.uid.claim", required=False)
+    uid = _optional_string(uid_section.get("claim"), f"{where}.claimMappings.uid.claim")
 
     extra = []
     for i, item in enumerate(mappings.get("extra") or []):

@@ -15,10 +15,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import jwt
 
+from clusterconnect.errors import Unavailable
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc.config import IssuerConfig
 
@@ -35,19 +37,22 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 _CURVE_OF = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 
-FetchJson = Callable[[str, "str | None"], Awaitable[dict]]
+# A JSON object as json.loads gives it.
+JsonObject = dict[str, Any]
+FetchJson = Callable[[str, "str | None"], Awaitable[JsonObject]]
 
 
-class KeysUnavailable(Exception):
+class KeysUnavailable(Unavailable):
     """No signing keys could be obtained for an issuer (message is safe to log and to show)."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
         return None
 
 
-def _fetch_blocking(url: str, ca_pem: str | None) -> dict:
+def _fetch_blocking(url: str, ca_pem: str | None) -> JsonObject:
     context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect())
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
@@ -72,7 +77,7 @@ def _fetch_blocking(url: str, ca_pem: str | None) -> dict:
     return document
 
 
-async def fetch_json(url: str, ca_pem: str | None) -> dict:
+async def fetch_json(url: str, ca_pem: str | None) -> JsonObject:
     """GET ``url`` (https, no redirects) as a JSON object, off the event loop."""
     return await asyncio.to_thread(_fetch_blocking, url, ca_pem)
 
@@ -81,7 +86,7 @@ def discovery_url(issuer: IssuerConfig) -> str:
     return issuer.discovery_url or issuer.url.rstrip("/") + "/.well-known/openid-configuration"
 
 
-def parse_jwks(document: dict) -> dict[str, jwt.PyJWK]:
+def parse_jwks(document: JsonObject) -> dict[str, jwt.PyJWK]:
     """The usable signing keys of a JWKS document by ``kid`` (keys without kid get "" — first wins)."""
     keys: dict[str, jwt.PyJWK] = {}
     entries = document.get("keys")

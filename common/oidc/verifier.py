@@ -27,6 +27,7 @@ from typing import Any
 
 import jwt
 
+from clusterconnect.errors import Unauthenticated
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc.config import AuthenticationConfig, IssuerConfig
 from clusterconnect.oidc.keys import ALLOWED_ALGORITHMS, FetchJson, IssuerKeys, KeysUnavailable, fetch_json
@@ -38,7 +39,7 @@ RESERVED_PREFIX = "system:"
 MAX_TOKEN_LENGTH = 16 * 1024
 
 
-class TokenError(Exception):
+class TokenError(Unauthenticated):
     """The token is not acceptable; the message is safe to log and to return to the caller."""
 
 
