@@ -4,6 +4,7 @@
 //
 //	devcluster run --state-dir DIR           launcher (starts everything)
 //	devcluster etcd ARGS                     embedded etcd
+//	devcluster etcdmain ARGS                 upstream etcd, all its flags
 //	devcluster kube-apiserver ARGS           upstream kube-apiserver
 //	devcluster kube-controller-manager ARGS  upstream kube-controller-manager
 //	devcluster kube-scheduler ARGS           upstream kube-scheduler
@@ -27,6 +28,7 @@ func usage() {
 subcommands:
   run --state-dir DIR            start a complete dev cluster (foreground)
   etcd ARGS                      embedded etcd
+  etcdmain ARGS                  upstream etcd (all of its flags: multi-member, TLS)
   kube-apiserver ARGS            kube-apiserver
   kube-controller-manager ARGS   kube-controller-manager
   kube-scheduler ARGS            kube-scheduler
@@ -50,6 +52,8 @@ func main() {
 		os.Exit(runLauncher(args))
 	case "etcd":
 		os.Exit(runEtcd(args))
+	case "etcdmain":
+		runEtcdMain(args)
 	case "kube-apiserver":
 		runCobra(apiserverapp.NewAPIServerCommand(), args)
 	case "kube-controller-manager":
