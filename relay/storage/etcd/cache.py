@@ -19,6 +19,9 @@ from clusterconnect.relay.storage.etcd.client import Compacted, Etcd, EtcdUnavai
 
 log = get_logger(__name__)
 
+# (key, value or None for a delete, revision of the change)
+ChangeListener = Callable[[bytes, bytes | None, int], None]
+
 # After a broken watch, wait this long before the next try (doubling, capped): a member restart
 # takes about a second; a partitioned replica should not spin.
 RETRY_FIRST = 0.1
@@ -26,10 +29,14 @@ RETRY_MAX = 2.0
 
 
 class PrefixCache:
-    def __init__(self, etcd: Etcd, prefix: bytes) -> None:
+    def __init__(self, etcd: Etcd, prefix: bytes, on_change: ChangeListener | None = None) -> None:
         self._etcd = etcd
         self.prefix = prefix
-        self._values: dict[bytes, bytes] = {}
+        # Told of every change as it is applied (and of each key again after a re-list), so an owner
+        # can keep an index of its own (the route table indexes routes by cluster).
+        self._on_change = on_change
+        # key -> (value, mod_revision): the revision orders writes of different keys (newest route wins)
+        self._values: dict[bytes, tuple[bytes, int]] = {}
         self.revision = 0
         self.synced = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -40,11 +47,17 @@ class PrefixCache:
     # -- reads (no await: straight from memory) -------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:
-        return self._values.get(key)
+        entry = self._values.get(key)
+        return entry[0] if entry is not None else None
+
+    def revision_of(self, key: bytes) -> int:
+        """The revision ``key`` was last written at (0 if absent)."""
+        entry = self._values.get(key)
+        return entry[1] if entry is not None else 0
 
     def items(self, under: bytes = b"") -> list[tuple[bytes, bytes]]:
         start = self.prefix + under
-        return [(k, v) for k, v in self._values.items() if k.startswith(start)]
+        return [(k, v) for k, (v, _) in self._values.items() if k.startswith(start)]
 
     def __len__(self) -> int:
         return len(self._values)
@@ -76,7 +89,9 @@ class PrefixCache:
                         if event.value is None:
                             self._values.pop(event.key, None)
                         else:
-                            self._values[event.key] = event.value
+                            self._values[event.key] = (event.value, event.mod_revision)
+                        if self._on_change is not None:
+                            self._on_change(event.key, event.value, event.mod_revision)
                     self.revision = max(self.revision, batch.revision)
                     if batch.events:
                         await self._notify()
@@ -94,7 +109,14 @@ class PrefixCache:
 
     async def _list(self) -> None:
         values, revision = await self._etcd.get_prefix(self.prefix)
-        self._values = {kv.key: kv.value for kv in values}
+        fresh = {kv.key: (kv.value, kv.mod_revision) for kv in values}
+        if self._on_change is not None:  # the difference, as changes: deletes missed while not watching too
+            for key in self._values.keys() - fresh.keys():
+                self._on_change(key, None, revision)
+            for key, (value, mod_revision) in fresh.items():
+                if self._values.get(key) != (value, mod_revision):
+                    self._on_change(key, value, mod_revision)
+        self._values = fresh
         self.revision = revision
         self.lists += 1
         await self._notify()
