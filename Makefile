@@ -26,7 +26,7 @@ oidc-provider:
 # Regenerate the committed Python stubs from protos/ (a test fails when they are stale).
 protos: venv
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos \
-		--grpc_python_out=protos protos/clusterconnect/v1/tunnel.proto protos/clusterconnect/v1/identity.proto protos/clusterconnect/v1/enrollment.proto
+		--grpc_python_out=protos protos/clusterconnect/v1/tunnel.proto protos/clusterconnect/v1/identity.proto protos/clusterconnect/v1/enrollment.proto protos/clusterconnect/v1/peer.proto
 
 # ruff (the rule set chosen in pyproject.toml) and mypy (strict for common/, aadproxy/ and relay/).
 lint: venv

@@ -85,7 +85,10 @@ def _load_ec_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def issue_server_cert(ca: KeyPair, hosts: list[str]) -> KeyPair:
+def issue_server_cert(ca: KeyPair, hosts: list[str], *, client_auth: bool = False) -> KeyPair:
+    """A serving certificate for ``hosts``; with ``client_auth`` it may also authenticate as a client
+    (relay replicas use one certificate of the relay-peer CA for both ends of a peer stream)."""
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])]
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = _load_ec_key(ca.key_pem)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -100,7 +103,7 @@ def issue_server_cert(ca: KeyPair, hosts: list[str]) -> KeyPair:
         .not_valid_after(now + LEAF_LIFETIME)
         .add_extension(x509.SubjectAlternativeName(_subject_alt_names(hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )

@@ -25,7 +25,7 @@ from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, I
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("proto", ["tunnel", "enrollment", "identity"])
+@pytest.mark.parametrize("proto", sorted(p.stem for p in (ROOT / "protos/clusterconnect/v1").glob("*.proto")))
 def test_committed_stubs_match_the_protos(tmp_path, proto):
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}",
                     f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",

@@ -1,0 +1,155 @@
+"""RelayPeer: a Dial forwarded from the replica it reached to the replica that holds the agent.
+
+The entry replica authenticates and authorizes the Dial, finds the owner in its route index and
+opens ``RelayPeer.Forward`` to it: one stream per connection, like every other hop, so HTTP/2
+flow control and head-of-line immunity hold across replicas too. Both ends move serialized Chunks
+untouched (the methods are registered without (de)serializers), and the owner's answer — its
+initial metadata once the agent accepted, or a status — is passed on to the client unchanged.
+
+Peers authenticate each other with mutual TLS: certificates of the relay-peer CA, which the
+replicas share and nothing else trusts (an agent's or a user's certificate never opens this port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import cast
+
+import grpc
+
+from clusterconnect import metadata as md
+from clusterconnect.grpc_options import CHANNEL_OPTIONS
+from clusterconnect.streams import PeerGone, raise_unless_peer_cancelled
+
+FORWARD = "/clusterconnect.v1.RelayPeer/Forward"
+SERVICE = "clusterconnect.v1.RelayPeer"
+# The owner answers within its own Accept timeout (5 s) plus a network round trip.
+OPEN_TIMEOUT = 7.0
+_RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+
+
+@dataclass(frozen=True)
+class PeerTLS:
+    """PEM bytes: the relay-peer CA, and this replica's certificate (server and client auth) and key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
+class RawClientStream:
+    """A ByteStream over a Forward call opened by this replica: messages are serialized Chunks, passed
+    on as they are (see relay/datapath/passthrough.py for the server side)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+        self.call = call
+        self._eof_sent = False
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                message = await self.call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
+            except _RPC_ENDED as exc:
+                raise PeerGone(str(exc)) from exc
+            except asyncio.CancelledError:
+                raise_unless_peer_cancelled()
+            if message is grpc.aio.EOF:
+                return b""
+            if message:  # an empty serialized Chunk carries nothing
+                return cast(bytes, message)  # the stubs cannot narrow away EOF
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.call.write(data)
+        except _RPC_ENDED as exc:
+            raise PeerGone(str(exc)) from exc
+        except asyncio.CancelledError:
+            raise_unless_peer_cancelled()
+
+    async def send_eof(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            try:
+                await self.call.done_writing()
+            except _RPC_ENDED:
+                pass
+
+    async def close(self) -> None:
+        self.call.cancel()
+
+
+class PeerRefused(Exception):
+    """The owner ended the Forward before opening it: its status and message are the client's answer."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class PeerDialer:
+    """Channels to the other replicas (one per peer address, opened on first use, kept)."""
+
+    def __init__(self, tls: PeerTLS, server_name: str | None = None) -> None:
+        self._tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        # Peers' certificates name their peer addresses; tests on loopback share one name.
+        self._server_name = server_name
+
+    def _channel(self, peer: str) -> grpc.aio.Channel:
+        channel = self._channels.get(peer)
+        if channel is None:
+            options = list(CHANNEL_OPTIONS)
+            if self._server_name:
+                options.append(("grpc.ssl_target_name_override", self._server_name))
+            channel = grpc.aio.secure_channel(peer, self._tls.channel_credentials(), options=options)
+            self._channels[peer] = channel
+        return channel
+
+    async def forward(self, peer: str, cluster: str, traceparent: str = "") -> RawClientStream:
+        """Open a Forward to ``peer`` and wait until the owner says the path is open.
+        Raises PeerRefused with the owner's status, or PeerGone when the peer cannot be reached."""
+        metadata = [(md.CLUSTER, cluster)]
+        if traceparent:
+            metadata.append((md.TRACEPARENT, traceparent))
+        # No (de)serializers: bytes through.
+        multicallable: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self._channel(peer).stream_stream(FORWARD)
+        call = multicallable(metadata=tuple(metadata))
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                initial = await call.initial_metadata()
+        except TimeoutError:
+            call.cancel()
+            raise PeerGone(f"relay replica {peer} did not open the connection within {OPEN_TIMEOUT:g}s") from None
+        except grpc.aio.AioRpcError as exc:
+            raise self._refused(exc) from None
+        if not any(key == md.OPEN for key, _ in (initial or ())):
+            # No "open": the owner ended the call with a status; that status is the answer.
+            try:
+                code = await call.code()
+                details = await call.details()
+            except grpc.aio.AioRpcError as exc:
+                raise self._refused(exc) from None
+            raise PeerRefused(code, details or "relay replica refused the connection")
+        return RawClientStream(call)
+
+    @staticmethod
+    def _refused(exc: grpc.aio.AioRpcError) -> Exception:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.details():
+            return PeerGone("relay replica unreachable")
+        return PeerRefused(exc.code(), exc.details() or "")
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
