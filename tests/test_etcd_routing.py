@@ -37,9 +37,9 @@ def test_route_index_ignores_malformed_entries_and_prefers_the_newest():
     index.apply(ROUTES + b"no-replica-part", b"{}", 5)
     index.apply(ROUTES + b"c1/a", b"not json", 6)
     index.apply(ROUTES + b"c1/b", b'{"session": "s2"}', 9)
-    assert index.owner("c1").replica == "b" and index.owner("c1").session == "s2"  # type: ignore[union-attr]
+    assert index.owner("c1").replica == "b" and index.owner("c1").session == "s2"
     index.apply(ROUTES + b"c1/b", None, 10)
-    assert index.owner("c1").replica == "a"  # type: ignore[union-attr]
+    assert index.owner("c1").replica == "a"
     index.apply(ROUTES + b"c1/a", None, 11)
     assert index.owner("c1") is None and index.count() == 0
 
@@ -57,10 +57,10 @@ def test_replicas_see_each_others_routes_and_the_newest_wins(etcd_cluster):
             assert route is not None and route.replica == "relay-a" and route.session == "s1"
             # The agent re-homes to b: b's newer route wins on both replicas, before a has released.
             b.claim("c1", "s2")
-            assert await a.route_cache.wait_for(lambda _: a.routes.owner("c1").replica == "relay-b", 5)  # type: ignore[union-attr]
+            assert await a.route_cache.wait_for(lambda _: a.routes.owner("c1").replica == "relay-b", 5)
             a.release("c1")
             assert await b.route_cache.wait_for(lambda _: len(b.routes.of_replica("relay-a")) == 0, 5)
-            assert b.routes.owner("c1").replica == "relay-b"  # type: ignore[union-attr]
+            assert b.routes.owner("c1").replica == "relay-b"
             assert await a.replica_cache.wait_for(lambda _: len(a.replicas()) == 2, 5)
             assert {r.name: r.state for r in a.replicas()} == {"relay-a": ReplicaState.SERVING,
                                                                "relay-b": ReplicaState.DRAINING}
@@ -105,7 +105,7 @@ def test_a_burst_of_claims_is_written_in_few_transactions(etcd_cluster):
             assert await routing.route_cache.wait_for(lambda _: routing.routes.count() == 1000, 20)
             values, _ = await etcd.get_prefix(ROUTES)
             assert len(values) == 1000
-            assert routing.routes.owner("burst-0").session == "newer"  # type: ignore[union-attr]
+            assert routing.routes.owner("burst-0").session == "newer"
             assert routing.ops <= 1001
             assert routing.txns <= math.ceil(1001 / 128) + 1
             assert (await etcd.get(route_key("burst-7", "relay-burst"))) is not None
