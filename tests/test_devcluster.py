@@ -322,6 +322,28 @@ def test_env_from_missing_configmap_waits_until_created(devcluster, ns):
         devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
 
 
+def test_env_from_is_read_again_at_restart(devcluster, ns):
+    """The environment is built before every start, as by the kubelet: a container restarted after
+    its ConfigMap changed sees the new value."""
+    devcluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "restart-cm", "namespace": ns},
+                      "data": {"MODE": "wait"}})
+    name = "env-restart"
+    pod = _pod(name, ["sh", "-c", 'echo "mode=$MODE"; [ "$MODE" = go ]'], restart="OnFailure")
+    pod["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "restart-cm"}}]
+    devcluster.apply(pod)
+    try:
+        def previous_log():
+            return devcluster.kubectl("logs", "-n", ns, name, "--previous", check=False).stdout
+
+        wait_for(lambda: "mode=wait" in previous_log(), 30, "a finished run with MODE=wait")
+        devcluster.kubectl("patch", "configmap", "restart-cm", "-n", ns, "-p", '{"data": {"MODE": "go"}}')
+        wait_for(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Succeeded", 40,
+                 "pod Succeeded after the ConfigMap changed")
+        assert devcluster.kubectl("logs", "-n", ns, name).stdout == "mode=go\n"
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
 # ---------------------------------------------------------------- port-forward
 
 ECHO_SERVER = r"""
