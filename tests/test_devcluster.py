@@ -3,6 +3,7 @@ driven with the real /usr/bin/kubectl."""
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -218,18 +219,128 @@ def test_logs_follow(devcluster, ns):
     follower = _popen_kubectl(devcluster, "logs", "-f", "-n", ns, name)
     try:
         reader = LineReader(follower)
-        first = reader.expect(lambda l: l.startswith("tick "), timeout=20, what="first log line")
+        first = reader.expect(lambda line: line.startswith("tick "), timeout=20, what="first log line")
         n0 = int(first.split()[1])
         # New lines must keep arriving while we follow (~5 lines per second).
         t0 = time.monotonic()
-        reader.expect(lambda l: l.startswith("tick ") and int(l.split()[1]) >= n0 + 10, timeout=15,
+        reader.expect(lambda line: line.startswith("tick ") and int(line.split()[1]) >= n0 + 10, timeout=15,
                       what="10 more followed lines")
         assert time.monotonic() - t0 >= 1.0  # they really arrived over time
         # tailLines / plain logs work too
         tail = devcluster.kubectl("logs", "-n", ns, name, "--tail=2").stdout.splitlines()
-        assert len(tail) == 2 and all(l.startswith("tick ") for l in tail)
+        assert len(tail) == 2 and all(line.startswith("tick ") for line in tail)
     finally:
         _stop(follower)
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------- environment
+
+# What the node gives every container before its own env (an image's environment, in a real kubelet).
+NODE_BASE_ENV = {"PATH", "HOME", "HOSTNAME", "LANG", "LC_ALL", "TMPDIR", "USER"}
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _env_pod(name: str, env_from: list[dict], env: list[dict] | None = None) -> dict:
+    """A pod whose only container prints its environment and exits. `env` itself, not `sh -c env`:
+    dash drops names that are not shell identifiers (such as CM_log.level) from its children."""
+    pod = _pod(name, ["env"], restart="Never")
+    pod["spec"]["containers"][0]["envFrom"] = env_from
+    if env:
+        pod["spec"]["containers"][0]["env"] = env
+    return pod
+
+
+def _printed_env(devcluster, name: str, ns: str) -> dict[str, str]:
+    """The environment pod `name` printed, without the node's base variables."""
+    def finished():
+        status = devcluster.get_json("pod", name, "-n", ns)["status"]
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for(finished, 60, f"pod {name} finished")
+    assert status["phase"] == "Succeeded", status
+    lines = devcluster.kubectl("logs", "-n", ns, name).stdout.splitlines()
+    printed = dict(line.split("=", 1) for line in lines)
+    assert printed["HOSTNAME"] == name
+    return {k: v for k, v in printed.items() if k not in NODE_BASE_ENV}
+
+
+def test_env_from_configmap_and_secrets(devcluster, ns):
+    """envFrom entries apply in order (a later one overrides an earlier one), with their prefix; a
+    missing optional Secret is skipped; Secret values are the decoded bytes; env overrides envFrom
+    and can refer to its variables; keys that are not C identifiers are kept, as by the kubelet."""
+    devcluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "env-cm", "namespace": ns},
+                      "data": {"color": "blue", "size": "L", "log.level": "debug=verbose"}})
+    devcluster.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "env-secret", "namespace": ns},
+                      "data": {"password": _b64("pa ss wörd"), "CM_size": _b64("XL")}})
+    name = "env-from"
+    devcluster.apply(_env_pod(
+        name,
+        env_from=[
+            {"prefix": "CM_", "configMapRef": {"name": "env-cm"}},
+            {"secretRef": {"name": "no-such-secret", "optional": True}},
+            {"secretRef": {"name": "env-secret"}},
+        ],
+        env=[{"name": "CM_color", "value": "red"}, {"name": "GREETING", "value": "hi $(password)"}],
+    ))
+    try:
+        assert _printed_env(devcluster, name, ns) == {
+            "CM_color": "red",
+            "CM_size": "XL",
+            "CM_log.level": "debug=verbose",
+            "password": "pa ss wörd",
+            "GREETING": "hi pa ss wörd",
+        }
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def test_env_from_missing_configmap_waits_until_created(devcluster, ns):
+    """A missing non-optional ConfigMap keeps the container from starting (CreateContainerConfigError,
+    pod Pending); once the ConfigMap exists the container starts, with its variables."""
+    name = "env-waits"
+    configmap = "late-" + uuid.uuid4().hex[:6]
+    devcluster.apply(_env_pod(name, env_from=[{"configMapRef": {"name": configmap}}]))
+    try:
+        def config_error():
+            status = devcluster.get_json("pod", name, "-n", ns)["status"]
+            waiting = (status.get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {})
+            return status if waiting.get("reason") == "CreateContainerConfigError" else None
+
+        status = wait_for(config_error, 30, "CreateContainerConfigError")
+        assert status["phase"] == "Pending"
+        assert configmap in status["containerStatuses"][0]["state"]["waiting"]["message"]
+        assert status["containerStatuses"][0]["restartCount"] == 0
+
+        devcluster.kubectl("create", "configmap", configmap, "-n", ns, "--from-literal=arrived=yes")
+        # Its only run printed the ConfigMap's variable, so it did not start before the ConfigMap existed.
+        assert _printed_env(devcluster, name, ns) == {"arrived": "yes"}
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def test_env_from_is_read_again_at_restart(devcluster, ns):
+    """The environment is built before every start, as by the kubelet: a container restarted after
+    its ConfigMap changed sees the new value."""
+    devcluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "restart-cm", "namespace": ns},
+                      "data": {"MODE": "wait"}})
+    name = "env-restart"
+    pod = _pod(name, ["sh", "-c", 'echo "mode=$MODE"; [ "$MODE" = go ]'], restart="OnFailure")
+    pod["spec"]["containers"][0]["envFrom"] = [{"configMapRef": {"name": "restart-cm"}}]
+    devcluster.apply(pod)
+    try:
+        def previous_log():
+            return devcluster.kubectl("logs", "-n", ns, name, "--previous", check=False).stdout
+
+        wait_for(lambda: "mode=wait" in previous_log(), 30, "a finished run with MODE=wait")
+        devcluster.kubectl("patch", "configmap", "restart-cm", "-n", ns, "-p", '{"data": {"MODE": "go"}}')
+        wait_for(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Succeeded", 40,
+                 "pod Succeeded after the ConfigMap changed")
+        assert devcluster.kubectl("logs", "-n", ns, name).stdout == "mode=go\n"
+    finally:
         devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
 
 
@@ -306,7 +417,7 @@ def test_port_forward_100mib(devcluster, echo_pod, websockets):
                         env={"KUBECTL_PORT_FORWARD_WEBSOCKETS": websockets})
     try:
         reader = LineReader(pf)
-        line = reader.expect(lambda l: "Forwarding from 127.0.0.1:" in l, timeout=30, what="Forwarding line")
+        line = reader.expect(lambda line: "Forwarding from 127.0.0.1:" in line, timeout=30, what="Forwarding line")
         local_port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
         size = 100 * 1024 * 1024
         sent, got, n = _transfer(local_port, size)
@@ -391,7 +502,8 @@ def test_deployment_two_replicas(devcluster, ns):
 
     def two_running():
         pods = devcluster.get_json("pods", "-n", ns, "-l", "app=web")["items"]
-        running = [p for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        running = [p for p in pods
+                   if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
         return len(running) == 2 and running
 
     pods = wait_for(two_running, 30, "2 running web pods")

@@ -271,8 +271,8 @@ def start_devcluster(
     to ``state_dir/launcher.log``."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    launcher_log = open(state_dir / "launcher.log", "ab")
-    try:
+    # The launcher keeps its own copy of the fd; ours is closed once it has started.
+    with open(state_dir / "launcher.log", "ab") as launcher_log:
         popen = subprocess.Popen(
             [str(RUN), "--state-dir", str(state_dir), *extra_args],
             stdin=subprocess.DEVNULL,
@@ -280,8 +280,6 @@ def start_devcluster(
             stderr=launcher_log,
             start_new_session=True,
         )
-    finally:
-        launcher_log.close()
     ok = False
     try:
         line = _wait_ready_line(popen, timeout)

@@ -56,6 +56,7 @@ type containerRuntime struct {
 	restartCount int32
 	waiting      string // waiting reason while not running
 	startErr     string
+	configErr    string // why the environment cannot be built; the container waits
 }
 
 type podRuntime struct {
@@ -162,25 +163,12 @@ func (pr *podRuntime) run() {
 	if err := os.MkdirAll(filepath.Join(pr.dir, "logs"), 0o755); err != nil {
 		logf("pod %s: %v", pr.key, err)
 	}
-	for _, c := range append(append([]*containerRuntime{}, pr.inits...), pr.containers...) {
-		if err := pr.buildEnv(c); err != nil {
-			logf("pod %s: env for %s: %v", pr.key, c.spec.Name, err)
-			pr.mu.Lock()
-			c.startErr = err.Error()
-			c.waiting = "CreateContainerConfigError"
-			pr.mu.Unlock()
-			pr.markDirty()
-			// Wait for deletion; the pod cannot run.
-			<-pr.stopCh
-			return
-		}
-	}
 	pr.markDirty()
 
 	restartPolicy := pr.pod.Spec.RestartPolicy
 	for _, c := range pr.inits {
 		for {
-			if pr.isStopping() {
+			if pr.isStopping() || !pr.awaitEnv(c) {
 				return
 			}
 			code := pr.runOnce(c)
@@ -251,7 +239,7 @@ func (pr *podRuntime) backoff(c *containerRuntime, d time.Duration) bool {
 func (pr *podRuntime) containerLoop(c *containerRuntime, policy corev1.RestartPolicy) {
 	backoff := time.Second
 	for {
-		if pr.isStopping() {
+		if pr.isStopping() || !pr.awaitEnv(c) {
 			return
 		}
 		started := time.Now()
@@ -735,6 +723,11 @@ func (pr *podRuntime) containerStatus(c *containerRuntime) corev1.ContainerStatu
 		if c.prev != nil {
 			cs.LastTerminationState.Terminated = term(c.prev)
 		}
+	case c.configErr != "":
+		cs.State.Waiting = &corev1.ContainerStateWaiting{Reason: "CreateContainerConfigError", Message: c.configErr}
+		if c.cur != nil {
+			cs.LastTerminationState.Terminated = term(c.cur)
+		}
 	case c.cur != nil && c.waiting == "CrashLoopBackOff":
 		cs.State.Waiting = &corev1.ContainerStateWaiting{Reason: "CrashLoopBackOff",
 			Message: fmt.Sprintf("back-off restarting failed container %s", c.spec.Name)}
@@ -804,122 +797,4 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 		setPodCondition(&st, corev1.PodReady, false, "PodCompleted")
 	}
 	return st
-}
-
-// buildEnv computes the process environment of a container.
-func (pr *podRuntime) buildEnv(c *containerRuntime) error {
-	p := pr.pod
-	m := map[string]string{}
-	var order []string
-	set := func(k, v string) {
-		if _, ok := m[k]; !ok {
-			order = append(order, k)
-		}
-		m[k] = v
-	}
-	path := os.Getenv("PATH")
-	if path == "" {
-		path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	}
-	set("PATH", path)
-	if h := os.Getenv("HOME"); h != "" {
-		set("HOME", h)
-	} else {
-		set("HOME", pr.dir)
-	}
-	set("HOSTNAME", p.Name)
-	for _, k := range []string{"LANG", "LC_ALL", "TMPDIR", "USER"} {
-		if v, ok := os.LookupEnv(k); ok {
-			set(k, v)
-		}
-	}
-	ctx, cancel := context.WithTimeout(pr.a.ctx, 10*time.Second)
-	defer cancel()
-	for _, ef := range c.spec.EnvFrom {
-		switch {
-		case ef.ConfigMapRef != nil:
-			cm, err := pr.a.cs.CoreV1().ConfigMaps(p.Namespace).Get(ctx, ef.ConfigMapRef.Name, metav1.GetOptions{})
-			if err != nil {
-				if ef.ConfigMapRef.Optional != nil && *ef.ConfigMapRef.Optional {
-					continue
-				}
-				return err
-			}
-			for k, v := range cm.Data {
-				set(ef.Prefix+k, v)
-			}
-		case ef.SecretRef != nil:
-			s, err := pr.a.cs.CoreV1().Secrets(p.Namespace).Get(ctx, ef.SecretRef.Name, metav1.GetOptions{})
-			if err != nil {
-				if ef.SecretRef.Optional != nil && *ef.SecretRef.Optional {
-					continue
-				}
-				return err
-			}
-			for k, v := range s.Data {
-				set(ef.Prefix+k, string(v))
-			}
-		}
-	}
-	for _, e := range c.spec.Env {
-		if e.ValueFrom == nil {
-			set(e.Name, expansion.Expand(e.Value, expansion.MappingFuncFor(m)))
-			continue
-		}
-		vf := e.ValueFrom
-		switch {
-		case vf.FieldRef != nil:
-			var v string
-			switch vf.FieldRef.FieldPath {
-			case "metadata.name":
-				v = p.Name
-			case "metadata.namespace":
-				v = p.Namespace
-			case "metadata.uid":
-				v = string(p.UID)
-			case "spec.nodeName":
-				v = p.Spec.NodeName
-			case "spec.serviceAccountName":
-				v = p.Spec.ServiceAccountName
-			case "status.podIP", "status.hostIP", "status.podIPs", "status.hostIPs":
-				v = nodeIP
-			default:
-				if strings.HasPrefix(vf.FieldRef.FieldPath, "metadata.labels['") {
-					v = p.Labels[strings.TrimSuffix(strings.TrimPrefix(vf.FieldRef.FieldPath, "metadata.labels['"), "']")]
-				} else if strings.HasPrefix(vf.FieldRef.FieldPath, "metadata.annotations['") {
-					v = p.Annotations[strings.TrimSuffix(strings.TrimPrefix(vf.FieldRef.FieldPath, "metadata.annotations['"), "']")]
-				}
-			}
-			set(e.Name, v)
-		case vf.ConfigMapKeyRef != nil:
-			cm, err := pr.a.cs.CoreV1().ConfigMaps(p.Namespace).Get(ctx, vf.ConfigMapKeyRef.Name, metav1.GetOptions{})
-			if err != nil {
-				if vf.ConfigMapKeyRef.Optional != nil && *vf.ConfigMapKeyRef.Optional {
-					continue
-				}
-				return err
-			}
-			set(e.Name, cm.Data[vf.ConfigMapKeyRef.Key])
-		case vf.SecretKeyRef != nil:
-			s, err := pr.a.cs.CoreV1().Secrets(p.Namespace).Get(ctx, vf.SecretKeyRef.Name, metav1.GetOptions{})
-			if err != nil {
-				if vf.SecretKeyRef.Optional != nil && *vf.SecretKeyRef.Optional {
-					continue
-				}
-				return err
-			}
-			set(e.Name, string(s.Data[vf.SecretKeyRef.Key]))
-		case vf.ResourceFieldRef != nil:
-			set(e.Name, "0")
-		}
-	}
-	env := make([]string, 0, len(order))
-	for _, k := range order {
-		env = append(env, k+"="+m[k])
-	}
-	pr.mu.Lock()
-	c.env = env
-	c.envMap = m
-	pr.mu.Unlock()
-	return nil
 }
