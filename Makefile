@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv lint devcluster oidc-provider test test-fast demo demo-down bench protos check-protos clean
+.PHONY: venv lint devcluster devcluster-check oidc-provider test test-fast demo demo-down bench protos check-protos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -18,6 +18,10 @@ venv: $(STAMP)
 
 devcluster:
 	$(MAKE) -C tests/devcluster
+
+# gofmt, go vet and the Go unit tests of the devcluster's node (quick once the devcluster is built).
+devcluster-check: devcluster
+	$(MAKE) -C tests/devcluster check
 
 # A real OpenID Connect provider (Ory Hydra) for the identity tests.
 oidc-provider:
@@ -34,7 +38,7 @@ lint: venv
 	scripts/typecheck-tree
 	$(BIN)/mypy
 
-test: venv devcluster oidc-provider lint
+test: venv devcluster devcluster-check oidc-provider lint
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.
