@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clusterconnect.agentcert import build_csr, cluster_of
+from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import ca_hash, write_private
@@ -43,8 +44,8 @@ META_FILE = "agent.json"
 RENEW_AT = 2 / 3
 
 
-class EnrollmentError(Exception):
-    """The agent cannot obtain or use an identity (reported as one line; the agent exits unless transient)."""
+class EnrollmentError(StartupError):
+    """The agent cannot obtain or use an identity (reported as one line, exit code 2, unless transient)."""
 
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
@@ -263,7 +264,10 @@ class Enrolled:
                     identity = self.state.save_identity(key, cert)
                     break
                 except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
-                    reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        reason = f"{exc.code().name}: {exc.details()}"
+                    else:
+                        reason = str(exc)
                     left = (self.identity.not_after - datetime.datetime.now(datetime.UTC)).total_seconds()
                     wait = min(delay, max(left / 4, 0.5))
                     log.warning("certificate renewal failed", reason=reason, expires_in=round(left, 1),
@@ -318,8 +322,9 @@ async def enroll(state: AgentState, relay_target: str, cluster: str, join_token:
         info = await get_ca(relay_target, root, pin)
         key, reply = await join(relay_target, root, cluster, join_token)
     except grpc.aio.AioRpcError as exc:
+        transient = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         raise EnrollmentError(f"joining relay {relay_target} failed: {exc.code().name}: {exc.details()}",
-                              transient=exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)) from None
+                              transient=transient) from None
     # Trust the relay's own bundle from now on (it holds the pinned CA; checked in get_ca).
     state.save_relay_ca(info.ca_pem.encode() if info.ca_pem else root)
     identity = state.save_identity(key, reply.certificate.certificate_pem)

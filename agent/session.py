@@ -13,6 +13,7 @@ from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import Enrolled
+from clusterconnect.errors import Unavailable
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
@@ -26,8 +27,12 @@ log = get_logger(__name__)
 HEALTHY_AFTER = 10.0
 
 
-class _SessionOver(Exception):
-    pass
+class _SessionOver(Unavailable):
+    """The control stream ended, taking the session's connections with it."""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -47,58 +52,65 @@ class Agent:
         self.config = config
         self.open_connections = 0
         self.connected = asyncio.Event()
+        self._health_failing = False
 
     def _metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         # No credential: the relay knows the agent by its client certificate.
         return ((md.CLUSTER, self.config.cluster), *extra)
 
     async def run_forever(self) -> None:
-        draining: set[asyncio.Task] = set()
-        renewals = asyncio.create_task(self.config.enrolled.renew_forever())
-        try:
-            await self._sessions(draining)
-        finally:
-            renewals.cancel()
-            for task in draining:
-                task.cancel()
-            await asyncio.gather(renewals, *draining, return_exceptions=True)
+        """Sessions one after another until cancelled; the TaskGroup owns the certificate renewals
+        and every session (the current one and those draining after a handover)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.config.enrolled.renew_forever())
+            await self._sessions(tasks)
 
-    async def _sessions(self, draining: set[asyncio.Task]) -> None:
+    async def _sessions(self, tasks: asyncio.TaskGroup) -> None:
         """One session after another. A session whose certificate was renewed hands over: the next one
-        starts at once with the new certificate while the old one finishes its connections."""
+        starts at once with the new certificate while the old one finishes its connections (in
+        ``tasks``). Whatever ends a session, it is logged and the next one follows after a backoff;
+        only cancellation ends the loop."""
         backoff = Backoff()
         while True:
             started = time.monotonic()
-            handover = asyncio.Event()
-            session = asyncio.create_task(self._session(handover))
-            handed_over = asyncio.create_task(handover.wait())
-            try:
-                await asyncio.wait((session, handed_over), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                session.cancel()
-                handed_over.cancel()
-                await asyncio.gather(session, handed_over, return_exceptions=True)
-                raise
-            handed_over.cancel()
-            if handover.is_set() and not session.done():
+            # Set when the next session is due: this one's certificate was renewed, or it ended.
+            next_due = asyncio.Event()
+            session = tasks.create_task(self._session_to_end(next_due))
+            await next_due.wait()
+            if not session.done():
                 log.info("certificate renewed; reconnecting with it, connections on the old one go on")
-                draining.add(session)
-                session.add_done_callback(self._drained(draining))
                 backoff.reset()
                 continue
-            try:
-                session.result()
-                reason = "relay ended the session"
-            except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
-            except PeerGone as exc:
-                reason = str(exc)
+            reason = session.result()
+            if reason is None:  # handed over and already finished: the next one is due at once
+                backoff.reset()
+                continue
             self.connected.clear()
             if time.monotonic() - started > HEALTHY_AFTER:
                 backoff.reset()
             delay = backoff.next_delay()
             log.warning("relay session ended; reconnecting", reason=reason, retry_in=round(delay, 2))
             await asyncio.sleep(delay)
+
+    async def _session_to_end(self, next_due: asyncio.Event) -> str | None:
+        """Run one session; the reason it ended as one line, or None if it ended after handing over.
+
+        Never raises but CancelledError: any failure of a session (the relay's status, a usage error
+        of a call the relay ended, the health file's directory gone) is a reason to reconnect, and this
+        task lives in the agent's TaskGroup, which one failed session must not tear down."""
+        try:
+            await self._session(next_due)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        except Exception as exc:
+            if next_due.is_set():  # a draining session: its failure no longer matters to anyone
+                log.debug("old session ended", reason=_describe(exc))
+                return None
+            return _describe(exc)
+        else:
+            return None if next_due.is_set() else "relay ended the session"
+        finally:
+            next_due.set()
 
     async def _kubernetes_version(self) -> str:
         try:
@@ -107,14 +119,6 @@ class Agent:
         except grpc.aio.AioRpcError as exc:
             log.warning("auth proxy not reachable", reason=f"{exc.code().name}: {exc.details()}")
             return ""
-
-    @staticmethod
-    def _drained(draining: set[asyncio.Task]):
-        def done(task: asyncio.Task) -> None:
-            draining.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.debug("old session ended", reason=str(task.exception()))
-        return done
 
     async def _session(self, handover: asyncio.Event) -> None:
         enrolled = self.config.enrolled
@@ -181,8 +185,20 @@ class Agent:
             self._touch_health()
 
     def _touch_health(self) -> None:
-        if self.config.health_file is not None:
+        """Touch the health file. A failure is logged (once until it works again), never fatal: the
+        tunnel still works, and the readiness probe that reads the file reports the problem."""
+        if self.config.health_file is None:
+            return
+        try:
             self.config.health_file.touch()
+        except OSError as exc:
+            if not self._health_failing:
+                log.warning("health file not written", path=str(self.config.health_file), reason=str(exc))
+            self._health_failing = True
+        else:
+            if self._health_failing:
+                log.info("health file written again", path=str(self.config.health_file))
+            self._health_failing = False
 
     async def _control(self, call, stub, connections: asyncio.TaskGroup) -> None:
         while True:

@@ -17,9 +17,8 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from clusterconnect import cliargs
+from clusterconnect import cliargs, credentials
 from clusterconnect.cli.usage import fail, read_file
-from clusterconnect.clientproxy import tokens
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
@@ -109,31 +108,32 @@ def login_command(args: argparse.Namespace) -> None:
         if args.code:
             if not args.relay:
                 fail("--code needs --relay URL")
-            data = tokens.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
-            name = args.name or tokens.relay_profile(args.relay)
-            who = f"{data['username']} at relay {args.relay}"
+            builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
+            login: credentials.AnyLogin = builtin
+            name = args.name or credentials.relay_profile(args.relay)
+            who = f"{builtin.username} at relay {args.relay}"
         elif args.issuer:
             if not args.client_id:
                 fail("--issuer needs --client-id")
             ca = _read_text(args.issuer_ca, "issuer CA")
-            name = args.name or tokens.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
+            name = args.name or credentials.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
             if args.client_secret:
-                data = tokens.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
-                                                       args.scope or "", args.audience)
+                login = credentials.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
+                                                             args.scope or "", args.audience)
             else:
                 def show(uri: str, code: str) -> None:
                     print(f"To log in, open {uri} and enter the code {code}", flush=True)
-                data = tokens.device_login(args.issuer, ca, args.client_id, None,
-                                           args.scope or "openid offline_access", show)
+                login = credentials.device_login(args.issuer, ca, args.client_id, None,
+                                                 args.scope or "openid offline_access", show)
             who = f"client {args.client_id} at {args.issuer}"
         else:
-            data = {"kind": "command", "command": args.token_command}
+            login = credentials.CommandLogin(command=args.token_command)
             name = args.name or "command"
-            tokens.save(args.state_dir, name, data)
-            tokens.get_token(args.state_dir, name)  # proves the command works
+            login.access_token, login.expires_unix = credentials.refresh(login)  # proves the command works
+            login.issued_unix = int(time.time())
             who = f"command {args.token_command.split()[0]}"
-        path = tokens.save(args.state_dir, name, data)
-    except tokens.LoginError as exc:
+        path = credentials.save(args.state_dir, name, login)
+    except credentials.LoginError as exc:
         fail(str(exc))
     print(f"logged in as {who}; login {name} saved in {path} (mode 600)")
     print(f"use it with: clusterconnect proxy CLUSTER --relay URL --login {name}")
@@ -142,7 +142,7 @@ def login_command(args: argparse.Namespace) -> None:
 def _resolve_login(args: argparse.Namespace) -> str:
     if args.login:
         return args.login
-    logins = tokens.list_logins(args.state_dir)
+    logins = credentials.list_logins(args.state_dir)
     if len(logins) == 1:
         return logins[0]
     if not logins:
@@ -153,11 +153,10 @@ def _resolve_login(args: argparse.Namespace) -> str:
 
 def token_command(args: argparse.Namespace) -> None:
     try:
-        token, expires = tokens.get_token(args.state_dir, _resolve_login(args))
-    except tokens.LoginError as exc:
+        token, expires = credentials.get_token(args.state_dir, _resolve_login(args))
+    except credentials.LoginError as exc:
         where = f" for cluster {args.cluster}" if args.cluster else ""
-        fail(f"no token{where}: {exc}")
-        raise
+        raise credentials.LoginError(f"no token{where}: {exc}") from None
     # kubectl uses a credential until expirationTimestamp: end it a little early, so a request never
     # arrives with a token that expired on the way.
     early = min(30.0, max(0.0, (expires - time.time()) / 5))
@@ -175,8 +174,8 @@ def token_command_argv(cluster: str, login: str, state_dir: Path) -> list[str]:
 
 
 def default_login(relay: str, state_dir: Path) -> str | None:
-    name = tokens.relay_profile(relay)
-    return name if name in tokens.list_logins(state_dir) else None
+    name = credentials.relay_profile(relay)
+    return name if name in credentials.list_logins(state_dir) else None
 
 
 # ---- admin side -----------------------------------------------------------------------------------

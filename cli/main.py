@@ -18,6 +18,7 @@ from clusterconnect import cliargs, service
 from clusterconnect.cli import identity as identity_cli
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
+from clusterconnect.errors import ClusterConnectError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -145,19 +146,26 @@ def _print_table(clusters) -> None:
     now = time.time()
     for cluster in clusters:
         status = "Connected" if cluster.connected else "Disconnected"
-        seen = "now" if cluster.connected else (ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never")
+        if cluster.connected:
+            seen = "now"
+        else:
+            seen = ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never"
         table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-")
     Console(width=120).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.command == "proxy":
-        proxy_command(args)
-    elif identity_cli.handles(args):
-        identity_cli.run(args)
-    else:
-        clusters_command(args)
+    try:
+        if args.command == "proxy":
+            proxy_command(args)
+        elif identity_cli.handles(args):
+            identity_cli.run(args)
+        else:
+            clusters_command(args)
+    except ClusterConnectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

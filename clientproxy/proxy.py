@@ -14,8 +14,8 @@ import grpc
 from clusterconnect import service
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.probe import probe
-from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, ConnectionHandler, TunnelTarget
+from clusterconnect.credentials import CachedTokenSource, LoginError
 from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
@@ -43,7 +43,9 @@ class ProxySettings:
 
 
 def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
-    ca, cert, key = ensure_ca_and_server_cert(state_dir / "tls", "clusterconnect local proxy CA", ["127.0.0.1", "localhost"])
+    ca, cert, key = ensure_ca_and_server_cert(
+        state_dir / "tls", "clusterconnect local proxy CA", ["127.0.0.1", "localhost"]
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     # SPDY upgrades (exec, port-forward) need HTTP/1.1; never offer h2.
@@ -82,7 +84,8 @@ async def run_proxy(settings: ProxySettings) -> None:
             raise StartupError(f"cannot listen on 127.0.0.1:{settings.port}: {exc.strerror}") from None
         port = server.sockets[0].getsockname()[1]
         service.register_gauge("open_connections", lambda: handler.open_connections)
-        async with server:
+        # Leaving: the handler cancels its connections first, then the server closes.
+        async with server, handler.serving():
             exec_user = None
             if settings.token_command:
                 exec_user = kubeconfig.exec_credential(settings.token_command[0], settings.token_command[1:])
