@@ -17,8 +17,9 @@ from rich.table import Table
 from clusterconnect import cliargs, service
 from clusterconnect.cli import identity as identity_cli
 from clusterconnect.cli.usage import fail, read_file
+from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
-from clusterconnect.errors import ClusterConnectError
+from clusterconnect.errors import ClusterConnectError, InvalidInput
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tokens = proxy.add_mutually_exclusive_group()
     cliargs.add_flag(tokens, "--token", help="bearer token for the cluster (a ServiceAccount token)")
     cliargs.add_flag(tokens, "--token-file", type=Path, help="file holding the bearer token")
+    cliargs.add_flag(tokens, "--kubeconfig-user", help="wrap this user of the kubeconfig (--kubeconfig-out's file):"
+                     " the context uses it and the proxy dials with its token or tokenFile")
     cliargs.add_flag(tokens, "--login", help="use this login (clusterconnect login); kubectl then gets tokens from"
                      " `clusterconnect token` (default without --token/--token-file: the login at --relay)")
     cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
@@ -77,7 +80,18 @@ def _admin_flags(parser: argparse.ArgumentParser) -> None:
                      help="file with the relay's admin credential (DATA_DIR/admin.credential)")
 
 
+def _wrapped(args: argparse.Namespace) -> kubeconfig.WrappedCredential:
+    """The credential of the kubeconfig user the proxy is asked to wrap (checked before anything is written)."""
+    if args.kubeconfig_out == "-":
+        raise InvalidInput("--kubeconfig-user reads the user from the kubeconfig file; --kubeconfig-out - has none")
+    path = Path(args.kubeconfig_out) if args.kubeconfig_out else kubeconfig.default_path()
+    return kubeconfig.wrapped_credential(path, args.kubeconfig_user)
+
+
 def proxy_command(args: argparse.Namespace) -> None:
+    if args.kubeconfig_user:
+        wrapped = _wrapped(args)
+        args.token, args.token_file = wrapped.token, wrapped.token_file
     if args.token_file:
         token = read_file(args.token_file, "token file").decode().strip()
     else:
@@ -92,6 +106,7 @@ def proxy_command(args: argparse.Namespace) -> None:
         port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
         kubeconfig_out=args.kubeconfig_out, login=login,
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
+        wrapped_user=args.kubeconfig_user,
     )
     service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings))
 

@@ -40,6 +40,8 @@ class ProxySettings:
     # kubeconfig user runs `clusterconnect token` (exec credential plugin).
     login: str | None = None
     token_command: list[str] | None = None  # argv of `clusterconnect token ...` for the kubeconfig
+    # An existing user of the kubeconfig whose token the proxy dials with: the context uses it, none is written.
+    wrapped_user: str | None = None
 
 
 def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
@@ -90,7 +92,8 @@ async def run_proxy(settings: ProxySettings) -> None:
             if settings.token_command:
                 exec_user = kubeconfig.exec_credential(settings.token_command[0], settings.token_command[1:])
             entries = kubeconfig.build_entries(
-                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file, exec_user
+                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file, exec_user,
+                settings.wrapped_user,
             )
             where = _write_kubeconfig(settings.kubeconfig_out, entries)
             version = await _wait_until_reachable(port, ca_pem, settings, handler.target)
@@ -108,7 +111,7 @@ def _write_kubeconfig(out: str | None, entries: dict) -> str:
     path = Path(out) if out else kubeconfig.default_path()
     try:
         kubeconfig.write(path, entries)
-    except (OSError, ValueError) as exc:
+    except (OSError, kubeconfig.KubeconfigInvalid) as exc:
         raise StartupError(f"cannot write kubeconfig {path}: {exc}") from None
     return str(path)
 
