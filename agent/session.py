@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -22,6 +23,10 @@ from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
+
+# The generated stubs are unannotated (protos/): their calls are grpc.aio streams of any message.
+Call = grpc.aio.StreamStreamCall[Any, Any]
+AgentTunnel = Any
 
 # A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 HEALTHY_AFTER = 10.0
@@ -115,7 +120,7 @@ class Agent:
     async def _kubernetes_version(self) -> str:
         try:
             info = await self.config.authproxy.Info(tunnel_pb2.InfoRequest(), timeout=3)
-            return info.kubernetes_version
+            return str(info.kubernetes_version)
         except grpc.aio.AioRpcError as exc:
             log.warning("auth proxy not reachable", reason=f"{exc.code().name}: {exc.details()}")
             return ""
@@ -128,7 +133,7 @@ class Agent:
         async with grpc.aio.secure_channel(
             enrolled.agent_target, enrolled.channel_credentials(), options=options
         ) as channel:
-            stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+            stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
             hello = tunnel_pb2.AgentHello(
                 cluster=self.config.cluster,
                 agent_version=__version__,
@@ -176,7 +181,7 @@ class Agent:
         handover.set()
         await asyncio.Future()  # until the relay ends this control stream
 
-    async def _heartbeats(self, call, interval: int) -> None:
+    async def _heartbeats(self, call: Call, interval: int) -> None:
         while True:
             await asyncio.sleep(interval)
             await call.write(
@@ -200,10 +205,10 @@ class Agent:
                 log.info("health file written again", path=str(self.config.health_file))
             self._health_failing = False
 
-    async def _control(self, call, stub, connections: asyncio.TaskGroup) -> None:
+    async def _control(self, call: Call, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
         while True:
             message = await call.read()
-            if message is grpc.aio.EOF:
+            if not isinstance(message, tunnel_pb2.RelayMessage):  # EOF: the relay ended the stream
                 return
             kind = message.WhichOneof("message")
             if kind == "dial":
@@ -212,21 +217,21 @@ class Agent:
                 log.info("relay asked to drain", reason=message.drain.reason)
                 return
 
-    async def _carry(self, stub, dial: tunnel_pb2.DialRequest) -> None:
+    async def _carry(self, stub: AgentTunnel, dial: tunnel_pb2.DialRequest) -> None:
         """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream."""
         accept = stub.Accept(metadata=self._metadata((md.DIAL_ID, dial.dial_id)))
         with connection_span("agent.connection", dial.traceparent or None, cluster=self.config.cluster) as traceparent:
             serve = self.config.authproxy.Serve(metadata=((md.TRACEPARENT, traceparent),))
             await self._splice(accept, serve, dial.dial_id)
 
-    async def _keep_warm(self, stub, connections: asyncio.TaskGroup) -> None:
+    async def _keep_warm(self, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
         """Keep ``warm_streams`` pairs of Accept (at the relay) and Serve (at the auth proxy) streams
         open ahead of need; each pair given to a client is replaced at once. Unbound ones end with
         this coroutine (session over or handed over)."""
         if self.config.warm_streams == 0:
             await asyncio.Future()  # nothing to keep; ending would end the session (race)
         slots = asyncio.Semaphore(self.config.warm_streams)
-        unbound: set[asyncio.Task] = set()
+        unbound: set[asyncio.Task[None]] = set()
         retry = Backoff()
         try:
             while True:
@@ -236,7 +241,9 @@ class Agent:
             for task in unbound:
                 task.cancel()
 
-    async def _warm(self, stub, slots: asyncio.Semaphore, unbound: set[asyncio.Task], retry: Backoff) -> None:
+    async def _warm(
+        self, stub: AgentTunnel, slots: asyncio.Semaphore, unbound: set[asyncio.Task[None]], retry: Backoff
+    ) -> None:
         """One warm pair: wait until the relay binds the Accept stream to a client (Chunk{bound}),
         pass the binding on to the auth proxy with our span's traceparent, then carry the connection."""
         accept = stub.Accept(metadata=self._metadata((md.WARM, "1")))
@@ -264,7 +271,7 @@ class Agent:
             slots.release()
 
     @staticmethod
-    async def _binding(accept: grpc.aio.StreamStreamCall) -> tunnel_pb2.Chunk | None:
+    async def _binding(accept: Call) -> tunnel_pb2.Chunk | None:
         """The relay's Chunk{bound} once a Dial takes this warm stream; None if refused or ended first."""
         try:
             first = await accept.read()
@@ -274,9 +281,11 @@ class Agent:
             if cancelling():  # handed over or session over
                 raise
             return None  # the relay ended the warm stream with CANCELLED (grpc.aio raises that as ours)
-        return first if first is not grpc.aio.EOF and first.HasField("bound") else None
+        if isinstance(first, tunnel_pb2.Chunk) and first.HasField("bound"):
+            return first
+        return None  # EOF, or a first message that is not the binding
 
-    async def _splice(self, accept: grpc.aio.StreamStreamCall, serve: grpc.aio.StreamStreamCall, label: str) -> None:
+    async def _splice(self, accept: Call, serve: Call, label: str) -> None:
         self.open_connections += 1
         relay_side, cluster_side = GrpcClientStream(accept), GrpcClientStream(serve)
         try:

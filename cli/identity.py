@@ -11,9 +11,12 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
@@ -22,11 +25,14 @@ from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
 COMMANDS = ("login", "token", "users", "keys")
 CLUSTER_ACTIONS = ("grant", "revoke", "access")
 
 
-def add_parsers(commands, cluster_actions, admin_flags, state_dir: Path) -> None:
+def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
+                admin_flags: Callable[[argparse.ArgumentParser], None], state_dir: Path) -> None:
     login = commands.add_parser("login", help="log in: at the relay (--code), an OIDC issuer, or via a command")
     how = login.add_mutually_exclusive_group(required=True)
     how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay)")
@@ -141,7 +147,7 @@ def login_command(args: argparse.Namespace) -> None:
 
 def _resolve_login(args: argparse.Namespace) -> str:
     if args.login:
-        return args.login
+        return str(args.login)
     logins = credentials.list_logins(args.state_dir)
     if len(logins) == 1:
         return logins[0]
@@ -181,12 +187,12 @@ def default_login(relay: str, state_dir: Path) -> str | None:
 # ---- admin side -----------------------------------------------------------------------------------
 
 
-async def _call(args: argparse.Namespace, method: str, request):
+async def _call(args: argparse.Namespace, method: str, request: Message) -> Any:
     ca = args.relay_ca.read_bytes() if args.relay_ca else None
     admin = args.admin_credential.read_text().strip()
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = identity_pb2_grpc.AccessAdminStub(channel)
+        stub = identity_pb2_grpc.AccessAdminStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
 
 
@@ -195,7 +201,7 @@ def _entry(args: argparse.Namespace) -> identity_pb2.AccessEntry:
 
 
 def admin_command(args: argparse.Namespace) -> None:
-    requests = {
+    requests: dict[tuple[str, str], tuple[str, Callable[[], Message]]] = {
         ("users", "add"): ("AddUser", lambda: identity_pb2.AddUserRequest(name=args.name, groups=args.group)),
         ("users", "code"): ("NewLoginCode", lambda: identity_pb2.NewLoginCodeRequest(name=args.name)),
         ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest),

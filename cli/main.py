@@ -1,4 +1,5 @@
-"""clusterconnect: reach a cluster through the relay (`proxy`) and administer the relay (`clusters`)."""
+"""clusterconnect: reach a cluster through the relay (`proxy`), log in (`login`, `token`) and administer the relay
+(`clusters`, `users`, `keys`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
@@ -111,18 +115,18 @@ def proxy_command(args: argparse.Namespace) -> None:
     service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings))
 
 
-async def _admin_call(args: argparse.Namespace, method: str, request):
+async def _admin_call(args: argparse.Namespace, method: str, request: Message) -> Any:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read_file(args.relay_ca, "relay CA") if args.relay_ca else None
     )
     admin = read_file(args.admin_credential, "admin credential").decode().strip()
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = tunnel_pb2_grpc.RegistryStub(channel)
+        stub = tunnel_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
 
 
 def clusters_command(args: argparse.Namespace) -> None:
-    requests = {
+    requests: dict[str, tuple[str, Callable[[], Message]]] = {
         "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name)),
         "list": ("ListClusters", tunnel_pb2.ListClustersRequest),
         "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name)),
@@ -156,7 +160,7 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
     print(f"  {command}")
 
 
-def _print_table(clusters) -> None:
+def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
     table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", box=None, header_style="bold")
     now = time.time()
     for cluster in clusters:

@@ -8,6 +8,7 @@ import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -104,7 +105,7 @@ async def run_proxy(settings: ProxySettings) -> None:
             await server.serve_forever()
 
 
-def _write_kubeconfig(out: str | None, entries: dict) -> str:
+def _write_kubeconfig(out: str | None, entries: dict[str, Any]) -> str:
     if out == "-":
         print(kubeconfig.render(kubeconfig.merge(None, entries)), flush=True)
         return "-"

@@ -7,6 +7,7 @@ import contextlib
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -22,6 +23,9 @@ from clusterconnect.tracing import start_connection_span
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
+
+# A Dial stream (the generated stubs are unannotated: bytes chunks of tunnel_pb2.Chunk either way).
+Call = grpc.aio.StreamStreamCall[Any, Any]
 
 # How long a Dial may take to open. With the relay connected, the relay itself answers within its
 # Accept timeout (a burst of new connections may keep the agent busy for a while); without a
@@ -57,7 +61,7 @@ class _Accepted:
     span: trace.Span
     traceparent: str
     connected: bool  # the channel to the relay was ready when the Dial went out
-    call: grpc.aio.StreamStreamCall | None = None  # None: no token at hand; dial after the handshake
+    call: Call | None = None  # None: no token at hand; dial after the handshake
     expiry: asyncio.TimerHandle | None = None
     claimed: bool = False  # the handler took over (or the Dial was dropped): nothing left to expire
 
@@ -69,7 +73,7 @@ class ConnectionHandler:
 
     def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget) -> None:
         self.channel = channel
-        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
+        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         self.target = target
         self.open_connections = 0
         # Owns the connections' tasks while serving() runs; None before and after (no new connection then).
@@ -105,10 +109,11 @@ class ConnectionHandler:
             accepted.call = self._dial(token, traceparent)
         return accepted
 
-    def _dial(self, token: str, traceparent: str) -> grpc.aio.StreamStreamCall:
-        return self.stub.Dial(
+    def _dial(self, token: str, traceparent: str) -> Call:
+        call: Call = self.stub.Dial(
             metadata=((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent))
         )
+        return call
 
     @staticmethod
     def _claim(accepted: _Accepted) -> bool:
@@ -182,7 +187,7 @@ class ConnectionHandler:
             await downstream.close()
 
     async def _opened(
-        self, call: grpc.aio.StreamStreamCall, connected: bool
+        self, call: Call, connected: bool
     ) -> tuple[grpc.StatusCode | None, str] | None:
         """None once the relay says the path is open, else (code, one-line reason)."""
         timeout = DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT

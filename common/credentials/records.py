@@ -88,7 +88,7 @@ def from_json(document: Any, name: str) -> AnyLogin:
     if not isinstance(document, dict):
         raise LoginError(f"login {name} is not a JSON object; log in again")
     try:
-        cls = _KINDS[LoginKind(document.get("kind"))]
+        cls = _KINDS[LoginKind(str(document.get("kind")))]
     except ValueError:
         raise LoginError(f"login {name} has an unknown kind {document.get('kind')!r}; log in again") from None
     known = {item.name for item in dataclasses.fields(cls)}
