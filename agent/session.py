@@ -105,15 +105,13 @@ class Agent:
         task lives in the agent's TaskGroup, which one failed session must not tear down."""
         try:
             await self._session(next_due)
-        except grpc.aio.AioRpcError as exc:
-            return f"{exc.code().name}: {exc.details()}"
-        except Exception as exc:
-            if next_due.is_set():  # a draining session: its failure no longer matters to anyone
-                log.debug("old session ended", reason=_describe(exc))
-                return None
-            return _describe(exc)
-        else:
             return None if next_due.is_set() else "relay ended the session"
+        except Exception as exc:
+            reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else _describe(exc)
+            if next_due.is_set():  # a draining session: the next one runs already
+                log.debug("old session ended", reason=reason)
+                return None
+            return reason
         finally:
             next_due.set()
 
