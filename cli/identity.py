@@ -109,38 +109,36 @@ def _read_text(path: Path | None, what: str) -> str | None:
 
 
 def login_command(args: argparse.Namespace) -> None:
+    """Log in and save the login (a LoginError reaches main() as one line)."""
     device = f"{getpass.getuser()}@{socket.gethostname()}"
-    try:
-        if args.code:
-            if not args.relay:
-                fail("--code needs --relay URL")
-            builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
-            login: credentials.AnyLogin = builtin
-            name = args.name or credentials.relay_profile(args.relay)
-            who = f"{builtin.username} at relay {args.relay}"
-        elif args.issuer:
-            if not args.client_id:
-                fail("--issuer needs --client-id")
-            ca = _read_text(args.issuer_ca, "issuer CA")
-            name = args.name or credentials.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
-            if args.client_secret:
-                login = credentials.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
-                                                             args.scope or "", args.audience)
-            else:
-                def show(uri: str, code: str) -> None:
-                    print(f"To log in, open {uri} and enter the code {code}", flush=True)
-                login = credentials.device_login(args.issuer, ca, args.client_id, None,
-                                                 args.scope or "openid offline_access", show)
-            who = f"client {args.client_id} at {args.issuer}"
+    if args.code:
+        if not args.relay:
+            fail("--code needs --relay URL")
+        builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
+        login: credentials.AnyLogin = builtin
+        name = args.name or credentials.relay_profile(args.relay)
+        who = f"{builtin.username} at relay {args.relay}"
+    elif args.issuer:
+        if not args.client_id:
+            fail("--issuer needs --client-id")
+        ca = _read_text(args.issuer_ca, "issuer CA")
+        name = args.name or credentials.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
+        if args.client_secret:
+            login = credentials.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
+                                                         args.scope or "", args.audience)
         else:
-            login = credentials.CommandLogin(command=args.token_command)
-            name = args.name or "command"
-            login.access_token, login.expires_unix = credentials.refresh(login)  # proves the command works
-            login.issued_unix = int(time.time())
-            who = f"command {args.token_command.split()[0]}"
-        path = credentials.save(args.state_dir, name, login)
-    except credentials.LoginError as exc:
-        fail(str(exc))
+            def show(uri: str, code: str) -> None:
+                print(f"To log in, open {uri} and enter the code {code}", flush=True)
+            login = credentials.device_login(args.issuer, ca, args.client_id, None,
+                                             args.scope or "openid offline_access", show)
+        who = f"client {args.client_id} at {args.issuer}"
+    else:
+        login = credentials.CommandLogin(command=args.token_command)
+        name = args.name or "command"
+        login.access_token, login.expires_unix = credentials.refresh(login)  # proves the command works
+        login.issued_unix = int(time.time())
+        who = f"command {args.token_command.split()[0]}"
+    path = credentials.save(args.state_dir, name, login)
     print(f"logged in as {who}; login {name} saved in {path} (mode 600)")
     print(f"use it with: clusterconnect proxy CLUSTER --relay URL --login {name}")
 

@@ -43,3 +43,13 @@ def test_main_uses_the_exit_code_of_the_error(monkeypatch, capsys):
     assert exited.value.code == 2 == Refused.exit_code
     assert capsys.readouterr().err == "error: refused, and why\n"
     assert issubclass(Refused, ClusterConnectError)
+
+
+def test_a_login_whose_command_fails_is_one_line_and_saves_nothing(tmp_path):
+    command = tmp_path / "no-token"
+    command.write_text("#!/bin/sh\necho 'not logged in to the cloud' >&2\nexit 3\n")
+    command.chmod(0o755)
+    result = _run("login", "--token-command", str(command), "--name", "cloud", "--state-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr == "error: token command exited with 3: not logged in to the cloud\n"
+    assert not list(tmp_path.glob("credentials/*.json"))  # no login that cannot give a token
