@@ -18,8 +18,6 @@ DEADLINE = 10.0
 class _Enrolled:
     """Renewals that never come (the real ones are tested in test_agent_identity.py)."""
 
-    rotated = asyncio.Event
-
     async def renew_forever(self) -> None:
         await asyncio.Future()
 
