@@ -199,44 +199,60 @@ def _entry(args: argparse.Namespace) -> identity_pb2.AccessEntry:
 
 
 def admin_command(args: argparse.Namespace) -> None:
-    requests: dict[tuple[str, str], tuple[str, Callable[[], Message]]] = {
-        ("users", "add"): ("AddUser", lambda: identity_pb2.AddUserRequest(name=args.name, groups=args.group)),
-        ("users", "code"): ("NewLoginCode", lambda: identity_pb2.NewLoginCodeRequest(name=args.name)),
-        ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest),
-        ("users", "remove"): ("RemoveUser", lambda: identity_pb2.RemoveUserRequest(name=args.name)),
-        ("keys", "rotate"): ("RotateSigningKey", identity_pb2.RotateSigningKeyRequest),
-        ("clusters", "grant"): ("Grant", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args))),
-        ("clusters", "revoke"): ("Revoke", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args))),
-        ("clusters", "access"): ("GetAccess", lambda: identity_pb2.GetAccessRequest(cluster=args.name)),
+    # (command, action) -> (RPC, its request, how its reply is shown)
+    requests: dict[tuple[str, str], tuple[str, Callable[[], Message], Callable[[argparse.Namespace, Any], None]]] = {
+        ("users", "add"): ("AddUser", lambda: identity_pb2.AddUserRequest(name=args.name, groups=args.group),
+                           _show_login_code),
+        ("users", "code"): ("NewLoginCode", lambda: identity_pb2.NewLoginCodeRequest(name=args.name),
+                            _show_login_code),
+        ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest, _show_users),
+        ("users", "remove"): ("RemoveUser", lambda: identity_pb2.RemoveUserRequest(name=args.name), _show_removed),
+        ("keys", "rotate"): ("RotateSigningKey", identity_pb2.RotateSigningKeyRequest, _show_rotated),
+        ("clusters", "grant"): ("Grant", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args)),
+                                _show_access),
+        ("clusters", "revoke"): ("Revoke", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args)),
+                                 _show_access),
+        ("clusters", "access"): ("GetAccess", lambda: identity_pb2.GetAccessRequest(cluster=args.name), _show_access),
     }
-    method, build = requests[(args.command, args.action)]
+    method, build, show = requests[(args.command, args.action)]
     try:
         reply = asyncio.run(_call(args, method, build()))
     except grpc.aio.AioRpcError as exc:
         fail(exc.details() or exc.code().name)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: grpc_target() of a malformed --relay
         fail(str(exc))
-    if method in ("AddUser", "NewLoginCode"):
-        ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
-        groups = ", ".join(reply.user.groups) or "none"
-        print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
-              f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.UTC):%Y-%m-%d %H:%M} UTC):")
-        print(reply.login_code)
-        print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
-    elif method == "ListUsers":
-        table = Table("NAME", "GROUPS", "LOGINS", box=None, header_style="bold")
-        for user in reply.users:
-            table.add_row(user.name, ",".join(user.groups) or "-", str(user.credentials))
-        Console(width=120).print(table)
-    elif method == "RemoveUser":
-        print(f"user {args.name} removed; their logins no longer work")
-    elif method == "RotateSigningKey":
-        print(f"signing with key {reply.kid}; published keys: {', '.join(reply.published_kids)}")
+    show(args, reply)
+
+
+def _show_login_code(args: argparse.Namespace, reply: Any) -> None:
+    ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
+    groups = ", ".join(reply.user.groups) or "none"
+    print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
+          f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.UTC):%Y-%m-%d %H:%M} UTC):")
+    print(reply.login_code)
+    print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
+
+
+def _show_users(args: argparse.Namespace, reply: identity_pb2.ListUsersResponse) -> None:
+    table = Table("NAME", "GROUPS", "LOGINS", box=None, header_style="bold")
+    for user in reply.users:
+        table.add_row(user.name, ",".join(user.groups) or "-", str(user.credentials))
+    Console(width=120).print(table)
+
+
+def _show_removed(args: argparse.Namespace, reply: Any) -> None:
+    print(f"user {args.name} removed; their logins no longer work")
+
+
+def _show_rotated(args: argparse.Namespace, reply: identity_pb2.RotateSigningKeyResponse) -> None:
+    print(f"signing with key {reply.kid}; published keys: {', '.join(reply.published_kids)}")
+
+
+def _show_access(args: argparse.Namespace, reply: Any) -> None:
+    entries = [f"user:{e.user}" if e.WhichOneof("subject") == "user" else f"group:{e.group}"
+               for e in reply.entries]
+    if entries:
+        print(f"cluster {reply.cluster} access list: {' '.join(entries)}")
     else:
-        entries = [f"user:{e.user}" if e.WhichOneof("subject") == "user" else f"group:{e.group}"
-                   for e in reply.entries]
-        if entries:
-            print(f"cluster {reply.cluster} access list: {' '.join(entries)}")
-        else:
-            print(f"cluster {reply.cluster} access list is empty: any bearer token may dial it (passthrough;"
-                  " the cluster authenticates)")
+        print(f"cluster {reply.cluster} access list is empty: any bearer token may dial it (passthrough;"
+              " the cluster authenticates)")

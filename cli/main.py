@@ -126,24 +126,24 @@ async def _admin_call(args: argparse.Namespace, method: str, request: Message) -
 
 
 def clusters_command(args: argparse.Namespace) -> None:
-    requests: dict[str, tuple[str, Callable[[], Message]]] = {
-        "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name)),
-        "list": ("ListClusters", tunnel_pb2.ListClustersRequest),
-        "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name)),
+    # action -> (RPC, its request, how its reply is shown)
+    requests: dict[str, tuple[str, Callable[[], Message], Callable[[argparse.Namespace, Any], None]]] = {
+        "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name), _print_added),
+        "list": ("ListClusters", tunnel_pb2.ListClustersRequest, lambda _, reply: _print_table(reply.clusters)),
+        "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name), _print_removed),
     }
-    method, build = requests[args.action]
+    method, build, show = requests[args.action]
     try:
         reply = asyncio.run(_admin_call(args, method, build()))
     except grpc.aio.AioRpcError as exc:
         fail(exc.details() or exc.code().name)
-    except ValueError as exc:
+    except ValueError as exc:  # grpc_target() of a malformed --relay
         fail(str(exc))
-    if args.action == "add":
-        _print_added(args, reply)
-    elif args.action == "list":
-        _print_table(reply.clusters)
-    else:
-        print(f"cluster {args.name} removed; its agent was disconnected and its certificate no longer works")
+    show(args, reply)
+
+
+def _print_removed(args: argparse.Namespace, reply: tunnel_pb2.RemoveClusterResponse) -> None:
+    print(f"cluster {args.name} removed; its agent was disconnected and its certificate no longer works")
 
 
 def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse) -> None:
