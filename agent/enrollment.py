@@ -14,6 +14,7 @@ connection (GetCA, Join with the token, the tunnel, Renew) verifies the relay ag
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import datetime
 import json
@@ -22,6 +23,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -29,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from clusterconnect.agentcert import build_csr, cluster_of
+from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import ca_hash, write_private
@@ -43,8 +46,8 @@ META_FILE = "agent.json"
 RENEW_AT = 2 / 3
 
 
-class EnrollmentError(Exception):
-    """The agent cannot obtain or use an identity (reported as one line; the agent exits unless transient)."""
+class EnrollmentError(StartupError):
+    """The agent cannot obtain or use an identity (reported as one line, exit code 2, unless transient)."""
 
     def __init__(self, message: str, transient: bool = False) -> None:
         super().__init__(message)
@@ -78,9 +81,9 @@ def _peer_chain_der(ssl_socket: ssl.SSLSocket) -> list[bytes]:
     """Every certificate the server presented, unverified (public from Python 3.13, in _ssl since 3.10)."""
     getter = getattr(ssl_socket, "get_unverified_chain", None)
     if getter is not None:
-        return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in getter()]
-    chain = ssl_socket._sslobj.get_unverified_chain()  # type: ignore[union-attr]
-    return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or []]
+        return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in getter()]
+    chain: list[_ssl.Certificate] | None = ssl_socket._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # private before 3.13
+    return [c.public_bytes(_ssl.ENCODING_DER) for c in chain or []]
 
 
 def presented_chain(host: str, port: int, timeout: float = 10) -> list[x509.Certificate]:
@@ -209,10 +212,16 @@ def _channel(target: str, root: bytes, identity: Identity | None = None) -> grpc
     return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
 
+def _enrollment(channel: grpc.aio.Channel) -> Any:
+    return enrollment_pb2_grpc.EnrollmentStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+
+
 async def get_ca(target: str, pinned_ca: bytes, pin: str | None) -> enrollment_pb2.GetCAResponse:
     """The relay's CA bundle and agent port, over a channel verified against the pinned CA."""
     async with _channel(target, pinned_ca) as channel:
-        reply = await enrollment_pb2_grpc.EnrollmentStub(channel).GetCA(enrollment_pb2.GetCARequest(), timeout=15)
+        reply: enrollment_pb2.GetCAResponse = await _enrollment(channel).GetCA(
+            enrollment_pb2.GetCARequest(), timeout=15
+        )
     if pin and find_pinned_ca(pem_certificates(reply.ca_pem.encode()), pin) is None:
         raise EnrollmentError("the relay's CA bundle does not contain the pinned CA")
     return reply
@@ -223,7 +232,7 @@ async def join(target: str, root: bytes, cluster: str, token: str) -> tuple[byte
     key = new_key()
     request = enrollment_pb2.JoinRequest(cluster=cluster, join_token=token, csr_pem=csr_for(key, cluster))
     async with _channel(target, root) as channel:
-        reply = await enrollment_pb2_grpc.EnrollmentStub(channel).Join(request, timeout=30)
+        reply = await _enrollment(channel).Join(request, timeout=30)
     return key_pem(key), reply
 
 
@@ -232,7 +241,7 @@ async def renew(agent_target: str, root: bytes, identity: Identity) -> tuple[byt
     key = new_key()
     request = enrollment_pb2.RenewRequest(csr_pem=csr_for(key, identity.cluster))
     async with _channel(agent_target, root, identity) as channel:
-        reply = await enrollment_pb2_grpc.EnrollmentStub(channel).Renew(request, timeout=30)
+        reply = await _enrollment(channel).Renew(request, timeout=30)
     return key_pem(key), reply.certificate.certificate_pem
 
 
@@ -263,7 +272,10 @@ class Enrolled:
                     identity = self.state.save_identity(key, cert)
                     break
                 except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
-                    reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                    if isinstance(exc, grpc.aio.AioRpcError):
+                        reason = f"{exc.code().name}: {exc.details()}"
+                    else:
+                        reason = str(exc)
                     left = (self.identity.not_after - datetime.datetime.now(datetime.UTC)).total_seconds()
                     wait = min(delay, max(left / 4, 0.5))
                     log.warning("certificate renewal failed", reason=reason, expires_in=round(left, 1),
@@ -318,12 +330,13 @@ async def enroll(state: AgentState, relay_target: str, cluster: str, join_token:
         info = await get_ca(relay_target, root, pin)
         key, reply = await join(relay_target, root, cluster, join_token)
     except grpc.aio.AioRpcError as exc:
+        transient = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         raise EnrollmentError(f"joining relay {relay_target} failed: {exc.code().name}: {exc.details()}",
-                              transient=exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)) from None
+                              transient=transient) from None
     # Trust the relay's own bundle from now on (it holds the pinned CA; checked in get_ca).
     state.save_relay_ca(info.ca_pem.encode() if info.ca_pem else root)
     identity = state.save_identity(key, reply.certificate.certificate_pem)
     state.save_meta(cluster, reply.agent_port)
     log.info("joined relay", cluster=cluster, serial=format(identity.serial, "x"),
              not_after=identity.not_after.isoformat(), state_dir=str(state.directory))
-    return Enrolled(state, relay_target, state.relay_ca(), identity, reply.agent_port)
+    return Enrolled(state, relay_target, state.relay_ca() or root, identity, reply.agent_port)

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(parser, "--join-token",
                      help="one-time token from `clusterconnect clusters add`; needed only until the agent has joined")
     cliargs.add_flag(parser, "--relay-ca-hash",
-                     help="sha256:<hex> of the relay CA's public key (from `clusters add`): pins the relay on the first start")
+                     help="sha256:<hex> of the relay CA's public key (from `clusters add`):"
+                          " pins the relay on the first start")
     cliargs.add_flag(parser, "--relay-ca", type=Path,
                      help="CA bundle of the relay, instead of discovering it by --relay-ca-hash")
     cliargs.add_flag(parser, "--authproxy", default="127.0.0.1:8080", help="HOST:PORT of the auth proxy")
@@ -87,7 +88,7 @@ async def run(args: argparse.Namespace) -> None:
             break
         except EnrollmentError as exc:
             if not exc.transient:
-                raise StartupError(str(exc)) from None
+                raise
             delay = backoff.next_delay()
             log.warning("relay not reachable for enrollment; retrying", reason=str(exc), retry_in=round(delay, 2))
             await asyncio.sleep(delay)
@@ -96,7 +97,8 @@ async def run(args: argparse.Namespace) -> None:
     async with authproxy_channel(args.authproxy, args.authproxy_ca) as channel:
         agent = Agent(
             AgentConfig(
-                args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel), health_file=args.health_file,
+                args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel),  # type: ignore[no-untyped-call]  # generated, unannotated
+                health_file=args.health_file,
                 warm_streams=args.warm_streams,
             )
         )

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -13,6 +14,7 @@ from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import Enrolled
+from clusterconnect.errors import Unavailable
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
@@ -22,12 +24,20 @@ from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
+# The generated stubs are unannotated (protos/): their calls are grpc.aio streams of any message.
+Call = grpc.aio.StreamStreamCall[Any, Any]
+AgentTunnel = Any
+
 # A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 HEALTHY_AFTER = 10.0
 
 
-class _SessionOver(Exception):
-    pass
+class _SessionOver(Unavailable):
+    """The control stream ended, taking the session's connections with it."""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -47,52 +57,39 @@ class Agent:
         self.config = config
         self.open_connections = 0
         self.connected = asyncio.Event()
+        self._health_failing = False
 
     def _metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         # No credential: the relay knows the agent by its client certificate.
         return ((md.CLUSTER, self.config.cluster), *extra)
 
     async def run_forever(self) -> None:
-        draining: set[asyncio.Task] = set()
-        renewals = asyncio.create_task(self.config.enrolled.renew_forever())
-        try:
-            await self._sessions(draining)
-        finally:
-            renewals.cancel()
-            for task in draining:
-                task.cancel()
-            await asyncio.gather(renewals, *draining, return_exceptions=True)
+        """Sessions one after another until cancelled; the TaskGroup owns the certificate renewals
+        and every session (the current one and those draining after a handover)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.config.enrolled.renew_forever())
+            await self._sessions(tasks)
 
-    async def _sessions(self, draining: set[asyncio.Task]) -> None:
+    async def _sessions(self, tasks: asyncio.TaskGroup) -> None:
         """One session after another. A session whose certificate was renewed hands over: the next one
-        starts at once with the new certificate while the old one finishes its connections."""
+        starts at once with the new certificate while the old one finishes its connections (in
+        ``tasks``). Whatever ends a session, it is logged and the next one follows after a backoff;
+        only cancellation ends the loop."""
         backoff = Backoff()
         while True:
             started = time.monotonic()
-            handover = asyncio.Event()
-            session = asyncio.create_task(self._session(handover))
-            handed_over = asyncio.create_task(handover.wait())
-            try:
-                await asyncio.wait((session, handed_over), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                session.cancel()
-                handed_over.cancel()
-                await asyncio.gather(session, handed_over, return_exceptions=True)
-                raise
-            handed_over.cancel()
-            if handover.is_set() and not session.done():
+            # Set when the next session is due: this one's certificate was renewed, or it ended.
+            next_due = asyncio.Event()
+            session = tasks.create_task(self._session_to_end(next_due))
+            await next_due.wait()
+            if not session.done():
                 log.info("certificate renewed; reconnecting with it, connections on the old one go on")
-                draining.add(session)
-                session.add_done_callback(self._drained(draining))
                 backoff.reset()
                 continue
-            try:
-                session.result()
-                reason = "relay ended the session"
-            except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
-            except PeerGone as exc:
-                reason = str(exc)
+            reason = session.result()
+            if reason is None:  # handed over and already finished: the next one is due at once
+                backoff.reset()
+                continue
             self.connected.clear()
             if time.monotonic() - started > HEALTHY_AFTER:
                 backoff.reset()
@@ -100,21 +97,31 @@ class Agent:
             log.warning("relay session ended; reconnecting", reason=reason, retry_in=round(delay, 2))
             await asyncio.sleep(delay)
 
+    async def _session_to_end(self, next_due: asyncio.Event) -> str | None:
+        """Run one session; the reason it ended as one line, or None if it ended after handing over.
+
+        Never raises but CancelledError: any failure of a session (the relay's status, a usage error
+        of a call the relay ended, the health file's directory gone) is a reason to reconnect, and this
+        task lives in the agent's TaskGroup, which one failed session must not tear down."""
+        try:
+            await self._session(next_due)
+            return None if next_due.is_set() else "relay ended the session"
+        except Exception as exc:
+            reason = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else _describe(exc)
+            if next_due.is_set():  # a draining session: the next one runs already
+                log.debug("old session ended", reason=reason)
+                return None
+            return reason
+        finally:
+            next_due.set()
+
     async def _kubernetes_version(self) -> str:
         try:
             info = await self.config.authproxy.Info(tunnel_pb2.InfoRequest(), timeout=3)
-            return info.kubernetes_version
+            return str(info.kubernetes_version)
         except grpc.aio.AioRpcError as exc:
             log.warning("auth proxy not reachable", reason=f"{exc.code().name}: {exc.details()}")
             return ""
-
-    @staticmethod
-    def _drained(draining: set[asyncio.Task]):
-        def done(task: asyncio.Task) -> None:
-            draining.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.debug("old session ended", reason=str(task.exception()))
-        return done
 
     async def _session(self, handover: asyncio.Event) -> None:
         enrolled = self.config.enrolled
@@ -124,7 +131,7 @@ class Agent:
         async with grpc.aio.secure_channel(
             enrolled.agent_target, enrolled.channel_credentials(), options=options
         ) as channel:
-            stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
+            stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
             hello = tunnel_pb2.AgentHello(
                 cluster=self.config.cluster,
                 agent_version=__version__,
@@ -172,7 +179,7 @@ class Agent:
         handover.set()
         await asyncio.Future()  # until the relay ends this control stream
 
-    async def _heartbeats(self, call, interval: int) -> None:
+    async def _heartbeats(self, call: Call, interval: int) -> None:
         while True:
             await asyncio.sleep(interval)
             await call.write(
@@ -181,13 +188,25 @@ class Agent:
             self._touch_health()
 
     def _touch_health(self) -> None:
-        if self.config.health_file is not None:
+        """Touch the health file. A failure is logged (once until it works again), never fatal: the
+        tunnel still works, and the readiness probe that reads the file reports the problem."""
+        if self.config.health_file is None:
+            return
+        try:
             self.config.health_file.touch()
+        except OSError as exc:
+            if not self._health_failing:
+                log.warning("health file not written", path=str(self.config.health_file), reason=str(exc))
+            self._health_failing = True
+        else:
+            if self._health_failing:
+                log.info("health file written again", path=str(self.config.health_file))
+            self._health_failing = False
 
-    async def _control(self, call, stub, connections: asyncio.TaskGroup) -> None:
+    async def _control(self, call: Call, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
         while True:
             message = await call.read()
-            if message is grpc.aio.EOF:
+            if not isinstance(message, tunnel_pb2.RelayMessage):  # EOF: the relay ended the stream
                 return
             kind = message.WhichOneof("message")
             if kind == "dial":
@@ -196,21 +215,21 @@ class Agent:
                 log.info("relay asked to drain", reason=message.drain.reason)
                 return
 
-    async def _carry(self, stub, dial: tunnel_pb2.DialRequest) -> None:
+    async def _carry(self, stub: AgentTunnel, dial: tunnel_pb2.DialRequest) -> None:
         """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream."""
         accept = stub.Accept(metadata=self._metadata((md.DIAL_ID, dial.dial_id)))
         with connection_span("agent.connection", dial.traceparent or None, cluster=self.config.cluster) as traceparent:
             serve = self.config.authproxy.Serve(metadata=((md.TRACEPARENT, traceparent),))
             await self._splice(accept, serve, dial.dial_id)
 
-    async def _keep_warm(self, stub, connections: asyncio.TaskGroup) -> None:
+    async def _keep_warm(self, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
         """Keep ``warm_streams`` pairs of Accept (at the relay) and Serve (at the auth proxy) streams
         open ahead of need; each pair given to a client is replaced at once. Unbound ones end with
         this coroutine (session over or handed over)."""
         if self.config.warm_streams == 0:
             await asyncio.Future()  # nothing to keep; ending would end the session (race)
         slots = asyncio.Semaphore(self.config.warm_streams)
-        unbound: set[asyncio.Task] = set()
+        unbound: set[asyncio.Task[None]] = set()
         retry = Backoff()
         try:
             while True:
@@ -220,7 +239,9 @@ class Agent:
             for task in unbound:
                 task.cancel()
 
-    async def _warm(self, stub, slots: asyncio.Semaphore, unbound: set[asyncio.Task], retry: Backoff) -> None:
+    async def _warm(
+        self, stub: AgentTunnel, slots: asyncio.Semaphore, unbound: set[asyncio.Task[None]], retry: Backoff
+    ) -> None:
         """One warm pair: wait until the relay binds the Accept stream to a client (Chunk{bound}),
         pass the binding on to the auth proxy with our span's traceparent, then carry the connection."""
         accept = stub.Accept(metadata=self._metadata((md.WARM, "1")))
@@ -248,7 +269,7 @@ class Agent:
             slots.release()
 
     @staticmethod
-    async def _binding(accept: grpc.aio.StreamStreamCall) -> tunnel_pb2.Chunk | None:
+    async def _binding(accept: Call) -> tunnel_pb2.Chunk | None:
         """The relay's Chunk{bound} once a Dial takes this warm stream; None if refused or ended first."""
         try:
             first = await accept.read()
@@ -258,9 +279,11 @@ class Agent:
             if cancelling():  # handed over or session over
                 raise
             return None  # the relay ended the warm stream with CANCELLED (grpc.aio raises that as ours)
-        return first if first is not grpc.aio.EOF and first.HasField("bound") else None
+        if isinstance(first, tunnel_pb2.Chunk) and first.HasField("bound"):
+            return first
+        return None  # EOF, or a first message that is not the binding
 
-    async def _splice(self, accept: grpc.aio.StreamStreamCall, serve: grpc.aio.StreamStreamCall, label: str) -> None:
+    async def _splice(self, accept: Call, serve: Call, label: str) -> None:
         self.open_connections += 1
         relay_side, cluster_side = GrpcClientStream(accept), GrpcClientStream(serve)
         try:

@@ -11,23 +11,28 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from clusterconnect import cliargs
+from clusterconnect import cliargs, credentials
 from clusterconnect.cli.usage import fail, read_file
-from clusterconnect.clientproxy import tokens
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 COMMANDS = ("login", "token", "users", "keys")
 CLUSTER_ACTIONS = ("grant", "revoke", "access")
 
 
-def add_parsers(commands, cluster_actions, admin_flags, state_dir: Path) -> None:
+def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
+                admin_flags: Callable[[argparse.ArgumentParser], None], state_dir: Path) -> None:
     login = commands.add_parser("login", help="log in: at the relay (--code), an OIDC issuer, or via a command")
     how = login.add_mutually_exclusive_group(required=True)
     how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay)")
@@ -104,45 +109,44 @@ def _read_text(path: Path | None, what: str) -> str | None:
 
 
 def login_command(args: argparse.Namespace) -> None:
+    """Log in and save the login (a LoginError reaches main() as one line)."""
     device = f"{getpass.getuser()}@{socket.gethostname()}"
-    try:
-        if args.code:
-            if not args.relay:
-                fail("--code needs --relay URL")
-            data = tokens.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
-            name = args.name or tokens.relay_profile(args.relay)
-            who = f"{data['username']} at relay {args.relay}"
-        elif args.issuer:
-            if not args.client_id:
-                fail("--issuer needs --client-id")
-            ca = _read_text(args.issuer_ca, "issuer CA")
-            name = args.name or tokens.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
-            if args.client_secret:
-                data = tokens.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
-                                                       args.scope or "", args.audience)
-            else:
-                def show(uri: str, code: str) -> None:
-                    print(f"To log in, open {uri} and enter the code {code}", flush=True)
-                data = tokens.device_login(args.issuer, ca, args.client_id, None,
-                                           args.scope or "openid offline_access", show)
-            who = f"client {args.client_id} at {args.issuer}"
+    if args.code:
+        if not args.relay:
+            fail("--code needs --relay URL")
+        builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
+        login: credentials.AnyLogin = builtin
+        name = args.name or credentials.relay_profile(args.relay)
+        who = f"{builtin.username} at relay {args.relay}"
+    elif args.issuer:
+        if not args.client_id:
+            fail("--issuer needs --client-id")
+        ca = _read_text(args.issuer_ca, "issuer CA")
+        name = args.name or credentials.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
+        if args.client_secret:
+            login = credentials.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
+                                                         args.scope or "", args.audience)
         else:
-            data = {"kind": "command", "command": args.token_command}
-            name = args.name or "command"
-            tokens.save(args.state_dir, name, data)
-            tokens.get_token(args.state_dir, name)  # proves the command works
-            who = f"command {args.token_command.split()[0]}"
-        path = tokens.save(args.state_dir, name, data)
-    except tokens.LoginError as exc:
-        fail(str(exc))
+            def show(uri: str, code: str) -> None:
+                print(f"To log in, open {uri} and enter the code {code}", flush=True)
+            login = credentials.device_login(args.issuer, ca, args.client_id, None,
+                                             args.scope or "openid offline_access", show)
+        who = f"client {args.client_id} at {args.issuer}"
+    else:
+        login = credentials.CommandLogin(command=args.token_command)
+        name = args.name or "command"
+        login.access_token, login.expires_unix = credentials.refresh(login)  # proves the command works
+        login.issued_unix = int(time.time())
+        who = f"command {args.token_command.split()[0]}"
+    path = credentials.save(args.state_dir, name, login)
     print(f"logged in as {who}; login {name} saved in {path} (mode 600)")
     print(f"use it with: clusterconnect proxy CLUSTER --relay URL --login {name}")
 
 
 def _resolve_login(args: argparse.Namespace) -> str:
     if args.login:
-        return args.login
-    logins = tokens.list_logins(args.state_dir)
+        return str(args.login)
+    logins = credentials.list_logins(args.state_dir)
     if len(logins) == 1:
         return logins[0]
     if not logins:
@@ -153,11 +157,10 @@ def _resolve_login(args: argparse.Namespace) -> str:
 
 def token_command(args: argparse.Namespace) -> None:
     try:
-        token, expires = tokens.get_token(args.state_dir, _resolve_login(args))
-    except tokens.LoginError as exc:
+        token, expires = credentials.get_token(args.state_dir, _resolve_login(args))
+    except credentials.LoginError as exc:
         where = f" for cluster {args.cluster}" if args.cluster else ""
-        fail(f"no token{where}: {exc}")
-        raise
+        raise credentials.LoginError(f"no token{where}: {exc}") from None
     # kubectl uses a credential until expirationTimestamp: end it a little early, so a request never
     # arrives with a token that expired on the way.
     early = min(30.0, max(0.0, (expires - time.time()) / 5))
@@ -175,19 +178,19 @@ def token_command_argv(cluster: str, login: str, state_dir: Path) -> list[str]:
 
 
 def default_login(relay: str, state_dir: Path) -> str | None:
-    name = tokens.relay_profile(relay)
-    return name if name in tokens.list_logins(state_dir) else None
+    name = credentials.relay_profile(relay)
+    return name if name in credentials.list_logins(state_dir) else None
 
 
 # ---- admin side -----------------------------------------------------------------------------------
 
 
-async def _call(args: argparse.Namespace, method: str, request):
+async def _call(args: argparse.Namespace, method: str, request: Message) -> Any:
     ca = args.relay_ca.read_bytes() if args.relay_ca else None
     admin = args.admin_credential.read_text().strip()
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = identity_pb2_grpc.AccessAdminStub(channel)
+        stub = identity_pb2_grpc.AccessAdminStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
 
 
@@ -196,44 +199,60 @@ def _entry(args: argparse.Namespace) -> identity_pb2.AccessEntry:
 
 
 def admin_command(args: argparse.Namespace) -> None:
-    requests = {
-        ("users", "add"): ("AddUser", lambda: identity_pb2.AddUserRequest(name=args.name, groups=args.group)),
-        ("users", "code"): ("NewLoginCode", lambda: identity_pb2.NewLoginCodeRequest(name=args.name)),
-        ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest),
-        ("users", "remove"): ("RemoveUser", lambda: identity_pb2.RemoveUserRequest(name=args.name)),
-        ("keys", "rotate"): ("RotateSigningKey", identity_pb2.RotateSigningKeyRequest),
-        ("clusters", "grant"): ("Grant", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args))),
-        ("clusters", "revoke"): ("Revoke", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args))),
-        ("clusters", "access"): ("GetAccess", lambda: identity_pb2.GetAccessRequest(cluster=args.name)),
+    # (command, action) -> (RPC, its request, how its reply is shown)
+    requests: dict[tuple[str, str], tuple[str, Callable[[], Message], Callable[[argparse.Namespace, Any], None]]] = {
+        ("users", "add"): ("AddUser", lambda: identity_pb2.AddUserRequest(name=args.name, groups=args.group),
+                           _show_login_code),
+        ("users", "code"): ("NewLoginCode", lambda: identity_pb2.NewLoginCodeRequest(name=args.name),
+                            _show_login_code),
+        ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest, _show_users),
+        ("users", "remove"): ("RemoveUser", lambda: identity_pb2.RemoveUserRequest(name=args.name), _show_removed),
+        ("keys", "rotate"): ("RotateSigningKey", identity_pb2.RotateSigningKeyRequest, _show_rotated),
+        ("clusters", "grant"): ("Grant", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args)),
+                                _show_access),
+        ("clusters", "revoke"): ("Revoke", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args)),
+                                 _show_access),
+        ("clusters", "access"): ("GetAccess", lambda: identity_pb2.GetAccessRequest(cluster=args.name), _show_access),
     }
-    method, build = requests[(args.command, args.action)]
+    method, build, show = requests[(args.command, args.action)]
     try:
         reply = asyncio.run(_call(args, method, build()))
     except grpc.aio.AioRpcError as exc:
         fail(exc.details() or exc.code().name)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: grpc_target() of a malformed --relay
         fail(str(exc))
-    if method in ("AddUser", "NewLoginCode"):
-        ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
-        groups = ", ".join(reply.user.groups) or "none"
-        print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
-              f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.UTC):%Y-%m-%d %H:%M} UTC):")
-        print(reply.login_code)
-        print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
-    elif method == "ListUsers":
-        table = Table("NAME", "GROUPS", "LOGINS", box=None, header_style="bold")
-        for user in reply.users:
-            table.add_row(user.name, ",".join(user.groups) or "-", str(user.credentials))
-        Console(width=120).print(table)
-    elif method == "RemoveUser":
-        print(f"user {args.name} removed; their logins no longer work")
-    elif method == "RotateSigningKey":
-        print(f"signing with key {reply.kid}; published keys: {', '.join(reply.published_kids)}")
+    show(args, reply)
+
+
+def _show_login_code(args: argparse.Namespace, reply: Any) -> None:
+    ca = f" --relay-ca {args.relay_ca}" if args.relay_ca else ""
+    groups = ", ".join(reply.user.groups) or "none"
+    print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
+          f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.UTC):%Y-%m-%d %H:%M} UTC):")
+    print(reply.login_code)
+    print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
+
+
+def _show_users(args: argparse.Namespace, reply: identity_pb2.ListUsersResponse) -> None:
+    table = Table("NAME", "GROUPS", "LOGINS", box=None, header_style="bold")
+    for user in reply.users:
+        table.add_row(user.name, ",".join(user.groups) or "-", str(user.credentials))
+    Console(width=120).print(table)
+
+
+def _show_removed(args: argparse.Namespace, reply: Any) -> None:
+    print(f"user {args.name} removed; their logins no longer work")
+
+
+def _show_rotated(args: argparse.Namespace, reply: identity_pb2.RotateSigningKeyResponse) -> None:
+    print(f"signing with key {reply.kid}; published keys: {', '.join(reply.published_kids)}")
+
+
+def _show_access(args: argparse.Namespace, reply: Any) -> None:
+    entries = [f"user:{e.user}" if e.WhichOneof("subject") == "user" else f"group:{e.group}"
+               for e in reply.entries]
+    if entries:
+        print(f"cluster {reply.cluster} access list: {' '.join(entries)}")
     else:
-        entries = [f"user:{e.user}" if e.WhichOneof("subject") == "user" else f"group:{e.group}"
-                   for e in reply.entries]
-        if entries:
-            print(f"cluster {reply.cluster} access list: {' '.join(entries)}")
-        else:
-            print(f"cluster {reply.cluster} access list is empty: any bearer token may dial it (passthrough;"
-                  " the cluster authenticates)")
+        print(f"cluster {reply.cluster} access list is empty: any bearer token may dial it (passthrough;"
+              " the cluster authenticates)")

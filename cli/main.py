@@ -1,4 +1,5 @@
-"""clusterconnect: reach a cluster through the relay (`proxy`) and administer the relay (`clusters`)."""
+"""clusterconnect: reach a cluster through the relay (`proxy`), log in (`login`, `token`) and administer the relay
+(`clusters`, `users`, `keys`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
 from clusterconnect import cliargs, service
 from clusterconnect.cli import identity as identity_cli
 from clusterconnect.cli.usage import fail, read_file
+from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
+from clusterconnect.errors import ClusterConnectError, InvalidInput
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -40,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tokens = proxy.add_mutually_exclusive_group()
     cliargs.add_flag(tokens, "--token", help="bearer token for the cluster (a ServiceAccount token)")
     cliargs.add_flag(tokens, "--token-file", type=Path, help="file holding the bearer token")
+    cliargs.add_flag(tokens, "--kubeconfig-user", help="wrap this user of the kubeconfig (--kubeconfig-out's file):"
+                     " the context uses it and the proxy dials with its token or tokenFile")
     cliargs.add_flag(tokens, "--login", help="use this login (clusterconnect login); kubectl then gets tokens from"
                      " `clusterconnect token` (default without --token/--token-file: the login at --relay)")
     cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
@@ -76,7 +84,18 @@ def _admin_flags(parser: argparse.ArgumentParser) -> None:
                      help="file with the relay's admin credential (DATA_DIR/admin.credential)")
 
 
+def _wrapped(args: argparse.Namespace) -> kubeconfig.WrappedCredential:
+    """The credential of the kubeconfig user the proxy is asked to wrap (checked before anything is written)."""
+    if args.kubeconfig_out == "-":
+        raise InvalidInput("--kubeconfig-user reads the user from the kubeconfig file; --kubeconfig-out - has none")
+    path = Path(args.kubeconfig_out) if args.kubeconfig_out else kubeconfig.default_path()
+    return kubeconfig.wrapped_credential(path, args.kubeconfig_user)
+
+
 def proxy_command(args: argparse.Namespace) -> None:
+    if args.kubeconfig_user:
+        wrapped = _wrapped(args)
+        args.token, args.token_file = wrapped.token, wrapped.token_file
     if args.token_file:
         token = read_file(args.token_file, "token file").decode().strip()
     else:
@@ -91,39 +110,40 @@ def proxy_command(args: argparse.Namespace) -> None:
         port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
         kubeconfig_out=args.kubeconfig_out, login=login,
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
+        wrapped_user=args.kubeconfig_user,
     )
     service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings))
 
 
-async def _admin_call(args: argparse.Namespace, method: str, request):
+async def _admin_call(args: argparse.Namespace, method: str, request: Message) -> Any:
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read_file(args.relay_ca, "relay CA") if args.relay_ca else None
     )
     admin = read_file(args.admin_credential, "admin credential").decode().strip()
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = tunnel_pb2_grpc.RegistryStub(channel)
+        stub = tunnel_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
 
 
 def clusters_command(args: argparse.Namespace) -> None:
-    requests = {
-        "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name)),
-        "list": ("ListClusters", tunnel_pb2.ListClustersRequest),
-        "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name)),
+    # action -> (RPC, its request, how its reply is shown)
+    requests: dict[str, tuple[str, Callable[[], Message], Callable[[argparse.Namespace, Any], None]]] = {
+        "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name), _print_added),
+        "list": ("ListClusters", tunnel_pb2.ListClustersRequest, lambda _, reply: _print_table(reply.clusters)),
+        "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name), _print_removed),
     }
-    method, build = requests[args.action]
+    method, build, show = requests[args.action]
     try:
         reply = asyncio.run(_admin_call(args, method, build()))
     except grpc.aio.AioRpcError as exc:
         fail(exc.details() or exc.code().name)
-    except ValueError as exc:
+    except ValueError as exc:  # grpc_target() of a malformed --relay
         fail(str(exc))
-    if args.action == "add":
-        _print_added(args, reply)
-    elif args.action == "list":
-        _print_table(reply.clusters)
-    else:
-        print(f"cluster {args.name} removed; its agent was disconnected and its certificate no longer works")
+    show(args, reply)
+
+
+def _print_removed(args: argparse.Namespace, reply: tunnel_pb2.RemoveClusterResponse) -> None:
+    print(f"cluster {args.name} removed; its agent was disconnected and its certificate no longer works")
 
 
 def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse) -> None:
@@ -140,24 +160,31 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
     print(f"  {command}")
 
 
-def _print_table(clusters) -> None:
+def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
     table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", box=None, header_style="bold")
     now = time.time()
     for cluster in clusters:
         status = "Connected" if cluster.connected else "Disconnected"
-        seen = "now" if cluster.connected else (ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never")
+        if cluster.connected:
+            seen = "now"
+        else:
+            seen = ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never"
         table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-")
     Console(width=120).print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.command == "proxy":
-        proxy_command(args)
-    elif identity_cli.handles(args):
-        identity_cli.run(args)
-    else:
-        clusters_command(args)
+    try:
+        if args.command == "proxy":
+            proxy_command(args)
+        elif identity_cli.handles(args):
+            identity_cli.run(args)
+        else:
+            clusters_command(args)
+    except ClusterConnectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

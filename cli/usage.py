@@ -1,15 +1,20 @@
-"""How the command line reports a problem: one line on stderr, exit code 1."""
+"""How the command line reports a problem: raise a ClusterConnectError; main() prints it as one line
+on stderr and exits with its exit code."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import NoReturn
 
+from clusterconnect.errors import ClusterConnectError
+
+
+class CommandFailed(ClusterConnectError):
+    """The command could not do what was asked (exit code 1); the message says why."""
+
 
 def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    raise CommandFailed(message)
 
 
 def read_file(path: Path, what: str) -> bytes:

@@ -8,14 +8,15 @@ import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from clusterconnect import service
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.probe import probe
-from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
 from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, ConnectionHandler, TunnelTarget
+from clusterconnect.credentials import CachedTokenSource, LoginError
 from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
@@ -40,10 +41,14 @@ class ProxySettings:
     # kubeconfig user runs `clusterconnect token` (exec credential plugin).
     login: str | None = None
     token_command: list[str] | None = None  # argv of `clusterconnect token ...` for the kubeconfig
+    # An existing user of the kubeconfig whose token the proxy dials with: the context uses it, none is written.
+    wrapped_user: str | None = None
 
 
 def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
-    ca, cert, key = ensure_ca_and_server_cert(state_dir / "tls", "clusterconnect local proxy CA", ["127.0.0.1", "localhost"])
+    ca, cert, key = ensure_ca_and_server_cert(
+        state_dir / "tls", "clusterconnect local proxy CA", ["127.0.0.1", "localhost"]
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     # SPDY upgrades (exec, port-forward) need HTTP/1.1; never offer h2.
@@ -82,12 +87,14 @@ async def run_proxy(settings: ProxySettings) -> None:
             raise StartupError(f"cannot listen on 127.0.0.1:{settings.port}: {exc.strerror}") from None
         port = server.sockets[0].getsockname()[1]
         service.register_gauge("open_connections", lambda: handler.open_connections)
-        async with server:
+        # Leaving: the handler cancels its connections first, then the server closes.
+        async with server, handler.serving():
             exec_user = None
             if settings.token_command:
                 exec_user = kubeconfig.exec_credential(settings.token_command[0], settings.token_command[1:])
             entries = kubeconfig.build_entries(
-                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file, exec_user
+                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file, exec_user,
+                settings.wrapped_user,
             )
             where = _write_kubeconfig(settings.kubeconfig_out, entries)
             version = await _wait_until_reachable(port, ca_pem, settings, handler.target)
@@ -98,14 +105,14 @@ async def run_proxy(settings: ProxySettings) -> None:
             await server.serve_forever()
 
 
-def _write_kubeconfig(out: str | None, entries: dict) -> str:
+def _write_kubeconfig(out: str | None, entries: dict[str, Any]) -> str:
     if out == "-":
         print(kubeconfig.render(kubeconfig.merge(None, entries)), flush=True)
         return "-"
     path = Path(out) if out else kubeconfig.default_path()
     try:
         kubeconfig.write(path, entries)
-    except (OSError, ValueError) as exc:
+    except (OSError, kubeconfig.KubeconfigInvalid) as exc:
         raise StartupError(f"cannot write kubeconfig {path}: {exc}") from None
     return str(path)
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 
 from clusterconnect import metadata as md
 from clusterconnect.clientproxy.errors import describe_rpc_error, error_response, is_discovery_request
-from clusterconnect.clientproxy.tokens import CachedTokenSource, LoginError
+from clusterconnect.credentials import CachedTokenSource, LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
 from clusterconnect.socket_stream import SocketStream
@@ -20,6 +23,9 @@ from clusterconnect.tracing import start_connection_span
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
+
+# A Dial stream (the generated stubs are unannotated: bytes chunks of tunnel_pb2.Chunk either way).
+Call = grpc.aio.StreamStreamCall[Any, Any]
 
 # How long a Dial may take to open. With the relay connected, the relay itself answers within its
 # Accept timeout (a burst of new connections may keep the agent busy for a while); without a
@@ -55,7 +61,7 @@ class _Accepted:
     span: trace.Span
     traceparent: str
     connected: bool  # the channel to the relay was ready when the Dial went out
-    call: grpc.aio.StreamStreamCall | None = None  # None: no token at hand; dial after the handshake
+    call: Call | None = None  # None: no token at hand; dial after the handshake
     expiry: asyncio.TimerHandle | None = None
     claimed: bool = False  # the handler took over (or the Dial was dropped): nothing left to expire
 
@@ -67,11 +73,24 @@ class ConnectionHandler:
 
     def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget) -> None:
         self.channel = channel
-        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
+        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         self.target = target
         self.open_connections = 0
-        # The connections being served: their tasks are held here until they end.
+        # Owns the connections' tasks while serving() runs; None before and after (no new connection then).
+        self._tasks: asyncio.TaskGroup | None = None
         self._connections: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """While this runs, accepted connections are served; when it ends they are cancelled and awaited."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            try:
+                yield
+            finally:
+                self._tasks = None
+                for task in self._connections:
+                    task.cancel()
 
     def protocol(self) -> SocketStream:
         accepted = self._dial_early()
@@ -90,8 +109,11 @@ class ConnectionHandler:
             accepted.call = self._dial(token, traceparent)
         return accepted
 
-    def _dial(self, token: str, traceparent: str) -> grpc.aio.StreamStreamCall:
-        return self.stub.Dial(metadata=((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent)))
+    def _dial(self, token: str, traceparent: str) -> Call:
+        call: Call = self.stub.Dial(
+            metadata=((md.CLUSTER, self.target.cluster), bearer(token), (md.TRACEPARENT, traceparent))
+        )
+        return call
 
     @staticmethod
     def _claim(accepted: _Accepted) -> bool:
@@ -106,16 +128,24 @@ class ConnectionHandler:
     @classmethod
     def _expire(cls, accepted: _Accepted) -> None:
         if cls._claim(accepted):
-            if accepted.call is not None:
-                accepted.call.cancel()
-            accepted.span.end()
+            cls._expire_now(accepted)
+
+    @staticmethod
+    def _expire_now(accepted: _Accepted) -> None:
+        if accepted.call is not None:
+            accepted.call.cancel()
+        accepted.span.end()
 
     def _start(self, accepted: _Accepted, downstream: SocketStream) -> None:
         """The TLS handshake is done: serve the connection."""
         if not self._claim(accepted):  # the handshake outlasted HANDSHAKE_TIMEOUT after all: the Dial is gone
             downstream.abort()
             return
-        task = asyncio.get_running_loop().create_task(self._connection(accepted, downstream))
+        if self._tasks is None:  # shutting down (or never started serving): nobody would own the task
+            self._expire_now(accepted)
+            downstream.abort()
+            return
+        task = self._tasks.create_task(self._connection(accepted, downstream))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
@@ -124,6 +154,8 @@ class ConnectionHandler:
         try:
             with trace.use_span(accepted.span, end_on_exit=True):
                 await self._carry(downstream, accepted)
+        except Exception:  # one broken connection must never take the others (their TaskGroup) down
+            log.exception("connection failed")
         finally:
             self.open_connections -= 1
 
@@ -154,7 +186,9 @@ class ConnectionHandler:
             call.cancel()
             await downstream.close()
 
-    async def _opened(self, call: grpc.aio.StreamStreamCall, connected: bool) -> tuple[grpc.StatusCode | None, str] | None:
+    async def _opened(
+        self, call: Call, connected: bool
+    ) -> tuple[grpc.StatusCode | None, str] | None:
         """None once the relay says the path is open, else (code, one-line reason)."""
         timeout = DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT
         try:

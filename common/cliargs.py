@@ -13,7 +13,7 @@ def env_name(flag: str) -> str:
     return "CLUSTERCONNECT_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+def add_flag(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:  # a parser or a group
     """Add ``flag`` whose default comes from its environment variable when set."""
     env = env_name(flag)
     if env in os.environ:

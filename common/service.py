@@ -16,8 +16,9 @@ from typing import Any
 
 import uvloop
 
-from clusterconnect.errors import StartupError
+from clusterconnect.errors import ClusterConnectError
 from clusterconnect.logs import get_logger
+from clusterconnect.tasks import unwrap
 
 log = get_logger(__name__)
 
@@ -139,15 +140,19 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         loop.add_signal_handler(signal.SIGUSR1, report_stats)
         register_gauge("malloc_trims", lambda: _trims["count"])
         register_gauge("malloc_trim_last_ms", lambda: _trims["last_ms"])
-        trimmer = asyncio.create_task(release_freed_memory())
         try:
-            await main()
+            # The service's own tasks beside main(): cancelled and awaited however main() ends.
+            async with asyncio.TaskGroup() as tasks:
+                trimmer = tasks.create_task(release_freed_memory())
+                try:
+                    await main()
+                finally:
+                    trimmer.cancel()
         except asyncio.CancelledError:
             if not stopping:
                 raise
-        finally:
-            trimmer.cancel()
-            await asyncio.gather(trimmer, return_exceptions=True)
+        except BaseExceptionGroup as failure:
+            raise unwrap(failure) from None  # e.g. main()'s StartupError, reported below as one line
 
     try:
         if os.environ.get("CLUSTERCONNECT_EVENT_LOOP", "uvloop") == "uvloop":
@@ -157,6 +162,6 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
             asyncio.run(supervised())
     except KeyboardInterrupt:
         pass
-    except StartupError as exc:
+    except ClusterConnectError as exc:  # a StartupError above all: one line and its exit code
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

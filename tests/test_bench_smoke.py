@@ -40,3 +40,14 @@ def test_forwarder_micro_measures_the_auth_proxy_alone():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "µs CPU per small GET" in result.stdout
+
+
+def test_clientproxy_rss_smoke_reports_rss_at_each_step(devcluster):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "clientproxy_rss.py"), "--smoke", "--requests", "500",
+                             "--step", "250", "--concurrency", "4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    counts = [row["requests"] for row in rows]  # sampled as the workers go: a step is "at least 250 more"
+    assert len(counts) == 3 and counts[0] == 0 and 250 <= counts[1] < 500 and counts[2] == 500, result.stdout
+    assert all(row["rss_mib"] > 0 and row["tasks"] >= 1 for row in rows)
+    assert "client proxy RSS" in result.stdout and "(0 failed)" in result.stdout

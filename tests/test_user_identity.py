@@ -33,7 +33,7 @@ from identities import (
     write_authentication_config,
 )
 
-from clusterconnect.clientproxy import tokens
+from clusterconnect import credentials as tokens
 from clusterconnect.oidc import AuthenticationConfig, IssuerKeys, Verifier
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
@@ -144,7 +144,7 @@ def test_token_source_caches_and_refreshes_under_a_lock(tmp_path):
         "n = int(counter.read_text()) + 1 if counter.exists() else 1\ncounter.write_text(str(n))\n"
         "print(json.dumps({'access_token': f'tok{n}', 'expires_on': int(time.time()) + 3}))\n")
     script_file.chmod(0o755)
-    tokens.save(tmp_path, "cmd", {"kind": "command", "command": str(script_file)})
+    tokens.save(tmp_path, "cmd", tokens.CommandLogin(command=str(script_file)))
     first, _ = tokens.get_token(tmp_path, "cmd")
     assert first == "tok1" and tokens.get_token(tmp_path, "cmd")[0] == "tok1"  # cached
     time.sleep(2.2)  # less than a third of the lifetime left
@@ -320,7 +320,7 @@ def test_key_rotation_keeps_a_live_token_valid(ident):
     chain = ident.chain
     login = tokens.list_logins(ident.user_state)[0]
     data = tokens.load(ident.user_state, login)
-    live, _ = tokens._refresh_relay(data)  # a fresh token, signed with the current key
+    live, _ = tokens.refresh(data)  # a fresh token, signed with the current key
     rotated = chain.cli("keys", "rotate")
     new_kid = rotated.stdout.split("signing with key ")[1].split(";")[0]
     old_kid = jwt.get_unverified_header(live)["kid"]
@@ -328,7 +328,7 @@ def test_key_rotation_keeps_a_live_token_valid(ident):
     # the live token still works at the auth proxy right after the rotation
     assert _raw_get(ident.kubeconfig, live, f"/api/v1/namespaces/{DEV_NS}/pods") == 200
     # new tokens are signed with the new key and work end to end (relay and auth proxy)
-    fresh, _ = tokens._refresh_relay(data)
+    fresh, _ = tokens.refresh(data)
     assert jwt.get_unverified_header(fresh)["kid"] == new_kid
     assert _raw_get(ident.kubeconfig, fresh, f"/api/v1/namespaces/{DEV_NS}/pods") == 200
     time.sleep(LIFETIME)  # the proxy's and kubectl's cached tokens are now from the new key
@@ -352,7 +352,8 @@ def test_removed_user_cannot_get_tokens(ident, tmp_path):
 def test_no_token_in_any_log(ident):
     logs = list((ident.chain.state_dir / "logs").glob("*"))
     credential = tokens.load(ident.user_state, tokens.list_logins(ident.user_state)[0])
-    secrets_ = [credential["refresh_credential"], credential["access_token"], ident.code]
+    assert isinstance(credential, tokens.BuiltinLogin) and credential.access_token
+    secrets_ = [credential.refresh_credential, credential.access_token, ident.code]
     for path in logs:
         text = path.read_text(errors="replace")
         for secret in secrets_:
