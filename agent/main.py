@@ -75,10 +75,7 @@ def authproxy_channel(address: str, ca: Path | None) -> grpc.aio.Channel:
 
 async def run(args: argparse.Namespace) -> None:
     relay_ca = _read(args.relay_ca, "relay CA") if args.relay_ca else None
-    try:
-        target = grpc_target(args.relay)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+    target = grpc_target(args.relay)  # InvalidInput: one line and exit code 2 (clusterconnect.service)
     state_dir = args.state_dir or Path.home() / ".local/state/clusterconnect" / f"agent-{args.cluster}"
     backoff = Backoff()
     while True:

@@ -219,7 +219,7 @@ def admin_command(args: argparse.Namespace) -> None:
         reply = asyncio.run(_call(args, method, build()))
     except grpc.aio.AioRpcError as exc:
         fail(exc.details() or exc.code().name)
-    except (OSError, ValueError) as exc:  # ValueError: grpc_target() of a malformed --relay
+    except OSError as exc:
         fail(str(exc))
     show(args, reply)
 

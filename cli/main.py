@@ -137,8 +137,6 @@ def clusters_command(args: argparse.Namespace) -> None:
         reply = asyncio.run(_admin_call(args, method, build()))
     except grpc.aio.AioRpcError as exc:
         fail(exc.details() or exc.code().name)
-    except ValueError as exc:  # grpc_target() of a malformed --relay
-        fail(str(exc))
     show(args, reply)
 
 

@@ -58,10 +58,7 @@ def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
 
 async def run_proxy(settings: ProxySettings) -> None:
     tls, ca_pem = local_tls(settings.state_dir)
-    try:
-        target = grpc_target(settings.relay)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+    target = grpc_target(settings.relay)  # InvalidInput: one line and exit code 2 (clusterconnect.service)
     credentials = grpc.ssl_channel_credentials(root_certificates=settings.relay_ca)
     async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
         tokens = CachedTokenSource(settings.state_dir, settings.login) if settings.login else None
