@@ -148,6 +148,24 @@ def test_lint_fails_on_a_broken_chart(helm, tmp_path):
     assert "1 chart(s) failed" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("chart, values, complaint", [
+    (AGENT_CHART, {"agent": {"warmStreams": 9}}, "/agent/warmStreams"),
+    (AGENT_CHART, {"agent": {"warmStreamz": 1}}, "'warmStreamz' not allowed"),
+    (AGENT_CHART, {"cluster": "Prod_EU"}, "/cluster"),
+    (AGENT_CHART, {"agent": {"relay": "http://relay.test:8443"}}, "/agent/relay"),
+    (AGENT_CHART, {"authProxy": {"authentication": {"jwt": []}}}, "/authProxy/authentication"),
+    (RELAY_CHART, {"accessTokenLifetime": 901}, "/accessTokenLifetime"),
+    (RELAY_CHART, {"issuerPort": 70000}, "/issuerPort"),
+    (RELAY_CHART, {"logLevel": "verbose"}, "/logLevel"),
+], ids=["warm-streams", "typo", "cluster-name", "plain-http-relay", "empty-authn", "token-lifetime", "port",
+        "log-level"])
+def test_values_schema_refuses_what_the_services_would(helm, tmp_path, chart, values, complaint):
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    result = run_helm(helm, "template", "clusterconnect", str(chart), "-f", str(tmp_path / "values.yaml"))
+    assert result.returncode != 0, result.stdout
+    assert complaint in result.stderr, result.stderr
+
+
 # -- what the agent chart renders ----------------------------------------------------------------------
 
 
@@ -227,20 +245,29 @@ def test_token_passthrough_by_default(helm):
     assert "annotations" not in proxy["spec"]["template"]["metadata"]
 
 
-def test_auth_proxy_token_is_projected_not_automounted(helm):
-    found = objects(template(helm, AGENT_CHART, "cc"))
-    assert found[("ServiceAccount", "clusterconnect-aadproxy")]["automountServiceAccountToken"] is False
-    spec = found[("Deployment", "clusterconnect-aadproxy")]["spec"]["template"]["spec"]
-    assert spec["automountServiceAccountToken"] is False
-    sources = next(v for v in spec["volumes"] if v["name"] == "serviceaccount")["projected"]["sources"]
+def projected_serviceaccount(proxy: dict) -> list[dict]:
+    volumes = proxy["spec"]["template"]["spec"]["volumes"]
+    return list(next(v for v in volumes if v["name"] == "serviceaccount")["projected"]["sources"])
+
+
+def test_auth_proxy_token_is_projected_in_oidc_mode_only(helm, tmp_path):
+    oidc = objects(template(helm, AGENT_CHART, "cc", AGENT_EVERYTHING, tmp_path))
+    assert oidc[("ServiceAccount", "clusterconnect-aadproxy")]["automountServiceAccountToken"] is False
+    proxy = oidc[("Deployment", "clusterconnect-aadproxy")]
+    assert proxy["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    sources = projected_serviceaccount(proxy)
     token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
     assert token == {"path": "token", "expirationSeconds": 3600}
     files = [s.get("configMap") or s.get("downwardAPI") or {} for s in sources]
     assert {item["path"] for f in files for item in f.get("items", [])} == {"ca.crt", "namespace"}
-    proxy = container(found[("Deployment", "clusterconnect-aadproxy")])
-    mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
+    mounts = {m["name"]: m["mountPath"] for m in container(proxy)["volumeMounts"]}
     # Where aadproxy/apiserver.py in_cluster() reads them.
     assert mounts["serviceaccount"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+    # Token passthrough: the cluster's CA, and no credential of the proxy's own.
+    passthrough = objects(template(helm, AGENT_CHART, "cc"))[("Deployment", "clusterconnect-aadproxy")]
+    assert passthrough["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert not any("serviceAccountToken" in s for s in projected_serviceaccount(passthrough))
+    assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in projected_serviceaccount(passthrough))
 
 
 def _verify(ca: x509.Certificate, cert: x509.Certificate) -> None:
@@ -283,8 +310,8 @@ def test_auth_proxy_keeps_one_replica_through_disruptions(helm):
                    for kind, name in found)
 
 
-def test_impersonation_role_grants_nothing_but_impersonation_and_reviews(helm):
-    found = objects(template(helm, AGENT_CHART, "cc"))
+def test_impersonation_role_grants_nothing_but_impersonation_and_reviews(helm, tmp_path):
+    found = objects(template(helm, AGENT_CHART, "cc", AGENT_EVERYTHING, tmp_path))
     role = found[("ClusterRole", "clusterconnect-aadproxy-impersonator")]
     verbs = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
              for resource in rule["resources"] for verb in rule["verbs"]}
@@ -292,6 +319,13 @@ def test_impersonation_role_grants_nothing_but_impersonation_and_reviews(helm):
     assert {(g, r) for g, r, v in verbs if v == "create"} == {("authorization.k8s.io", "subjectaccessreviews")}
     binding = found[("ClusterRoleBinding", "clusterconnect-aadproxy-impersonator")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "clusterconnect-aadproxy", "namespace": "cc"}]
+
+
+def test_token_passthrough_binds_no_role(helm):
+    found = objects(template(helm, AGENT_CHART, "cc"))
+    # The role is there (tests and operators read it from deploy/k8s/aadproxy.yaml), bound to nobody.
+    assert ("ClusterRole", "clusterconnect-aadproxy-impersonator") in found
+    assert not [key for key in found if key[0] in ("ClusterRoleBinding", "RoleBinding")]
 
 
 # -- what the relay chart renders ----------------------------------------------------------------------
@@ -387,13 +421,14 @@ def test_helm_template_passes_server_side_dry_run(devcluster, helm, tmp_path, ch
 
 
 def test_server_side_dry_run_rejects_what_the_apiserver_would(devcluster, helm, tmp_path):
-    # The canary for the dry run above: a value the apiserver refuses (a port out of range) fails it.
+    # The canary for the dry run above: a value the chart's schema lets through but the apiserver
+    # refuses (an annotation key with a space) fails it.
     namespace = "clusterconnect-helm-relay"
     devcluster.kubectl("create", "namespace", namespace, check=False)
-    rendered = template(helm, RELAY_CHART, namespace, {"issuerPort": 70000}, tmp_path)
+    rendered = template(helm, RELAY_CHART, namespace, {"podAnnotations": {"not a key": "x"}}, tmp_path)
     result = devcluster.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
     assert result.returncode != 0
-    assert "70000" in result.stderr, result.stderr
+    assert "not a key" in result.stderr, result.stderr
 
 
 def test_rendering_with_default_values_is_deterministic(helm):
