@@ -436,3 +436,51 @@ def test_rendering_with_default_values_is_deterministic(helm):
     renders = [template(helm, AGENT_CHART, "clusterconnect") + template(helm, RELAY_CHART, "clusterconnect-relay")
                for _ in range(2)]
     assert renders[0] == renders[1]
+
+
+RESTRICTED = "clusterconnect-helm-restricted"
+
+
+def restricted_namespace(devcluster, rendered: dict[tuple[str, str], dict]) -> None:
+    """The namespace, labelled like deploy/k8s/namespace.yaml, with the chart's ServiceAccounts created for
+    real (the ServiceAccount admission refuses a pod whose account does not exist, even in a dry run)."""
+    devcluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": RESTRICTED, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    for obj in rendered.values():
+        if obj["kind"] == "ServiceAccount":
+            devcluster.apply(obj)
+
+
+def dry_run_pod(devcluster, deployment: dict) -> subprocess.CompletedProcess[str]:
+    """The Deployment's pod, as its ReplicaSet would create it, through the apiserver's PodSecurity admission."""
+    template_ = deployment["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": deployment["metadata"]["name"], "namespace": RESTRICTED,
+                        "labels": template_["metadata"]["labels"]},
+           "spec": template_["spec"]}
+    return devcluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(pod), check=False)
+
+
+@pytest.mark.parametrize("chart, values", [(AGENT_CHART, None), (AGENT_CHART, AGENT_EVERYTHING),
+                                           (RELAY_CHART, None), (RELAY_CHART, RELAY_EVERYTHING)],
+                         ids=["agent-defaults", "agent-everything", "relay-defaults", "relay-everything"])
+def test_every_pod_meets_the_restricted_pod_security_level(devcluster, helm, tmp_path, chart, values):
+    rendered = objects(template(helm, chart, RESTRICTED, values, tmp_path))
+    restricted_namespace(devcluster, rendered)
+    deployments = [o for o in rendered.values() if o["kind"] == "Deployment"]
+    assert deployments
+    for deployment in deployments:
+        result = dry_run_pod(devcluster, deployment)
+        assert result.returncode == 0, result.stderr
+        assert "(server dry run)" in result.stdout and "Warning" not in result.stderr, result.stderr
+
+
+def test_restricted_level_refuses_a_pod_that_breaks_it(devcluster, helm):
+    # The canary for the test above: the same dry run refuses the agent's pod once it may escalate.
+    rendered = objects(template(helm, AGENT_CHART, RESTRICTED))
+    restricted_namespace(devcluster, rendered)
+    agent = rendered[("Deployment", "clusterconnect-agent")]
+    container(agent)["securityContext"]["allowPrivilegeEscalation"] = True
+    result = dry_run_pod(devcluster, agent)
+    assert result.returncode != 0
+    assert "allowPrivilegeEscalation != false" in result.stderr, result.stderr
