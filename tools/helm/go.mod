@@ -1,3 +1,6 @@
+// helm, built from source at the version below by `make helm` (Makefile here), never downloaded.
+// The k8s.io modules are raised from the v0.37.0 helm asks for to the devcluster's v0.37.2, so both
+// builds share the module and build caches.
 module github.com/clusterconnect/clusterconnect/tools/helm
 
 go 1.26.0
