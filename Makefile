@@ -38,7 +38,7 @@ lint: venv
 	scripts/typecheck-tree
 	$(BIN)/mypy
 
-test: venv devcluster devcluster-check oidc-provider lint
+test: venv devcluster devcluster-check oidc-provider helm lint
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.
@@ -56,3 +56,13 @@ bench: venv devcluster
 
 clean: demo-down
 	rm -rf .demo tests/devcluster/bin
+
+.PHONY: helm manifests
+
+# helm, built from its Go module at the version pinned in tools/helm/go.mod (the chart tests use it).
+helm:
+	$(MAKE) -C tools/helm
+
+# Render deploy/k8s/ from the charts in deploy/helm/ with their default values (a test fails when they differ).
+manifests: helm
+	$(PYTHON) deploy/helm/render.py
