@@ -64,5 +64,5 @@ helm:
 	$(MAKE) -C tools/helm
 
 # Render deploy/k8s/ from the charts in deploy/helm/ with their default values (a test fails when they differ).
-manifests: helm
-	$(PYTHON) deploy/helm/render.py
+manifests: venv helm
+	$(BIN)/python deploy/helm/render.py
