@@ -10,11 +10,16 @@ passes through as bytes and ends the stream at the far end.)
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeAlias
 
 import grpc
 
 from clusterconnect.streams import GrpcServerStream
 from clusterconnect.v1 import tunnel_pb2
+
+# A handler of a raw stream-stream method: (request iterator, context) -> None.
+StreamHandler: TypeAlias = Callable[[object, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[None]]
 
 
 class PassthroughStream(GrpcServerStream):
@@ -43,7 +48,7 @@ class ForeignPassthroughStream(PassthroughStream):
         await asyncio.shield(self.context.write(message))
 
 
-def raw_stream_handler(service: str, methods: dict) -> grpc.GenericRpcHandler:
+def raw_stream_handler(service: str, methods: dict[str, StreamHandler]) -> grpc.GenericRpcHandler:
     """Register stream-stream ``methods`` of ``service`` with bytes in and bytes out."""
     return grpc.method_handlers_generic_handler(
         service, {name: grpc.stream_stream_rpc_method_handler(handler) for name, handler in methods.items()}
