@@ -73,6 +73,15 @@ def test_clients_dropping_early_leave_only_json_lines_in_the_relay_log(chain) ->
         if attempt % 2:
             assert tls.recv(65536)  # the response (1 MiB) is on its way
         _reset(tls)
+    # Clients that reset in the middle of a large upload: the relay is writing to the agent's stream.
+    upload = (f"POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: {endpoint.host}\r\n"
+              f"Authorization: {endpoint.headers['Authorization']}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {8 * 1024 * 1024}\r\n\r\n").encode() + b"x" * (1024 * 1024)
+    for _ in range(20):
+        tls = endpoint.ssl.wrap_socket(socket.create_connection((endpoint.host, endpoint.port), timeout=10),
+                                       server_hostname=endpoint.host)
+        tls.sendall(upload)
+        _reset(tls)
     wait_until(lambda: _idle(tunnel), 15, "every dropped connection to end at the relay and the agent",
                interval=0.2)
     # Canary: a connection served after all of them, and the relay's stats line logged after that one.

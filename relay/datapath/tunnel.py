@@ -262,21 +262,30 @@ class Tunnel:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "enough warm streams for this agent")
         else:
             dial_id = metadata_value(metadata, md.DIAL_ID) or ""
-            answered = session.dials.accept(dial_id, stream) if session else None
+            if session is not None:
+                # Before the Dial may write: a Dial cancelled in the middle of its first write would
+                # leave that write and our abort both sending the initial metadata, and grpc refuses
+                # the second (ExecuteBatchError: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). A warm
+                # stream's first write is Chunk{bound}, from this task.
+                await context.send_initial_metadata(())
+            answered = session.dials.accept(dial_id, stream) if session is not None else None
             if answered is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
             accepted = answered
         try:
-            if await accepted.wait_taken():
-                await self._bind(accepted)
-            end = await accepted.wait_ended()
-        except asyncio.CancelledError:  # the agent's call ended (or the server stops)
-            accepted.end(StreamEnd.LOST)
-            raise
+            try:
+                if await accepted.wait_taken():
+                    await self._bind(accepted)
+                end = await accepted.wait_ended()
+            except asyncio.CancelledError:  # the agent's call ended (or the server stops)
+                accepted.end(StreamEnd.LOST)
+                raise
+            finally:
+                if session is not None:
+                    session.discard_warm(accepted)
+            await self._end_accept(context, end)
         finally:
-            if session is not None:
-                session.discard_warm(accepted)
-        await self._end_accept(context, stream, end)
+            await stream.settle()  # a write the Dial left in flight ends with this call
 
     @staticmethod
     async def _bind(accepted: AcceptedStream) -> None:
@@ -289,10 +298,9 @@ class Tunnel:
         accepted.bound()
 
     @staticmethod
-    async def _end_accept(context: RawContext, stream: ForeignPassthroughStream, end: StreamEnd) -> None:
-        """The connection is over: end the agent's call with OK if it ended in order, else CANCELLED."""
-        if end is StreamEnd.CLEAN:
-            return
-        if context.done():
+    async def _end_accept(context: RawContext, end: StreamEnd) -> None:
+        """The connection is over: end the agent's call with OK if it ended in order, else CANCELLED.
+        A call that is over already is left alone: aborting it again makes grpc log a traceback."""
+        if end is StreamEnd.CLEAN or context.done() or context.cancelled():
             return
         await context.abort(grpc.StatusCode.CANCELLED, "client connection ended")
