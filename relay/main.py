@@ -79,7 +79,7 @@ async def serve(args: argparse.Namespace) -> None:
     data_dir = _data_dir(args)
     cert_path, key_path = _serving_certificate(args, data_dir)
     ca_file = data_dir / "pki" / "ca.crt"
-    # The chain includes the relay CA: agents find the CA they pinned by hash in it (enrollment.py).
+    # The chain includes the relay CA: agents find the CA they pinned by hash in it (agent_identity/enrollment.py).
     chain_pem, relay_ca_pem = agent_enrollment.serving_chain(cert_path, None if args.tls_cert else ca_file)
     key_pem = key_path.read_bytes()
     credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])

@@ -214,7 +214,11 @@ class Issuer:
 
 
 class IssuerEndpoint:
-    """HTTPS: GET /.well-known/openid-configuration and GET /keys; anything else 404/405."""
+    """HTTPS: GET /.well-known/openid-configuration and GET /keys; anything else 404/405.
+
+    asyncio.Server runs each connection in a task of its own; this endpoint is their owner: it
+    keeps them in ``_connections``, and ``close`` cancels and awaits them.
+    """
 
     def __init__(self, issuer: Issuer, cert: Path, key: Path) -> None:
         self.issuer = issuer
@@ -222,6 +226,7 @@ class IssuerEndpoint:
         self.tls.load_cert_chain(cert, key)
         self.tls.set_alpn_protocols(["http/1.1"])
         self.server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._serve, host, port, ssl=self.tls)
@@ -229,10 +234,24 @@ class IssuerEndpoint:
         return bound
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.server is None:
+            return
+        self.server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # asyncio.Server runs each connection in a task
+        self._connections.add(task)
+        try:
+            await self._exchange(reader, writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:

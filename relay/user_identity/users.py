@@ -1,7 +1,7 @@
 """Users of the relay's built-in issuer, their one-time login codes and refresh credentials (SQLite).
 
 Kept in the relay's ``relay.db`` in tables of their own. Codes and refresh credentials are random
-256-bit secrets stored as SHA-256 hashes, like agent credentials: a stolen database does not let
+256-bit secrets stored as SHA-256 hashes, like agent join tokens: a stolen database does not let
 anyone log in or mint tokens.
 """
 
