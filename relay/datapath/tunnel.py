@@ -105,7 +105,8 @@ class Tunnel:
             assert decision.code is not None, "a refusal carries its status"
             log.info("dial refused", cluster=cluster, reason=decision.message,
                      user=decision.identity.username if decision.identity else None)
-            await _refuse(context, decision.code, _ACCESS_REFUSALS[decision.code], decision.message)
+            await _refuse(context, decision.code, _ACCESS_REFUSALS.get(decision.code, DialRefusal.ACCESS_DENIED),
+                          decision.message)
         session = self.sessions.get(cluster)
         if session is None:
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
