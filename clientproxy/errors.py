@@ -2,16 +2,25 @@
 
 The client proxy never parses HTTP; it only writes this one response, on a connection it is about
 to close, when the relay refused or could not open the path.
+
+The relay says why it refused a Dial in the trailing metadata ``clusterconnect-reason`` (a
+``DialRefusal``), and its message is shown as it is. Without a reason, the failure came from gRPC
+itself (the relay is unreachable, or its certificate is not trusted): then only gRPC's own text
+tells the cases apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 import h11
 
+from clusterconnect import metadata as md
 from clusterconnect.kstatus import status_body
+from clusterconnect.metadata import DialRefusal
 
-# gRPC status -> (HTTP status, Kubernetes StatusReason)
+# gRPC status -> (HTTP status, Kubernetes StatusReason), for failures without a relay's reason.
 _MAPPING: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.NOT_FOUND: (404, "NotFound"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "Unauthorized"),
@@ -20,6 +29,30 @@ _MAPPING: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "Timeout"),
     grpc.StatusCode.UNAVAILABLE: (502, "ServiceUnavailable"),
 }
+
+# The relay's reason -> (HTTP status, Kubernetes StatusReason) kubectl shows.
+_REFUSALS: dict[DialRefusal, tuple[int, str]] = {
+    DialRefusal.MISSING_CLUSTER: (400, "BadRequest"),
+    DialRefusal.MISSING_TOKEN: (401, "Unauthorized"),
+    DialRefusal.CLUSTER_NOT_REGISTERED: (404, "NotFound"),
+    DialRefusal.TOKEN_REFUSED: (401, "Unauthorized"),
+    DialRefusal.ACCESS_DENIED: (403, "Forbidden"),
+    DialRefusal.AGENT_NOT_CONNECTED: (502, "ServiceUnavailable"),
+    DialRefusal.AGENT_OVERLOADED: (502, "ServiceUnavailable"),
+    DialRefusal.AGENT_NOT_ANSWERING: (502, "ServiceUnavailable"),
+    DialRefusal.CONNECTION_LOST: (502, "ServiceUnavailable"),
+}
+
+
+def dial_refusal(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> DialRefusal | None:
+    """The relay's reason in a Dial's trailing metadata; None if there is none (or one we do not know)."""
+    for key, value in trailing_metadata or ():
+        if key == md.REASON:
+            try:
+                return DialRefusal(value.decode() if isinstance(value, bytes) else value)
+            except ValueError:  # a newer relay's reason: the status code still tells the kind
+                return None
+    return None
 
 
 def is_discovery_request(head: bytes) -> bool:
@@ -32,13 +65,23 @@ def is_discovery_request(head: bytes) -> bool:
     return len(line) == 3 and line[0] == b"GET" and line[1].split(b"?", 1)[0] in (b"/api", b"/apis")
 
 
-def error_response(grpc_code: grpc.StatusCode | None, message: str, plain: bool = False) -> bytes:
+def _status(grpc_code: grpc.StatusCode | None, reason: DialRefusal | None) -> tuple[int, str]:
+    if reason is not None:
+        return _REFUSALS[reason]
+    if grpc_code is None:
+        return 502, "ServiceUnavailable"
+    return _MAPPING.get(grpc_code, (502, "InternalError"))
+
+
+def error_response(grpc_code: grpc.StatusCode | None, message: str, plain: bool = False,
+                   reason: DialRefusal | None = None) -> bytes:
     """A complete HTTP/1.1 response (head and body) that closes the connection.
 
-    The body is a Kubernetes Status, or with ``plain`` just the message as text/plain.
+    Its status follows the relay's ``reason`` if there is one, else ``grpc_code``. The body is a
+    Kubernetes Status, or with ``plain`` just the message as text/plain.
     """
-    code, reason = _MAPPING.get(grpc_code, (502, "InternalError")) if grpc_code else (502, "ServiceUnavailable")
-    body = message.encode() + b"\n" if plain else status_body(code, message, reason)
+    code, k8s_reason = _status(grpc_code, reason)
+    body = message.encode() + b"\n" if plain else status_body(code, message, k8s_reason)
     conn = h11.Connection(h11.SERVER)
     # h11 needs to have seen a request before it writes a response; give it a minimal one.
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: clusterconnect\r\n\r\n")
@@ -57,13 +100,15 @@ def error_response(grpc_code: grpc.StatusCode | None, message: str, plain: bool 
     return head + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
 
 
-def describe_rpc_error(code: grpc.StatusCode, details: str, relay: str) -> str:
-    """One line for a failure to reach the relay itself, or the relay's own message."""
+def describe_rpc_error(code: grpc.StatusCode, details: str, relay: str, reason: DialRefusal | None = None) -> str:
+    """One line: the relay's own message when it gave a reason, else what went wrong reaching it."""
     text = details or code.name
-    if code == grpc.StatusCode.UNAVAILABLE:
-        lowered = text.lower()
-        if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
-            return f"cannot reach relay {relay}: TLS verification failed (wrong --relay-ca?)"
-        if "connect" in lowered or "dns" in lowered or "unreachable" in lowered or "socket" in lowered:
-            return f"cannot reach relay {relay}: {text}"
+    if reason is not None or code != grpc.StatusCode.UNAVAILABLE:
+        return text
+    # gRPC's own text is all there is here (e.g. "failed to connect to all addresses", "ssl handshake").
+    lowered = text.lower()
+    if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
+        return f"cannot reach relay {relay}: TLS verification failed (wrong --relay-ca?)"
+    if "connect" in lowered or "dns" in lowered or "unreachable" in lowered or "socket" in lowered:
+        return f"cannot reach relay {relay}: {text}"
     return text

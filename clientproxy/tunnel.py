@@ -13,10 +13,11 @@ import grpc
 from opentelemetry import trace
 
 from clusterconnect import metadata as md
-from clusterconnect.clientproxy.errors import describe_rpc_error, error_response, is_discovery_request
+from clusterconnect.clientproxy.errors import describe_rpc_error, dial_refusal, error_response, is_discovery_request
 from clusterconnect.credentials import CachedTokenSource, LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
+from clusterconnect.metadata import DialRefusal
 from clusterconnect.socket_stream import SocketStream
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
 from clusterconnect.tracing import start_connection_span
@@ -188,21 +189,23 @@ class ConnectionHandler:
 
     async def _opened(
         self, call: Call, connected: bool
-    ) -> tuple[grpc.StatusCode | None, str] | None:
-        """None once the relay says the path is open, else (code, one-line reason)."""
+    ) -> tuple[grpc.StatusCode | None, str, DialRefusal | None] | None:
+        """None once the relay says the path is open, else (code, one-line message, the relay's reason)."""
         timeout = DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT
         try:
             initial = await asyncio.wait_for(call.initial_metadata(), timeout)
         except TimeoutError:
             return (grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"relay {self.target.relay} did not answer within {timeout:g}s")
+                    f"relay {self.target.relay} did not answer within {timeout:g}s", None)
         if any(key == md.OPEN for key, _ in initial or ()):
             return None
         code = await call.code()
-        return code, describe_rpc_error(code, await call.details() or "", self.target.relay)
+        reason = dial_refusal(await call.trailing_metadata())
+        return code, describe_rpc_error(code, await call.details() or "", self.target.relay, reason), reason
 
     @staticmethod
-    async def _refuse(downstream: SocketStream, code: grpc.StatusCode | None, message: str) -> None:
+    async def _refuse(downstream: SocketStream, code: grpc.StatusCode | None, message: str,
+                      reason: DialRefusal | None = None) -> None:
         log.info("connection refused", reason=message)
         try:
             head = b""
@@ -211,7 +214,7 @@ class ConnectionHandler:
                     head = await downstream.receive()
             except TimeoutError:
                 pass
-            await downstream.send(error_response(code, message, plain=is_discovery_request(head)))
+            await downstream.send(error_response(code, message, plain=is_discovery_request(head), reason=reason))
             # Let kubectl read the answer and hang up first, so it sees the response, not a reset.
             async with asyncio.timeout(LINGER):
                 while await downstream.receive():

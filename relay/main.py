@@ -58,26 +58,43 @@ def admin_credential(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-async def serve(args: argparse.Namespace) -> None:
+def _data_dir(args: argparse.Namespace) -> Path:
     data_dir: Path = args.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
+    return data_dir
+
+
+def _serving_certificate(args: argparse.Namespace, data_dir: Path) -> tuple[Path, Path]:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise StartupError("--tls-cert and --tls-key go together")
     if args.tls_cert:
-        cert_path, key_path = args.tls_cert, args.tls_key
-    else:
-        hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *(args.hostname or [])]
-        _, cert_path, key_path = ensure_ca_and_server_cert(data_dir / "pki", "clusterconnect relay CA", hosts)
-    # The chain includes the relay CA: agents find the CA they pinned by hash in it (enrollment.py).
-    chain_pem, relay_ca_pem = agent_enrollment.serving_chain(
-        cert_path, None if args.tls_cert else data_dir / "pki" / "ca.crt")
-    credentials = grpc.ssl_server_credentials([(key_path.read_bytes(), chain_pem)])
+        return args.tls_cert, args.tls_key
+    hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *(args.hostname or [])]
+    _, cert_path, key_path = ensure_ca_and_server_cert(data_dir / "pki", "clusterconnect relay CA", hosts)
+    return cert_path, key_path
+
+
+async def serve(args: argparse.Namespace) -> None:
+    data_dir = _data_dir(args)
+    cert_path, key_path = _serving_certificate(args, data_dir)
+    ca_file = data_dir / "pki" / "ca.crt"
+    # The chain includes the relay CA: agents find the CA they pinned by hash in it (agent_identity/enrollment.py).
+    chain_pem, relay_ca_pem = agent_enrollment.serving_chain(cert_path, None if args.tls_cert else ca_file)
+    key_pem = key_path.read_bytes()
+    credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+    admin = admin_credential(data_dir)
 
     store = ClusterStore(data_dir / "relay.db")
     sessions = SessionTable()
-    tunnel = Tunnel(store, sessions, args.heartbeat_seconds)
     server = grpc.aio.server(options=RELAY_SERVER_OPTIONS)
+    agents = agent_enrollment.AgentEnrollment(args, data_dir, store, relay_ca_pem)
+    agent_port = agents.add_to_server(server, key_pem, chain_pem)
+    identity = await user_identity.start(
+        args, data_dir, store, cert_path, key_path, None if args.tls_cert else ca_file.read_text(), admin, server,
+    )
+    tunnel = Tunnel(store, sessions, args.heartbeat_seconds,
+                    authorizer=identity.authorizer, agent_auth=agents.authenticator)
     server.add_generic_rpc_handlers((
         raw_stream_handler("clusterconnect.v1.ClientTunnel", {"Dial": tunnel.Dial}),
         # Connect carries control messages and is decoded as usual; Accept carries raw Chunks.
@@ -90,17 +107,8 @@ async def serve(args: argparse.Namespace) -> None:
             "Accept": grpc.stream_stream_rpc_method_handler(tunnel.Accept),
         }),
     ))
-    registry = Registry(store, sessions, admin_credential(data_dir))
-    tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)
-    agents = agent_enrollment.AgentEnrollment(args, data_dir, store, relay_ca_pem)
-    agent_port = agents.add_to_server(server, key_path.read_bytes(), chain_pem)
-    tunnel.agent_auth = registry.agent_enrollment = agents
-    ca_file = data_dir / "pki" / "ca.crt"
-    identity = await user_identity.start(
-        args, data_dir, store, cert_path, key_path, None if args.tls_cert else ca_file.read_text(),
-        admin_credential(data_dir), server,
-    )
-    tunnel.authorizer = identity.authorizer
+    registry = Registry(store, sessions, admin, agents)
+    tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)  # type: ignore[no-untyped-call]  # generated
     try:
         port = server.add_secure_port(args.listen, credentials)
     except RuntimeError as exc:

@@ -136,24 +136,3 @@ def test_pki_creates_once_and_reissues_for_new_hosts(tmp_path):
 
 def test_ago():
     assert ago(5) == "5s ago" and ago(180) == "3m ago" and ago(7200) == "2h ago"
-
-
-def test_agent_session_keeps_a_bounded_pool_of_warm_streams():
-    import asyncio
-
-    from clusterconnect.relay.datapath.sessions import MAX_WARM, AcceptedStream, AgentSession
-
-    async def scenario() -> None:
-        session = AgentSession("dev", "v", "k")
-        streams = [AcceptedStream(stream=None) for _ in range(MAX_WARM + 1)]
-        assert [session.add_warm(s) for s in streams] == [True] * MAX_WARM + [False]
-        streams[0].peer_lost.set()  # its agent stream died: never handed out
-        assert session.take_warm() is streams[1]  # oldest usable first
-        session.discard_warm(streams[2])  # its Accept handler ended
-        assert session.take_warm() is streams[3]
-        session.end("agent disconnected")
-        assert session.take_warm() is None and not session.add_warm(streams[-1])
-        # Warm streams that were still waiting are finished, so their Accept handlers end too.
-        assert all(s.finished.done() and s.finished.result() is False for s in streams[4:MAX_WARM])
-
-    asyncio.run(scenario())

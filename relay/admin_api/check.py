@@ -7,13 +7,14 @@ import hmac
 import grpc
 
 from clusterconnect.grpc_options import bearer_from_metadata
+from clusterconnect.relay.rpc import UnaryContext
 
 
 class AdminCheck:
     def __init__(self, admin_credential: str) -> None:
         self._admin = admin_credential.encode()
 
-    async def require(self, context: grpc.aio.ServicerContext) -> None:
+    async def require(self, context: UnaryContext) -> None:
         """Abort the call unless it carries the admin credential (compared in constant time)."""
         token = bearer_from_metadata(context.invocation_metadata())
         if token is None:

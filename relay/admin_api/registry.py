@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
+from clusterconnect.errors import ClusterConnectError
 from clusterconnect.logs import get_logger
 from clusterconnect.relay.admin_api.check import AdminCheck
-from clusterconnect.relay.datapath.sessions import SessionTable
-from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterRecord, ClusterStore, InvalidName
+from clusterconnect.relay.agent_identity.enrollment import AgentEnrollment
+from clusterconnect.relay.datapath.sessions import EndReason, SessionTable
+from clusterconnect.relay.rpc import UnaryContext, abort_with
+from clusterconnect.relay.storage.clusters import ClusterRecord, ClusterStore
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
 
 class Registry(tunnel_pb2_grpc.RegistryServicer):
-    # relay.enrollment.AgentEnrollment: join tokens and agent certificates (set in main.py).
-    agent_enrollment = None
-
-    def __init__(self, store: ClusterStore, sessions: SessionTable, admin_credential: str) -> None:
+    def __init__(self, store: ClusterStore, sessions: SessionTable, admin_credential: str,
+                 agent_enrollment: AgentEnrollment) -> None:
         self.store = store
         self.sessions = sessions
         self._admin = AdminCheck(admin_credential)
+        # Join tokens for new clusters; a removed cluster's certificates stop working.
+        self.agent_enrollment = agent_enrollment
 
     def _status(self, record: ClusterRecord) -> tunnel_pb2.Cluster:
         session = self.sessions.get(record.name)
@@ -39,36 +40,37 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
             created_unix=record.created_unix,
         )
 
-    async def AddCluster(self, request, context):
+    async def AddCluster(self, request: tunnel_pb2.AddClusterRequest,
+                         context: UnaryContext) -> tunnel_pb2.AddClusterResponse:
         await self._admin.require(context)
         try:
             record = self.store.add(request.name)
-        except InvalidName as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except AlreadyExists as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except ClusterConnectError as exc:  # InvalidName, AlreadyExists
+            await abort_with(context, exc)
         log.info("cluster added", cluster=record.name)
         token, expires, ca_hash = self.agent_enrollment.new_join_token(record.name)
         return tunnel_pb2.AddClusterResponse(
             cluster=self._status(record), join_token=token, join_token_expires_unix=expires, relay_ca_hash=ca_hash
         )
 
-    async def ListClusters(self, request, context):
+    async def ListClusters(self, request: tunnel_pb2.ListClustersRequest,
+                           context: UnaryContext) -> tunnel_pb2.ListClustersResponse:
         await self._admin.require(context)
         return tunnel_pb2.ListClustersResponse(clusters=[self._status(r) for r in self.store.list()])
 
-    async def GetCluster(self, request, context):
+    async def GetCluster(self, request: tunnel_pb2.GetClusterRequest, context: UnaryContext) -> tunnel_pb2.Cluster:
         await self._admin.require(context)
         record = self.store.get(request.name)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
         return self._status(record)
 
-    async def RemoveCluster(self, request, context):
+    async def RemoveCluster(self, request: tunnel_pb2.RemoveClusterRequest,
+                            context: UnaryContext) -> tunnel_pb2.RemoveClusterResponse:
         await self._admin.require(context)
         if not self.store.remove(request.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
         self.agent_enrollment.revoke(request.name)
-        self.sessions.end(request.name, f"cluster removed at {int(time.time())}")
+        self.sessions.end(request.name, EndReason.CLUSTER_REMOVED)
         log.info("cluster removed", cluster=request.name)
         return tunnel_pb2.RemoveClusterResponse()

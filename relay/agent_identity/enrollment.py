@@ -15,19 +15,25 @@ and the TLS handshake already verified it against the agent CA) into a cluster n
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from clusterconnect import cliargs
+from clusterconnect.errors import ClusterConnectError, StartupError
 from clusterconnect.logs import get_logger
-from clusterconnect.pki import KeyPair
+from clusterconnect.pki import KeyPair, ca_hash
 from clusterconnect.relay.agent_identity import pki as agent_pki
-from clusterconnect.relay.agent_identity.pki import AgentIdentity, CsrInvalid, CsrRefused
+from clusterconnect.relay.agent_identity.pki import AgentIdentity, CsrRefused
+from clusterconnect.relay.rpc import UnaryContext, abort_with
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.storage.sqlite import open_db
 from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -127,8 +133,8 @@ class AgentAuthenticator:
         # Parsing a certificate per Accept stream is avoidable work: cache by the PEM grpc hands us.
         self._cache: dict[bytes, AgentIdentity | None] = {}
 
-    def identify(self, context: grpc.aio.ServicerContext) -> AgentIdentity | None:
-        pems = context.auth_context().get("x509_pem_cert") or []
+    def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentIdentity | None:
+        pems = list(context.auth_context().get("x509_pem_cert") or [])
         if len(pems) != 1:
             return None
         pem = pems[0]
@@ -138,7 +144,7 @@ class AgentAuthenticator:
             self._cache[pem] = agent_pki.identity_of(pem)
         return self._cache[pem]
 
-    async def authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> AgentIdentity:
+    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any], claimed: str | None) -> AgentIdentity:
         """The caller's identity; aborts the call unless it is an accepted certificate of ``claimed``."""
         identity = self.identify(context)
         if identity is None:
@@ -174,21 +180,22 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
         self.agent_port = agent_port
         self.lifetime = datetime.timedelta(seconds=lifetime_seconds)
 
-    async def GetCA(self, request, context):
+    async def GetCA(self, request: enrollment_pb2.GetCARequest, context: UnaryContext) -> enrollment_pb2.GetCAResponse:
         return enrollment_pb2.GetCAResponse(
             ca_pem=self.relay_ca_pem.decode(), ca_hash=self.relay_ca_hash, agent_port=self.agent_port
         )
 
-    async def _checked_csr(self, context, csr_pem: bytes, cluster: str):
+    async def _checked_csr(self, context: UnaryContext, csr_pem: bytes, cluster: str) -> x509.CertificateSigningRequest:
         try:
             return agent_pki.validate_csr(csr_pem, cluster)
         except CsrRefused as exc:
             log.warning("agent CSR refused", cluster=cluster, reason=str(exc))
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"CSR refused: {exc}")
-        except CsrInvalid as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(exc.grpc_status, f"CSR refused: {exc}")
+        except ClusterConnectError as exc:  # CsrInvalid
+            await abort_with(context, exc)
 
-    def _issue(self, csr, cluster: str, previous: AgentIdentity | None) -> enrollment_pb2.AgentCertificate:
+    def _issue(self, csr: x509.CertificateSigningRequest, cluster: str,
+               previous: AgentIdentity | None) -> enrollment_pb2.AgentCertificate:
         cert = agent_pki.issue(self.agent_ca, csr, cluster, self.lifetime)
         not_after = int(cert.not_valid_after_utc.timestamp())
         self.enrollment.record_certificate(cluster, cert.serial_number, not_after, previous)
@@ -198,7 +205,7 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
             certificate_pem=cert.public_bytes(Encoding.PEM) + self.agent_ca.cert_pem, not_after_unix=not_after
         )
 
-    async def Join(self, request, context):
+    async def Join(self, request: enrollment_pb2.JoinRequest, context: UnaryContext) -> enrollment_pb2.JoinResponse:
         cluster = request.cluster
         csr = await self._checked_csr(context, request.csr_pem, cluster)
         if self.clusters.get(cluster) is None or not self.enrollment.consume_join_token(cluster, request.join_token):
@@ -212,7 +219,7 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
         log.info("agent joined", cluster=cluster, peer=context.peer())
         return enrollment_pb2.JoinResponse(certificate=certificate, agent_port=self.agent_port)
 
-    async def Renew(self, request, context):
+    async def Renew(self, request: enrollment_pb2.RenewRequest, context: UnaryContext) -> enrollment_pb2.RenewResponse:
         identity = await self.authenticator.authenticate(context, None)
         csr = await self._checked_csr(context, request.csr_pem, identity.cluster)
         return enrollment_pb2.RenewResponse(certificate=self._issue(csr, identity.cluster, identity))
@@ -221,9 +228,7 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
 # -- wiring (called from relay/main.py) ---------------------------------------------------------
 
 
-def add_flags(parser) -> None:
-    from clusterconnect import cliargs
-
+def add_flags(parser: argparse.ArgumentParser) -> None:
     cliargs.add_flag(parser, "--agent-listen", default="0.0.0.0:8444",
                      help="HOST:PORT of the agent endpoint: mutual TLS, only agent certificates of this relay")
     cliargs.add_flag(parser, "--agent-advertise-port", type=int, default=0,
@@ -257,9 +262,7 @@ def serving_chain(cert_path: Path, ca_path: Path | None) -> tuple[bytes, bytes]:
 class AgentEnrollment:
     """Everything agent identity adds to the relay process."""
 
-    def __init__(self, args, data_dir: Path, clusters: ClusterStore, relay_ca_pem: bytes) -> None:
-        from clusterconnect.pki import ca_hash
-
+    def __init__(self, args: argparse.Namespace, data_dir: Path, clusters: ClusterStore, relay_ca_pem: bytes) -> None:
         self.args = args
         self.store = EnrollmentStore(data_dir / "relay.db")
         self.agent_ca = agent_pki.ensure_agent_ca(data_dir / "pki")
@@ -279,9 +282,6 @@ class AgentEnrollment:
     def revoke(self, cluster: str) -> None:
         self.store.revoke(cluster)
 
-    async def authenticate(self, context: grpc.aio.ServicerContext, claimed: str | None) -> AgentIdentity:
-        return await self.authenticator.authenticate(context, claimed)
-
     def add_to_server(self, server: grpc.aio.Server, key_pem: bytes, chain_pem: bytes) -> int:
         """Register Enrollment and bind the agent port (mutual TLS, agent CA only); returns that port."""
         credentials = grpc.ssl_server_credentials(
@@ -292,17 +292,16 @@ class AgentEnrollment:
         except RuntimeError:
             port = 0
         if port == 0:
-            from clusterconnect.errors import StartupError
-
-            raise StartupError(f"cannot listen on {self.args.agent_listen} (--agent-listen): address in use or not available")
+            raise StartupError(
+                f"cannot listen on {self.args.agent_listen} (--agent-listen): address in use or not available")
         self.agent_port = self.args.agent_advertise_port or port
-        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(  # type: ignore[no-untyped-call]  # generated
             Enrollment(self.store, self.clusters, self.authenticator, self.agent_ca, self.relay_ca_pem,
                        self.relay_ca_hash, self.agent_port, self.args.agent_cert_lifetime),
             server,
         )
         log.info("agent endpoint", port=port, agent_cert_lifetime=self.args.agent_cert_lifetime)
-        return port
+        return int(port)
 
     def close(self) -> None:
         self.store.close()

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from clusterconnect import errors
 from clusterconnect.agentcert import CN_PREFIX, cluster_of, subject_for, uri_for
 from clusterconnect.pki import KeyPair, create_ca, write_private
 
@@ -27,12 +28,12 @@ ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 MAX_CSR_BYTES = 16 * 1024
 
 
-class CsrRefused(ValueError):
-    """The CSR asks for something an agent of this cluster may not have (PERMISSION_DENIED)."""
+class CsrRefused(errors.PermissionDenied):
+    """The CSR asks for something an agent of this cluster may not have."""
 
 
-class CsrInvalid(ValueError):
-    """The CSR cannot be parsed or its signature is wrong (INVALID_ARGUMENT)."""
+class CsrInvalid(errors.InvalidInput):
+    """The CSR cannot be parsed or its signature is wrong."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ def issue(ca: KeyPair, csr: x509.CertificateSigningRequest, cluster: str,
     """A client certificate for ``cluster`` with the CSR's public key (call validate_csr first)."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    ca_public = ca_cert.public_key()
+    # The agent CA is made by ensure_agent_ca (ECDSA); anything else in its files is not ours.
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(ca_public, ec.EllipticCurvePublicKey):
+        raise TypeError("the agent CA key must be ECDSA")
     # No backdating: only the relay checks this certificate, with the clock that issued it.
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
     return (
@@ -104,7 +109,7 @@ def issue(ca: KeyPair, csr: x509.CertificateSigningRequest, cluster: str,
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 

@@ -1,19 +1,25 @@
-"""Live agent sessions and the pairing of a client's Dial with the agent's Accept.
+"""Live agent sessions: one per cluster, with its control outbox, its warm streams and its connections.
 
-A Dial registers a pending future under a fresh dial id and asks the agent, over its control
-stream, to open Accept with that id. The Accept handler hands its stream to the future and then
-waits until the Dial side has finished splicing; if the agent's stream dies first it says so, and
-the Dial side tears the connection down.
+A Dial takes a warm Accept stream from the session's pool, or registers a pending dial and queues a
+DialRequest for the agent, whose Accept then answers it (relay/datapath/pairing.py has both state
+machines). When a session ends, its unused warm streams end with it and, unless a newer session of
+the same agent replaced it, so do its connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
-import uuid
-from dataclasses import dataclass, field
 
-from clusterconnect.streams import ByteStream
+from clusterconnect.relay.datapath.pairing import (
+    AcceptedStream,
+    IllegalTransition,
+    PendingDial,
+    PendingDials,
+    StreamEnd,
+    StreamState,
+)
 from clusterconnect.v1 import tunnel_pb2
 
 # Control messages waiting for one agent. A full queue means the agent's stream is stuck; new
@@ -23,64 +29,59 @@ OUTBOX_SIZE = 1024
 MAX_WARM = 8
 
 
-@dataclass(eq=False)
-class AcceptedStream:
-    """The agent's side of one connection, handed from the Accept handler to the Dial handler."""
+class EndReason(enum.Enum):
+    """Why a session ended (the value is what the log says)."""
 
-    stream: ByteStream
-    # Set by the Accept handler when the agent's stream ends abnormally.
-    peer_lost: asyncio.Event = field(default_factory=asyncio.Event)
-    # Resolved by the Dial handler when the connection is over: True if it ended cleanly.
-    finished: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    # Warm streams only: a Dial puts its traceparent here; the Accept handler sends Chunk{bound} (in its
-    # own task: a write cancelled half-way, as a cancelled Dial would, leaves grpc.aio unable to end
-    # that RPC) and answers in ``ready`` whether the stream is usable.
-    binding: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    ready: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-    def finish(self, clean: bool) -> None:
-        if not self.finished.done():
-            self.finished.set_result(clean)
+    AGENT_CLOSED = "agent closed its stream"
+    HEARTBEAT_MISSED = "no heartbeat for three intervals"
+    CLUSTER_REMOVED = "cluster removed"
+    REPLACED = "replaced by a newer connection of the same agent"
+    DISCONNECTED = "agent disconnected"
 
 
-@dataclass(eq=False)
 class AgentSession:
-    cluster: str
-    agent_version: str
-    kubernetes_version: str
-    last_seen: float = field(default_factory=time.time)
-    outbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(OUTBOX_SIZE))
-    pending: dict[str, asyncio.Future] = field(default_factory=dict)
-    active: set[AcceptedStream] = field(default_factory=set)
-    # Warm Accept streams the agent opened ahead of need, oldest first (see tunnel.proto).
-    warm: list[AcceptedStream] = field(default_factory=list)
-    # Set to end the session from outside (cluster removed, replaced by a newer connection).
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    end_reason: str = ""
+    def __init__(self, cluster: str, agent_version: str, kubernetes_version: str) -> None:
+        self.cluster = cluster
+        self.agent_version = agent_version
+        self.kubernetes_version = kubernetes_version
+        self.last_seen = time.time()
+        self.outbox: asyncio.Queue[tunnel_pb2.RelayMessage] = asyncio.Queue(OUTBOX_SIZE)
+        self.dials = PendingDials()
+        # Streams a Dial is splicing (or about to): dropped when the session ends for good.
+        self.active: set[AcceptedStream] = set()
+        # Warm Accept streams the agent opened ahead of need, oldest first (see tunnel.proto).
+        self.warm: list[AcceptedStream] = []
+        # Set to end the session from outside (cluster removed, replaced by a newer connection).
+        self.ended = asyncio.Event()
+        self.end_reason: EndReason | None = None
 
-    def request_dial(self, traceparent: str = "") -> tuple[str, asyncio.Future]:
+    def request_dial(self, traceparent: str = "") -> PendingDial:
         """Queue a DialRequest; raises asyncio.QueueFull when the agent is not keeping up."""
-        dial_id = uuid.uuid4().hex
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        message = tunnel_pb2.RelayMessage(
-            dial=tunnel_pb2.DialRequest(dial_id=dial_id, traceparent=traceparent)
-        )
-        self.outbox.put_nowait(message)
-        self.pending[dial_id] = future
-        return dial_id, future
+        dial = self.dials.new()
+        try:
+            self.outbox.put_nowait(
+                tunnel_pb2.RelayMessage(dial=tunnel_pb2.DialRequest(dial_id=dial.dial_id, traceparent=traceparent))
+            )
+        except asyncio.QueueFull:
+            self.dials.forget(dial)
+            raise
+        return dial
 
     def add_warm(self, accepted: AcceptedStream) -> bool:
         """Keep a warm stream for the next Dial; False if the agent already has enough."""
+        if accepted.state is not StreamState.WARM:
+            raise IllegalTransition(f"only a WARM stream joins the pool, not {accepted!r}")
         if len(self.warm) >= MAX_WARM or self.ended.is_set():
             return False
         self.warm.append(accepted)
         return True
 
-    def take_warm(self) -> AcceptedStream | None:
+    def take_warm(self, traceparent: str) -> AcceptedStream | None:
+        """The oldest warm stream still open, taken for a Dial (now BINDING); None if there is none."""
         while self.warm:
             accepted = self.warm.pop(0)
-            if not accepted.peer_lost.is_set():
+            if not accepted.ended:
+                accepted.take(traceparent)
                 return accepted
         return None
 
@@ -88,16 +89,17 @@ class AgentSession:
         if accepted in self.warm:
             self.warm.remove(accepted)
 
-    def end(self, reason: str, drop_connections: bool = True) -> None:
-        self.end_reason = reason
+    def end(self, reason: EndReason, drop_connections: bool = True) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
         self.ended.set()
         # Warm streams carry nothing yet; they belong to this session's channel and end with it.
         for accepted in self.warm:
-            accepted.finish(False)
+            accepted.end(StreamEnd.UNUSED)
         self.warm.clear()
         if drop_connections:
             for accepted in list(self.active):
-                accepted.peer_lost.set()
+                accepted.end(StreamEnd.DROPPED)
 
 
 class SessionTable:
@@ -124,8 +126,8 @@ class SessionTable:
             # The older control stream ends, but its connections go on: an agent that renewed its
             # certificate reconnects with the new one and lets the connections of the old channel
             # finish. Dials the older session was asked for can still be accepted.
-            session.pending = previous.pending
-            previous.end("replaced by a newer connection of the same agent", drop_connections=False)
+            session.dials = previous.dials
+            previous.end(EndReason.REPLACED, drop_connections=False)
         self._sessions[session.cluster] = session
 
     def discard(self, session: AgentSession) -> None:
@@ -133,7 +135,7 @@ class SessionTable:
         if self._sessions.get(session.cluster) is session:
             del self._sessions[session.cluster]
 
-    def end(self, cluster: str, reason: str) -> None:
+    def end(self, cluster: str, reason: EndReason) -> None:
         session = self._sessions.get(cluster)
         if session is not None:
             session.end(reason)

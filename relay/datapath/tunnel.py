@@ -1,9 +1,14 @@
-"""ClientTunnel and AgentTunnel: the relay's data path. It moves bytes and never parses HTTP."""
+"""ClientTunnel and AgentTunnel: the relay's data path. It moves bytes and never parses HTTP.
+
+The Dial and Accept handlers of one connection run in two tasks (one per RPC) and meet only through
+the state machines of relay/datapath/pairing.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Never, TypeAlias
 
 import grpc
 
@@ -11,9 +16,13 @@ from clusterconnect import metadata as md
 from clusterconnect.grpc_options import bearer_from_metadata, metadata_value
 from clusterconnect.humanize import ago
 from clusterconnect.logs import get_logger
+from clusterconnect.metadata import DialRefusal
+from clusterconnect.relay.agent_identity.enrollment import AgentAuthenticator
+from clusterconnect.relay.datapath.pairing import AcceptedStream, StreamEnd
 from clusterconnect.relay.datapath.passthrough import ForeignPassthroughStream, PassthroughStream
-from clusterconnect.relay.datapath.sessions import AcceptedStream, AgentSession, SessionTable
+from clusterconnect.relay.datapath.sessions import AgentSession, EndReason, SessionTable
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.user_identity.access import DialAuthorizer
 from clusterconnect.streams import PeerGone, splice
 from clusterconnect.tasks import race
 from clusterconnect.tracing import connection_span
@@ -26,6 +35,16 @@ log = get_logger(__name__)
 # take it a few seconds. (An agent that is not connected is reported at once.)
 ACCEPT_TIMEOUT = 5.0
 
+# Dial and Accept are registered raw (passthrough.py): their messages are serialized Chunks.
+RawContext: TypeAlias = grpc.aio.ServicerContext[bytes, bytes]
+ControlContext: TypeAlias = grpc.aio.ServicerContext[tunnel_pb2.AgentMessage, tunnel_pb2.RelayMessage]
+
+# How a refused access check is told to the client.
+_ACCESS_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: DialRefusal.TOKEN_REFUSED,
+    grpc.StatusCode.PERMISSION_DENIED: DialRefusal.ACCESS_DENIED,
+}
+
 
 class _PeerLost(Exception):
     pass
@@ -36,18 +55,32 @@ def _bound(traceparent: str) -> bytes:
     return tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)).SerializeToString()
 
 
+async def _refuse(context: RawContext, code: grpc.StatusCode, reason: DialRefusal, message: str) -> Never:
+    """End a Dial with a status, its one-line message, and the reason as trailing metadata."""
+    await context.abort(code, message, trailing_metadata=((md.REASON, reason.value),))
+
+
+async def _read(context: ControlContext) -> tunnel_pb2.AgentMessage | None:
+    """The agent's next control message, or None at the end (grpc's stubs leave EOF out of read())."""
+    message: object = await context.read()
+    return message if isinstance(message, tunnel_pb2.AgentMessage) else None
+
+
 class Tunnel:
-    """Handlers of ClientTunnel.Dial and AgentTunnel.Connect/Accept (registered in main.py)."""
+    """Handlers of ClientTunnel.Dial and AgentTunnel.Connect/Accept (registered in main.py).
 
-    # relay.access.DialAuthorizer: the per-cluster access list check (set in main.py).
-    authorizer = None
-    # relay.enrollment.AgentEnrollment: agents' identity from their client certificates (set in main.py).
-    agent_auth = None
+    ``authorizer`` checks every Dial against the cluster's access list; ``agent_auth`` tells which
+    cluster an agent's call comes from (its client certificate). Both are required: no Dial or
+    agent call is served without its check.
+    """
 
-    def __init__(self, store: ClusterStore, sessions: SessionTable, heartbeat_seconds: int) -> None:
+    def __init__(self, store: ClusterStore, sessions: SessionTable, heartbeat_seconds: int, *,
+                 authorizer: DialAuthorizer, agent_auth: AgentAuthenticator) -> None:
         self.store = store
         self.sessions = sessions
         self.heartbeat_seconds = heartbeat_seconds
+        self.authorizer = authorizer
+        self.agent_auth = agent_auth
         self.open_connections = 0
         # How dials found their agent stream: a warm one at hand, or a DialRequest round trip.
         self.dials_warm = 0
@@ -55,102 +88,88 @@ class Tunnel:
 
     # -- clients --------------------------------------------------------------------------------
 
-    async def Dial(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def Dial(self, request_iterator: object, context: RawContext) -> None:
         metadata = context.invocation_metadata()
         cluster = metadata_value(metadata, md.CLUSTER)
         if not cluster:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing {md.CLUSTER} metadata")
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, DialRefusal.MISSING_CLUSTER,
+                          f"missing {md.CLUSTER} metadata")
         token = bearer_from_metadata(metadata)
         if token is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+            await _refuse(context, grpc.StatusCode.UNAUTHENTICATED, DialRefusal.MISSING_TOKEN, "missing bearer token")
         if self.store.get(cluster) is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {cluster} is not registered")
-        if self.authorizer is not None:
-            decision = await self.authorizer.check(cluster, token)
-            if not decision.allowed:
-                log.info("dial refused", cluster=cluster, reason=decision.message,
-                         user=decision.identity.username if decision.identity else None)
-                await context.abort(getattr(grpc.StatusCode, decision.code), decision.message)
+            await _refuse(context, grpc.StatusCode.NOT_FOUND, DialRefusal.CLUSTER_NOT_REGISTERED,
+                          f"cluster {cluster} is not registered")
+        decision = await self.authorizer.check(cluster, token)
+        if not decision.allowed:
+            assert decision.code is not None, "a refusal carries its status"
+            log.info("dial refused", cluster=cluster, reason=decision.message,
+                     user=decision.identity.username if decision.identity else None)
+            await _refuse(context, decision.code, _ACCESS_REFUSALS.get(decision.code, DialRefusal.ACCESS_DENIED),
+                          decision.message)
         session = self.sessions.get(cluster)
         if session is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._not_connected(cluster))
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
+                          self._not_connected(cluster))
         incoming = metadata_value(metadata, md.TRACEPARENT)
         with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
             await self._carry(context, session, traceparent)
 
-    async def _carry(self, context: grpc.aio.ServicerContext, session: AgentSession, traceparent: str) -> None:
+    async def _carry(self, context: RawContext, session: AgentSession, traceparent: str) -> None:
         cluster = session.cluster
         accepted = await self._open(session, context, traceparent)
         self.open_connections += 1
         session.active.add(accepted)
-        clean = False
-        try:  # from here on, however this ends, the agent's stream is told (accepted.finish)
+        end = StreamEnd.ABANDONED
+        try:  # from here on, however this ends, the agent's stream is ended (and its Accept handler told)
             await context.send_initial_metadata(((md.OPEN, "1"),))
             await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted))
-            clean = True
+            end = StreamEnd.CLEAN
         except (_PeerLost, PeerGone) as exc:
             log.info("connection lost", cluster=cluster, reason=str(exc))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"connection to cluster {cluster} lost")
+            if not context.done():  # else the client is gone and hears nothing more
+                await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.CONNECTION_LOST,
+                              f"connection to cluster {cluster} lost")
         finally:
-            accepted.finish(clean)
+            accepted.end(end)
             session.active.discard(accepted)
             self.open_connections -= 1
 
-    async def _open(self, session: AgentSession, context: grpc.aio.ServicerContext, traceparent: str) -> AcceptedStream:
+    async def _open(self, session: AgentSession, context: RawContext, traceparent: str) -> AcceptedStream:
         """The agent's stream for this Dial: a warm one at hand, else one the agent opens on request.
-        A stream handed over here is the caller's to finish; one that is not, is finished here."""
-        while (warm := session.take_warm()) is not None:
-            warm.binding.set_result(traceparent)
+        A stream handed over here is the caller's to end; one that is not, is ended here."""
+        while (warm := session.take_warm(traceparent)) is not None:
             try:
-                usable = await warm.ready
+                usable = await warm.wait_bound()
             except BaseException:  # the Dial was cancelled meanwhile: the warm stream goes with it
-                warm.finish(False)
+                warm.end(StreamEnd.ABANDONED)
                 raise
-            if not usable:
-                warm.finish(False)
-                continue
-            self.dials_warm += 1
-            return warm
+            if usable:
+                self.dials_warm += 1
+                return warm
         self.dials_requested += 1
         try:
-            dial_id, future = session.request_dial(traceparent)
+            dial = session.request_dial(traceparent)
         except asyncio.QueueFull:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"agent of cluster {session.cluster} is overloaded"
-            )
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_OVERLOADED,
+                          f"agent of cluster {session.cluster} is overloaded")
         try:
-            return await asyncio.wait_for(future, ACCEPT_TIMEOUT)
-        except asyncio.CancelledError:
-            # Cancelled just as the agent's Accept arrived: end that stream too, or it waits for ever.
-            if future.done() and not future.cancelled():
-                future.result().finish(False)
-            raise
+            return await dial.wait_accepted(ACCEPT_TIMEOUT)
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"agent of cluster {session.cluster} did not answer within {ACCEPT_TIMEOUT:g}s",
-            )
+            dial.abandon()
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_ANSWERING,
+                          f"agent of cluster {session.cluster} did not answer within {ACCEPT_TIMEOUT:g}s")
+        except BaseException:
+            dial.abandon()  # cancelled, maybe just as the agent's Accept arrived: that stream ends too
+            raise
         finally:
-            session.pending.pop(dial_id, None)
-
-    @staticmethod
-    async def _bind_when_dialled(accepted: AcceptedStream) -> None:
-        """A warm stream waits for a Dial; then it tells the agent (Chunk{bound}) from this task."""
-        await asyncio.wait((accepted.binding, accepted.finished), return_when=asyncio.FIRST_COMPLETED)
-        if not accepted.binding.done():
-            return  # ended before a Dial took it (its session ended)
-        try:
-            await accepted.stream.send(_bound(accepted.binding.result()))
-        except PeerGone:
-            accepted.ready.set_result(False)
-            accepted.finish(False)
-            return
-        accepted.ready.set_result(True)
+            session.dials.forget(dial)
 
     @staticmethod
     async def _lost(accepted: AcceptedStream) -> None:
-        await accepted.peer_lost.wait()
-        raise _PeerLost("agent stream ended")
+        """Ends (raising) when the agent's stream ends from its side while the splice runs."""
+        end = await accepted.wait_ended()
+        raise _PeerLost(f"agent stream ended ({end.value})")
 
     def _not_connected(self, cluster: str) -> str:
         seen = self.sessions.last_seen.get(cluster)
@@ -162,20 +181,18 @@ class Tunnel:
 
     # -- agents ---------------------------------------------------------------------------------
 
-    async def _authenticate_agent(self, context: grpc.aio.ServicerContext) -> str:
-        # The agent's client certificate names its cluster (relay/agent_identity/enrollment.py); the claim must match.
+    async def _authenticate_agent(self, context: RawContext | ControlContext) -> str:
+        # The agent's client certificate names its cluster (relay/agent_identity/pki.py); the claim must match.
         cluster = metadata_value(context.invocation_metadata(), md.CLUSTER)
         if not cluster:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"missing {md.CLUSTER} metadata")
-        if self.agent_auth is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "agent authentication is not configured")
         await self.agent_auth.authenticate(context, cluster)
         return cluster
 
-    async def Connect(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def Connect(self, request_iterator: object, context: ControlContext) -> None:
         cluster = await self._authenticate_agent(context)
-        first = await context.read()
-        if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
+        first = await _read(context)
+        if first is None or first.WhichOneof("message") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be hello")
         hello = first.hello
         if hello.cluster != cluster:
@@ -202,23 +219,25 @@ class Tunnel:
         finally:
             self.sessions.discard(session)
             if not session.ended.is_set():  # a session replaced by a newer one keeps its connections
-                session.end(session.end_reason or "agent disconnected")
+                session.end(EndReason.DISCONNECTED)
             self.store.record_seen(cluster, int(session.last_seen), session.agent_version,
                                    session.kubernetes_version)
-            log.info("agent disconnected", cluster=cluster, reason=session.end_reason)
-        if session.end_reason.startswith("cluster removed"):
+            reason = session.end_reason.value if session.end_reason else None
+            log.info("agent disconnected", cluster=cluster, reason=reason)
+        if session.end_reason is EndReason.CLUSTER_REMOVED:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"cluster {cluster} was removed")
 
-    async def _receive_heartbeats(self, session: AgentSession, context) -> None:
+    @staticmethod
+    async def _receive_heartbeats(session: AgentSession, context: ControlContext) -> None:
         while True:
-            message = await context.read()
-            if message is grpc.aio.EOF:
-                session.end_reason = "agent closed its stream"
+            message = await _read(context)
+            if message is None:
+                session.end(EndReason.AGENT_CLOSED)
                 return
             session.last_seen = time.time()
 
     @staticmethod
-    async def _send_control(session: AgentSession, context) -> None:
+    async def _send_control(session: AgentSession, context: ControlContext) -> None:
         while True:
             message = await session.outbox.get()
             await context.write(message)
@@ -228,37 +247,61 @@ class Tunnel:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             if time.time() - session.last_seen > limit:
-                session.end_reason = f"no heartbeat for {limit}s"
+                session.end(EndReason.HEARTBEAT_MISSED)
                 return
 
-    async def Accept(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def Accept(self, request_iterator: object, context: RawContext) -> None:
         cluster = await self._authenticate_agent(context)
         metadata = context.invocation_metadata()
         session = self.sessions.get(cluster)
-        accepted = AcceptedStream(ForeignPassthroughStream(context))
-        warm = metadata_value(metadata, md.WARM) == "1"
-        if warm:
+        stream = ForeignPassthroughStream(context)
+        if metadata_value(metadata, md.WARM) == "1":
             if session is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no control stream for this cluster")
+            accepted = AcceptedStream.warm(stream)
             if not session.add_warm(accepted):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "enough warm streams for this agent")
         else:
             dial_id = metadata_value(metadata, md.DIAL_ID) or ""
-            future = session.pending.get(dial_id) if session else None
-            if future is None or future.done():
-                await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
-            future.set_result(accepted)
-        try:
-            if warm:
-                await self._bind_when_dialled(accepted)
-            clean = await accepted.finished
-        except asyncio.CancelledError:
-            accepted.peer_lost.set()
-            raise
-        finally:
             if session is not None:
-                session.discard_warm(accepted)
-            if not accepted.ready.done():
-                accepted.ready.set_result(False)
-        if not clean:
-            await context.abort(grpc.StatusCode.CANCELLED, "client connection ended")
+                # Before the Dial may write: a Dial cancelled in the middle of its first write would
+                # leave that write and our abort both sending the initial metadata, and grpc refuses
+                # the second (ExecuteBatchError: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). A warm
+                # stream's first write is Chunk{bound}, from this task.
+                await context.send_initial_metadata(())
+            answered = session.dials.accept(dial_id, stream) if session is not None else None
+            if answered is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
+            accepted = answered
+        try:
+            try:
+                if await accepted.wait_taken():
+                    await self._bind(accepted)
+                end = await accepted.wait_ended()
+            except asyncio.CancelledError:  # the agent's call ended (or the server stops)
+                accepted.end(StreamEnd.LOST)
+                raise
+            finally:
+                if session is not None:
+                    session.discard_warm(accepted)
+            await self._end_accept(context, end)
+        finally:
+            await stream.settle()  # a write the Dial left in flight ends with this call
+
+    @staticmethod
+    async def _bind(accepted: AcceptedStream) -> None:
+        """A warm stream a Dial took: tell the agent (Chunk{bound}) from this task, then let it splice."""
+        try:
+            await accepted.stream.send(_bound(accepted.traceparent))
+        except PeerGone:
+            accepted.end(StreamEnd.LOST)
+            return
+        accepted.bound()
+
+    @staticmethod
+    async def _end_accept(context: RawContext, end: StreamEnd) -> None:
+        """The connection is over: end the agent's call with OK if it ended in order, else CANCELLED.
+        A call that is over already is left alone: aborting it again makes grpc log a traceback."""
+        if end is StreamEnd.CLEAN or context.done() or context.cancelled():
+            return
+        await context.abort(grpc.StatusCode.CANCELLED, "client connection ended")

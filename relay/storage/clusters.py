@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from clusterconnect import errors
 from clusterconnect.relay.storage.sqlite import open_db
 
 CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -29,12 +30,12 @@ CREATE TABLE IF NOT EXISTS clusters (
 """
 
 
-class InvalidName(ValueError):
-    pass
+class InvalidName(errors.InvalidInput):
+    """Not a cluster name (DNS label rules)."""
 
 
-class AlreadyExists(ValueError):
-    pass
+class AlreadyExists(errors.AlreadyExists):
+    """A cluster of that name is registered already."""
 
 
 @dataclass(frozen=True)

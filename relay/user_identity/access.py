@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
+from clusterconnect import errors
 from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.storage.sqlite import open_db
@@ -37,8 +40,16 @@ CREATE TABLE IF NOT EXISTS cluster_access (
 """
 
 
-class AccessError(ValueError):
+class AccessError(errors.ClusterConnectError):
+    """A refused change of an access list; its subclass says how it is reported."""
+
+
+class ClusterNotRegistered(AccessError, errors.NotFound):
     pass
+
+
+class InvalidEntry(AccessError, errors.InvalidInput):
+    """An access list entry that is neither a user nor a group name."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,7 @@ class Entry:
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    code: str = ""  # "UNAUTHENTICATED" or "PERMISSION_DENIED" when refused
+    code: grpc.StatusCode | None = None  # when refused: UNAUTHENTICATED or PERMISSION_DENIED
     message: str = ""
     identity: Identity | None = None
 
@@ -66,12 +77,12 @@ class AccessStore:
     def _generation(self, cluster: str) -> int:
         record = self.clusters.get(cluster)
         if record is None:
-            raise AccessError(f"cluster {cluster} is not registered")
+            raise ClusterNotRegistered(f"cluster {cluster} is not registered")
         return record.created_unix
 
     def grant(self, cluster: str, entry: Entry) -> list[Entry]:
         if entry.kind not in ("user", "group") or not entry.name or len(entry.name) > 256:
-            raise AccessError("grant a --user NAME or a --group NAME")
+            raise InvalidEntry("grant a --user NAME or a --group NAME")
         generation = self._generation(cluster)
         self._db.execute("INSERT OR IGNORE INTO cluster_access VALUES (?, ?, ?, ?)",
                          (cluster, generation, entry.kind, entry.name))
@@ -109,17 +120,18 @@ class DialAuthorizer:
         try:
             identity = await self.verifier.verify(token)
         except (UnknownIssuer, NotAJWT):
-            return Decision(False, "PERMISSION_DENIED",
+            return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
                             f"cluster {cluster} admits only users on its access list, and the relay does not "
                             "know this token's issuer (log in with `clusterconnect login`)")
         except TokenError as exc:
-            return Decision(False, "UNAUTHENTICATED", f"the relay refused the token: {exc}")
+            return Decision(False, grpc.StatusCode.UNAUTHENTICATED, f"the relay refused the token: {exc}")
         if identity.issuer == self.builtin_issuer and self.users.get(identity.uid or identity.username) is None:
-            return Decision(False, "PERMISSION_DENIED", f"user {identity.username} was removed from the relay")
+            return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
+                            f"user {identity.username} was removed from the relay")
         users = {e.name for e in entries if e.kind == "user"}
         groups = {e.name for e in entries if e.kind == "group"}
         if identity.username in users or groups.intersection(identity.groups):
             return Decision(True, identity=identity)
-        return Decision(False, "PERMISSION_DENIED",
+        return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
                         f'user "{identity.username}" may not reach cluster {cluster} (not on its access list at '
                         "the relay; an admin can run `clusterconnect clusters grant`)", identity)

@@ -7,9 +7,10 @@ import grpc
 from clusterconnect.grpc_options import bearer_from_metadata
 from clusterconnect.logs import get_logger
 from clusterconnect.relay.admin_api.check import AdminCheck
+from clusterconnect.relay.rpc import UnaryContext, abort_with
 from clusterconnect.relay.user_identity.access import AccessError, AccessStore, Entry
 from clusterconnect.relay.user_identity.issuer import Issuer
-from clusterconnect.relay.user_identity.users import NoSuchUser, UserError, UserExists, UserRecord, UserStore
+from clusterconnect.relay.user_identity.users import UserError, UserRecord, UserStore
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
 log = get_logger(__name__)
@@ -25,16 +26,17 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
         self.users = users
         self.issuer = issuer
 
-    async def Login(self, request, context):
+    async def Login(self, request: identity_pb2.LoginRequest, context: UnaryContext) -> identity_pb2.LoginResponse:
         try:
             user, credential = self.users.redeem_code(request.code.strip(), request.device)
         except UserError as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await abort_with(context, exc)
         log.info("user logged in", user=user.name, device=request.device[:128])
         return identity_pb2.LoginResponse(refresh_credential=credential, username=user.name,
                                           issuer=self.issuer.url, audience=self.issuer.audience)
 
-    async def IssueToken(self, request, context):
+    async def IssueToken(self, request: identity_pb2.IssueTokenRequest,
+                         context: UnaryContext) -> identity_pb2.IssueTokenResponse:
         credential = bearer_from_metadata(context.invocation_metadata())
         if credential is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential missing")
@@ -55,31 +57,35 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         self.issuer = issuer
         self._admin = AdminCheck(admin_credential)
 
-    async def AddUser(self, request, context):
+    async def AddUser(self, request: identity_pb2.AddUserRequest,
+                      context: UnaryContext) -> identity_pb2.AddUserResponse:
         await self._admin.require(context)
         try:
             record, code, expires = self.users.add(request.name, list(request.groups))
-        except UserExists as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except UserError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort_with(context, exc)
         log.info("user added", user=record.name, groups=list(record.groups))
         return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
 
-    async def NewLoginCode(self, request, context):
+    async def NewLoginCode(self, request: identity_pb2.NewLoginCodeRequest,
+                           context: UnaryContext) -> identity_pb2.AddUserResponse:
         await self._admin.require(context)
         try:
             code, expires = self.users.new_code(request.name)
-        except NoSuchUser as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except UserError as exc:
+            await abort_with(context, exc)
         record = self.users.get(request.name)
+        if record is None:  # removed between the two lines
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.name} does not exist")
         return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
 
-    async def ListUsers(self, request, context):
+    async def ListUsers(self, request: identity_pb2.ListUsersRequest,
+                        context: UnaryContext) -> identity_pb2.ListUsersResponse:
         await self._admin.require(context)
         return identity_pb2.ListUsersResponse(users=[_user(r) for r in self.users.list()])
 
-    async def RemoveUser(self, request, context):
+    async def RemoveUser(self, request: identity_pb2.RemoveUserRequest,
+                         context: UnaryContext) -> identity_pb2.RemoveUserResponse:
         await self._admin.require(context)
         if not self.users.remove(request.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.name} does not exist")
@@ -95,32 +101,32 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         return identity_pb2.AccessList(
             cluster=cluster, entries=[identity_pb2.AccessEntry(**{e.kind: e.name}) for e in entries])
 
-    async def Grant(self, request, context):
+    async def Grant(self, request: identity_pb2.AccessChange, context: UnaryContext) -> identity_pb2.AccessList:
         await self._admin.require(context)
         try:
             entries = self.access.grant(request.cluster, self._entry(request.entry))
         except AccessError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND if "not registered" in str(exc)
-                                else grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort_with(context, exc)
         log.info("access granted", cluster=request.cluster, entry=str(self._entry(request.entry)))
         return self._list(request.cluster, entries)
 
-    async def Revoke(self, request, context):
+    async def Revoke(self, request: identity_pb2.AccessChange, context: UnaryContext) -> identity_pb2.AccessList:
         await self._admin.require(context)
         try:
             entries = self.access.revoke(request.cluster, self._entry(request.entry))
         except AccessError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await abort_with(context, exc)
         log.info("access revoked", cluster=request.cluster, entry=str(self._entry(request.entry)))
         return self._list(request.cluster, entries)
 
-    async def GetAccess(self, request, context):
+    async def GetAccess(self, request: identity_pb2.GetAccessRequest, context: UnaryContext) -> identity_pb2.AccessList:
         await self._admin.require(context)
         if self.access.clusters.get(request.cluster) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.cluster} is not registered")
         return self._list(request.cluster, self.access.entries(request.cluster))
 
-    async def RotateSigningKey(self, request, context):
+    async def RotateSigningKey(self, request: identity_pb2.RotateSigningKeyRequest,
+                               context: UnaryContext) -> identity_pb2.RotateSigningKeyResponse:
         await self._admin.require(context)
         current = self.issuer.keys.rotate()
         return identity_pb2.RotateSigningKeyResponse(

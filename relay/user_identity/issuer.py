@@ -26,6 +26,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h11
 import jwt
@@ -62,13 +63,20 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict:
+def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
     numbers = key.public_key().public_numbers()
     jwk = {"kty": "EC", "crv": "P-256", "x": _b64(numbers.x.to_bytes(32, "big")),
            "y": _b64(numbers.y.to_bytes(32, "big"))}
     # RFC 7638 thumbprint as kid: stable, and derived from the key only.
     thumbprint = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
     return {**jwk, "kid": _b64(hashlib.sha256(thumbprint.encode()).digest()), "use": "sig", "alg": ALGORITHM}
+
+
+def _ec_key(pem: str) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(pem.encode(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):  # only _insert writes this table
+        raise TypeError("issuer signing keys are ECDSA")
+    return key
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,7 @@ class SigningKeys:
             rows = self._db.execute(
                 "SELECT kid, private_pem, created_unix, activated_unix, retired_unix FROM issuer_keys"
                 " ORDER BY created_unix, kid").fetchall()
-            self._cache = [SigningKey(kid, serialization.load_pem_private_key(pem.encode(), None), c, a, r)
-                           for kid, pem, c, a, r in rows]
+            self._cache = [SigningKey(kid, _ec_key(pem), c, a, r) for kid, pem, c, a, r in rows]
         return self._cache
 
     def current(self) -> SigningKey:
@@ -150,7 +157,7 @@ class SigningKeys:
         log.info("signing key rotated", kid=current.kid)
         return current
 
-    def jwks(self) -> dict:
+    def jwks(self) -> dict[str, Any]:
         """Every key that is next, current, or previous with tokens possibly still alive."""
         horizon = time.time() - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
         if any(k.retired_unix and k.retired_unix < horizon for k in self.keys()):
@@ -178,7 +185,7 @@ class Issuer:
         token = jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"})
         return token, expires
 
-    def discovery(self) -> dict:
+    def discovery(self) -> dict[str, Any]:
         return {
             "issuer": self.url,
             "jwks_uri": self.url + JWKS_PATH,
@@ -188,7 +195,7 @@ class Issuer:
             "claims_supported": ["iss", "sub", "aud", "groups", "iat", "nbf", "exp", "jti"],
         }
 
-    def document(self, path: str) -> dict | None:
+    def document(self, path: str) -> dict[str, Any] | None:
         if path == DISCOVERY_PATH:
             return self.discovery()
         if path == JWKS_PATH:
@@ -197,7 +204,7 @@ class Issuer:
 
     def local_fetch(self) -> FetchJson:
         """A fetch for the relay's own Verifier: this issuer's documents from memory, others over HTTPS."""
-        async def fetch(url: str, ca_pem: str | None) -> dict:
+        async def fetch(url: str, ca_pem: str | None) -> dict[str, Any]:
             if url.startswith(self.url + "/"):
                 document = self.document(url[len(self.url):])
                 if document is not None:
@@ -207,7 +214,11 @@ class Issuer:
 
 
 class IssuerEndpoint:
-    """HTTPS: GET /.well-known/openid-configuration and GET /keys; anything else 404/405."""
+    """HTTPS: GET /.well-known/openid-configuration and GET /keys; anything else 404/405.
+
+    asyncio.Server runs each connection in a task of its own; this endpoint is their owner: it
+    keeps them in ``_connections``, and ``close`` cancels and awaits them.
+    """
 
     def __init__(self, issuer: Issuer, cert: Path, key: Path) -> None:
         self.issuer = issuer
@@ -215,16 +226,32 @@ class IssuerEndpoint:
         self.tls.load_cert_chain(cert, key)
         self.tls.set_alpn_protocols(["http/1.1"])
         self.server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._serve, host, port, ssl=self.tls)
-        return self.server.sockets[0].getsockname()[1]
+        bound: int = self.server.sockets[0].getsockname()[1]
+        return bound
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.server is None:
+            return
+        self.server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # asyncio.Server runs each connection in a task
+        self._connections.add(task)
+        try:
+            await self._exchange(reader, writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
         try:
             while True:

@@ -1,7 +1,7 @@
 """Users of the relay's built-in issuer, their one-time login codes and refresh credentials (SQLite).
 
 Kept in the relay's ``relay.db`` in tables of their own. Codes and refresh credentials are random
-256-bit secrets stored as SHA-256 hashes, like agent credentials: a stolen database does not let
+256-bit secrets stored as SHA-256 hashes, like agent join tokens: a stolen database does not let
 anyone log in or mint tokens.
 """
 
@@ -12,10 +12,12 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from clusterconnect import errors
 from clusterconnect.relay.storage.sqlite import open_db
 
 USER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9._@]{0,62}[a-z0-9])?$")
@@ -43,16 +45,24 @@ CREATE TABLE IF NOT EXISTS user_credentials (
 """
 
 
-class UserError(ValueError):
-    """A refused user operation; the message is safe to show."""
+class UserError(errors.ClusterConnectError):
+    """A refused user operation; the message is safe to show. Its subclass says how it is reported."""
 
 
-class UserExists(UserError):
+class InvalidUserInput(UserError, errors.InvalidInput):
+    """A user or group name that can never be valid."""
+
+
+class UserExists(UserError, errors.AlreadyExists):
     pass
 
 
-class NoSuchUser(UserError):
+class NoSuchUser(UserError, errors.NotFound):
     pass
+
+
+class LoginCodeInvalid(UserError, errors.Unauthenticated):
+    """A login code that is unknown, already used or expired."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def _digest(secret: str) -> str:
 
 def validate_user(name: str) -> None:
     if name.startswith("system") or not USER_NAME.match(name):
-        raise UserError(
+        raise InvalidUserInput(
             f"invalid user name {name!r}: lower-case letters, digits, '-', '.', '_', '@' (at most 64), "
             "not starting with 'system'"
         )
@@ -77,7 +87,7 @@ def validate_user(name: str) -> None:
 
 def validate_group(group: str) -> None:
     if group.startswith("system:") or not GROUP_NAME.match(group):
-        raise UserError(f"invalid group name {group!r} (letters, digits, '-._@:/'; not system:*)")
+        raise InvalidUserInput(f"invalid group name {group!r} (letters, digits, '-._@:/'; not system:*)")
 
 
 class UserStore:
@@ -89,7 +99,7 @@ class UserStore:
         self._db.close()
 
     @contextmanager
-    def _transaction(self):
+    def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -98,7 +108,7 @@ class UserStore:
             raise
         self._db.execute("COMMIT")
 
-    def _record(self, row) -> UserRecord:
+    def _record(self, row: tuple[str, str, int]) -> UserRecord:
         name, groups, created = row
         count = self._db.execute("SELECT COUNT(*) FROM user_credentials WHERE user = ?", (name,)).fetchone()[0]
         return UserRecord(name, tuple(g for g in groups.split("\n") if g), created, count)
@@ -151,7 +161,7 @@ class UserStore:
                 "DELETE FROM user_login_codes WHERE code_sha256 = ? RETURNING user, expires_unix", (digest,)
             ).fetchone()
             if row is None or row[1] < now:
-                raise UserError("login code is not valid (unknown, already used or expired)")
+                raise LoginCodeInvalid("login code is not valid (unknown, already used or expired)")
             credential = secrets.token_urlsafe(32)
             self._db.execute(
                 "INSERT INTO user_credentials (credential_sha256, user, device, created_unix) VALUES (?, ?, ?, ?)",

@@ -83,7 +83,8 @@ def _issuer_address(args: argparse.Namespace) -> tuple[str, int]:
 def _public_host(host: str, args: argparse.Namespace) -> str:
     if host not in _WILDCARDS:
         return f"[{host}]" if ":" in host else host
-    return (args.hostname or [socket.gethostname()])[0]
+    names: list[str] = args.hostname or [socket.gethostname()]
+    return names[0]
 
 
 def builtin_issuer_config(url: str, audience: str, ca_pem: str | None) -> IssuerConfig:
@@ -126,8 +127,11 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
         for i in config.issuers
     })
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-    identity_pb2_grpc.add_IdentityProviderServicer_to_server(IdentityProvider(users, issuer), server)
-    identity_pb2_grpc.add_AccessAdminServicer_to_server(AccessAdmin(users, access, issuer, admin_credential), server)
+    # The generated *_pb2_grpc modules have no type stubs.
+    identity_pb2_grpc.add_IdentityProviderServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+        IdentityProvider(users, issuer), server)
+    identity_pb2_grpc.add_AccessAdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+        AccessAdmin(users, access, issuer, admin_credential), server)
     log.info("issuer serving", url=issuer.url, address=f"{host}:{port}", audience=issuer.audience,
              lifetime_seconds=args.access_token_lifetime, external_issuers=[i.url for i in external.issuers])
     return UserIdentity(issuer, endpoint, users, access, keys, authorizer)
