@@ -213,7 +213,7 @@ def _channel(target: str, root: bytes, identity: Identity | None = None) -> grpc
 
 
 def _enrollment(channel: grpc.aio.Channel) -> Any:
-    return enrollment_pb2_grpc.EnrollmentStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+    return enrollment_pb2_grpc.EnrollmentStub(channel)
 
 
 async def get_ca(target: str, pinned_ca: bytes, pin: str | None) -> enrollment_pb2.GetCAResponse:

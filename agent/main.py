@@ -94,7 +94,7 @@ async def run(args: argparse.Namespace) -> None:
     async with authproxy_channel(args.authproxy, args.authproxy_ca) as channel:
         agent = Agent(
             AgentConfig(
-                args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel),  # type: ignore[no-untyped-call]  # generated, unannotated
+                args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel),
                 health_file=args.health_file,
                 warm_streams=args.warm_streams,
             )

@@ -131,7 +131,7 @@ class Agent:
         async with grpc.aio.secure_channel(
             enrolled.agent_target, enrolled.channel_credentials(), options=options
         ) as channel:
-            stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+            stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)
             hello = tunnel_pb2.AgentHello(
                 cluster=self.config.cluster,
                 agent_version=__version__,

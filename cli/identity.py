@@ -190,7 +190,7 @@ async def _call(args: argparse.Namespace, method: str, request: Message) -> Any:
     admin = args.admin_credential.read_text().strip()
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = identity_pb2_grpc.AccessAdminStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+        stub = identity_pb2_grpc.AccessAdminStub(channel)
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
 
 

@@ -121,7 +121,7 @@ async def _admin_call(args: argparse.Namespace, method: str, request: Message) -
     )
     admin = read_file(args.admin_credential, "admin credential").decode().strip()
     async with grpc.aio.secure_channel(grpc_target(args.relay), credentials, options=CHANNEL_OPTIONS) as channel:
-        stub = tunnel_pb2_grpc.RegistryStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+        stub = tunnel_pb2_grpc.RegistryStub(channel)
         return await getattr(stub, method)(request, metadata=(bearer(admin),), timeout=10)
 
 

@@ -74,7 +74,7 @@ class ConnectionHandler:
 
     def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget) -> None:
         self.channel = channel
-        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+        self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
         self.target = target
         self.open_connections = 0
         # Owns the connections' tasks while serving() runs; None before and after (no new connection then).

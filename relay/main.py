@@ -108,7 +108,7 @@ async def serve(args: argparse.Namespace) -> None:
         }),
     ))
     registry = Registry(store, sessions, admin, agents)
-    tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)  # type: ignore[no-untyped-call]  # generated
+    tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)
     try:
         port = server.add_secure_port(args.listen, credentials)
     except RuntimeError as exc:

@@ -17,7 +17,7 @@ RPC_TIMEOUT = 15
 def _identity_provider(relay: str, ca_pem: str | None) -> tuple[grpc.Channel, Any]:
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem.encode() if ca_pem else None)
     channel = grpc.secure_channel(grpc_target(relay), credentials, options=CHANNEL_OPTIONS)
-    return channel, identity_pb2_grpc.IdentityProviderStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+    return channel, identity_pb2_grpc.IdentityProviderStub(channel)
 
 
 def login_relay(relay: str, ca_pem: str | None, code: str, device: str) -> BuiltinLogin:

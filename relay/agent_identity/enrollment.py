@@ -295,7 +295,7 @@ class AgentEnrollment:
             raise StartupError(
                 f"cannot listen on {self.args.agent_listen} (--agent-listen): address in use or not available")
         self.agent_port = self.args.agent_advertise_port or port
-        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
             Enrollment(self.store, self.clusters, self.authenticator, self.agent_ca, self.relay_ca_pem,
                        self.relay_ca_hash, self.agent_port, self.args.agent_cert_lifetime),
             server,

@@ -128,9 +128,9 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
     })
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
     # The generated *_pb2_grpc modules have no type stubs.
-    identity_pb2_grpc.add_IdentityProviderServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+    identity_pb2_grpc.add_IdentityProviderServicer_to_server(
         IdentityProvider(users, issuer), server)
-    identity_pb2_grpc.add_AccessAdminServicer_to_server(  # type: ignore[no-untyped-call]  # generated
+    identity_pb2_grpc.add_AccessAdminServicer_to_server(
         AccessAdmin(users, access, issuer, admin_credential), server)
     log.info("issuer serving", url=issuer.url, address=f"{host}:{port}", audience=issuer.audience,
              lifetime_seconds=args.access_token_lifetime, external_issuers=[i.url for i in external.issuers])
