@@ -11,10 +11,11 @@ import grpc
 
 from clusterconnect.aadproxy import apiserver as apiserver_mod
 from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
-from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
+from clusterconnect.aadproxy.http_forwarder import open_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
 from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
 from clusterconnect.aadproxy.server import AuthProxyService
+from clusterconnect.aadproxy.upstream import open_upstream_connections
 from clusterconnect.aadproxy.upstream_pool import UpstreamPool
 from clusterconnect.addresses import is_loopback
 from clusterconnect.cliargs import add_flag, add_version

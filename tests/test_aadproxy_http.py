@@ -21,6 +21,7 @@ import pytest
 
 from clusterconnect.aadproxy import headers as hdr
 from clusterconnect.aadproxy import http_forwarder
+from clusterconnect.aadproxy import upstream as upstream_mod
 from clusterconnect.aadproxy.apiserver import TokenSource, from_kubeconfig
 from clusterconnect.aadproxy.authn import Forward, Reject, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import forward_connection
@@ -315,7 +316,7 @@ async def finished(task: asyncio.Task) -> None:
 
 def no_leaks() -> None:
     assert http_forwarder.open_connections() == 0
-    assert http_forwarder.open_upstream_connections() == 0
+    assert upstream_mod.open_upstream_connections() == 0
 
 
 # ---- forwarder ----------------------------------------------------------------------------------
@@ -482,7 +483,8 @@ def test_upgrade_101_then_raw_bytes_both_ways_including_buffered_bytes() -> None
             seen.append(request)
             writer.write(conn.send(h11.InformationalResponse(
                 status_code=101, headers=[(b"connection", b"Upgrade"), (b"upgrade", b"SPDY/3.1"),
-                                          (b"x-stream-protocol-version", b"v4.channel.k8s.io")])) + b"hello-from-server")
+                                          (b"x-stream-protocol-version", b"v4.channel.k8s.io")]))
+                         + b"hello-from-server")
             await writer.drain()
             early, _ = conn.trailing_data
             data = early or await reader.read(65536)
@@ -723,10 +725,10 @@ def test_idle_upstream_close_reconnects_for_next_request() -> None:
             assert (await client.response())[0].status_code == 200
             await asyncio.wait_for(upstream.closed.wait(), TIMEOUT)
             for _ in range(100):
-                if http_forwarder.open_upstream_connections() == 0:
+                if upstream_mod.open_upstream_connections() == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert http_forwarder.open_upstream_connections() == 0
+            assert upstream_mod.open_upstream_connections() == 0
             client.next_cycle()
             client.request(b"GET", b"/b", [AUTH])
             assert (await client.response())[0].status_code == 200
