@@ -30,6 +30,7 @@ import asyncio
 import enum
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -62,12 +63,12 @@ def open_connections() -> int:
 class End(enum.Enum):
     """Why a connection ended: the ``reason`` of its ``connection closed`` event."""
 
-    CLIENT_CLOSED = "client closed"  # EOF, its stream gone, or ``Connection: close``: a normal end
+    CLIENT_CLOSED = "client closed"  # EOF, its stream gone or cancelled, ``Connection: close``: a normal end
     REFUSED = "request refused"  # we refused a request (answered, or its body was malformed)
     APISERVER_FAILED = "apiserver failed"  # unreachable, or broke off an answer or an upgraded stream
     NOT_REUSABLE = "not reusable"  # an upgrade refused, or answered before its request body ended
     UPGRADE_ENDED = "upgraded stream ended"
-    CANCELLED = "cancelled"  # by the RPC's owner: the agent cancelled the stream, or we are stopping
+    STOPPING = "service stopping"
 
 
 class _Close(Exception):
@@ -92,13 +93,22 @@ class _Exchange:
     close_after: bool = False
 
 
+def _never() -> bool:
+    return False
+
+
 async def forward_connection(
-    downstream: ByteStream, connect_upstream: ConnectUpstream, authenticator: Authenticator
+    downstream: ByteStream,
+    connect_upstream: ConnectUpstream,
+    authenticator: Authenticator,
+    stopping: Callable[[], bool] = _never,
 ) -> None:
     """Serve one downstream connection until it ends; never raises except CancelledError.
 
     ``connect_upstream`` opens a new connection to the apiserver (TLS verified by the caller); it is
-    called at most once per live upstream connection, lazily.
+    called at most once per live upstream connection, lazily. Being cancelled means the client's
+    side went away (the agent cancels the stream when the client's connection ended), unless
+    ``stopping()`` says the service is stopping.
     """
     _open[0] += 1
     end: End | None = None
@@ -110,7 +120,7 @@ async def forward_connection(
             finally:
                 await connection.close()
     except asyncio.CancelledError:
-        end = End.CANCELLED
+        end = End.STOPPING if stopping() else End.CLIENT_CLOSED
         raise
     except Exception as exc:
         end = _end_of(exc)

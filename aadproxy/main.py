@@ -133,9 +133,8 @@ async def serve(args: argparse.Namespace) -> None:
     check_port_free(host, port)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pool = UpstreamPool(target.connect)
-    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(
-        AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect), server
-    )
+    service = AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect)
+    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if credentials is None:
@@ -157,6 +156,7 @@ async def serve(args: argparse.Namespace) -> None:
             group.create_task(pool.run())
             await server.wait_for_termination()
     finally:
+        service.stopping = True
         await server.stop(grace=2)
 
 

@@ -37,6 +37,8 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         self._version = ""
         self._version_until = 0.0
         self._version_lock = asyncio.Lock()
+        # Set once the server is stopping: a Serve cancelled then was not ended by its client.
+        self.stopping = False
 
     async def Serve(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         # Every log event of this connection (the per-request ones included) names the cluster and
@@ -52,7 +54,11 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             traceparent = first.bound.traceparent
         structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
-        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator)
+        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator,
+                                 stopping=self._stopping)
+
+    def _stopping(self) -> bool:
+        return self.stopping
 
     async def Info(self, request, context) -> tunnel_pb2.InfoResponse:
         return tunnel_pb2.InfoResponse(

@@ -571,6 +571,12 @@ def test_upgrade_answered_without_101_closes_both_connections() -> None:
         (b"GET http://evil/api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\n\r\n", 400),
         (b"GET /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        # Connection naming a framing header: dropping it as hop-by-hop would forward another request.
+        (b"POST /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nconnection: Content-Length\r\n"
+         b"content-length: 5\r\n\r\nhello", 400),
+        (b"POST /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nconnection: keep-alive, Transfer-Encoding\r\n"
+         b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+        (b"GET /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nconnection: host\r\n\r\n", 400),
     ],
 )
 def test_malformed_requests_are_refused_and_never_forwarded(raw: bytes, status: int) -> None:
