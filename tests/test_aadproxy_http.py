@@ -807,6 +807,55 @@ def test_many_connections_leave_nothing_behind() -> None:
     run(main())
 
 
+def connection_tasks() -> list[asyncio.Task]:
+    """Tasks of the forwarder's connections (downstream reader, idle watcher, pumps, pipe) still alive."""
+    return [task for task in asyncio.all_tasks() if not task.done()
+            and task.get_coro().__qualname__.startswith(("_Connection.", "Upstream."))]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until ``condition`` holds; fails after TIMEOUT."""
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():  # noqa: ASYNC110  # nothing signals a task set changing: poll it
+            await asyncio.sleep(0)
+
+
+def test_no_task_outlives_its_connection() -> None:
+    """Whatever ends a connection, its tasks ended when forward_connection returns: no waiting after."""
+
+    async def main() -> None:
+        async with Upstream(lambda r, w: echo_apiserver(r, w, [])) as upstream:
+            # Refused while the client's stream stays open: the reader was waiting on it.
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, no_upstream, TokenPassthrough()))
+            Client(down).request(b"GET", b"/api", [])
+            await finished(task)
+            assert connection_tasks() == []
+
+            # Idle between requests (the watcher waits on the apiserver), then cancelled.
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, upstream.connect, TokenPassthrough()))
+            client = Client(down)
+            client.request(b"GET", b"/a", [AUTH])
+            assert (await client.response())[0].status_code == 200
+            await until(lambda: any(t.get_coro().__qualname__ == "Upstream._watch" for t in connection_tasks()))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert connection_tasks() == []
+
+            # A malformed request body ends it mid-exchange.
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, upstream.connect, TokenPassthrough()))
+            down.write(b"POST /x HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\ntransfer-encoding: chunked\r\n\r\n"
+                       b"zz\r\n")
+            await finished(task)
+            assert connection_tasks() == []
+        no_leaks()
+
+    run(main())
+
+
 # ---- TLS upstream (apiserver.py) ----------------------------------------------------------------
 
 
