@@ -5,7 +5,7 @@ Two TLS contexts, both verifying the cluster CA with a hostname check:
   client certificate before the bearer token, so a proxy certificate on these connections would
   replace every caller's identity by the proxy's.
 - ``connect(own_identity=True)`` presents the proxy's own client certificate, if its kubeconfig has
-  one; used for the proxy's own requests (``/version`` for the Info RPC).
+  one; used for the proxy's own requests (kubeapi.py: ``/version``, discovery, SubjectAccessReviews).
 
 The proxy's own bearer token (in-cluster ServiceAccount token, or kubeconfig token / tokenFile) is
 re-read from its file when the file changes (kubelet rotates projected tokens).

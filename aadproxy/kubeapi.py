@@ -1,8 +1,8 @@
 """The auth proxy's own small requests to the apiserver, with its own credential.
 
-Used for SubjectAccessReviews (may the OIDC caller impersonate what it asks for?) and for reading
-the cluster's ServiceAccount issuer from the apiserver's discovery document. One short-lived
-connection per call; bodies are bounded. The credential is never logged.
+Used for SubjectAccessReviews (may the OIDC caller impersonate what it asks for?), for reading the
+cluster's ServiceAccount issuer from the apiserver's discovery document, and for ``/version`` (the
+Info RPC). One short-lived connection per call; bodies are bounded. The credential is never logged.
 """
 
 from __future__ import annotations
