@@ -5,8 +5,8 @@ read differently from us is request smuggling material (RFC 9112 section 11.2), 
 authenticate what we parsed and the apiserver serves what it parses. Each rule below says why.
 A refused request is answered with its status and closes its connection (see http_forwarder.py).
 
-Every check runs on every request: no allocation unless a rule fires or a ``Connection`` header is
-present; the Rejections are constants.
+Every check runs on every request, so they are cheap: one set of header names, a token set only if a
+``Connection`` header is present; the Rejections are constants.
 """
 
 from __future__ import annotations
@@ -91,16 +91,17 @@ def check_request(
     # section 5.2 lets a proxy refuse it, and we do).
     if _OBS_FOLD.search(head):
         return OBSOLETE_LINE_FOLDING
+    names = {name for name, _ in headers}
     # h11 accepts both together (Transfer-Encoding wins); a hop that lets Content-Length win reads
-    # another body, and RFC 9112 section 6.3 says such a message "ought to be handled as an error".
-    if hdr.has_conflicting_framing(headers):
+    # another body, and RFC 9112 section 6.3 says such a message "ought to be handled as an error"
+    # (the same rule as headers.has_conflicting_framing, on the names already collected).
+    if b"content-length" in names and b"transfer-encoding" in names:
         return CONFLICTING_FRAMING
     # Connection-named headers are dropped as hop-by-hop before forwarding (headers.py). Dropping a
     # framing header makes the forwarded request another one than the parsed one: without
     # Content-Length its body is unframed, without Host it cannot be sent (issue #11 item 7).
-    for name, value in headers:
-        if name == b"connection" and not _FRAMING.isdisjoint(hdr.connection_tokens(((name, value),))):
-            return CONNECTION_NAMES_FRAMING
+    if b"connection" in names and not _FRAMING.isdisjoint(hdr.connection_tokens(headers)):
+        return CONNECTION_NAMES_FRAMING
     # Absolute-form and CONNECT would make the proxy choose the destination from the request;
     # ours is fixed, and the apiserver only serves origin-form.
     if method == b"CONNECT" or not target.startswith(b"/"):
