@@ -5,7 +5,7 @@ Two TLS contexts, both verifying the cluster CA with a hostname check:
   client certificate before the bearer token, so a proxy certificate on these connections would
   replace every caller's identity by the proxy's.
 - ``connect(own_identity=True)`` presents the proxy's own client certificate, if its kubeconfig has
-  one; used for the proxy's own requests (``/version`` for the Info RPC).
+  one; used for the proxy's own requests (kubeapi.py: ``/version``, discovery, SubjectAccessReviews).
 
 The proxy's own bearer token (in-cluster ServiceAccount token, or kubeconfig token / tokenFile) is
 re-read from its file when the file changes (kubelet rotates projected tokens).
@@ -20,6 +20,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml
@@ -145,23 +146,24 @@ def from_kubeconfig(path: str | Path) -> ApiServer:
         raise StartupError(f"cannot read kubeconfig {path}: {' '.join(str(exc).split())}") from exc
     base = path.parent
 
-    def named(kind: str, name: str | None) -> dict:
+    def named(kind: str, name: str | None) -> dict[str, Any]:
         for item in config.get(kind + "s") or []:
             if item.get("name") == name:
-                return item.get(kind) or {}
+                section: dict[str, Any] = item.get(kind) or {}
+                return section
         raise StartupError(f"kubeconfig {path}: no {kind} named {name!r}")
 
     context = named("context", config.get("current-context"))
     cluster = named("cluster", context.get("cluster"))
     user = named("user", context.get("user")) if context.get("user") else {}
 
-    def file_or_data(section: dict, key: str) -> bytes | None:
+    def file_or_data(section: dict[str, Any], key: str) -> bytes | None:
         data = section.get(key + "-data")
         if data:
             return base64.b64decode(data)
         if section.get(key):
             try:
-                return (base / section[key]).read_bytes()
+                return Path(base, str(section[key])).read_bytes()
             except OSError as exc:
                 raise StartupError(f"kubeconfig {path}: cannot read {key}: {exc}") from exc
         return None

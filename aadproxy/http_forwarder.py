@@ -1,10 +1,9 @@
 """HTTP/1.1 between one downstream connection (kubectl, through the tunnel) and the apiserver.
 
 One call of :func:`forward_connection` serves one downstream connection: many keep-alive requests,
-each parsed strictly by h11 (server role), authenticated, and re-sent by a second h11 state machine
-(client role) on this connection's own upstream connection. The upstream connection is opened at
-the first authenticated request and reused only by later requests of the same downstream
-connection; it is never shared.
+each parsed strictly by h11 (server role), checked (request_checks.py), authenticated, and re-sent
+by a second h11 state machine (client role) on this connection's own apiserver connection
+(upstream.py), which is never shared.
 
 Bodies stream both ways as they arrive: every parsed piece is sent on as soon as the bytes read so
 far are used up, so a watch event or a ``logs -f`` line is never held back waiting for more data,
@@ -15,23 +14,32 @@ After a 101 the connection is a raw byte pipe both ways. An upgrade request answ
 else closes both connections (CVE-2018-1002105: a failed upgrade must not leave an authenticated
 upstream connection for whatever bytes come next).
 
-Logs carry the method, path (without query), status and body bytes, never a header value: h11's
-error messages can quote header values, so only error *types* are logged.
+Every task of a connection (the downstream reader, the idle-upstream watcher, the pumps of each
+exchange) runs in the connection's TaskGroup: when the connection ends they are cancelled and
+awaited before :func:`forward_connection` returns.
+
+Each connection ends with one log event: ``connection closed`` with its ``reason`` (:class:`End`; a
+client hanging up is one of them, a normal end), or ``connection failed`` for an error nobody
+expected. Logs carry the method, path (without query), status and body bytes, never a header value:
+h11's error messages can quote header values, so only error *types* are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import enum
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import h11
 
 from clusterconnect.aadproxy import headers as hdr
 from clusterconnect.aadproxy.authn import Authenticator, Reject
+from clusterconnect.aadproxy.request_checks import MAX_HEAD, Rejection, check_request, parse_failure
+from clusterconnect.aadproxy.upstream import ApiserverGone, ConnectUpstream, Upstream
 from clusterconnect.kstatus import status_body
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import ByteStream, PeerGone
@@ -39,34 +47,36 @@ from clusterconnect.tasks import cancelling
 
 log = get_logger(__name__)
 
-# Largest request or response head (and chunk-size line) we buffer.
-MAX_HEAD = 64 * 1024
-
-# A header line starting with space or tab continues the previous one (RFC 9112 obs-fold).
-_OBS_FOLD = re.compile(rb"\n[ \t]")
-
 # After the client ended its side (EOF), the response in flight may take this long to finish. HTTP
 # clients (Go's included) do not half-close, so this EOF almost always means the client is gone; the
 # bound keeps a forgotten watch or ``logs -f`` from holding an apiserver connection for an hour.
 EOF_GRACE = 10.0
 
-ConnectUpstream = Callable[[], Awaitable[ByteStream]]
-
-_counts = {"downstream": 0, "upstream": 0}
+_open = [0]
 
 
 def open_connections() -> int:
     """Downstream connections being served now."""
-    return _counts["downstream"]
+    return _open[0]
 
 
-def open_upstream_connections() -> int:
-    """Upstream (apiserver) connections open now."""
-    return _counts["upstream"]
+class End(enum.Enum):
+    """Why a connection ended: the ``reason`` of its ``connection closed`` event."""
+
+    CLIENT_CLOSED = "client closed"  # EOF, its stream gone or cancelled, ``Connection: close``: a normal end
+    REFUSED = "request refused"  # we refused a request (answered, or its body was malformed)
+    APISERVER_FAILED = "apiserver failed"  # unreachable, or broke off an answer or an upgraded stream
+    NOT_REUSABLE = "not reusable"  # an upgrade refused, or answered before its request body ended
+    UPGRADE_ENDED = "upgraded stream ended"
+    STOPPING = "service stopping"
 
 
 class _Close(Exception):
-    """Nothing more can be said on this connection: close both sides."""
+    """Internal control flow: nothing more can be said on this connection; close both sides."""
+
+    def __init__(self, end: End) -> None:
+        super().__init__(end.value)
+        self.end = end
 
 
 @dataclass
@@ -83,61 +93,88 @@ class _Exchange:
     close_after: bool = False
 
 
+def _never() -> bool:
+    return False
+
+
 async def forward_connection(
-    downstream: ByteStream, connect_upstream: ConnectUpstream, authenticator: Authenticator
+    downstream: ByteStream,
+    connect_upstream: ConnectUpstream,
+    authenticator: Authenticator,
+    stopping: Callable[[], bool] = _never,
 ) -> None:
     """Serve one downstream connection until it ends; never raises except CancelledError.
 
     ``connect_upstream`` opens a new connection to the apiserver (TLS verified by the caller); it is
-    called at most once per live upstream connection, lazily.
+    called at most once per live upstream connection, lazily. Being cancelled means the client's
+    side went away (the agent cancels the stream when the client's connection ended), unless
+    ``stopping()`` says the service is stopping.
     """
-    connection = _Connection(downstream, connect_upstream, authenticator)
-    _counts["downstream"] += 1
+    _open[0] += 1
+    end: End | None = None
     try:
-        await connection.run()
+        async with asyncio.TaskGroup() as tasks:
+            connection = _Connection(downstream, connect_upstream, authenticator, tasks)
+            try:
+                end = await connection.run()
+            finally:
+                await connection.close()
+    except asyncio.CancelledError:
+        end = End.STOPPING if stopping() else End.CLIENT_CLOSED
+        raise
     except Exception as exc:
-        kinds = _leaf_types(exc)
-        if not all(issubclass(kind, (_Close, PeerGone)) for kind in kinds):
-            log.warning("connection failed", error=",".join(sorted(k.__name__ for k in kinds)))
+        end = _end_of(exc)
+        if end is None:
+            kinds = {type(leaf).__name__ for leaf in _leaves(exc)}
+            log.warning("connection failed", error=",".join(sorted(kinds)))
     finally:
-        try:
-            await connection.cleanup()
-        finally:
-            _counts["downstream"] -= 1
+        # Before the gauge moves: a stats line with the connection gone comes after this event.
+        if end is not None:
+            log.info("connection closed", reason=end.value)
+        _open[0] -= 1
 
 
-def _leaf_types(exc: BaseException) -> set[type[BaseException]]:
+def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
-        found: set[type[BaseException]] = set()
-        for inner in exc.exceptions:
-            found |= _leaf_types(inner)
-        return found
-    return {type(exc)}
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
-def _abort(stream: ByteStream) -> None:
-    """Drop a socket-backed stream at once (no TLS close_notify, no waiting)."""
-    abort = getattr(stream, "abort", None)
-    if abort is not None:
-        abort()
+def _end_of(exc: Exception) -> End | None:
+    """The End an exception means, or None if it is a failure (something nobody expected)."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if not isinstance(leaf, (_Close, ApiserverGone, PeerGone)):
+            return None
+    for leaf in leaves:
+        if isinstance(leaf, _Close):
+            return leaf.end
+    for leaf in leaves:
+        if isinstance(leaf, ApiserverGone):
+            return End.APISERVER_FAILED
+    # Every upstream PeerGone is caught where it happens: what is left is the client's stream.
+    return End.CLIENT_CLOSED
 
 
 class _Connection:
+    """One downstream connection's state; its tasks run in ``tasks``, and :meth:`close` ends them."""
+
     def __init__(
-        self, downstream: ByteStream, connect_upstream: ConnectUpstream, authenticator: Authenticator
+        self,
+        downstream: ByteStream,
+        connect_upstream: ConnectUpstream,
+        authenticator: Authenticator,
+        tasks: asyncio.TaskGroup,
     ) -> None:
         self.downstream = downstream
-        self.connect_upstream = connect_upstream
         self.authenticator = authenticator
         self.down = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.upstream: ByteStream | None = None
-        self.up: h11.Connection | None = None
-        self.watcher: asyncio.Task[None] | None = None
+        self.upstream = Upstream(connect_upstream, tasks)
         # The only task that calls downstream.receive(): cancelling a gRPC read could lose a
         # message, cancelling a Queue.get cannot. One slot: at most one block read ahead.
         self.inbox: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=1)
-        self.reader: asyncio.Task[None] | None = None
         self.down_eof = False
+        self.reader = tasks.create_task(self._read_downstream())
 
     async def _read_downstream(self) -> None:
         while True:
@@ -164,22 +201,24 @@ class _Connection:
 
     # ---- the request loop -------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self.reader = asyncio.create_task(self._read_downstream())
+    async def run(self) -> End:
         while True:
             request = await self._read_request_head()
-            if request is None:
-                return
-            if not await self._handle(request):
-                return
+            if isinstance(request, End):
+                return request
+            end = await self._handle(request)
+            if end is not None:
+                return end
             if self.down.our_state is h11.DONE and self.down.their_state is h11.DONE:
                 self.down.start_next_cycle()
+            elif self.down.their_state is h11.MUST_CLOSE:
+                return End.CLIENT_CLOSED  # it said Connection: close (or spoke HTTP/1.0)
             else:
-                return
+                return End.NOT_REUSABLE
 
-    async def _read_request_head(self) -> h11.Request | None:
-        """The next request's head, or None when the connection is over (EOF or answered error)."""
-        self._start_watcher()
+    async def _read_request_head(self) -> h11.Request | End:
+        """The next request's head, checked; or why the connection is over (EOF, or refused and answered)."""
+        self.upstream.watch_idle()
         # h11 silently unfolds obsolete line folding and limits only incomplete heads; we refuse
         # both, so we keep the raw bytes of the head: whatever h11 had not processed yet, plus
         # what we feed it, minus what is left after.
@@ -189,44 +228,33 @@ class _Connection:
                 try:
                     event = self.down.next_event()
                 except h11.RemoteProtocolError as exc:
-                    log.info("bad request", error=type(exc).__name__, status=exc.error_status_hint)
-                    await self._answer(exc.error_status_hint, _head_error_message(exc.error_status_hint))
-                    return None
+                    return await self._refuse(parse_failure(exc.error_status_hint))
                 if event is h11.NEED_DATA:
                     data = await self._receive_down()
                     raw += data
                     self.down.receive_data(data)
                     continue
-                if isinstance(event, h11.Request):
+                if type(event) is h11.Request:
                     head = raw[: len(raw) - len(self.down.trailing_data[0])]
-                    if len(head) > MAX_HEAD:  # h11 bounds only heads still incomplete
-                        log.info("bad request", error="HeadTooLarge", status=431)
-                        await self._answer(431, _head_error_message(431))
-                        return None
-                    if _OBS_FOLD.search(head):
-                        log.info("bad request", error="ObsoleteLineFolding", status=400)
-                        await self._answer(400, "Bad Request: obsolete line folding in header")
-                        return None
+                    rejection = check_request(head, event.method, event.target, event.headers)
+                    if rejection is not None:
+                        return await self._refuse(rejection)
                     return event
-                return None  # ConnectionClosed (downstream EOF between requests)
+                return End.CLIENT_CLOSED  # ConnectionClosed (downstream EOF between requests)
         finally:
-            await self._stop_watcher()
+            await self.upstream.stop_watching()
 
-    async def _handle(self, request: h11.Request) -> bool:
-        """Answer one request; True if the connection may carry another."""
+    async def _refuse(self, rejection: Rejection) -> End:
+        log.info("bad request", error=rejection.problem.value, status=rejection.status)
+        await self._answer(rejection.status, rejection.reason)
+        return End.REFUSED
+
+    async def _handle(self, request: h11.Request) -> End | None:
+        """Answer one request; None if the connection may carry another, else why it ends."""
         started = time.monotonic()
         method = request.method.decode("ascii", "replace")
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         received = list(request.headers)
-        if hdr.has_conflicting_framing(received):
-            log.info("bad request", error="ContentLengthWithTransferEncoding", status=400)
-            await self._answer(400, "Bad Request: both Content-Length and Transfer-Encoding")
-            return False
-        if request.method == b"CONNECT" or not request.target.startswith(b"/"):
-            log.info("bad request", error="TargetForm", status=400)
-            await self._answer(400, "Bad Request: only origin-form request targets are served")
-            return False
-
         upgrade = hdr.upgrade_protocol(received)
         # h11 treats any Upgrade header as a switch proposal; so do we when deciding to close.
         proposed = upgrade is not None or bool(hdr.values(received, b"upgrade"))
@@ -236,7 +264,7 @@ class _Connection:
             log.info("request", method=method, path=path, status=decision.status, bytes=0, request_bytes=0,
                      forwarded=False, duration_ms=round((time.monotonic() - started) * 1000, 1))
             await self._answer(decision.status, decision.message)
-            return False
+            return End.REFUSED
 
         send_headers = list(decision.headers)
         if hdr.is_chunked(received):
@@ -244,34 +272,34 @@ class _Connection:
         if upgrade is not None:
             send_headers += hdr.upgrade_headers(upgrade)
 
-        if self.upstream is None:
+        upstream = self.upstream
+        if upstream.stream is None:
             try:
-                await self._connect()
+                await upstream.open()
             except (TimeoutError, OSError, ssl.SSLError, PeerGone) as exc:
                 message = _one_line(exc)
                 log.warning("apiserver unreachable", error=message)
                 await self._answer(502, f"auth proxy cannot reach the apiserver: {message}")
-                return False
-        assert self.up is not None and self.upstream is not None
+                return End.APISERVER_FAILED
+        stream, up = upstream.stream, upstream.http
+        assert stream is not None and up is not None
         try:
-            head = self.up.send(
-                h11.Request(method=request.method, target=request.target, headers=send_headers)
-            )
+            head = up.send(h11.Request(method=request.method, target=request.target, headers=send_headers))
         except h11.LocalProtocolError:  # e.g. an HTTP/1.0 request without Host
             await self._answer(400, "Bad Request: request cannot be forwarded")
-            return False
+            return End.REFUSED
         try:
-            await self.upstream.send(head)
+            await stream.send(head)
         except PeerGone:
             log.warning("apiserver connection lost", error="send failed")
             await self._answer(502, "auth proxy lost its connection to the apiserver")
-            return False
+            return End.APISERVER_FAILED
 
         exchange = _Exchange(method=method, path=path, upgrade=proposed)
         try:
             async with asyncio.TaskGroup() as group:
-                body = group.create_task(self._pump_request_body(exchange))
-                group.create_task(self._pump_response(exchange, body))
+                body = group.create_task(self._pump_request_body(exchange, stream, up))
+                group.create_task(self._pump_response(exchange, body, stream, up))
         finally:
             log.info(
                 "request",
@@ -284,69 +312,62 @@ class _Connection:
             )
 
         if exchange.switched:
-            await self._splice()
-            return False
+            down_rest, down_closed = self.down.trailing_data
+            await upstream.pipe(self._receive_down, self.downstream, down_rest, down_closed)
+            return End.UPGRADE_ENDED
         if exchange.close_after or exchange.upgrade:
-            return False
-        if self.up.our_state is h11.DONE and self.up.their_state is h11.DONE:
-            self.up.start_next_cycle()
+            return End.NOT_REUSABLE
+        if up.our_state is h11.DONE and up.their_state is h11.DONE:
+            up.start_next_cycle()
         else:
-            await self._drop_upstream()  # e.g. apiserver said Connection: close; reconnect lazily
-        return True
+            await upstream.drop()  # e.g. apiserver said Connection: close; reconnect lazily
+        return None
 
     # ---- the two directions of one exchange -------------------------------------------------
 
-    async def _pump_request_body(self, exchange: _Exchange) -> None:
-        assert self.up is not None and self.upstream is not None
+    async def _pump_request_body(self, exchange: _Exchange, stream: ByteStream, up: h11.Connection) -> None:
+        down = self.down
         out = bytearray()
         while True:
             try:
-                event = self.down.next_event()
+                event = down.next_event()
             except h11.RemoteProtocolError as exc:
                 log.info("bad request body", error=type(exc).__name__)
-                raise _Close from None
+                raise _Close(End.REFUSED) from None
             if event is h11.NEED_DATA:
-                if out and not await self._send_upstream(out):
+                if out and not await _send_upstream(stream, out):
                     return
                 out.clear()
-                self.down.receive_data(await self._receive_down())
+                down.receive_data(await self._receive_down())
             elif type(event) is h11.Data:
                 exchange.request_bytes += len(event.data)
-                out += self.up.send(h11.Data(data=event.data))
+                out += up.send(h11.Data(data=event.data))
             elif type(event) is h11.EndOfMessage:
-                out += self.up.send(h11.EndOfMessage())
-                await self._send_upstream(out)
+                out += up.send(h11.EndOfMessage())
+                await _send_upstream(stream, out)
                 exchange.request_sent = True
                 break
             else:
-                raise _Close
+                raise _Close(End.REFUSED)
         if exchange.upgrade:
-            return  # what follows belongs to the upgraded protocol: left for the splice
+            return  # what follows belongs to the upgraded protocol: left for the pipe
         # Watch the client while the response streams (this task is cancelled when it ends). Early
         # bytes of a next request go to h11's buffer, up to one head's worth; EOF starts the grace.
         buffered = 0
         while buffered <= MAX_HEAD:
             data = await self._receive_down()
-            self.down.receive_data(data)
+            down.receive_data(data)
             if not data:
                 await asyncio.sleep(EOF_GRACE)
                 log.info("client gone, response cut", method=exchange.method, path=exchange.path)
-                raise _Close
+                raise _Close(End.CLIENT_CLOSED)
             buffered += len(data)
         await asyncio.Event().wait()
 
-    async def _send_upstream(self, data: bytearray) -> bool:
-        """Send request bytes; False if the apiserver stopped reading (its answer tells why)."""
-        assert self.upstream is not None
-        try:
-            await self.upstream.send(bytes(data))
-        except PeerGone:
-            return False
-        return True
-
-    async def _pump_response(self, exchange: _Exchange, body: asyncio.Task[None]) -> None:
-        assert self.up is not None and self.upstream is not None
-        up, down = self.up, self.down
+    async def _pump_response(
+        self, exchange: _Exchange, body: asyncio.Task[None], stream: ByteStream, up: h11.Connection
+    ) -> None:
+        down = self.down
         out = bytearray()
         while True:
             try:
@@ -358,37 +379,14 @@ class _Connection:
                     await self.downstream.send(bytes(out))
                     out.clear()
                 try:
-                    data = await self.upstream.receive()
+                    data = await stream.receive()
                 except PeerGone:
                     data = b""
                 up.receive_data(data)
-                continue
-            kind = type(event)
-            if kind is h11.InformationalResponse:
-                if event.status_code == 101:
-                    if self.down.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
-                        raise _Close  # cannot happen with a conforming apiserver: h11 checks it
-                    protocol = hdr.values(event.headers, b"upgrade")
-                    send = hdr.strip_hop_by_hop(event.headers) + hdr.upgrade_headers(
-                        protocol[0] if protocol else b""
-                    )
-                    out += down.send(
-                        h11.InformationalResponse(status_code=101, headers=send, reason=event.reason)
-                    )
-                    await self.downstream.send(bytes(out))
-                    exchange.status = 101
-                    exchange.switched = True
-                    if not body.done():
-                        await body  # only its last write of the (empty) body is left
-                    return
-                out += down.send(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=hdr.strip_hop_by_hop(event.headers),
-                        reason=event.reason,
-                    )
-                )
-            elif kind is h11.Response:
+            elif type(event) is h11.Data:
+                exchange.response_bytes += len(event.data)
+                out += down.send(h11.Data(data=event.data))
+            elif type(event) is h11.Response:
                 received = list(event.headers)
                 if hdr.has_conflicting_framing(received):
                     await self._upstream_failed(
@@ -403,10 +401,7 @@ class _Connection:
                         reason=event.reason,
                     )
                 )
-            elif kind is h11.Data:
-                exchange.response_bytes += len(event.data)
-                out += down.send(h11.Data(data=event.data))
-            elif kind is h11.EndOfMessage:
+            elif type(event) is h11.EndOfMessage:
                 out += down.send(h11.EndOfMessage())  # trailers are hop-by-hop: dropped
                 await self.downstream.send(bytes(out))
                 if not body.done() and up.our_state is h11.DONE and not exchange.request_sent:
@@ -419,10 +414,38 @@ class _Connection:
                     body.cancel()
                     exchange.close_after = True
                 return
+            elif type(event) is h11.InformationalResponse:
+                if event.status_code == 101:
+                    await self._switch(exchange, body, event, out)
+                    return
+                out += down.send(
+                    h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=hdr.strip_hop_by_hop(event.headers),
+                        reason=event.reason,
+                    )
+                )
             else:  # ConnectionClosed: the apiserver closed before answering
                 await self._upstream_failed(exchange, out, "apiserver closed the connection")
 
-    async def _upstream_failed(self, exchange: _Exchange, out: bytearray, reason: str) -> None:
+    async def _switch(
+        self, exchange: _Exchange, body: asyncio.Task[None], event: h11.InformationalResponse, out: bytearray
+    ) -> None:
+        """Pass the apiserver's 101 on; the pipe takes over once the exchange's tasks ended."""
+        # h11 accepts a 101 only for a request that proposed one, so with a conforming apiserver
+        # this holds; ours is the guarantee that nothing else switches.
+        if self.down.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]  # not in h11's __all__
+            raise _Close(End.APISERVER_FAILED)
+        protocol = hdr.values(event.headers, b"upgrade")
+        send = hdr.strip_hop_by_hop(event.headers) + hdr.upgrade_headers(protocol[0] if protocol else b"")
+        out += self.down.send(h11.InformationalResponse(status_code=101, headers=send, reason=event.reason))
+        await self.downstream.send(bytes(out))
+        exchange.status = 101
+        exchange.switched = True
+        if not body.done():
+            await body  # only its last write of the (empty) body is left
+
+    async def _upstream_failed(self, exchange: _Exchange, out: bytearray, reason: str) -> NoReturn:
         """The apiserver broke off: 502 if nothing of the answer went out yet; then close."""
         if exchange.response_started:
             if out:
@@ -432,33 +455,7 @@ class _Connection:
             log.warning("apiserver failed", error=reason, method=exchange.method, path=exchange.path)
             exchange.status = 502
             await self._answer(502, f"auth proxy: bad answer from the apiserver: {reason}")
-        raise _Close
-
-    # ---- after a 101 ------------------------------------------------------------------------
-
-    async def _splice(self) -> None:
-        assert self.up is not None and self.upstream is not None
-        upstream = self.upstream
-        down_rest, down_closed = self.down.trailing_data
-        up_rest, up_closed = self.up.trailing_data
-        if up_rest:
-            await self.downstream.send(up_rest)
-        if down_rest:
-            await upstream.send(down_rest)
-
-        async def one_way(
-            receive: Callable[[], Awaitable[bytes]], sink: ByteStream, already_closed: bool
-        ) -> None:
-            while not already_closed:
-                data = await receive()
-                if not data:
-                    break
-                await sink.send(data)
-            await sink.send_eof()
-
-        async with asyncio.TaskGroup() as group:
-            group.create_task(one_way(self._receive_down, upstream, down_closed))
-            group.create_task(one_way(upstream.receive, self.downstream, up_closed))
+        raise _Close(End.APISERVER_FAILED)
 
     # ---- answers of our own -----------------------------------------------------------------
 
@@ -480,53 +477,13 @@ class _Connection:
             return
         await self.downstream.send(data)
 
-    # ---- the upstream connection ------------------------------------------------------------
+    # ---- the end ----------------------------------------------------------------------------
 
-    async def _connect(self) -> None:
-        self.upstream = await self.connect_upstream()
-        self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        _counts["upstream"] += 1
-
-    async def _drop_upstream(self) -> None:
-        stream = self.upstream
-        if stream is None:
-            return
-        self.upstream = None
-        self.up = None
-        _counts["upstream"] -= 1
-        if cancelling():
-            _abort(stream)
-        await stream.close()
-
-    def _start_watcher(self) -> None:
-        """While idle between requests, notice the apiserver closing (or babbling) at once."""
-        if self.upstream is not None and self.watcher is None:
-            self.watcher = asyncio.create_task(self._watch_idle_upstream(self.upstream))
-
-    async def _watch_idle_upstream(self, stream: ByteStream) -> None:
+    async def close(self) -> None:
+        """Cancel this connection's tasks (their group awaits them), close upstream, then downstream."""
+        self.reader.cancel()
         try:
-            await stream.receive()  # any outcome while idle means the connection is unusable
-        except PeerGone:
-            pass
-        if self.upstream is stream:
-            _abort(stream)
-            await self._drop_upstream()
-
-    async def _stop_watcher(self) -> None:
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            await asyncio.wait([watcher])
-
-    async def cleanup(self) -> None:
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None:
-            watcher.cancel()
-        reader, self.reader = self.reader, None
-        if reader is not None:
-            reader.cancel()
-        try:
-            await self._drop_upstream()
+            await self.upstream.close()
             if not cancelling():
                 try:
                     await self.downstream.send_eof()
@@ -534,17 +491,15 @@ class _Connection:
                     pass
         finally:
             await self.downstream.close()
-            pending = [task for task in (watcher, reader) if task is not None]
-            if pending:
-                await asyncio.wait(pending)
 
 
-def _head_error_message(status: int) -> str:
-    if status == 431:
-        return "Request Header Fields Too Large"
-    if status == 501:
-        return "Not Implemented: unsupported Transfer-Encoding"
-    return "Bad Request: malformed HTTP request"
+async def _send_upstream(stream: ByteStream, data: bytearray) -> bool:
+    """Send request bytes; False if the apiserver stopped reading (its answer tells why)."""
+    try:
+        await stream.send(bytes(data))
+    except PeerGone:
+        return False
+    return True
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,8 +1,8 @@
 """The auth proxy's own small requests to the apiserver, with its own credential.
 
-Used for SubjectAccessReviews (may the OIDC caller impersonate what it asks for?) and for reading
-the cluster's ServiceAccount issuer from the apiserver's discovery document. One short-lived
-connection per call; bodies are bounded. The credential is never logged.
+Used for SubjectAccessReviews (may the OIDC caller impersonate what it asks for?), for reading the
+cluster's ServiceAccount issuer from the apiserver's discovery document, and for ``/version`` (the
+Info RPC). One short-lived connection per call; bodies are bounded. The credential is never logged.
 """
 
 from __future__ import annotations
@@ -13,25 +13,31 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 
 from clusterconnect.aadproxy.apiserver import ApiServer
+from clusterconnect.errors import Unavailable
 
 REQUEST_TIMEOUT = 10.0
 MAX_BODY = 1024 * 1024
 
 
-class ApiError(Exception):
+class ApiError(Unavailable):
     """The apiserver could not answer (message safe to log)."""
 
 
-async def request_json(api: ApiServer, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+async def request_json(
+    api: ApiServer, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
     """One request with the proxy's own credential; (status, JSON object or {})."""
     return await asyncio.wait_for(_request_json(api, method, path, body), REQUEST_TIMEOUT)
 
 
-async def _request_json(api: ApiServer, method: str, path: str, body: dict | None) -> tuple[int, dict]:
+async def _request_json(
+    api: ApiServer, method: str, path: str, body: dict[str, Any] | None
+) -> tuple[int, dict[str, Any]]:
     try:
         stream = await api.connect(own_identity=True)
     except OSError as exc:
@@ -104,7 +110,7 @@ class ResourceAttributes:
     subresource: str = ""
     namespace: str = ""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, str]:
         attributes = {"verb": "impersonate", "resource": self.resource, "name": self.name, "group": self.group}
         if self.subresource:
             attributes["subresource"] = self.subresource
@@ -118,6 +124,10 @@ class ResourceAttributes:
         return f'{kind} "{self.name}"{where}'
 
 
+# Who asks (user, groups, uid, extra) and for what.
+_ReviewKey = tuple[str, tuple[str, ...], str | None, tuple[tuple[str, tuple[str, ...]], ...], ResourceAttributes]
+
+
 class AccessReviewer:
     """``SubjectAccessReview``s with the proxy's credential; answers cached briefly."""
 
@@ -125,7 +135,7 @@ class AccessReviewer:
         self.api = api
         self.ttl = ttl
         self.max_entries = max_entries
-        self._cache: OrderedDict[tuple, tuple[float, bool]] = OrderedDict()
+        self._cache: OrderedDict[_ReviewKey, tuple[float, bool]] = OrderedDict()
 
     async def allowed(
         self,
@@ -135,13 +145,15 @@ class AccessReviewer:
         extra: Mapping[str, Sequence[str]],
         attributes: ResourceAttributes,
     ) -> bool:
-        key = (user, tuple(groups), uid, tuple(sorted((k, tuple(v)) for k, v in extra.items())), attributes)
+        key: _ReviewKey = (
+            user, tuple(groups), uid, tuple(sorted((k, tuple(v)) for k, v in extra.items())), attributes
+        )
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
             self._cache.move_to_end(key)
             return hit[1]
-        spec: dict = {"user": user, "groups": list(groups), "resourceAttributes": attributes.as_dict()}
+        spec: dict[str, Any] = {"user": user, "groups": list(groups), "resourceAttributes": attributes.as_dict()}
         if uid:
             spec["uid"] = uid
         if extra:

@@ -11,10 +11,11 @@ import grpc
 
 from clusterconnect.aadproxy import apiserver as apiserver_mod
 from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
-from clusterconnect.aadproxy.http_forwarder import open_connections, open_upstream_connections
+from clusterconnect.aadproxy.http_forwarder import open_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
 from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
 from clusterconnect.aadproxy.server import AuthProxyService
+from clusterconnect.aadproxy.upstream import open_upstream_connections
 from clusterconnect.aadproxy.upstream_pool import UpstreamPool
 from clusterconnect.addresses import is_loopback
 from clusterconnect.cliargs import add_flag, add_version
@@ -132,9 +133,8 @@ async def serve(args: argparse.Namespace) -> None:
     check_port_free(host, port)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pool = UpstreamPool(target.connect)
-    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(
-        AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect), server
-    )
+    service = AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect)
+    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated untyped
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if credentials is None:
@@ -156,6 +156,7 @@ async def serve(args: argparse.Namespace) -> None:
             group.create_task(pool.run())
             await server.wait_for_termination()
     finally:
+        service.stopping = True
         await server.stop(grace=2)
 
 

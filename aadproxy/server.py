@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import structlog
@@ -14,6 +15,7 @@ from clusterconnect.aadproxy.apiserver import ApiServer
 from clusterconnect.aadproxy.authn import Authenticator
 from clusterconnect.aadproxy.http_forwarder import forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
+from clusterconnect.aadproxy.upstream import ConnectUpstream
 from clusterconnect.grpc_options import metadata_value
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
@@ -28,17 +30,22 @@ VERSION_TIMEOUT = 10.0
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
     def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "",
-                 connect_upstream=None) -> None:
+                 connect_upstream: ConnectUpstream | None = None) -> None:
         self.apiserver = apiserver
         # Where forwarded connections come from (main.py passes the warm pool); default: a new one each.
-        self.connect_upstream = connect_upstream or apiserver.connect
+        self.connect_upstream: ConnectUpstream = connect_upstream or apiserver.connect
         self.authenticator = authenticator
         self.cluster = cluster
         self._version = ""
         self._version_until = 0.0
         self._version_lock = asyncio.Lock()
+        # Set once the server is stopping: a Serve cancelled then was not ended by its client.
+        self.stopping = False
 
-    async def Serve(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+    async def Serve(
+        self, request_iterator: AsyncIterator[tunnel_pb2.Chunk],
+        context: grpc.aio.ServicerContext[tunnel_pb2.Chunk, tunnel_pb2.Chunk],
+    ) -> None:
         # Every log event of this connection (the per-request ones included) names the cluster and
         # the trace; the authenticator adds the caller's identity per request. Each RPC runs in its
         # own task, so these bindings stay with this connection.
@@ -46,15 +53,22 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         traceparent = metadata_value(metadata, md.TRACEPARENT)
         if metadata_value(metadata, md.WARM) == "1":
             # Opened by the agent ahead of need: it starts once the agent says it is bound to a client.
-            first = await context.read()
-            if first is grpc.aio.EOF or not first.HasField("bound"):
+            first: object = await context.read()  # a Chunk, or grpc.aio.EOF
+            if not isinstance(first, tunnel_pb2.Chunk) or not first.HasField("bound"):
                 return
             traceparent = first.bound.traceparent
         structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
-        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator)
+        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator,
+                                 stopping=self._stopping)
 
-    async def Info(self, request, context) -> tunnel_pb2.InfoResponse:
+    def _stopping(self) -> bool:
+        return self.stopping
+
+    async def Info(
+        self, request: tunnel_pb2.InfoRequest,
+        context: grpc.aio.ServicerContext[tunnel_pb2.InfoRequest, tunnel_pb2.InfoResponse],
+    ) -> tunnel_pb2.InfoResponse:
         return tunnel_pb2.InfoResponse(
             kubernetes_version=await self.kubernetes_version(), auth_proxy_version=__version__
         )

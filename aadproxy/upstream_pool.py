@@ -2,7 +2,7 @@
 
 Each pooled connection carries no identity (the forwarding TLS context has no client certificate),
 is handed to exactly one downstream connection, and never comes back: connections are never shared
-between callers. The forwarder still asks for one only after a request was authenticated, and the
+between callers. A connection asks for one only after a request was authenticated (upstream.py), and the
 pool refills only when one was taken, so unauthenticated traffic opens nothing upstream.
 A connection idle longer than MAX_IDLE is dropped (the apiserver closes idle ones eventually).
 """

@@ -21,7 +21,8 @@ from clusterconnect.tasks import cancelling, gather_strict
 from clusterconnect.v1 import tunnel_pb2
 
 # What grpc.aio raises when the other end is gone or the RPC already ended.
-_RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
+# InternalError: ExecuteBatchError, a read or write from a task other than the handler while the RPC ended.
+_RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, grpc.aio.InternalError, asyncio.InvalidStateError)
 
 # grpc.aio's cost is per message, so sockets are read in large blocks (see docs/performance.md).
 READ_SIZE = 256 * 1024

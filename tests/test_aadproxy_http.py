@@ -21,6 +21,7 @@ import pytest
 
 from clusterconnect.aadproxy import headers as hdr
 from clusterconnect.aadproxy import http_forwarder
+from clusterconnect.aadproxy import upstream as upstream_mod
 from clusterconnect.aadproxy.apiserver import TokenSource, from_kubeconfig
 from clusterconnect.aadproxy.authn import Forward, Reject, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import forward_connection
@@ -315,7 +316,7 @@ async def finished(task: asyncio.Task) -> None:
 
 def no_leaks() -> None:
     assert http_forwarder.open_connections() == 0
-    assert http_forwarder.open_upstream_connections() == 0
+    assert upstream_mod.open_upstream_connections() == 0
 
 
 # ---- forwarder ----------------------------------------------------------------------------------
@@ -482,7 +483,8 @@ def test_upgrade_101_then_raw_bytes_both_ways_including_buffered_bytes() -> None
             seen.append(request)
             writer.write(conn.send(h11.InformationalResponse(
                 status_code=101, headers=[(b"connection", b"Upgrade"), (b"upgrade", b"SPDY/3.1"),
-                                          (b"x-stream-protocol-version", b"v4.channel.k8s.io")])) + b"hello-from-server")
+                                          (b"x-stream-protocol-version", b"v4.channel.k8s.io")]))
+                         + b"hello-from-server")
             await writer.drain()
             early, _ = conn.trailing_data
             data = early or await reader.read(65536)
@@ -569,6 +571,12 @@ def test_upgrade_answered_without_101_closes_both_connections() -> None:
         (b"GET http://evil/api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\n\r\n", 400),
         (b"GET /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
         (b"NOT HTTP AT ALL\r\n\r\n", 400),
+        # Connection naming a framing header: dropping it as hop-by-hop would forward another request.
+        (b"POST /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nconnection: Content-Length\r\n"
+         b"content-length: 5\r\n\r\nhello", 400),
+        (b"POST /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nconnection: keep-alive, Transfer-Encoding\r\n"
+         b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+        (b"GET /api HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\nconnection: host\r\n\r\n", 400),
     ],
 )
 def test_malformed_requests_are_refused_and_never_forwarded(raw: bytes, status: int) -> None:
@@ -723,10 +731,10 @@ def test_idle_upstream_close_reconnects_for_next_request() -> None:
             assert (await client.response())[0].status_code == 200
             await asyncio.wait_for(upstream.closed.wait(), TIMEOUT)
             for _ in range(100):
-                if http_forwarder.open_upstream_connections() == 0:
+                if upstream_mod.open_upstream_connections() == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert http_forwarder.open_upstream_connections() == 0
+            assert upstream_mod.open_upstream_connections() == 0
             client.next_cycle()
             client.request(b"GET", b"/b", [AUTH])
             assert (await client.response())[0].status_code == 200
@@ -795,6 +803,55 @@ def test_many_connections_leave_nothing_behind() -> None:
         await asyncio.sleep(0.05)
         no_leaks()
         assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+
+    run(main())
+
+
+def connection_tasks() -> list[asyncio.Task]:
+    """Tasks of the forwarder's connections (downstream reader, idle watcher, pumps, pipe) still alive."""
+    return [task for task in asyncio.all_tasks() if not task.done()
+            and task.get_coro().__qualname__.startswith(("_Connection.", "Upstream."))]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until ``condition`` holds; fails after TIMEOUT."""
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():  # noqa: ASYNC110  # nothing signals a task set changing: poll it
+            await asyncio.sleep(0)
+
+
+def test_no_task_outlives_its_connection() -> None:
+    """Whatever ends a connection, its tasks ended when forward_connection returns: no waiting after."""
+
+    async def main() -> None:
+        async with Upstream(lambda r, w: echo_apiserver(r, w, [])) as upstream:
+            # Refused while the client's stream stays open: the reader was waiting on it.
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, no_upstream, TokenPassthrough()))
+            Client(down).request(b"GET", b"/api", [])
+            await finished(task)
+            assert connection_tasks() == []
+
+            # Idle between requests (the watcher waits on the apiserver), then cancelled.
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, upstream.connect, TokenPassthrough()))
+            client = Client(down)
+            client.request(b"GET", b"/a", [AUTH])
+            assert (await client.response())[0].status_code == 200
+            await until(lambda: any(t.get_coro().__qualname__ == "Upstream._watch" for t in connection_tasks()))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert connection_tasks() == []
+
+            # A malformed request body ends it mid-exchange.
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, upstream.connect, TokenPassthrough()))
+            down.write(b"POST /x HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\ntransfer-encoding: chunked\r\n\r\n"
+                       b"zz\r\n")
+            await finished(task)
+            assert connection_tasks() == []
+        no_leaks()
 
     run(main())
 
