@@ -1,5 +1,5 @@
 """The Go client's own tests that need no cluster (clients/go/conn_test.go: a relay of the test's
-own), with the race detector, and `go vet`; the e2e tests skip without the environment that
+own), with the race detector, `go vet` and gofmt; the e2e tests skip without the environment that
 tests/test_go_client.py sets."""
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ def go(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["go", *args], cwd=GO_MODULE, env=env, capture_output=True, text=True, timeout=1200)
 
 
-def test_go_vet() -> None:
+def test_go_vet_and_gofmt() -> None:
     result = go("vet", "./...")
     assert result.returncode == 0, result.stdout + result.stderr
+    unformatted = subprocess.run(["gofmt", "-l", "."], cwd=GO_MODULE, capture_output=True, text=True, timeout=60)
+    assert unformatted.returncode == 0 and not unformatted.stdout, f"run gofmt -w on: {unformatted.stdout}"
 
 
 def test_go_unit_tests() -> None:

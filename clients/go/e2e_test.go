@@ -32,8 +32,8 @@ import (
 // skip.
 type target struct {
 	relay, relayCA, cluster, tokenFile string
-	namespace, shellPod, echoPod        string
-	echoPort                            int
+	namespace, shellPod, echoPod       string
+	echoPort                           int
 }
 
 func e2e(t *testing.T) (target, *rest.Config, *kubernetes.Clientset) {
