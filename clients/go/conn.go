@@ -86,6 +86,7 @@ func newConn(cluster string, stream grpc.BidiStreamingClient[v1.Chunk, v1.Chunk]
 // receive moves Chunks to Read until the stream ends, and keeps the stream's final status for Write.
 func (c *conn) receive() {
 	defer close(c.finished)
+	defer c.cancel() // the stream ended: release its context even if Close is never called
 	readsOpen := true
 	deliver := func(item received) {
 		select {
