@@ -115,6 +115,7 @@ func TestHalfCloseAndEOF(t *testing.T) {
 	if s := <-got; strings.Join(s.cluster, ",") != "prod" || strings.Join(s.authorization, ",") != "Bearer secret" {
 		t.Fatalf("metadata: %+v", s)
 	}
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second)) // a failure, not a hang
 	big := bytes.Repeat([]byte("abcdefgh"), maxChunk/4) // two Chunks
 	if n, err := conn.Write(big); err != nil || n != len(big) {
 		t.Fatalf("write: %d %v", n, err)
@@ -149,6 +150,7 @@ func TestBrokenTunnelReadsTheStatus(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	data, err := io.ReadAll(conn)
 	if string(data) != "partial" || status.Code(err) != codes.Unavailable {
 		t.Fatalf("want the data, then UNAVAILABLE; got %q, %v", data, err)
