@@ -116,7 +116,7 @@ func TestHalfCloseAndEOF(t *testing.T) {
 		t.Fatalf("metadata: %+v", s)
 	}
 	_ = conn.SetDeadline(time.Now().Add(10 * time.Second)) // a failure, not a hang
-	big := bytes.Repeat([]byte("abcdefgh"), maxChunk/4) // two Chunks
+	big := bytes.Repeat([]byte("abcdefgh"), maxChunk/4)    // two Chunks
 	if n, err := conn.Write(big); err != nil || n != len(big) {
 		t.Fatalf("write: %d %v", n, err)
 	}
