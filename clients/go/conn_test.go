@@ -105,7 +105,11 @@ func TestHalfCloseAndEOF(t *testing.T) {
 		if err := stream.Send(&v1.Chunk{Data: []byte(answer)}); err != nil {
 			return err
 		}
-		return stream.Send(&v1.Chunk{Eof: true})
+		if err := stream.Send(&v1.Chunk{Eof: true}); err != nil {
+			return err
+		}
+		<-stream.Context().Done() // the stream stays open: Chunk{eof} alone must end the reads
+		return nil
 	})
 	conn, err := Dial(within(t), relay, "prod", StaticToken("secret"))
 	if err != nil {
