@@ -185,7 +185,7 @@ func TestReadDeadline(t *testing.T) {
 	defer conn.Close()
 	_ = conn.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	buffer := make([]byte, 16)
-	if _, err := conn.Read(buffer); !errors.Is(err, os.ErrDeadlineExceeded) {
+	if err := returnsWithin(t, func() error { _, err := conn.Read(buffer); return err }); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("want a deadline error, got %v", err)
 	}
 	// The connection still works once the deadline is lifted.
@@ -214,7 +214,7 @@ func TestCloseCancelsTheStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := conn.Close(); err != nil {
+	if err := returnsWithin(t, conn.Close); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -248,5 +248,19 @@ func TestDialContextBoundsTheOpening(t *testing.T) {
 	case <-ended:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the stream was not cancelled")
+	}
+}
+
+// returnsWithin runs call and fails the test if it has not returned within 10 s (instead of hanging).
+func returnsWithin(t *testing.T, call func() error) error {
+	t.Helper()
+	result := make(chan error, 1)
+	go func() { result <- call() }()
+	select {
+	case err := <-result:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("did not return within 10s")
+		return nil
 	}
 }
