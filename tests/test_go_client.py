@@ -62,7 +62,7 @@ def test_go_client_through_the_relay(relay_chain: Chain, pods: int, admin_sa_tok
         "CLUSTERCONNECT_TEST_ECHO_PORT": str(pods),
     }
     dials_before = _dials(relay_chain)
-    result = subprocess.run(["go", "test", "-count=1", "-v", "./..."], cwd=GO_MODULE, env=env,
+    result = subprocess.run(["go", "test", "-count=1", "-timeout=300s", "-v", "./..."], cwd=GO_MODULE, env=env,
                             capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]

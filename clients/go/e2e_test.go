@@ -155,19 +155,20 @@ func TestPortForwardWebSocket(t *testing.T) {
 	}
 	forwarded := make(chan error, 1)
 	go func() { forwarded <- forwarder.ForwardPorts() }()
+	select {
+	case <-ready:
+	case err := <-forwarded:
+		t.Fatalf("port-forward ended before it was ready: %v (%s)", err, logs.String())
+	case <-deadline(t).Done():
+		close(stop)
+		t.Fatalf("port-forward not ready; it ended with %v", <-forwarded)
+	}
 	defer func() {
 		close(stop)
 		if err := <-forwarded; err != nil {
 			t.Errorf("port-forward: %v", err)
 		}
 	}()
-	select {
-	case <-ready:
-	case err := <-forwarded:
-		t.Fatalf("port-forward ended before it was ready: %v (%s)", err, logs.String())
-	case <-deadline(t).Done():
-		t.Fatal("port-forward not ready")
-	}
 	ports, err := forwarder.GetPorts()
 	if err != nil {
 		t.Fatal(err)
