@@ -38,7 +38,7 @@ lint: venv
 	scripts/typecheck-tree
 	$(BIN)/mypy
 
-test: venv devcluster devcluster-check oidc-provider helm lint
+test: venv devcluster devcluster-check oidc-provider helm proto-tools lint
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.
@@ -66,3 +66,34 @@ helm:
 # Render deploy/k8s/ from the charts in deploy/helm/ with their default values (a test fails when they differ).
 manifests: venv helm
 	$(BIN)/python deploy/helm/render.py
+
+# buf and the Go code generators of clients/go, built from source at the versions pinned in
+# tools/*/go.mod into tools/bin/ (ignored); rebuilt only when a pin changes.
+TOOLS_BIN := tools/bin
+PROTO_TOOLS := $(TOOLS_BIN)/buf $(TOOLS_BIN)/protoc-gen-go $(TOOLS_BIN)/protoc-gen-go-grpc
+.PHONY: proto-tools go-protos proto-baseline
+
+proto-tools: $(PROTO_TOOLS)
+
+# A unique temporary name, so concurrent makes do not clobber each other.
+$(TOOLS_BIN)/buf: tools/buf/go.mod tools/buf/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/buf && go build -o ../bin/buf.tmp.$$$$ github.com/bufbuild/buf/cmd/buf && mv -f ../bin/buf.tmp.$$$$ ../bin/buf
+
+$(TOOLS_BIN)/protoc-gen-go: tools/protoc-gen-go/go.mod tools/protoc-gen-go/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/protoc-gen-go && go build -o ../bin/protoc-gen-go.tmp.$$$$ google.golang.org/protobuf/cmd/protoc-gen-go \
+		&& mv -f ../bin/protoc-gen-go.tmp.$$$$ ../bin/protoc-gen-go
+
+$(TOOLS_BIN)/protoc-gen-go-grpc: tools/protoc-gen-go/go.mod tools/protoc-gen-go/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/protoc-gen-go && go build -o ../bin/protoc-gen-go-grpc.tmp.$$$$ google.golang.org/grpc/cmd/protoc-gen-go-grpc \
+		&& mv -f ../bin/protoc-gen-go-grpc.tmp.$$$$ ../bin/protoc-gen-go-grpc
+
+# Regenerate the committed Go stubs of clients/go from protos/ (buf.gen.yaml; a test fails when stale).
+go-protos: proto-tools
+	$(TOOLS_BIN)/buf generate
+
+# A new baseline for `buf breaking`: only for a new, deliberately incompatible version of the protocol.
+proto-baseline: proto-tools
+	$(TOOLS_BIN)/buf build -o protos/baseline.binpb

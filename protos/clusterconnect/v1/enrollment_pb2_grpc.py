@@ -69,19 +69,22 @@ class EnrollmentServicer:
     """
 
     def GetCA(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The relay's CA bundle and agent port (no credential; verify the answer against the pinned CA).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Join(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Consumes a join token; returns the agent's first certificate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Renew(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A new certificate for a new key, authenticated by the current certificate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

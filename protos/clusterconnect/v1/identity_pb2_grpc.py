@@ -56,13 +56,15 @@ class IdentityProviderServicer:
     """
 
     def Login(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Consumes a one-time login code; returns a refresh credential.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def IssueToken(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A new access token for the refresh credential in the request metadata.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -206,49 +208,57 @@ class AccessAdminServicer:
     """
 
     def AddUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Adds a user; returns its one-time login code.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListUsers(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every user.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveUser(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes a user and revokes its refresh credentials; NOT_FOUND if there is no such user.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def NewLoginCode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A new one-time login code for an existing user; NOT_FOUND if there is no such user.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Grant(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Adds an entry to a cluster's access list; returns the list.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Revoke(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes an entry from a cluster's access list; returns the list.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAccess(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A cluster's access list.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RotateSigningKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Starts signing tokens with a new key (the previous one stays published until its tokens expired).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

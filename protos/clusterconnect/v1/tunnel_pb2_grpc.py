@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class ClientTunnelStub:
-    """Opened by a user's client proxy, one stream per TCP connection.
+    """Opened by a user's client (the client proxy, or any program: clients/go), one stream per TCP
+    connection to the cluster's apiserver. The bytes are HTTP/1.1 in plain text, exactly as a client
+    would send them to the apiserver (the auth proxy at the far end speaks HTTP/1.1 without TLS; the
+    relay's TLS protects them on the way): requests with an `Authorization: Bearer` header, upgrades
+    to WebSocket or SPDY for exec, attach and port-forward.
     Request metadata:
     x-clusterconnect-cluster: the cluster name (required)
     authorization: "Bearer <token>" - the caller's token (required)
@@ -34,7 +38,9 @@ class ClientTunnelStub:
     The relay sends initial metadata once the cluster's agent has accepted the connection, so a
     client knows the path is open; failures end the stream with a status and a one-line message:
     NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-    UNAUTHENTICATED (no token).
+    UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
+    token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
+    was open and broke ends with UNAVAILABLE.
     """
 
     def __init__(self, channel):
@@ -51,7 +57,11 @@ class ClientTunnelStub:
 
 
 class ClientTunnelServicer:
-    """Opened by a user's client proxy, one stream per TCP connection.
+    """Opened by a user's client (the client proxy, or any program: clients/go), one stream per TCP
+    connection to the cluster's apiserver. The bytes are HTTP/1.1 in plain text, exactly as a client
+    would send them to the apiserver (the auth proxy at the far end speaks HTTP/1.1 without TLS; the
+    relay's TLS protects them on the way): requests with an `Authorization: Bearer` header, upgrades
+    to WebSocket or SPDY for exec, attach and port-forward.
     Request metadata:
     x-clusterconnect-cluster: the cluster name (required)
     authorization: "Bearer <token>" - the caller's token (required)
@@ -59,11 +69,18 @@ class ClientTunnelServicer:
     The relay sends initial metadata once the cluster's agent has accepted the connection, so a
     client knows the path is open; failures end the stream with a status and a one-line message:
     NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-    UNAUTHENTICATED (no token).
+    UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
+    token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
+    was open and broke ends with UNAVAILABLE.
     """
 
     def Dial(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """One TCP connection. Requests carry bytes toward the cluster, responses bytes back. Wait for the
+        initial metadata `x-clusterconnect-open: 1` before sending: the stream may still be refused
+        (with its status) until then. Half-close with done_writing (CloseSend) when the client's side of
+        the connection has nothing more to send; a response Chunk{eof} means the cluster's side finished
+        sending. The stream then ends with OK once both sides finished; cancel it to abort.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -85,7 +102,11 @@ def add_ClientTunnelServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ClientTunnel:
-    """Opened by a user's client proxy, one stream per TCP connection.
+    """Opened by a user's client (the client proxy, or any program: clients/go), one stream per TCP
+    connection to the cluster's apiserver. The bytes are HTTP/1.1 in plain text, exactly as a client
+    would send them to the apiserver (the auth proxy at the far end speaks HTTP/1.1 without TLS; the
+    relay's TLS protects them on the way): requests with an `Authorization: Bearer` header, upgrades
+    to WebSocket or SPDY for exec, attach and port-forward.
     Request metadata:
     x-clusterconnect-cluster: the cluster name (required)
     authorization: "Bearer <token>" - the caller's token (required)
@@ -93,7 +114,9 @@ class ClientTunnel:
     The relay sends initial metadata once the cluster's agent has accepted the connection, so a
     client knows the path is open; failures end the stream with a status and a one-line message:
     NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-    UNAUTHENTICATED (no token).
+    UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
+    token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
+    was open and broke ends with UNAVAILABLE.
     """
 
     @staticmethod
@@ -291,13 +314,15 @@ class AuthProxyServicer:
     """
 
     def Serve(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The apiserver's and the auth proxy's versions.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -421,19 +446,22 @@ class RegistryServicer:
     """
 
     def AddCluster(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Registers a cluster and issues its agent's one-time join token.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListClusters(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every registered cluster, with its connection state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetCluster(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One registered cluster, with its connection state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
