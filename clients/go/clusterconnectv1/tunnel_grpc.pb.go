@@ -54,6 +54,11 @@ const (
 //	UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
 //	token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
 //	was open and broke ends with UNAVAILABLE.
+//
+// A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
+// apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
+// token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
+// connection-lost (common/metadata.py DialRefusal; new values may be added).
 type ClientTunnelClient interface {
 	// One TCP connection. Requests carry bytes toward the cluster, responses bytes back. Wait for the
 	// initial metadata `x-clusterconnect-open: 1` before sending: the stream may still be refused
@@ -106,6 +111,11 @@ type ClientTunnel_DialClient = grpc.BidiStreamingClient[Chunk, Chunk]
 //	UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
 //	token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
 //	was open and broke ends with UNAVAILABLE.
+//
+// A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
+// apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
+// token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
+// connection-lost (common/metadata.py DialRefusal; new values may be added).
 type ClientTunnelServer interface {
 	// One TCP connection. Requests carry bytes toward the cluster, responses bytes back. Wait for the
 	// initial metadata `x-clusterconnect-open: 1` before sending: the stream may still be refused

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 from clusterconnect.v1 import tunnel_pb2 as clusterconnect_dot_v1_dot_tunnel__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lusterconnect/v1/peer.proto\x12\x11\x63lusterconnect.v1\x1a\x1e\x63lusterconnect/v1/tunnel.proto2N\n\tRelayPeer\x12\x41\n\x07\x46orward\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63lusterconnect/v1/peer.proto\x12\x11\x63lusterconnect.v1\x1a\x1e\x63lusterconnect/v1/tunnel.proto2N\n\tRelayPeer\x12\x41\n\x07\x46orward\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x42\xc4\x01\n\x1bio.github.clusterconnect.v1B\tPeerProtoP\x01ZUgithub.com/clusterconnect/clusterconnect/clients/go/clusterconnectv1;clusterconnectv1\xa2\x02\x03\x43\x43X\xaa\x02\x11\x43lusterConnect.V1\xca\x02\x11\x43lusterConnect\\V1\xea\x02\x12\x43lusterConnect::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'clusterconnect.v1.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\033io.github.clusterconnect.v1B\tPeerProtoP\001ZUgithub.com/clusterconnect/clusterconnect/clients/go/clusterconnectv1;clusterconnectv1\242\002\003CCX\252\002\021ClusterConnect.V1\312\002\021ClusterConnect\\V1\352\002\022ClusterConnect::V1'
   _globals['_RELAYPEER']._serialized_start=83
   _globals['_RELAYPEER']._serialized_end=161
 # @@protoc_insertion_point(module_scope)

@@ -55,8 +55,9 @@ class RelayPeerServicer:
         x-clusterconnect-cluster: the cluster name (required)
         traceparent: W3C trace context of the entry replica's span (optional)
         The owner answers like ClientTunnel.Dial: initial metadata x-clusterconnect-open: 1 once its agent
-        accepted the connection, then Chunks both ways; failures end the stream with the status and
-        one-line message the client is to see (the entry replica passes both on unchanged).
+        accepted the connection, then Chunks both ways; failures end the stream with the status, the
+        one-line message and the clusterconnect-reason the client is to see (the entry replica passes
+        them on unchanged).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,6 +41,10 @@ class ClientTunnelStub:
     UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
     token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
     was open and broke ends with UNAVAILABLE.
+    A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
+    apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
+    token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
+    connection-lost (common/metadata.py DialRefusal; new values may be added).
     """
 
     def __init__(self, channel):
@@ -72,6 +76,10 @@ class ClientTunnelServicer:
     UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
     token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
     was open and broke ends with UNAVAILABLE.
+    A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
+    apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
+    token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
+    connection-lost (common/metadata.py DialRefusal; new values may be added).
     """
 
     def Dial(self, request_iterator, context):
@@ -117,6 +125,10 @@ class ClientTunnel:
     UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
     token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
     was open and broke ends with UNAVAILABLE.
+    A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
+    apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
+    token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
+    connection-lost (common/metadata.py DialRefusal; new values may be added).
     """
 
     @staticmethod
