@@ -47,7 +47,10 @@ def bearer_token(headers: Sequence[Header]) -> bytes | Reject:
     """The token of the request's single ``Authorization: Bearer <token>`` header, or a Reject."""
     found = values(headers, b"authorization")
     if not found:
-        return Reject(401, "Unauthorized: no Authorization header (expected a bearer token)")
+        # The usual cause: a kubeconfig user with a client certificate, whose TLS ends at the client
+        # proxy, so the certificate never crosses the tunnel (docs/identity.md). Say what works instead.
+        return Reject(401, "Unauthorized: no Authorization header (expected a bearer token; a client certificate"
+                           " cannot cross the tunnel: use a token, `clusterconnect login` or a built-in user)")
     if len(found) > 1:
         return Reject(401, "Unauthorized: more than one Authorization header")
     scheme, _, token = found[0].strip().partition(b" ")

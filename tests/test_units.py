@@ -136,3 +136,12 @@ def test_pki_creates_once_and_reissues_for_new_hosts(tmp_path):
 
 def test_ago():
     assert ago(5) == "5s ago" and ago(180) == "3m ago" and ago(7200) == "2h ago"
+
+
+def test_a_request_without_credentials_learns_that_client_certificates_do_not_cross_the_tunnel():
+    from clusterconnect.aadproxy.authn import Reject, bearer_token
+
+    rejected = bearer_token([(b"host", b"cluster")])
+    assert isinstance(rejected, Reject) and rejected.status == 401
+    assert "a client certificate cannot cross the tunnel" in rejected.message
+    assert "clusterconnect login" in rejected.message
