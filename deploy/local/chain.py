@@ -23,6 +23,11 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 
+# STATE_DIR/logs/<name>.log is a process's stderr: for our services, their structured log (JSON lines).
+# <name>.out is the client proxy's stdout, which is for its caller (the `ready` line), not a log.
+LOG_SUFFIX = ".log"
+STDOUT_SUFFIX = ".out"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -165,7 +170,7 @@ class Chain:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
               stdout: int | None = None) -> Process:
-        log = self.state_dir / "logs" / f"{name}.log"
+        log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
         handle = open(log, "ab")
         popen = subprocess.Popen(
             argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
@@ -254,7 +259,7 @@ class Chain:
         ``token_file`` None: the proxy uses a login (``login``, else the one of this relay) from
         ``state_dir`` (default STATE_DIR/proxy-state), and the kubeconfig runs `clusterconnect token`.
         """
-        out = self.state_dir / "logs" / f"{name}.out"
+        out = self.state_dir / "logs" / f"{name}{STDOUT_SUFFIX}"
         handle = open(out, "wb")
         credential = ["--token-file", str(token_file)] if token_file is not None else \
             (["--login", login] if login else [])
