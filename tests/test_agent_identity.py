@@ -387,7 +387,9 @@ def test_agent_key_is_private_and_never_leaves_the_agent(identity_chain):
     chain, _ = identity_chain
     state = chain.agent_state()
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    for path in state.iterdir():
+    files = list(state.iterdir())
+    assert files, f"nothing in {state}"
+    for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     key_pem = agent_enrollment.AgentState(state).identity().key_pem
     key = serialization.load_pem_private_key(key_pem, None)
@@ -397,10 +399,10 @@ def test_agent_key_is_private_and_never_leaves_the_agent(identity_chain):
     secrets = [key_pem.split(b"-----")[2].strip()[50:90], scalar.to_bytes(32, "big"), format(scalar, "x").encode()]
     # Nothing the relay keeps or logs contains the key (the relay has only the CSR's public key).
     for root in (chain.relay_data, chain.state_dir / "logs"):
-        for path in root.rglob("*"):
-            if path.is_file():
-                data = path.read_bytes()
-                assert not any(secret in data for secret in secrets), path
+        files = [path for path in root.rglob("*") if path.is_file()]
+        assert files, f"nothing in {root}"
+        for path in files:
+            assert not any(secret in path.read_bytes() for secret in secrets), path
     # The relay stored serials and a hash of the join token, not keys or tokens.
     db = sqlite3.connect(chain.relay_data / "relay.db")
     rows = [*db.execute("SELECT * FROM agent_certificates"), *db.execute("SELECT * FROM agent_join_tokens")]

@@ -351,6 +351,7 @@ def test_removed_user_cannot_get_tokens(ident, tmp_path):
 
 def test_no_token_in_any_log(ident):
     logs = list((ident.chain.state_dir / "logs").glob("*"))
+    assert {"relay.log", "aadproxy.log", "agent.log", "proxy.log"} <= {p.name for p in logs}, logs
     credential = tokens.load(ident.user_state, tokens.list_logins(ident.user_state)[0])
     secrets_ = [credential["refresh_credential"], credential["access_token"], ident.code]
     for path in logs:
