@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from fake_clock import FakeClock
 from https_client import Endpoint
 from kube import kubectl
 
@@ -144,17 +145,22 @@ def test_ca_discovery_reads_the_chain_a_grpc_server_presents():
 
 
 def test_enrollment_store_tokens_work_once_and_serials_rotate(tmp_path):
-    store = EnrollmentStore(tmp_path / "relay.db")
+    clock = FakeClock()
+    store = EnrollmentStore(tmp_path / "relay.db", clock=clock)
     token, expires = store.create_join_token("prod")
-    assert expires > time.time() + 3600
+    assert expires > clock() + 3600
     assert not store.consume_join_token("other", token)
     assert not store.consume_join_token("prod", token + "x")
     assert store.consume_join_token("prod", token)
     assert not store.consume_join_token("prod", token)  # once
-    expired, _ = store.create_join_token("late", lifetime=-1)
-    assert not store.consume_join_token("late", expired)
+    early, _ = store.create_join_token("early", lifetime=60)
+    late, _ = store.create_join_token("late", lifetime=60)
+    clock.advance(59)
+    assert store.consume_join_token("early", early)
+    clock.advance(1)
+    assert not store.consume_join_token("late", late)  # expired
 
-    later = int(time.time()) + 60
+    later = int(clock()) + 60
     first = agent_pki.AgentIdentity("prod", 1, later)
     second = agent_pki.AgentIdentity("prod", 2, later)
     third = agent_pki.AgentIdentity("prod", 3, later)
@@ -164,10 +170,17 @@ def test_enrollment_store_tokens_work_once_and_serials_rotate(tmp_path):
     assert store.accepts(first) and store.accepts(second)  # old connections go on after a renewal
     store.record_certificate("prod", 3, later, previous=second)
     assert not store.accepts(first) and store.accepts(second) and store.accepts(third)
-    assert not store.accepts(agent_pki.AgentIdentity("prod", 3, int(time.time()) - 1))  # expired
+    assert not store.accepts(agent_pki.AgentIdentity("prod", 3, int(clock()) - 1))  # expired
     assert not store.accepts(agent_pki.AgentIdentity("other", 3, later))
     store.revoke("prod")
     assert not store.accepts(third)
+    # a certificate's own expiry, as time passes
+    store.record_certificate("prod", 4, later)
+    fourth = agent_pki.AgentIdentity("prod", 4, later)
+    clock.advance(59)
+    assert store.accepts(fourth)
+    clock.advance(1)
+    assert not store.accepts(fourth)
 
 
 # -- end to end: real relay, agents, auth proxy, client proxy -------------------------------------
