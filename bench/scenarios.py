@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
-from chain import StartFailed, machine_idle_total, quiescent, service_stats
+from chain import StartFailed, machine_idle_total, port_open, quiescent, service_stats
 from endpoints import Endpoint
+from waiting import wait_until
 from workloads import SINK_SERVER
 
 KUBECTL = "/usr/bin/kubectl"
@@ -148,13 +149,7 @@ def prepare_sink(ctx: Context) -> int:
     kubectl(ctx.admin_kubeconfig, "delete", "pod", "sink", "-n", ctx.namespace, "--ignore-not-found", "--wait=true")
     kubectl(ctx.admin_kubeconfig, "apply", "-f", "-", input=json.dumps(pod))
     kubectl(ctx.admin_kubeconfig, "wait", "--for=condition=Ready", "pod/sink", "-n", ctx.namespace, "--timeout=60s")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_until(lambda: port_open(port), 20, f"the sink pod to listen on port {port}")
     return port
 
 

@@ -11,7 +11,8 @@ import time
 import pytest
 from chain import quiescent
 from https_client import Endpoint
-from kube import kubectl, wait_for
+from kube import kubectl
+from waiting import wait_until
 
 NS = "tunnel-load"
 BIG_ITEMS = 100
@@ -124,7 +125,7 @@ def test_a_stalled_watch_does_not_slow_other_connections(loaded, chain, devclust
             devcluster.kubectl("label", "configmap", f"big-{i:03d}", "-n", NS, f"round={i}", "--overwrite")
         # Measure once the stalled stream's buffers are full and the tunnel is idle again: while they
         # fill, the copying itself takes CPU from the probe on this 2-core machine.
-        wait_for(lambda: quiescent(pids), 30, "the stalled stream's buffers to fill")
+        wait_until(lambda: quiescent(pids), 30, "the stalled stream's buffers to fill")
         # At least 20 s of probes, and the reader stalled for at least 30 s in all.
         stalled_samples = _probe_for(endpoint, max(20.0, 30 - (time.monotonic() - stalled_since)))
     finally:
