@@ -347,10 +347,13 @@ def test_removed_cluster_agent_is_disconnected_and_cannot_reconnect(identity_cha
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
             assert "no longer valid" in error.details()
         # ... not even after a cluster of the same name is added again.
+        readded = len(_log(chain, "agent-gone"))
         chain.add_cluster("gone")
         error = _connect(chain, kept, "gone")
         assert error is not None and error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
-        time.sleep(1)
+        # The agent tried again since (its second attempt began after the cluster was back) and was refused.
+        wait_until(lambda: _log(chain, "agent-gone")[readded:].count("relay session ended; reconnecting") >= 2, 60,
+                   "the agent to try twice more", agent)
         after = _log(chain, "agent-gone")[before:]
         assert '"event": "connected to relay"' not in after and "was removed" in after
     finally:
@@ -452,9 +455,9 @@ def test_agent_waits_for_an_unreachable_relay_on_its_first_start(tmp_path):
     chain.joins[chain.cluster] = {"join_token": "t", "relay_ca_hash": ca_hash(create_ca("x").cert_pem)}
     agent = chain.start_agent(wait=False)
     try:
-        wait_until(lambda: "relay not reachable for enrollment; retrying" in _log(chain, "agent"), 15,
-                   "the agent to retry", agent)
-        time.sleep(1)
+        # Retrying, not giving up: a second attempt failed too, and the agent is still there.
+        wait_until(lambda: _log(chain, "agent").count("relay not reachable for enrollment; retrying") >= 2, 15,
+                   "the agent to retry twice", agent)
         assert agent.alive() and str(port) in _log(chain, "agent")
     finally:
         agent.stop()
