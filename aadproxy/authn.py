@@ -5,11 +5,11 @@ see headers.py) and answers either :class:`Forward` with the complete header lis
 apiserver, or :class:`Reject` with a status and message. The forwarder never sends a request
 upstream without a ``Forward``.
 
-Today there is one implementation, :class:`TokenPassthrough`. The OIDC authenticator (next issue)
-fits the same shape: verify the JWT, then drop ``Authorization`` and every ``Impersonate-*``
-header and return ``Forward(headers + own Authorization + Impersonate-User/Group/Uid/Extra-*)``.
+Two implementations: :class:`TokenPassthrough` here, and the OIDC authenticator (oidc_authn.py), which
+verifies the JWT, drops ``Authorization`` and every ``Impersonate-*`` header and returns
+``Forward(headers + own Authorization + Impersonate-User/Group/Uid/Extra-*)``.
 
-Note for that issue: upstream connections never present a TLS client certificate (apiserver.py),
+Upstream connections never present a TLS client certificate (apiserver.py),
 because kube-apiserver authenticates a client certificate *before* a bearer token; a proxy
 identity carried in the TLS layer would silently replace the caller's token.
 """
