@@ -263,9 +263,10 @@ def _send_ticks(ctx: Context) -> None:
 
 async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
     context = endpoint.ssl_context()
-    subprocess.run([KUBECTL, "--kubeconfig", str(ctx.admin_kubeconfig), "create", "configmap", "tick", "-n",
-                    ctx.namespace], capture_output=True)
-    path = f"/api/v1/namespaces/{ctx.namespace}/configmaps?watch=1&fieldSelector=metadata.name%3Dtick&timeoutSeconds=300"
+    await asyncio.to_thread(subprocess.run, [KUBECTL, "--kubeconfig", str(ctx.admin_kubeconfig), "create",
+                                             "configmap", "tick", "-n", ctx.namespace], capture_output=True)
+    path = (f"/api/v1/namespaces/{ctx.namespace}/configmaps"
+            "?watch=1&fieldSelector=metadata.name%3Dtick&timeoutSeconds=300")
     latencies: list[float] = []
     established, done = asyncio.Event(), asyncio.Event()
     counter = [0]
@@ -290,7 +291,8 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
             await asyncio.sleep(float(os.environ.get("BENCH_WATCH_HOLD", "0")))
         await asyncio.to_thread(_send_ticks, ctx)
         deadline = time.monotonic() + 60
-        while len(latencies) < n * ctx.sizes.watch_events and time.monotonic() < deadline:
+        expected = n * ctx.sizes.watch_events
+        while len(latencies) < expected and time.monotonic() < deadline:  # noqa: ASYNC110 -- a count, no event
             await asyncio.sleep(0.1)
         done.set()
         for task in tasks:

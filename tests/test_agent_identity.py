@@ -133,7 +133,8 @@ def test_ca_discovery_reads_the_chain_a_grpc_server_presents():
     ca = create_ca("relay CA")
     leaf = issue_server_cert(ca, ["localhost", "127.0.0.1"])
     server = grpc.server(futures.ThreadPoolExecutor(2))
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(leaf.key_pem, leaf.cert_pem + ca.cert_pem)]))
+    credentials = grpc.ssl_server_credentials([(leaf.key_pem, leaf.cert_pem + ca.cert_pem)])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
         found = agent_enrollment.discover_ca(f"127.0.0.1:{port}", ca_hash(ca.cert_pem))

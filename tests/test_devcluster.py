@@ -219,16 +219,16 @@ def test_logs_follow(devcluster, ns):
     follower = _popen_kubectl(devcluster, "logs", "-f", "-n", ns, name)
     try:
         reader = LineReader(follower)
-        first = reader.expect(lambda l: l.startswith("tick "), timeout=20, what="first log line")
+        first = reader.expect(lambda line: line.startswith("tick "), timeout=20, what="first log line")
         n0 = int(first.split()[1])
         # New lines must keep arriving while we follow (~5 lines per second).
         t0 = time.monotonic()
-        reader.expect(lambda l: l.startswith("tick ") and int(l.split()[1]) >= n0 + 10, timeout=15,
+        reader.expect(lambda line: line.startswith("tick ") and int(line.split()[1]) >= n0 + 10, timeout=15,
                       what="10 more followed lines")
         assert time.monotonic() - t0 >= 1.0  # they really arrived over time
         # tailLines / plain logs work too
         tail = devcluster.kubectl("logs", "-n", ns, name, "--tail=2").stdout.splitlines()
-        assert len(tail) == 2 and all(l.startswith("tick ") for l in tail)
+        assert len(tail) == 2 and all(line.startswith("tick ") for line in tail)
     finally:
         _stop(follower)
         devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
@@ -308,7 +308,7 @@ def test_port_forward_100mib(devcluster, echo_pod, websockets):
                         env={"KUBECTL_PORT_FORWARD_WEBSOCKETS": websockets})
     try:
         reader = LineReader(pf)
-        line = reader.expect(lambda l: "Forwarding from 127.0.0.1:" in l, timeout=30, what="Forwarding line")
+        line = reader.expect(lambda text: "Forwarding from 127.0.0.1:" in text, timeout=30, what="Forwarding line")
         local_port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
         size = 100 * 1024 * 1024
         sent, got, n = _transfer(local_port, size)
@@ -394,7 +394,8 @@ def test_deployment_two_replicas(devcluster, ns):
 
     def two_running():
         pods = devcluster.get_json("pods", "-n", ns, "-l", "app=web")["items"]
-        running = [p for p in pods if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        running = [p for p in pods
+                   if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
         return len(running) == 2 and running
 
     pods = wait_until(two_running, 30, "2 running web pods", ignoring=(KubectlError,))
@@ -425,8 +426,8 @@ def test_pod_lifecycle_processes(devcluster, ns):
     wait_until(lambda: not _pids_with_marker(marker), 10, "pod processes gone")
 
     devcluster.apply(_pod("fails", ["sh", "-c", "echo bye; exit 3"], restart="Never"))
-    wait_until(lambda: devcluster.get_json("pod", "fails", "-n", ns)["status"].get("phase") == "Failed", 30, "pod Failed",
-               ignoring=(KubectlError,))
+    wait_until(lambda: devcluster.get_json("pod", "fails", "-n", ns)["status"].get("phase") == "Failed", 30,
+               "pod Failed", ignoring=(KubectlError,))
     st = devcluster.get_json("pod", "fails", "-n", ns)["status"]["containerStatuses"][0]
     assert st["state"]["terminated"]["exitCode"] == 3
     assert devcluster.kubectl("logs", "-n", ns, "fails").stdout == "bye\n"

@@ -102,7 +102,8 @@ def test_as_needs_impersonation_permission(oidc) -> None:
     dc = oidc.devcluster
     dc.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
               "metadata": {"name": "oidc-test-impersonate-bob"},
-              "rules": [{"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"], "resourceNames": ["bob"]}]})
+              "rules": [{"apiGroups": [""], "resources": ["users"], "verbs": ["impersonate"],
+                         "resourceNames": ["bob"]}]})
     dc.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
               "metadata": {"name": "oidc-test-impersonate-bob"},
               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -138,7 +139,8 @@ def _craft(oidc, case: str) -> str:
     provider = oidc.provider
     if case == "untrusted-issuer":
         evil = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        return jwt.encode(provider.claims(iss="https://127.0.0.1:1"), evil, algorithm="RS256", headers={"kid": provider.kid})
+        return jwt.encode(provider.claims(iss="https://127.0.0.1:1"), evil, algorithm="RS256",
+                          headers={"kid": provider.kid})
     if case == "wrong-audience":
         return provider.sign(provider.claims(aud=["someone-else"]))
     if case == "expired":

@@ -39,7 +39,7 @@ def connected(request):
 
 async def _until(condition, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 -- the stream's internals have no event to wait on
             await asyncio.sleep(0.001)
 
 

@@ -478,7 +478,8 @@ def test_token_command_login(external, tmp_path):
                    "--state-dir", str(tmp_path / "other"))
     assert login.returncode == 0, login.stderr
     command = tmp_path / "print-token"
-    command.write_text(f"#!/bin/sh\nexec {script('clusterconnect')} token --login ci --state-dir {tmp_path / 'other'}\n")
+    token_command = f"{script('clusterconnect')} token --login ci --state-dir {tmp_path / 'other'}"
+    command.write_text(f"#!/bin/sh\nexec {token_command}\n")
     command.chmod(0o755)
     login = _login("--token-command", str(command), "--name", "tool", "--state-dir", str(tmp_path))
     assert login.returncode == 0, login.stderr
