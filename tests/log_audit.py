@@ -71,16 +71,36 @@ def is_structured(path: Path) -> bool:
 def check(path: Path) -> list[Finding]:
     structured = is_structured(path)
     findings = []
+    raw_traceback: list[bytes] = []  # a plain-text traceback in progress: one finding for all its lines
+    start = 0
+
+    def end_traceback() -> None:
+        if raw_traceback:
+            last = _excerpt(raw_traceback[-1])
+            lines = f"{len(raw_traceback)} line{'s' if len(raw_traceback) > 1 else ''}"
+            findings.append(Finding(path, start, f"a traceback ({lines}), ending: {last}"))
+            raw_traceback.clear()
+
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
         secret = SECRET.search(line)
         if secret:
+            end_traceback()
             # Name the kind only: the finding is printed, and must not print the secret.
             findings.append(Finding(path, number, f"a secret ({secret.lastgroup}) at column {secret.start() + 1}"))
             continue
-        if TRACEBACK in line:
+        structured_line = _is_json_object(line)
+        if raw_traceback and not structured_line and not line.startswith(TRACEBACK):
+            raw_traceback.append(line)
+            continue
+        end_traceback()
+        if line.startswith(TRACEBACK):
+            raw_traceback.append(line)
+            start = number
+        elif TRACEBACK in line:
             findings.append(Finding(path, number, f"a traceback: {_traceback_summary(line)}"))
-        elif structured and not _is_json_object(line) and not PLAIN_MESSAGE.match(line):
+        elif structured and not structured_line and not PLAIN_MESSAGE.match(line):
             findings.append(Finding(path, number, f"not a JSON line: {_excerpt(line)}"))
+    end_traceback()
     return findings
 
 

@@ -55,14 +55,14 @@ def test_a_line_that_is_not_a_json_object_is_found(scratch):
 
 def test_a_traceback_is_found_raw_or_inside_a_json_field(scratch):
     _log(scratch, "aadproxy.log", json.dumps({"event": "request failed", "exception": TRACEBACK}))
-    _log(scratch, "relay.log", *TRACEBACK.splitlines())
+    _log(scratch, "relay.log", json.dumps({"event": "serving"}), *TRACEBACK.splitlines(),
+         json.dumps({"event": "stats"}), "after it")
     _log(scratch, "proxy.out", TRACEBACK.splitlines()[0])
     assert _problems(scratch) == [
         "chain/logs/aadproxy.log:1: a traceback: event 'request failed', ValueError: boom",
-        "chain/logs/proxy.out:1: a traceback: Traceback (most recent call last):",
-        "chain/logs/relay.log:1: a traceback: Traceback (most recent call last):",
-        'chain/logs/relay.log:2: not a JSON line: File "x.py", line 1, in <module>',
-        "chain/logs/relay.log:3: not a JSON line: ValueError: boom",
+        "chain/logs/proxy.out:1: a traceback (1 line), ending: Traceback (most recent call last):",
+        "chain/logs/relay.log:2: a traceback (3 lines), ending: ValueError: boom",
+        "chain/logs/relay.log:6: not a JSON line: after it",
     ]
 
 
