@@ -158,6 +158,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
+        reporter.ensure_newline()
         reporter.write_sep("=", f"service logs: {len(findings)} problem(s) (tests/log_audit.py)", red=True)
         for finding in findings[:SHOWN_FINDINGS]:
             reporter.write_line(finding.describe(base))
