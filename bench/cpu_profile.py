@@ -51,7 +51,8 @@ def profiled(pids: dict[str, int], out: Path | None, phase: str):
             spy.wait()
 
 
-def per_process_cpu(pids: dict[str, int], operation, count: int) -> tuple[list[float], dict[str, tuple[float, float]], float]:
+def per_process_cpu(pids: dict[str, int], operation,
+                    count: int) -> tuple[list[float], dict[str, tuple[float, float]], float]:
     """Run ``operation`` ``count`` times: its latencies, each process's (user, system) CPU seconds per
     operation, and the share of the machine's cores that were busy meanwhile."""
     before = {name: cpu_times([pid]) for name, pid in pids.items()}
@@ -128,7 +129,7 @@ def main() -> None:
                            f"direct {statistics.median(direct) * 1e3:.2f} ms")
             digits = 1 if scale < 1e6 else 0
 
-            def show(seconds: float) -> str:
+            def show(seconds: float, scale: float = scale, digits: int = digits) -> str:
                 return f"{seconds * scale:.{digits}f}"
 
             per = ", ".join(f"{k} {show(sum(cpu[k]))}" for k in tunnel_pids)

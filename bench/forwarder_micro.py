@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")  # the audit events: rendered, not shown
+    # The audit events: rendered, not shown. The loggers keep writing to devnull until exit.
+    devnull = open(os.devnull, "w")  # noqa: SIM115 -- open for the process's lifetime, see above
+    stderr, sys.stderr = sys.stderr, devnull
     try:
         configure_logging("aadproxy", "info")
     finally:

@@ -27,7 +27,8 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
         d, t = _pool(s["small_get"]["direct"], "latencies"), _pool(s["small_get"]["tunnel"], "latencies")
         for q, target in ((50, 1.0), (99, 3.0)):
             added = (percentile(t, q) - percentile(d, q)) * MS
-            out.append(("small GET", f"p{q} latency (ms)", f"{percentile(d, q) * MS:.2f}", f"{percentile(t, q) * MS:.2f}",
+            out.append(("small GET", f"p{q} latency (ms)", f"{percentile(d, q) * MS:.2f}",
+                        f"{percentile(t, q) * MS:.2f}",
                         f"+{added:.2f} ms", f"≤ +{target} ms {'✅' if added <= target else '❌'}"))
     for name, label in (("big_list", "LIST"), ("port_forward", "port-forward")):
         if name in s:
@@ -43,7 +44,8 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
     if "watches" in s:
         d, t = _pool(s["watches"]["direct"], "latencies"), _pool(s["watches"]["tunnel"], "latencies")
         expected = s["watches"]["tunnel"][0]["expected"]
-        out.append(("watches", "event delivery p99 (ms)", f"{percentile(d, 99) * MS:.1f}", f"{percentile(t, 99) * MS:.1f}",
+        out.append(("watches", "event delivery p99 (ms)", f"{percentile(d, 99) * MS:.1f}",
+                    f"{percentile(t, 99) * MS:.1f}",
                     f"{len(t) // len(s['watches']['tunnel'])}/{expected} delivered", ""))
         rss = s["watches"]["tunnel"][-1]["rss_mib"]
         total = sum(v for k, v in rss.items() if k in ("relay", "agent", "aadproxy"))
@@ -68,7 +70,8 @@ def rows(results: dict) -> list[tuple[str, str, str, str, str, str]]:
         out.append((f"scale {n:,} agents", "relay RSS per agent (KiB)", "", f"{entry['relay_kib_per_agent']:.0f}",
                     f"{entry['relay_rss_mib_before']:.0f} → {entry['relay_rss_mib_after']:.0f} MiB",
                     f"≤ 150 KiB {'✅' if ok_rss else '❌'}"))
-        out.append((f"scale {n:,} agents", "dial p50 (ms)", "", f"{percentile(entry['dial_latencies'], 50) * MS:.2f}", "", ""))
+        dial_p50 = percentile(entry["dial_latencies"], 50) * MS
+        out.append((f"scale {n:,} agents", "dial p50 (ms)", "", f"{dial_p50:.2f}", "", ""))
     return out
 
 
@@ -77,7 +80,8 @@ def markdown(results: dict, stamp: str) -> str:
               "| --- | --- | --- | --- | --- | --- |\n")
     body = "\n".join("| " + " | ".join(row) + " |" for row in rows(results))
     kind = "smoke run (tiny sizes; figures mean nothing)" if results["smoke"] else f"{results['rounds']} rounds"
-    return (f"# Benchmark {stamp}\n\n{kind}; {results['machine']['cores']} cores; Python {results['machine']['python']}. "
+    machine = results["machine"]
+    return (f"# Benchmark {stamp}\n\n{kind}; {machine['cores']} cores; Python {machine['python']}. "
             f"Produced by `make bench`.\n\n{header}{body}\n")
 
 
@@ -92,7 +96,7 @@ def plot(results: dict, path: Path) -> None:
     if not panels:
         return
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for axis, (name, key) in zip(axes[0], panels):
+    for axis, (name, key) in zip(axes[0], panels, strict=True):
         for endpoint in ("direct", "tunnel"):
             samples = sorted(x * MS for x in _pool(results["scenarios"][name][endpoint], key))
             if samples:

@@ -58,7 +58,7 @@ def _agents_connected(relay) -> int:
     os.kill(relay.popen.pid, signal.SIGUSR1)
 
     def newest():
-        lines = [l for l in relay.log.read_text(errors="replace").splitlines() if '"event": "stats"' in l]
+        lines = [line for line in relay.log.read_text(errors="replace").splitlines() if '"event": "stats"' in line]
         return json.loads(lines[-1]) if len(lines) > before else None
 
     return wait_until(newest, 10, "relay stats")["agents"]
@@ -77,15 +77,14 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
         start = time.monotonic()
         per = -(-n // SIM_PROCESSES)
         for first in range(0, n, per):
-            log = open(chain.state_dir / "logs" / f"sim-{first}.log", "wb")
-            sims.append(subprocess.Popen(
-                [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.agent_port}",
-                 "--relay-ca", str(chain.relay_ca), "--credentials", str(credentials), "--first", str(first),
-                 "--count", str(min(per, n - first))],
-                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True))
-            log.close()
+            with open(chain.state_dir / "logs" / f"sim-{first}.log", "wb") as log:
+                sims.append(subprocess.Popen(
+                    [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.agent_port}",
+                     "--relay-ca", str(chain.relay_ca), "--credentials", str(credentials), "--first", str(first),
+                     "--count", str(min(per, n - first))],
+                    stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True))
         failed_attempts = 0
-        for first, sim in zip(range(0, n, per), sims):
+        for first, sim in zip(range(0, n, per), sims, strict=True):
             line = sim.stdout.readline()
             if not line.startswith("connected"):
                 tail = (chain.state_dir / "logs" / f"sim-{first}.log").read_text(errors="replace")[-2000:]

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
-from chain import StartFailed, machine_idle_total, quiescent, service_stats
+from chain import StartFailed, machine_idle_total, port_open, quiescent, service_stats
 from endpoints import Endpoint
+from waiting import wait_until
 from workloads import SINK_SERVER
 
 KUBECTL = "/usr/bin/kubectl"
@@ -148,13 +149,7 @@ def prepare_sink(ctx: Context) -> int:
     kubectl(ctx.admin_kubeconfig, "delete", "pod", "sink", "-n", ctx.namespace, "--ignore-not-found", "--wait=true")
     kubectl(ctx.admin_kubeconfig, "apply", "-f", "-", input=json.dumps(pod))
     kubectl(ctx.admin_kubeconfig, "wait", "--for=condition=Ready", "pod/sink", "-n", ctx.namespace, "--timeout=60s")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_until(lambda: port_open(port), 20, f"the sink pod to listen on port {port}")
     return port
 
 
@@ -268,9 +263,10 @@ def _send_ticks(ctx: Context) -> None:
 
 async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
     context = endpoint.ssl_context()
-    subprocess.run([KUBECTL, "--kubeconfig", str(ctx.admin_kubeconfig), "create", "configmap", "tick", "-n",
-                    ctx.namespace], capture_output=True)
-    path = f"/api/v1/namespaces/{ctx.namespace}/configmaps?watch=1&fieldSelector=metadata.name%3Dtick&timeoutSeconds=300"
+    await asyncio.to_thread(subprocess.run, [KUBECTL, "--kubeconfig", str(ctx.admin_kubeconfig), "create",
+                                             "configmap", "tick", "-n", ctx.namespace], capture_output=True)
+    path = (f"/api/v1/namespaces/{ctx.namespace}/configmaps"
+            "?watch=1&fieldSelector=metadata.name%3Dtick&timeoutSeconds=300")
     latencies: list[float] = []
     established, done = asyncio.Event(), asyncio.Event()
     counter = [0]
@@ -295,7 +291,8 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
             await asyncio.sleep(float(os.environ.get("BENCH_WATCH_HOLD", "0")))
         await asyncio.to_thread(_send_ticks, ctx)
         deadline = time.monotonic() + 60
-        while len(latencies) < n * ctx.sizes.watch_events and time.monotonic() < deadline:
+        expected = n * ctx.sizes.watch_events
+        while len(latencies) < expected and time.monotonic() < deadline:  # noqa: ASYNC110 -- a count, no event
             await asyncio.sleep(0.1)
         done.set()
         for task in tasks:

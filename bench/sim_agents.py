@@ -35,7 +35,8 @@ async def agent(target: str, credentials: grpc.ChannelCredentials, cluster: str,
             async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
                 stub = tunnel_pb2_grpc.AgentTunnelStub(channel)
                 call = stub.Connect(metadata=((md.CLUSTER, cluster),))
-                await call.write(tunnel_pb2.AgentMessage(hello=tunnel_pb2.AgentHello(cluster=cluster, agent_version="sim")))
+                hello = tunnel_pb2.AgentHello(cluster=cluster, agent_version="sim")
+                await call.write(tunnel_pb2.AgentMessage(hello=hello))
                 await call.read()
                 if not counted:
                     counted = True
@@ -63,9 +64,7 @@ def _reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
-async def main(args: argparse.Namespace) -> None:
-    entries = json.loads(open(args.credentials).read())[args.first:args.first + args.count]
-    root = open(args.relay_ca, "rb").read()
+async def main(args: argparse.Namespace, entries: list[list[str]], root: bytes) -> None:
     welcomed = asyncio.Event()
     counter = [0]
     async with asyncio.TaskGroup() as group:
@@ -87,8 +86,13 @@ if __name__ == "__main__":
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--count", type=int, required=True)
     raise_fd_limit()
+    arguments = parser.parse_args()
+    with open(arguments.credentials) as credentials_file:
+        selected = json.load(credentials_file)[arguments.first:arguments.first + arguments.count]
+    with open(arguments.relay_ca, "rb") as ca_file:
+        relay_ca = ca_file.read()
     try:
         import uvloop
-        uvloop.run(main(parser.parse_args()))
+        uvloop.run(main(arguments, selected, relay_ca))
     except KeyboardInterrupt:
         pass

@@ -1,4 +1,5 @@
-"""Shared fixtures: the devcluster (tests/devcluster/fixture.py) and the whole clusterconnect chain."""
+"""Shared fixtures: the devcluster (tests/devcluster/fixture.py) and the whole clusterconnect chain; and,
+once the session ends, the check of every service log it produced (the plugin log_audit.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
-pytest_plugins = ["devcluster.fixture", "oidc_provider"]
+pytest_plugins = ["devcluster.fixture", "oidc_provider", "log_audit", "pytester"]
 
 from chain import Chain, endpoint_only  # noqa: E402
 

@@ -12,7 +12,8 @@ import yaml
 
 
 class Endpoint:
-    """Server, CA and token of a kubeconfig's current context (as written by `clusterconnect proxy`), or another token."""
+    """Server, CA and token of a kubeconfig's current context (as written by `clusterconnect proxy`), or
+    another token."""
 
     def __init__(self, kubeconfig: Path, token: str | None = None) -> None:
         config = yaml.safe_load(kubeconfig.read_text())

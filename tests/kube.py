@@ -12,9 +12,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from waiting import wait_until
 
 KUBECTL = "/usr/bin/kubectl"
 
@@ -37,17 +37,6 @@ while True:
     conn, _ = listener.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def kubectl(kubeconfig: Path, *args: str, input: str | bytes | None = None, env: dict[str, str] | None = None,
@@ -100,7 +89,7 @@ class LineReader:
 
     def wait_line(self, pattern: str, timeout: float) -> str:
         regex = re.compile(pattern)
-        return wait_for(lambda: next((l for l in self.snapshot() if regex.search(l)), None), timeout,
+        return wait_until(lambda: next((line for line in self.snapshot() if regex.search(line)), None), timeout,
                         f"a line matching {pattern!r}")
 
 
@@ -127,7 +116,7 @@ def shell_pod(kubeconfig: Path, name: str, namespace: str) -> None:
 def echo_pod(kubeconfig: Path, name: str, namespace: str, port: int) -> None:
     run_pod(kubeconfig, name, namespace, [sys.executable, "-c", ECHO_SERVER, str(port)])
     # The pod is Ready when its process started; wait until it listens.
-    wait_for(lambda: _listening(port), 20, f"echo server on port {port}")
+    wait_until(lambda: _listening(port), 20, f"echo server on port {port}")
 
 
 def _listening(port: int) -> bool:

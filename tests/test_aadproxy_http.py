@@ -481,10 +481,10 @@ def test_upgrade_101_then_raw_bytes_both_ways_including_buffered_bytes() -> None
             conn = h11.Connection(h11.SERVER)
             request, _ = await read_request(reader, conn)
             seen.append(request)
-            writer.write(conn.send(h11.InformationalResponse(
+            switching = h11.InformationalResponse(
                 status_code=101, headers=[(b"connection", b"Upgrade"), (b"upgrade", b"SPDY/3.1"),
-                                          (b"x-stream-protocol-version", b"v4.channel.k8s.io")]))
-                         + b"hello-from-server")
+                                          (b"x-stream-protocol-version", b"v4.channel.k8s.io")])
+            writer.write(conn.send(switching) + b"hello-from-server")
             await writer.drain()
             early, _ = conn.trailing_data
             data = early or await reader.read(65536)

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from fake_clock import FakeClock
 from https_client import Endpoint
 from kube import kubectl
 
@@ -132,7 +133,8 @@ def test_ca_discovery_reads_the_chain_a_grpc_server_presents():
     ca = create_ca("relay CA")
     leaf = issue_server_cert(ca, ["localhost", "127.0.0.1"])
     server = grpc.server(futures.ThreadPoolExecutor(2))
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(leaf.key_pem, leaf.cert_pem + ca.cert_pem)]))
+    credentials = grpc.ssl_server_credentials([(leaf.key_pem, leaf.cert_pem + ca.cert_pem)])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
         found = agent_enrollment.discover_ca(f"127.0.0.1:{port}", ca_hash(ca.cert_pem))
@@ -144,17 +146,22 @@ def test_ca_discovery_reads_the_chain_a_grpc_server_presents():
 
 
 def test_enrollment_store_tokens_work_once_and_serials_rotate(tmp_path):
-    store = EnrollmentStore(tmp_path / "relay.db")
+    clock = FakeClock()
+    store = EnrollmentStore(tmp_path / "relay.db", clock=clock)
     token, expires = store.create_join_token("prod")
-    assert expires > time.time() + 3600
+    assert expires > clock() + 3600
     assert not store.consume_join_token("other", token)
     assert not store.consume_join_token("prod", token + "x")
     assert store.consume_join_token("prod", token)
     assert not store.consume_join_token("prod", token)  # once
-    expired, _ = store.create_join_token("late", lifetime=-1)
-    assert not store.consume_join_token("late", expired)
+    early, _ = store.create_join_token("early", lifetime=60)
+    late, _ = store.create_join_token("late", lifetime=60)
+    clock.advance(59)
+    assert store.consume_join_token("early", early)
+    clock.advance(1)
+    assert not store.consume_join_token("late", late)  # expired
 
-    later = int(time.time()) + 60
+    later = int(clock()) + 60
     first = agent_pki.AgentIdentity("prod", 1, later)
     second = agent_pki.AgentIdentity("prod", 2, later)
     third = agent_pki.AgentIdentity("prod", 3, later)
@@ -164,10 +171,17 @@ def test_enrollment_store_tokens_work_once_and_serials_rotate(tmp_path):
     assert store.accepts(first) and store.accepts(second)  # old connections go on after a renewal
     store.record_certificate("prod", 3, later, previous=second)
     assert not store.accepts(first) and store.accepts(second) and store.accepts(third)
-    assert not store.accepts(agent_pki.AgentIdentity("prod", 3, int(time.time()) - 1))  # expired
+    assert not store.accepts(agent_pki.AgentIdentity("prod", 3, int(clock()) - 1))  # expired
     assert not store.accepts(agent_pki.AgentIdentity("other", 3, later))
     store.revoke("prod")
     assert not store.accepts(third)
+    # a certificate's own expiry, as time passes
+    store.record_certificate("prod", 4, later)
+    fourth = agent_pki.AgentIdentity("prod", 4, later)
+    clock.advance(59)
+    assert store.accepts(fourth)
+    clock.advance(1)
+    assert not store.accepts(fourth)
 
 
 # -- end to end: real relay, agents, auth proxy, client proxy -------------------------------------
@@ -334,10 +348,13 @@ def test_removed_cluster_agent_is_disconnected_and_cannot_reconnect(identity_cha
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
             assert "no longer valid" in error.details()
         # ... not even after a cluster of the same name is added again.
+        readded = len(_log(chain, "agent-gone"))
         chain.add_cluster("gone")
         error = _connect(chain, kept, "gone")
         assert error is not None and error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE)
-        time.sleep(1)
+        # The agent tried again since (its second attempt began after the cluster was back) and was refused.
+        wait_until(lambda: _log(chain, "agent-gone")[readded:].count("relay session ended; reconnecting") >= 2, 60,
+                   "the agent to try twice more", agent)
         after = _log(chain, "agent-gone")[before:]
         assert '"event": "connected to relay"' not in after and "was removed" in after
     finally:
@@ -387,7 +404,9 @@ def test_agent_key_is_private_and_never_leaves_the_agent(identity_chain):
     chain, _ = identity_chain
     state = chain.agent_state()
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    for path in state.iterdir():
+    files = list(state.iterdir())
+    assert files, f"nothing in {state}"
+    for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     key_pem = agent_enrollment.AgentState(state).identity().key_pem
     key = serialization.load_pem_private_key(key_pem, None)
@@ -397,10 +416,10 @@ def test_agent_key_is_private_and_never_leaves_the_agent(identity_chain):
     secrets = [key_pem.split(b"-----")[2].strip()[50:90], scalar.to_bytes(32, "big"), format(scalar, "x").encode()]
     # Nothing the relay keeps or logs contains the key (the relay has only the CSR's public key).
     for root in (chain.relay_data, chain.state_dir / "logs"):
-        for path in root.rglob("*"):
-            if path.is_file():
-                data = path.read_bytes()
-                assert not any(secret in data for secret in secrets), path
+        files = [path for path in root.rglob("*") if path.is_file()]
+        assert files, f"nothing in {root}"
+        for path in files:
+            assert not any(secret in path.read_bytes() for secret in secrets), path
     # The relay stored serials and a hash of the join token, not keys or tokens.
     db = sqlite3.connect(chain.relay_data / "relay.db")
     rows = [*db.execute("SELECT * FROM agent_certificates"), *db.execute("SELECT * FROM agent_join_tokens")]
@@ -437,9 +456,9 @@ def test_agent_waits_for_an_unreachable_relay_on_its_first_start(tmp_path):
     chain.joins[chain.cluster] = {"join_token": "t", "relay_ca_hash": ca_hash(create_ca("x").cert_pem)}
     agent = chain.start_agent(wait=False)
     try:
-        wait_until(lambda: "relay not reachable for enrollment; retrying" in _log(chain, "agent"), 15,
-                   "the agent to retry", agent)
-        time.sleep(1)
+        # Retrying, not giving up: a second attempt failed too, and the agent is still there.
+        wait_until(lambda: _log(chain, "agent").count("relay not reachable for enrollment; retrying") >= 2, 15,
+                   "the agent to retry twice", agent)
         assert agent.alive() and str(port) in _log(chain, "agent")
     finally:
         agent.stop()

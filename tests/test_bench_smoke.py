@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, devcluster):
+def _in_session(tmp_path_factory) -> dict[str, str]:
+    """The bench's work directory (its own devcluster and chain: tempfile.mkdtemp) inside this session's, so
+    that the end-of-session audit reads its service logs too (log_audit.py)."""
+    return {**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("bench-work"))}
+
+
+def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factory, devcluster):
     # `devcluster` only orders this test after the cluster build; the bench starts a cluster of its own.
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env=_in_session(tmp_path_factory))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [data] = tmp_path.glob("*.json")
     scenarios = json.loads(data.read_text())["scenarios"]
@@ -23,9 +30,10 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, devcluster):
     assert list(tmp_path.glob("*.png"))
 
 
-def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(devcluster):
+def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(tmp_path_factory, devcluster):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_profile.py"), "--smoke", "--requests", "20",
-                             "--dials", "3", "--lists", "1"], capture_output=True, text=True, timeout=600)
+                             "--dials", "3", "--lists", "1"], capture_output=True, text=True, timeout=600,
+                            env=_in_session(tmp_path_factory))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for line in ("small GET: p50 tunnel", "dial: p50 tunnel", "LIST: MB/s median tunnel"):
         assert line in result.stdout

@@ -15,7 +15,9 @@ def test_manifests_pass_server_side_dry_run(devcluster):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc["kind"] == "Namespace":
                 devcluster.kubectl("create", "namespace", doc["metadata"]["name"], check=False)
-    for path in sorted(DEPLOY.glob("*.yaml")):
+    manifests = sorted(DEPLOY.glob("*.yaml"))
+    assert {p.name for p in manifests} >= {"namespace.yaml", "relay.yaml", "agent.yaml", "aadproxy.yaml"}, manifests
+    for path in manifests:
         result = devcluster.kubectl("apply", "--dry-run=server", "-f", str(path))
         assert "(server dry run)" in result.stdout, result.stdout
 
@@ -23,4 +25,6 @@ def test_manifests_pass_server_side_dry_run(devcluster):
 def test_agent_needs_no_kubernetes_permissions():
     docs = [d for p in DEPLOY.glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d]
     bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    subjects = {s["name"] for b in bindings for s in b.get("subjects", [])}
+    assert "clusterconnect-aadproxy" in subjects, subjects  # the bindings were read: the auth proxy has one
     assert not any(s["name"] == "clusterconnect-agent" for b in bindings for s in b.get("subjects", []))

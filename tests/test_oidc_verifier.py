@@ -47,7 +47,8 @@ def b64(data: bytes) -> str:
 def document(**jwt_entry) -> dict:
     entry = {
         "issuer": {"url": ISSUER, "audiences": [AUD]},
-        "claimMappings": {"username": {"claim": "sub", "prefix": "oidc:"}, "groups": {"claim": "groups", "prefix": "oidc:"}},
+        "claimMappings": {"username": {"claim": "sub", "prefix": "oidc:"},
+                          "groups": {"claim": "groups", "prefix": "oidc:"}},
     }
     entry.update(jwt_entry)
     return {"apiVersion": "apiserver.config.k8s.io/v1", "kind": "AuthenticationConfiguration", "jwt": [entry]}
@@ -213,7 +214,8 @@ def test_alg_none_and_hmac_with_the_public_key_are_refused() -> None:
         verify(verifier, none_token)
     with pytest.raises(TokenError, match="algorithm"):
         verify(verifier, b64(json.dumps({"alg": "none", "kid": "rsa1"}).encode()) + "." + payload + ".c2ln")
-    pem = issuer.rsa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = issuer.rsa.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
     for secret in (pem, json.dumps(issuer.published[0]).encode()):
         signing_input = b64(json.dumps({"alg": "HS256", "kid": "rsa1", "typ": "JWT"}).encode()) + "." + payload
         mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
@@ -381,7 +383,8 @@ def test_impersonation_needs_subject_access_review() -> None:
     headers = [(b"authorization", b"Bearer " + token), (b"Impersonate-User", b"bob")]
     result = authenticate(auth, headers)
     assert isinstance(result, Forward)
-    assert (b"impersonate-user", b"bob") in result.headers and (b"impersonate-user", b"oidc:alice") not in result.headers
+    assert (b"impersonate-user", b"bob") in result.headers
+    assert (b"impersonate-user", b"oidc:alice") not in result.headers
     denied = authenticate(auth, headers + [(b"impersonate-group", b"system:masters")])
     assert isinstance(denied, Reject) and denied.status == 403 and 'groups "system:masters"' in denied.message
     for extra in ([(b"impersonate-uid", b"1")], [(b"impersonate-extra-scopes", b"a")]):

@@ -99,7 +99,8 @@ def tunnel(request, devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp
     config = state / "authentication.yaml"
     user_state = state / "alice"
     if identity.id == "builtin-oidc":
-        chain = Chain(state, proxy_kubeconfig, authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
+        chain = Chain(state, proxy_kubeconfig,
+                      authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
     else:
         hydra = request.getfixturevalue("oidc_provider")
         write_authentication_config(config, hydra_issuer(hydra, prefix="oidc:"))

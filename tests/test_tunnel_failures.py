@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from chain import Chain, wait_until
+from chain import STDOUT_SUFFIX, Chain, wait_until
 from https_client import Endpoint
 from kube import kubectl
 
@@ -62,13 +62,18 @@ def _proxy_reports(chain, name: str, cluster: str, relay_ca, expected: str) -> N
     """A second client proxy whose path cannot open: it says why while waiting, and kubectl gets the
     same one-line reason; the chain's own proxy keeps working."""
     out = chain.state_dir / f"{name}.kubeconfig"
-    process = chain.spawn(name, [
-        str(chain_script("clusterconnect")), "proxy", cluster, "--relay", chain.relay_url,
-        "--relay-ca", str(relay_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
-        "--state-dir", str(chain.state_dir / "proxy-state"),
-    ])
+    # stdout (its `ready` line) apart from the log, as Chain.start_proxy keeps it: the log is JSON lines
+    said = chain.state_dir / "logs" / f"{name}{STDOUT_SUFFIX}"
+    with open(said, "wb") as stdout:
+        process = chain.spawn(name, [
+            str(chain_script("clusterconnect")), "proxy", cluster, "--relay", chain.relay_url,
+            "--relay-ca", str(relay_ca), "--token", "whatever", "--port", "0", "--kubeconfig-out", str(out),
+            "--state-dir", str(chain.state_dir / "proxy-state"),
+        ], stdout=stdout.fileno())
     try:
-        wait_until(lambda: expected in process.log.read_text(), 15, f"the proxy to report {expected!r}", process)
+        # in its log while it waits, or in its `ready` line if it serves anyway
+        wait_until(lambda: expected in process.log.read_text() + said.read_text(), 15,
+                   f"the proxy to report {expected!r}", process)
         result = kubectl(out, "get", "--raw", "/version", check=False, timeout=10)
         assert expected in result.stderr, result.stderr
     finally:

@@ -11,7 +11,8 @@ import time
 import pytest
 from chain import quiescent
 from https_client import Endpoint
-from kube import kubectl, wait_for
+from kube import kubectl
+from waiting import wait_until
 
 NS = "tunnel-load"
 BIG_ITEMS = 100
@@ -21,7 +22,8 @@ BIG_VALUE = 512 * 1024  # 100 x 512 KiB = 50 MiB list
 @pytest.fixture(scope="module")
 def loaded(chain, devcluster):
     devcluster.create_namespace(NS)
-    items = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"big-{i:03d}", "namespace": NS, "labels": {"size": "big"}},
+    items = [{"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": f"big-{i:03d}", "namespace": NS, "labels": {"size": "big"}},
               "data": {"v": f"{i:03d}" + "x" * (BIG_VALUE - 3)}} for i in range(BIG_ITEMS)]
     devcluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
                        timeout=300)
@@ -48,7 +50,8 @@ def _watch(endpoint: Endpoint, resource_version: str, expect: set[str], seen: di
 def test_50_watches_and_a_50_mib_list_at_once(loaded, devcluster):
     endpoint = Endpoint(loaded)
     conn = endpoint.connect()
-    resource_version = endpoint.get_json(conn, f"/api/v1/namespaces/{NS}/configmaps?limit=1")["metadata"]["resourceVersion"]
+    listing = endpoint.get_json(conn, f"/api/v1/namespaces/{NS}/configmaps?limit=1")
+    resource_version = listing["metadata"]["resourceVersion"]
     conn.close()
     names = {f"small-{i}" for i in range(5)}
     seen: dict[int, set[str]] = {}
@@ -113,7 +116,8 @@ def test_a_stalled_watch_does_not_slow_other_connections(loaded, chain, devclust
     unloaded_samples = _probe_for(endpoint, 10)
 
     # A watch whose reader never reads: raw TLS socket, request sent, nothing read.
-    raw = endpoint.ssl.wrap_socket(socket.create_connection((endpoint.host, endpoint.port)), server_hostname=endpoint.host)
+    tcp = socket.create_connection((endpoint.host, endpoint.port))
+    raw = endpoint.ssl.wrap_socket(tcp, server_hostname=endpoint.host)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     raw.sendall((f"GET /api/v1/namespaces/{NS}/configmaps?watch=1&timeoutSeconds=90 HTTP/1.1\r\n"
                  f"Host: {endpoint.host}\r\nAuthorization: {endpoint.headers['Authorization']}\r\n\r\n").encode())
@@ -124,7 +128,7 @@ def test_a_stalled_watch_does_not_slow_other_connections(loaded, chain, devclust
             devcluster.kubectl("label", "configmap", f"big-{i:03d}", "-n", NS, f"round={i}", "--overwrite")
         # Measure once the stalled stream's buffers are full and the tunnel is idle again: while they
         # fill, the copying itself takes CPU from the probe on this 2-core machine.
-        wait_for(lambda: quiescent(pids), 30, "the stalled stream's buffers to fill")
+        wait_until(lambda: quiescent(pids), 30, "the stalled stream's buffers to fill")
         # At least 20 s of probes, and the reader stalled for at least 30 s in all.
         stalled_samples = _probe_for(endpoint, max(20.0, 30 - (time.monotonic() - stalled_since)))
     finally:

@@ -86,7 +86,8 @@ def test_error_response_is_valid_http_with_a_status_body():
 def test_describe_rpc_error_names_tls_failures():
     details = "failed to connect to all addresses; last error: UNKNOWN: Ssl handshake failed: CERTIFICATE_VERIFY_FAILED"
     assert "TLS verification failed" in describe_rpc_error(grpc.StatusCode.UNAVAILABLE, details, "https://r:1")
-    assert describe_rpc_error(grpc.StatusCode.NOT_FOUND, "cluster x is not registered", "r") == "cluster x is not registered"
+    not_found = describe_rpc_error(grpc.StatusCode.NOT_FOUND, "cluster x is not registered", "r")
+    assert not_found == "cluster x is not registered"
 
 
 def test_kubeconfig_merge_keeps_other_entries_and_mode(tmp_path):
@@ -131,7 +132,8 @@ def test_pki_creates_once_and_reissues_for_new_hosts(tmp_path):
     assert cert.read_bytes() == first
     ensure_ca_and_server_cert(tmp_path, "test CA", ["localhost", "127.0.0.1", "relay.example.com"])
     assert cert.read_bytes() != first
-    assert ca_hash(ca.read_bytes()).startswith("sha256:") and ca_hash(create_ca("x").cert_pem) != ca_hash(ca.read_bytes())
+    assert ca_hash(ca.read_bytes()).startswith("sha256:")
+    assert ca_hash(create_ca("x").cert_pem) != ca_hash(ca.read_bytes())
 
 
 def test_ago():

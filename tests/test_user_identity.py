@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import jwt
 import pytest
 import yaml
 from chain import Chain, free_port, script, wait_until
+from fake_clock import FakeClock
 from https_client import Endpoint
 from identities import (
     POD_READER,
@@ -36,9 +39,10 @@ from identities import (
 
 from clusterconnect import credentials as tokens
 from clusterconnect.oidc import AuthenticationConfig, IssuerKeys, Verifier
+from clusterconnect.relay.storage import clusters as cluster_storage
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
-from clusterconnect.relay.user_identity.issuer import Issuer, SigningKeys
+from clusterconnect.relay.user_identity.issuer import CLOCK_SKEW, MAX_ACCESS_TOKEN_LIFETIME, Issuer, SigningKeys
 from clusterconnect.relay.user_identity.users import UserError, UserStore
 from clusterconnect.relay.user_identity.wiring import builtin_issuer_config
 
@@ -102,8 +106,46 @@ def test_rotation_keeps_tokens_of_the_previous_key_valid(tmp_path):
     assert jwt.get_unverified_header(after)["alg"] == "ES256"
 
 
-def test_access_rule(tmp_path):
-    clusters, _, issuer, verifier, users, access = _relay_parts(tmp_path, lifetime=2, skew=0.0)
+def test_login_code_expires_after_its_ttl(tmp_path):
+    clock = FakeClock()
+    users = UserStore(tmp_path / "relay.db", code_ttl=600, clock=clock)
+    _, first, expires = users.add("alice", ["dev"])
+    second, _ = users.new_code("alice")
+    assert expires == clock() + 600
+    clock.advance(600)
+    assert users.redeem_code(first, "laptop")[0].name == "alice"  # still valid in its last second
+    clock.advance(1)
+    with pytest.raises(UserError, match="expired"):
+        users.redeem_code(second, "phone")
+
+
+def test_signing_key_rotates_at_its_max_age(tmp_path):
+    clock = FakeClock()
+    keys = SigningKeys(tmp_path / "relay.db", max_age=3600, clock=clock)
+    first = keys.current().kid
+    clock.advance(3599)
+    assert keys.current().kid == first
+    clock.advance(1)
+    assert keys.current().kid != first
+
+
+def test_a_retired_key_is_published_until_every_token_it_signed_expired(tmp_path):
+    clock = FakeClock()
+    keys = SigningKeys(tmp_path / "relay.db", max_age=0, clock=clock)
+    retired = keys.current().kid
+    keys.rotate()
+
+    def published() -> list[str]:
+        return [k["kid"] for k in keys.jwks()["keys"]]
+
+    clock.advance(MAX_ACCESS_TOKEN_LIFETIME + CLOCK_SKEW)  # a token it signed last may still be alive
+    assert retired in published() and len(published()) == 3
+    clock.advance(1)
+    assert retired not in published() and len(published()) == 2  # current + next
+
+
+def test_access_rule(tmp_path, monkeypatch):
+    clusters, keys, issuer, verifier, users, access = _relay_parts(tmp_path, skew=0.0)
     clusters.add("dev")
     users.add("alice", ["dev"])
     users.add("bob", ["ops"])
@@ -127,12 +169,17 @@ def test_access_rule(tmp_path):
     assert not check(bob).allowed
     users.remove("alice")
     assert "removed" in check(alice).message
-    time.sleep(3.1)
-    expired = check(bob)
+    # bob's token, but one minted 3 s ago with a lifetime of 2 s: refused as expired, not as not listed
+    assert check(bob).code == grpc.StatusCode.PERMISSION_DENIED
+    stale, _ = Issuer(issuer.url, issuer.audience, keys, 2, clock=lambda: time.time() - 3).mint("bob", ("ops",))
+    expired = check(stale)
     assert expired.code == grpc.StatusCode.UNAUTHENTICATED and "expired" in expired.message
-    # a cluster removed and registered again does not inherit the old grants
+    # a cluster removed and registered again (a second later: created_unix counts seconds) does not
+    # inherit the old grants
+    assert access.entries("dev") == [Entry("group", "dev")]
     clusters.remove("dev")
-    time.sleep(1.0)
+    later = time.time() + 1
+    monkeypatch.setattr(cluster_storage, "time", SimpleNamespace(time=lambda: later))
     clusters.add("dev")
     assert access.entries("dev") == []
 
@@ -229,12 +276,17 @@ def test_not_on_access_list_is_refused_by_the_relay_then_grant_lets_alice_in(ide
     assert refused.returncode != 0
     assert "Forbidden" in refused.stderr and 'user "alice" may not reach cluster dev' in refused.stderr, \
         refused.stderr
-    time.sleep(0.5)
-    assert not _events(aadproxy_log, "request", offset), "a refused request reached the auth proxy"
     assert _events(chain.state_dir / "logs" / "relay.log", "dial refused")
 
     granted = chain.cli("clusters", "grant", chain.cluster, "--group", DEV_NS)
     assert "group:dev" in granted.stdout and "user:bob" in granted.stdout
+    # Nothing of the refused request reached the auth proxy: a canary sent after it did, and the log is
+    # ordered, so the canary's is the first request event since.
+    canary = f"/api/v1/namespaces/{DEV_NS}/pods/canary-{secrets.token_hex(4)}"
+    token, _ = tokens.get_token(ident.user_state, tokens.list_logins(ident.user_state)[0])
+    assert _raw_get(ident.kubeconfig, token, canary) == 404
+    seen = wait_until(lambda: _events(aadproxy_log, "request", offset), 10, "the canary at the auth proxy")
+    assert seen[0]["path"] == canary, f"a refused request reached the auth proxy: {seen[0]}"
     ok = kubectl(ident, "get", "pods", "-n", DEV_NS)
     assert ok.returncode == 0, ok.stderr
     denied = kubectl(ident, "get", "pods", "-n", "kube-system")
@@ -352,6 +404,7 @@ def test_removed_user_cannot_get_tokens(ident, tmp_path):
 
 def test_no_token_in_any_log(ident):
     logs = list((ident.chain.state_dir / "logs").glob("*"))
+    assert {"relay.log", "aadproxy.log", "agent.log", "proxy.log"} <= {p.name for p in logs}, logs
     credential = tokens.load(ident.user_state, tokens.list_logins(ident.user_state)[0])
     assert isinstance(credential, tokens.BuiltinLogin) and credential.access_token
     secrets_ = [credential.refresh_credential, credential.access_token, ident.code]
@@ -427,7 +480,8 @@ def test_token_command_login(external, tmp_path):
                    "--state-dir", str(tmp_path / "other"))
     assert login.returncode == 0, login.stderr
     command = tmp_path / "print-token"
-    command.write_text(f"#!/bin/sh\nexec {script('clusterconnect')} token --login ci --state-dir {tmp_path / 'other'}\n")
+    token_command = f"{script('clusterconnect')} token --login ci --state-dir {tmp_path / 'other'}"
+    command.write_text(f"#!/bin/sh\nexec {token_command}\n")
     command.chmod(0o755)
     login = _login("--token-command", str(command), "--name", "tool", "--state-dir", str(tmp_path))
     assert login.returncode == 0, login.stderr

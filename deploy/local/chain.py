@@ -20,8 +20,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from waiting import WaitFailed, wait_until
+
+# A service that did not come up (or a wait that timed out): the name the callers of this module know.
+StartFailed = WaitFailed
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
+
+# STATE_DIR/logs/<name>.log is a process's stderr: for our services, their structured log (JSON lines).
+# <name>.out is the client proxy's stdout, which is for its caller (the `ready` line), not a log.
+LOG_SUFFIX = ".log"
+STDOUT_SUFFIX = ".out"
 
 
 def free_port() -> int:
@@ -47,6 +57,10 @@ class Process:
         except OSError:
             return ""
 
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
@@ -68,24 +82,6 @@ class Process:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
-
-
-class StartFailed(RuntimeError):
-    pass
-
-
-def wait_until(predicate, timeout: float, what: str, process: Process | None = None, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if process is not None and not process.alive():
-            raise StartFailed(f"{process.name} exited ({process.popen.returncode}) while waiting for {what}:\n{process.tail()}")
-        if time.monotonic() > deadline:
-            detail = f"\n{process.name} log:\n{process.tail()}" if process else ""
-            raise StartFailed(f"timed out after {timeout}s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 def port_open(port: int) -> bool:
@@ -165,13 +161,12 @@ class Chain:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
               stdout: int | None = None) -> Process:
-        log = self.state_dir / "logs" / f"{name}.log"
-        handle = open(log, "ab")
-        popen = subprocess.Popen(
-            argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )
-        handle.close()
+        log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
+        with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
+            popen = subprocess.Popen(
+                argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, start_new_session=True,
+            )
         process = Process(name, popen, log)
         self.processes[name] = process
         return process
@@ -254,17 +249,16 @@ class Chain:
         ``token_file`` None: the proxy uses a login (``login``, else the one of this relay) from
         ``state_dir`` (default STATE_DIR/proxy-state), and the kubeconfig runs `clusterconnect token`.
         """
-        out = self.state_dir / "logs" / f"{name}.out"
-        handle = open(out, "wb")
+        out = self.state_dir / "logs" / f"{name}{STDOUT_SUFFIX}"
         credential = ["--token-file", str(token_file)] if token_file is not None else \
             (["--login", login] if login else [])
-        process = self.spawn(name, [
-            script("clusterconnect"), "proxy", cluster or self.cluster, "--relay", self.relay_url,
-            "--relay-ca", str(self.relay_ca), *credential,
-            "--port", str(port), "--kubeconfig-out", str(kubeconfig),
-            "--state-dir", str(state_dir or self.state_dir / "proxy-state"),
-        ], stdout=handle.fileno())
-        handle.close()
+        with open(out, "wb") as handle:
+            process = self.spawn(name, [
+                script("clusterconnect"), "proxy", cluster or self.cluster, "--relay", self.relay_url,
+                "--relay-ca", str(self.relay_ca), *credential,
+                "--port", str(port), "--kubeconfig-out", str(kubeconfig),
+                "--state-dir", str(state_dir or self.state_dir / "proxy-state"),
+            ], stdout=handle.fileno())
         ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", process)
         return process, ready
 

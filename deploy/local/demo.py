@@ -21,6 +21,8 @@ from chain import Chain, StartFailed, endpoint_only, start_devcluster, wait_unti
 KUBECTL = "/usr/bin/kubectl"
 
 
+HELLO_LOOP = "while true; do echo hello from $HOSTNAME; sleep 5; done"
+
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     result = subprocess.run([KUBECTL, "--kubeconfig", str(kubeconfig), *args], input=input,
                             capture_output=True, text=True, timeout=120)
@@ -32,16 +34,18 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
 def demo_identity(admin: Path, state: Path) -> Path:
     kubectl(admin, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "clusterconnect-demo"}},
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "demo-user", "namespace": "clusterconnect-demo"}},
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "demo-user", "namespace": "clusterconnect-demo"}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
          "metadata": {"name": "clusterconnect-demo-user"},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
          "subjects": [{"kind": "ServiceAccount", "name": "demo-user", "namespace": "clusterconnect-demo"}]},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "hello", "namespace": "clusterconnect-demo"},
+        {"apiVersion": "apps/v1", "kind": "Deployment",
+         "metadata": {"name": "hello", "namespace": "clusterconnect-demo"},
          "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "hello"}},
                   "template": {"metadata": {"labels": {"app": "hello"}},
                                "spec": {"containers": [{"name": "hello", "image": "local",
-                                                        "command": ["sh", "-c", "while true; do echo hello from $HOSTNAME; sleep 5; done"]}]}}}},
+                                                        "command": ["sh", "-c", HELLO_LOOP]}]}}}},
     ]}))
     token = kubectl(admin, "create", "token", "demo-user", "-n", "clusterconnect-demo", "--duration=24h").strip()
     path = state / "demo-user.token"

@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ def _digest(secret: str) -> str:
 
 
 class EnrollmentStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self._db = open_db(path, _SCHEMA)
+        self._clock = clock  # tests pass their own to expire join tokens and certificates without waiting
 
     def close(self) -> None:
         self._db.close()
@@ -74,7 +76,7 @@ class EnrollmentStore:
         """A new one-time token for ``cluster`` (shown once). Certificates of an earlier cluster of the
         same name are forgotten."""
         token = secrets.token_urlsafe(32)
-        expires = int(time.time()) + lifetime
+        expires = int(self._clock()) + lifetime
         self.revoke(cluster)
         self._db.execute(
             "INSERT INTO agent_join_tokens (token_sha256, cluster, expires_unix) VALUES (?, ?, ?)",
@@ -84,7 +86,7 @@ class EnrollmentStore:
 
     def consume_join_token(self, cluster: str, token: str) -> bool:
         """True exactly once per valid token: marking it used is one atomic UPDATE."""
-        now = int(time.time())
+        now = int(self._clock())
         return self._db.execute(
             "UPDATE agent_join_tokens SET used_unix = ?"
             " WHERE token_sha256 = ? AND cluster = ? AND used_unix = 0 AND expires_unix > ?",
@@ -103,7 +105,7 @@ class EnrollmentStore:
 
     def accepts(self, identity: AgentIdentity, now: float | None = None) -> bool:
         """Is this the cluster's current certificate, or the one it renewed from, and not expired?"""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         if identity.not_after_unix <= now:
             return False
         row = self._db.execute(
@@ -116,7 +118,7 @@ class EnrollmentStore:
         """Forget the cluster's certificates and unused tokens (cluster removed or re-added)."""
         self._db.execute("DELETE FROM agent_certificates WHERE cluster = ?", (cluster,))
         self._db.execute("DELETE FROM agent_join_tokens WHERE cluster = ?", (cluster,))
-        self._db.execute("DELETE FROM agent_join_tokens WHERE expires_unix < ?", (int(time.time()) - 86400,))
+        self._db.execute("DELETE FROM agent_join_tokens WHERE expires_unix < ?", (int(self._clock()) - 86400,))
 
 
 class AgentAuthenticator:

@@ -24,6 +24,7 @@ import json
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,10 @@ class SigningKey:
 
 
 class SigningKeys:
-    def __init__(self, path: Path, max_age: float) -> None:
+    def __init__(self, path: Path, max_age: float, clock: Callable[[], float] = time.time) -> None:
         self._db = open_db(path, _SCHEMA)
         self.max_age = max_age
+        self._clock = clock  # tests pass their own to age keys without waiting
         self._cache: list[SigningKey] | None = None
         self._ensure()
 
@@ -103,10 +105,10 @@ class SigningKeys:
         pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()).decode()
         self._db.execute("INSERT INTO issuer_keys (kid, private_pem, created_unix, activated_unix) VALUES (?, ?, ?, ?)",
-                         (public_jwk(private)["kid"], pem, int(time.time()), activated))
+                         (public_jwk(private)["kid"], pem, int(self._clock()), activated))
 
     def _ensure(self) -> None:
-        now = int(time.time())
+        now = int(self._clock())
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.execute("DELETE FROM issuer_keys WHERE retired_unix > 0 AND retired_unix < ?",
@@ -133,7 +135,7 @@ class SigningKeys:
         return self._cache
 
     def current(self) -> SigningKey:
-        now = time.time()
+        now = self._clock()
         found = [k for k in self.keys() if k.activated_unix and not k.retired_unix]
         if not found or (self.max_age and now - found[-1].activated_unix >= self.max_age):
             self.rotate()
@@ -142,7 +144,7 @@ class SigningKeys:
 
     def rotate(self) -> SigningKey:
         """current -> previous, next -> current, new next. Returns the new current key."""
-        now = int(time.time())
+        now = int(self._clock())
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.execute("UPDATE issuer_keys SET retired_unix = ? WHERE activated_unix > 0 AND retired_unix = 0",
@@ -159,7 +161,7 @@ class SigningKeys:
 
     def jwks(self) -> dict[str, Any]:
         """Every key that is next, current, or previous with tokens possibly still alive."""
-        horizon = time.time() - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
+        horizon = self._clock() - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
         if any(k.retired_unix and k.retired_unix < horizon for k in self.keys()):
             self._ensure()
         return {"keys": [public_jwk(k.private) for k in self.keys()]}
@@ -168,17 +170,19 @@ class SigningKeys:
 class Issuer:
     """Mints access tokens for the built-in users."""
 
-    def __init__(self, url: str, audience: str, keys: SigningKeys, lifetime: int) -> None:
+    def __init__(self, url: str, audience: str, keys: SigningKeys, lifetime: int,
+                 clock: Callable[[], float] = time.time) -> None:
         if not 1 <= lifetime <= MAX_ACCESS_TOKEN_LIFETIME:
             raise ValueError(f"access token lifetime must be 1..{MAX_ACCESS_TOKEN_LIFETIME} seconds")
         self.url = url
         self.audience = audience
         self.keys = keys
         self.lifetime = lifetime
+        self._clock = clock  # tests pass their own to mint tokens that have expired
 
     def mint(self, username: str, groups: tuple[str, ...]) -> tuple[str, int]:
         key = self.keys.current()
-        now = int(time.time())
+        now = int(self._clock())
         expires = now + self.lifetime
         claims = {"iss": self.url, "sub": username, "aud": self.audience, "groups": list(groups),
                   "iat": now, "nbf": now, "exp": expires, "jti": secrets.token_urlsafe(12)}

@@ -12,7 +12,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +91,10 @@ def validate_group(group: str) -> None:
 
 
 class UserStore:
-    def __init__(self, path: Path, code_ttl: int = LOGIN_CODE_TTL) -> None:
+    def __init__(self, path: Path, code_ttl: int = LOGIN_CODE_TTL, clock: Callable[[], float] = time.time) -> None:
         self._db = open_db(path, _SCHEMA)
         self.code_ttl = code_ttl
+        self._clock = clock  # tests pass their own to expire login codes without waiting
 
     def close(self) -> None:
         self._db.close()
@@ -119,7 +120,7 @@ class UserStore:
         for group in groups:
             validate_group(group)
         groups = list(dict.fromkeys(groups))
-        now = int(time.time())
+        now = int(self._clock())
         try:
             self._db.execute("INSERT INTO users (name, groups, created_unix) VALUES (?, ?, ?)",
                              (name, "\n".join(groups), now))
@@ -132,8 +133,8 @@ class UserStore:
         if self.get(name) is None:
             raise NoSuchUser(f"user {name} does not exist")
         code = secrets.token_hex(24)  # hex: never starts with '-', so it is safe on a command line
-        expires = int(time.time()) + self.code_ttl
-        self._db.execute("DELETE FROM user_login_codes WHERE expires_unix < ?", (int(time.time()),))
+        expires = int(self._clock()) + self.code_ttl
+        self._db.execute("DELETE FROM user_login_codes WHERE expires_unix < ?", (int(self._clock()),))
         self._db.execute("INSERT INTO user_login_codes (code_sha256, user, expires_unix) VALUES (?, ?, ?)",
                          (_digest(code), name, expires))
         return code, expires
@@ -155,7 +156,7 @@ class UserStore:
     def redeem_code(self, code: str, device: str) -> tuple[UserRecord, str]:
         """Consume a login code (once); returns the user and a new refresh credential."""
         digest = _digest(code)
-        now = int(time.time())
+        now = int(self._clock())
         with self._transaction():
             row = self._db.execute(
                 "DELETE FROM user_login_codes WHERE code_sha256 = ? RETURNING user, expires_unix", (digest,)
@@ -177,5 +178,5 @@ class UserStore:
         if row is None:
             return None
         self._db.execute("UPDATE user_credentials SET last_used_unix = ? WHERE credential_sha256 = ?",
-                         (int(time.time()), digest))
+                         (int(self._clock()), digest))
         return self.get(row[0])
