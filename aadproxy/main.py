@@ -134,7 +134,7 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pool = UpstreamPool(target.connect)
     service = AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect)
-    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(service, server)  # type: ignore[no-untyped-call]  # generated untyped
+    tunnel_pb2_grpc.add_AuthProxyServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if credentials is None:

@@ -261,7 +261,7 @@ def _printed_env(devcluster, name: str, ns: str) -> dict[str, str]:
         status = devcluster.get_json("pod", name, "-n", ns)["status"]
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    status = wait_for(finished, 60, f"pod {name} finished")
+    status = wait_until(finished, 60, f"pod {name} finished")
     assert status["phase"] == "Succeeded", status
     lines = devcluster.kubectl("logs", "-n", ns, name).stdout.splitlines()
     printed = dict(line.split("=", 1) for line in lines)
@@ -311,7 +311,7 @@ def test_env_from_missing_configmap_waits_until_created(devcluster, ns):
             waiting = (status.get("containerStatuses") or [{}])[0].get("state", {}).get("waiting", {})
             return status if waiting.get("reason") == "CreateContainerConfigError" else None
 
-        status = wait_for(config_error, 30, "CreateContainerConfigError")
+        status = wait_until(config_error, 30, "CreateContainerConfigError")
         assert status["phase"] == "Pending"
         assert configmap in status["containerStatuses"][0]["state"]["waiting"]["message"]
         assert status["containerStatuses"][0]["restartCount"] == 0
@@ -336,9 +336,9 @@ def test_env_from_is_read_again_at_restart(devcluster, ns):
         def previous_log():
             return devcluster.kubectl("logs", "-n", ns, name, "--previous", check=False).stdout
 
-        wait_for(lambda: "mode=wait" in previous_log(), 30, "a finished run with MODE=wait")
+        wait_until(lambda: "mode=wait" in previous_log(), 30, "a finished run with MODE=wait")
         devcluster.kubectl("patch", "configmap", "restart-cm", "-n", ns, "-p", '{"data": {"MODE": "go"}}')
-        wait_for(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Succeeded", 40,
+        wait_until(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Succeeded", 40,
                  "pod Succeeded after the ConfigMap changed")
         assert devcluster.kubectl("logs", "-n", ns, name).stdout == "mode=go\n"
     finally:
