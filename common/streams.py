@@ -56,33 +56,41 @@ class PeerGone(Unavailable):
 
 
 class GrpcClientStream:
-    """Our side of a stream-stream call that we opened (``stub.Method(...)``)."""
+    """Our side of a stream-stream call that we opened (``stub.Method(...)``), carrying Chunks."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[tunnel_pb2.Chunk, tunnel_pb2.Chunk]) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
         self.call = call
         self._eof_sent = False
+
+    def decode(self, message: Any) -> bytes | None:
+        """The payload of a received message, or None for an in-band end of stream."""
+        chunk = cast(tunnel_pb2.Chunk, message)
+        return None if chunk.eof else chunk.data
+
+    def encode(self, data: bytes) -> object:
+        return tunnel_pb2.Chunk(data=data)
 
     async def receive(self) -> bytes:
         while True:
             try:
-                chunk = await self.call.read()
+                message = await self.call.read()
             except grpc.aio.AioRpcError as exc:
                 raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
             except _RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
             except asyncio.CancelledError:
                 raise_unless_peer_cancelled()
-            if chunk is grpc.aio.EOF:
+            if message is grpc.aio.EOF:
                 return b""
-            message = cast(tunnel_pb2.Chunk, chunk)  # the stubs cannot narrow away EOF
-            if message.eof:
+            data = self.decode(message)
+            if data is None:
                 return b""
-            if message.data:
-                return message.data
+            if data:  # an empty payload carries nothing
+                return data
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.call.write(tunnel_pb2.Chunk(data=data))
+            await self.call.write(self.encode(data))
         except _RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
         except asyncio.CancelledError:

@@ -111,7 +111,7 @@ def test_a_stalled_watch_does_not_slow_other_connections(loaded, chain, devclust
     of the machine (GC, heartbeats, the apiserver's periodic work) weigh the same in both p99s.
     """
     endpoint = Endpoint(loaded)
-    pids = [p.popen.pid for p in chain[0].processes.values()]
+    pids = [p.popen.pid for p in chain[0].processes.values() if p.alive()]  # other tests stop extra ones
     _small_get_latencies(endpoint, 50)  # warm up
     unloaded_samples = _probe_for(endpoint, 10)
 

@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
 from clusterconnect import metadata as md
+from clusterconnect.errors import ClusterConnectError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
-from clusterconnect.streams import PeerGone, raise_unless_peer_cancelled
+from clusterconnect.streams import GrpcClientStream, PeerGone
 
 FORWARD = "/clusterconnect.v1.RelayPeer/Forward"
 SERVICE = "clusterconnect.v1.RelayPeer"
 # The owner answers within its own Accept timeout (5 s) plus a network round trip.
 OPEN_TIMEOUT = 7.0
-_RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
 
 @dataclass(frozen=True)
@@ -45,55 +45,25 @@ class PeerTLS:
         return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
 
 
-class RawClientStream:
+class RawClientStream(GrpcClientStream):
     """A ByteStream over a Forward call opened by this replica: messages are serialized Chunks, passed
-    on as they are (see relay/datapath/passthrough.py for the server side)."""
+    on as they are (see relay/datapath/passthrough.py for the server side). The far end's Chunk{eof}
+    is one of them: it ends the client's stream at the client, not here."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
-        self.call = call
-        self._eof_sent = False
+    def decode(self, message: Any) -> bytes:
+        return cast(bytes, message)
 
-    async def receive(self) -> bytes:
-        while True:
-            try:
-                message = await self.call.read()
-            except grpc.aio.AioRpcError as exc:
-                raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
-            except _RPC_ENDED as exc:
-                raise PeerGone(str(exc)) from exc
-            except asyncio.CancelledError:
-                raise_unless_peer_cancelled()
-            if message is grpc.aio.EOF:
-                return b""
-            if message:  # an empty serialized Chunk carries nothing
-                return cast(bytes, message)  # the stubs cannot narrow away EOF
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self.call.write(data)
-        except _RPC_ENDED as exc:
-            raise PeerGone(str(exc)) from exc
-        except asyncio.CancelledError:
-            raise_unless_peer_cancelled()
-
-    async def send_eof(self) -> None:
-        if not self._eof_sent:
-            self._eof_sent = True
-            try:
-                await self.call.done_writing()
-            except _RPC_ENDED:
-                pass
-
-    async def close(self) -> None:
-        self.call.cancel()
+    def encode(self, data: bytes) -> bytes:
+        return data
 
 
-class PeerRefused(Exception):
+class PeerRefused(ClusterConnectError):
     """The owner ended the Forward before opening it: its status and message are the client's answer."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
+        self.grpc_status = code
         self.details = details
 
 
