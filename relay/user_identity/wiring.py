@@ -39,7 +39,7 @@ _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 def add_flags(serve: argparse.ArgumentParser) -> None:
     cliargs.add_flag(serve, "--issuer-listen",
                      help="HOST:PORT of the built-in issuer's HTTPS endpoint (discovery + JWKS);"
-                          " default: the --listen host, port + 1")
+                          " default: the --listen host, port + 2 (port + 1 is --agent-listen's default)")
     cliargs.add_flag(serve, "--issuer-url",
                      help="public https:// URL of that endpoint, the iss of access tokens"
                           " (default: https://HOST:PORT of --issuer-listen)")
@@ -76,7 +76,8 @@ def _issuer_address(args: argparse.Namespace) -> tuple[str, int]:
         host, _, port = args.issuer_listen.rpartition(":")
     else:
         host, _, port = args.listen.rpartition(":")
-        port = str(int(port) + 1) if int(port) else "0"
+        # 8443 -> 8445: the user port, the agent port (8444) and the issuer's, each its own by default.
+        port = str(int(port) + 2) if int(port) else "0"
     return host.strip("[]"), int(port)
 
 
