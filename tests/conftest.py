@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory):
+    """A real 3-member etcd (upstream etcd from the devcluster binary, TLS with client certificates)."""
+    from etcd_cluster import DEVCLUSTER, EtcdCluster
+
+    if not DEVCLUSTER.exists():
+        pytest.skip("needs the devcluster binary (make devcluster)")
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    with cluster.running():
+        yield cluster
+
+
+@pytest.fixture(scope="session")
 def admin_sa_token(devcluster, tmp_path_factory) -> Path:
     """A token file for a ServiceAccount bound to cluster-admin: the caller in the tunnel tests."""
     devcluster.create_namespace("clusterconnect-tests")

@@ -47,3 +47,20 @@ class Endpoint:
             return response.status
         finally:
             conn.close()
+
+    def create_configmaps(self, name: str, count: int, size: int) -> str:
+        """``count`` ConfigMaps of ``size`` bytes each in namespace default, labelled ``name=1`` (existing
+        ones kept), for a LIST big enough to still be downloading when a client resets; the label selector."""
+        conn = self.connect()
+        try:
+            for i in range(count):
+                item = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"v": "x" * size},
+                        "metadata": {"name": f"{name}-{i}", "namespace": "default", "labels": {name: "1"}}}
+                conn.request("POST", "/api/v1/namespaces/default/configmaps", body=json.dumps(item),
+                             headers={**self.headers, "Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                assert response.status in (201, 409), response.status
+        finally:
+            conn.close()
+        return f"{name}%3D1"

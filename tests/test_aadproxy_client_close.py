@@ -111,9 +111,17 @@ class EndlessWatches:
             if await read_request(reader, conn) is None:
                 return
             writer.write(conn.send(h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])))
-            while True:
-                writer.write(conn.send(h11.Data(data=b'{"type":"MODIFIED","object":{}}\n' * 32)))
+            # Bounded (64 MiB a watch: far more than is written before the client hangs up), and a
+            # yield each time round: drain() does not yield while the transport is not paused, and
+            # asyncio's TLS transport may keep taking writes, which starved the test's own client on
+            # this loop and grew the buffer without end (seen once in a fresh clone's run).
+            event = b'{"type":"MODIFIED","object":{}}\n' * 32
+            for _ in range(64 * 1024 * 1024 // len(event)):
+                writer.write(conn.send(h11.Data(data=event)))
                 await writer.drain()
+                await asyncio.sleep(0)
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
         except (ConnectionError, ssl.SSLError):
             pass
         finally:
@@ -152,8 +160,11 @@ def test_cancelled_streams_mid_response_are_normal_ends(tmp_path: Path) -> None:
                 stream = GrpcClientStream(call)
                 await stream.send(request)
                 received = b""
-                while b"MODIFIED" not in received:
-                    received += await asyncio.wait_for(stream.receive(), 10)
+                async with asyncio.timeout(10):
+                    while b"MODIFIED" not in received:
+                        data = await stream.receive()
+                        assert data, f"the response ended before its first event: {received[:300]!r}"
+                        received += data
                 assert received.startswith(b"HTTP/1.1 200 ")
                 call.cancel()  # the agent's side of a client that hung up
             # The canary: a stats line with no connection open comes after all their lines.

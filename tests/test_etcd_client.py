@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from etcd_cluster import DEVCLUSTER, EtcdCluster
+from etcd_cluster import EtcdCluster
 
 from clusterconnect.relay.storage.etcd.api import rpc_pb2
 from clusterconnect.relay.storage.etcd.cache import PrefixCache
@@ -31,23 +31,9 @@ from clusterconnect.relay.storage.etcd.client import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(not DEVCLUSTER.exists(), reason="needs the devcluster binary (make devcluster)")
-
-
-@pytest.fixture(scope="module")
-def etcd_cluster(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
-    with cluster.running():
-        yield cluster
-
-
-def _tls(cluster: EtcdCluster) -> EtcdTLS:
-    return EtcdTLS(cluster.ca_file.read_bytes(), cluster.client_cert.read_bytes(), cluster.client_key.read_bytes())
-
-
 def run_with(cluster: EtcdCluster, body: Callable[[Etcd], Awaitable[Any]]) -> Any:
     async def main() -> Any:
-        async with Etcd(parse_endpoints(cluster.endpoints), _tls(cluster)) as etcd:
+        async with cluster.client() as etcd:
             return await body(etcd)
 
     return asyncio.run(main())
@@ -158,8 +144,8 @@ def test_cache_lists_again_after_compaction_and_misses_no_delete(etcd_cluster):
     run_with(etcd_cluster, body)
 
 
-def test_member_killed_calls_and_watch_go_on(tmp_path):
-    cluster = EtcdCluster(tmp_path / "etcd")
+def test_member_killed_calls_and_watch_go_on(etcd_cluster, tmp_path):
+    cluster = EtcdCluster(tmp_path / "etcd")  # a cluster of its own: one member is killed
     with cluster.running():
         async def body(etcd: Etcd) -> None:
             cache = PrefixCache(etcd, b"/fail/")

@@ -6,20 +6,10 @@ from __future__ import annotations
 import asyncio
 import math
 
-import pytest
-from etcd_cluster import DEVCLUSTER, EtcdCluster
+from etcd_cluster import EtcdCluster
 
 from clusterconnect.relay.routing.routes import ROUTES, ReplicaState, RouteIndex, Routing, route_key
-from clusterconnect.relay.storage.etcd.client import Etcd, EtcdTLS, parse_endpoints
-
-pytestmark = pytest.mark.skipif(not DEVCLUSTER.exists(), reason="needs the devcluster binary (make devcluster)")
-
-
-@pytest.fixture(scope="module")
-def etcd_cluster(tmp_path_factory):
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
-    with cluster.running():
-        yield cluster
+from clusterconnect.relay.storage.etcd.client import Etcd
 
 
 def _owner(routing: Routing, cluster: str) -> str | None:
@@ -29,8 +19,7 @@ def _owner(routing: Routing, cluster: str) -> str | None:
 
 def run(cluster: EtcdCluster, body) -> None:
     async def main() -> None:
-        tls = EtcdTLS(cluster.ca_file.read_bytes(), cluster.client_cert.read_bytes(), cluster.client_key.read_bytes())
-        async with Etcd(parse_endpoints(cluster.endpoints), tls) as etcd:
+        async with cluster.client() as etcd:
             await etcd.delete(b"/clusterconnect/", prefix=True)
             await body(etcd)
 

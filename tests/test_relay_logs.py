@@ -30,19 +30,6 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-def _large_configmaps(endpoint: Endpoint) -> None:
-    conn = endpoint.connect()
-    for i in range(4):
-        item = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"v": "x" * 256 * 1024},
-                "metadata": {"name": f"relay-logs-{i}", "namespace": "default", "labels": {"relay-logs-test": "1"}}}
-        conn.request("POST", "/api/v1/namespaces/default/configmaps", body=json.dumps(item),
-                     headers={**endpoint.headers, "Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        assert response.status in (201, 409)
-    conn.close()
-
-
 def _not_json(log_text: str) -> list[str]:
     bad = []
     for line in log_text.splitlines():
@@ -63,8 +50,8 @@ def test_clients_dropping_early_leave_only_json_lines_in_the_relay_log(chain) ->
     for _ in range(40):
         _reset(socket.create_connection((endpoint.host, endpoint.port), timeout=10))
     # Clients that send a request and reset before its response arrived, or while it streams in.
-    _large_configmaps(endpoint)
-    request = (f"GET /api/v1/namespaces/default/configmaps?labelSelector=relay-logs-test%3D1 HTTP/1.1\r\n"
+    selector = endpoint.create_configmaps("relay-logs-test", 4, 256 * 1024)
+    request = (f"GET /api/v1/namespaces/default/configmaps?labelSelector={selector} HTTP/1.1\r\n"
                f"Host: {endpoint.host}\r\nAuthorization: {endpoint.headers['Authorization']}\r\n\r\n").encode()
     for attempt in range(20):
         tls = endpoint.ssl.wrap_socket(socket.create_connection((endpoint.host, endpoint.port), timeout=10),

@@ -6,19 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from etcd_cluster import DEVCLUSTER, EtcdCluster
 
-from clusterconnect.relay.storage.etcd.client import Etcd, EtcdTLS, parse_endpoints
 from clusterconnect.relay.storage.kv import KV, Change, EtcdKV, SqliteKV, Versioned, create, delete
-
-
-@pytest.fixture(scope="module")
-def etcd_cluster(tmp_path_factory):
-    if not DEVCLUSTER.exists():
-        pytest.skip("needs the devcluster binary (make devcluster)")
-    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
-    with cluster.running():
-        yield cluster
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -28,11 +17,7 @@ def open_kv(request, tmp_path):
         return lambda: SqliteKV(tmp_path / "relay.db")
     cluster = request.getfixturevalue("etcd_cluster")
 
-    def open_etcd() -> KV:
-        tls = EtcdTLS(cluster.ca_file.read_bytes(), cluster.client_cert.read_bytes(), cluster.client_key.read_bytes())
-        return EtcdKV(Etcd(parse_endpoints(cluster.endpoints), tls))
-
-    return open_etcd
+    return lambda: EtcdKV(cluster.client())
 
 
 def run(open_kv, body) -> None:

@@ -6,7 +6,6 @@ whose handshake fails must not leave that Dial (and the agent stream it took) be
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -96,7 +95,9 @@ def test_clients_resetting_at_once_leave_the_pool_whole(chain) -> None:
     must give back or end the agent streams they took, or the pool would shrink for good."""
     tunnel, kubeconfig = chain
     endpoint = Endpoint(kubeconfig)
-    agent_idle = lambda: tunnel.processes["agent"].stats().get("open_connections", 0) == 0  # noqa: E731
+    def agent_idle() -> bool:
+        return tunnel.processes["agent"].stats().get("open_connections", 0) == 0
+
     # Watches of an earlier test may still be in the auth proxy's EOF grace (10 s).
     wait_until(agent_idle, 15, "an idle agent", interval=0.2)
     for _ in range(40):
@@ -117,20 +118,13 @@ def test_clients_resetting_mid_download_leave_nothing_at_the_agent(chain) -> Non
     response is on its way cancels that read half-way. The agent must still learn the end."""
     tunnel, kubeconfig = chain
     endpoint = Endpoint(kubeconfig)
-    items = [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"reset-{i}", "namespace": "default",
-                                                                    "labels": {"reset-test": "1"}},
-              "data": {"v": "x" * 256 * 1024}} for i in range(16)]
-    conn = endpoint.connect()
-    for item in items:
-        conn.request("POST", "/api/v1/namespaces/default/configmaps", body=json.dumps(item),
-                     headers={**endpoint.headers, "Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        assert response.status in (201, 409)
-    conn.close()
-    agent_idle = lambda: tunnel.processes["agent"].stats().get("open_connections", 0) == 0  # noqa: E731
+    selector = endpoint.create_configmaps("reset-test", 16, 256 * 1024)
+
+    def agent_idle() -> bool:
+        return tunnel.processes["agent"].stats().get("open_connections", 0) == 0
+
     wait_until(agent_idle, 15, "an idle agent", interval=0.2)
-    request = (f"GET /api/v1/namespaces/default/configmaps?labelSelector=reset-test%3D1 HTTP/1.1\r\n"
+    request = (f"GET /api/v1/namespaces/default/configmaps?labelSelector={selector} HTTP/1.1\r\n"
                f"Host: {endpoint.host}\r\nAuthorization: {endpoint.headers['Authorization']}\r\n\r\n").encode()
     for _ in range(10):
         raw = socket.create_connection((endpoint.host, endpoint.port), timeout=10)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from clusterconnect.pki import KeyPair, create_ca, write_private
+from clusterconnect.relay.storage.etcd.client import Etcd, EtcdTLS, parse_endpoints
 
 DEVCLUSTER = ROOT / "tests" / "devcluster" / "bin" / "devcluster"
 
@@ -94,6 +95,13 @@ class EtcdCluster:
     @property
     def endpoints(self) -> str:
         return ",".join(m.client_url for m in self.members)
+
+    def client_tls(self) -> EtcdTLS:
+        return EtcdTLS(self.ca_file.read_bytes(), self.client_cert.read_bytes(), self.client_key.read_bytes())
+
+    def client(self) -> Etcd:
+        """A client of every member, with the cluster's client certificate (close it when done)."""
+        return Etcd(parse_endpoints(self.endpoints), self.client_tls())
 
     def _write_pki(self) -> None:
         self.pki.mkdir(parents=True, exist_ok=True)
