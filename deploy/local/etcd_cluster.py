@@ -7,8 +7,6 @@ show); clients must present a certificate signed by the cluster's CA (``--client
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 import subprocess
 import urllib.request
@@ -18,40 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chain import ROOT, Process, free_port, wait_until
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from clusterconnect.pki import KeyPair, create_ca, write_private
+from clusterconnect.pki import create_ca, issue_server_cert, write_private
 from clusterconnect.relay.storage.etcd.client import Etcd, EtcdTLS, parse_endpoints
 
 DEVCLUSTER = ROOT / "tests" / "devcluster" / "bin" / "devcluster"
-
-
-def _issue(ca: KeyPair, name: str, usages: list[x509.ObjectIdentifier]) -> KeyPair:
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), key_pem)
 
 
 @dataclass
@@ -107,10 +76,11 @@ class EtcdCluster:
         self.pki.mkdir(parents=True, exist_ok=True)
         ca = create_ca("clusterconnect test etcd CA")
         self.ca_file.write_bytes(ca.cert_pem)
-        server = _issue(ca, "etcd", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        # Both from the project's one certificate helper: server and client auth, loopback names.
+        server = issue_server_cert(ca, ["localhost", "127.0.0.1"], client_auth=True)
         (self.pki / "server.crt").write_bytes(server.cert_pem)
         write_private(self.pki / "server.key", server.key_pem)
-        client = _issue(ca, "clusterconnect-relay", [ExtendedKeyUsageOID.CLIENT_AUTH])
+        client = issue_server_cert(ca, ["localhost", "127.0.0.1"], client_auth=True)
         self.client_cert.write_bytes(client.cert_pem)
         write_private(self.client_key, client.key_pem)
 
