@@ -17,7 +17,7 @@ from clusterconnect.agent.enrollment import Enrolled
 from clusterconnect.errors import Unavailable
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
-from clusterconnect.streams import GrpcClientStream, PeerGone, splice
+from clusterconnect.streams import RPC_ENDED, GrpcClientStream, PeerGone, splice
 from clusterconnect.tasks import cancelling, race, unwrap
 from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -156,7 +156,7 @@ class Agent:
                                 self._hand_over_on(rotated, handover),
                                 self._keep_warm(stub, connections),
                             )
-                        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                        except RPC_ENDED:
                             if not handover.is_set():
                                 raise
                         if handover.is_set():
@@ -256,7 +256,7 @@ class Agent:
                                      cluster=self.config.cluster) as traceparent:
                     try:
                         await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
-                    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                    except RPC_ENDED:
                         pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
                     await self._splice(accept, serve, "warm")
         finally:  # however it went, cancelled (handed over, session over) included, the pair ends here
@@ -273,7 +273,7 @@ class Agent:
         """The relay's Chunk{bound} once a Dial takes this warm stream; None if refused or ended first."""
         try:
             first = await accept.read()
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        except RPC_ENDED:
             return None
         except asyncio.CancelledError:
             if cancelling():  # handed over or session over

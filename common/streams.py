@@ -22,7 +22,7 @@ from clusterconnect.v1 import tunnel_pb2
 
 # What grpc.aio raises when the other end is gone or the RPC already ended.
 # InternalError: ExecuteBatchError, a read or write from a task other than the handler while the RPC ended.
-_RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, grpc.aio.InternalError, asyncio.InvalidStateError)
+RPC_ENDED = (grpc.aio.AioRpcError, grpc.aio.UsageError, grpc.aio.InternalError, asyncio.InvalidStateError)
 
 # grpc.aio's cost is per message, so sockets are read in large blocks (see docs/performance.md).
 READ_SIZE = 256 * 1024
@@ -76,7 +76,7 @@ class GrpcClientStream:
                 message = await self.call.read()
             except grpc.aio.AioRpcError as exc:
                 raise PeerGone(f"{exc.code().name}: {exc.details()}") from exc
-            except _RPC_ENDED as exc:
+            except RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
             except asyncio.CancelledError:
                 raise_unless_peer_cancelled()
@@ -91,7 +91,7 @@ class GrpcClientStream:
     async def send(self, data: bytes) -> None:
         try:
             await self.call.write(self.encode(data))
-        except _RPC_ENDED as exc:
+        except RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
         except asyncio.CancelledError:
             raise_unless_peer_cancelled()
@@ -102,7 +102,7 @@ class GrpcClientStream:
         self._eof_sent = True
         try:
             await self.call.done_writing()
-        except _RPC_ENDED:
+        except RPC_ENDED:
             pass
 
     async def close(self) -> None:
@@ -139,7 +139,7 @@ class GrpcServerStream:
         while True:
             try:
                 message = await self.context.read()
-            except _RPC_ENDED as exc:
+            except RPC_ENDED as exc:
                 raise PeerGone(str(exc)) from exc
             except asyncio.CancelledError:  # e.g. read by the other RPC's task of a splice
                 raise_unless_peer_cancelled()
@@ -157,7 +157,7 @@ class GrpcServerStream:
     async def _write(self, message: object) -> None:
         try:
             await self._send(message)
-        except _RPC_ENDED as exc:
+        except RPC_ENDED as exc:
             raise PeerGone(str(exc)) from exc
         except asyncio.CancelledError:
             raise_unless_peer_cancelled()
