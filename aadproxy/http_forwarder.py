@@ -52,6 +52,12 @@ log = get_logger(__name__)
 # bound keeps a forgotten watch or ``logs -f`` from holding an apiserver connection for an hour.
 EOF_GRACE = 10.0
 
+# A request head must be complete this long after its first byte (slowloris: a client dribbling a head
+# byte by byte would hold the connection and its upstream for ever). kubectl writes a head at once, so
+# only a broken or hostile client comes near it. Between keep-alive requests there is no limit: client-go
+# keeps idle connections for reuse, and an idle connection costs nothing but its tunnel stream.
+HEAD_TIMEOUT = 30.0
+
 _open = [0]
 
 
@@ -102,6 +108,7 @@ async def forward_connection(
     connect_upstream: ConnectUpstream,
     authenticator: Authenticator,
     stopping: Callable[[], bool] = _never,
+    head_timeout: float = HEAD_TIMEOUT,
 ) -> None:
     """Serve one downstream connection until it ends; never raises except CancelledError.
 
@@ -114,7 +121,7 @@ async def forward_connection(
     end: End | None = None
     try:
         async with asyncio.TaskGroup() as tasks:
-            connection = _Connection(downstream, connect_upstream, authenticator, tasks)
+            connection = _Connection(downstream, connect_upstream, authenticator, tasks, head_timeout)
             try:
                 end = await connection.run()
             finally:
@@ -165,8 +172,10 @@ class _Connection:
         connect_upstream: ConnectUpstream,
         authenticator: Authenticator,
         tasks: asyncio.TaskGroup,
+        head_timeout: float = HEAD_TIMEOUT,
     ) -> None:
         self.downstream = downstream
+        self.head_timeout = head_timeout
         self.authenticator = authenticator
         self.down = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.upstream = Upstream(connect_upstream, tasks)
@@ -223,6 +232,9 @@ class _Connection:
         # both, so we keep the raw bytes of the head: whatever h11 had not processed yet, plus
         # what we feed it, minus what is left after.
         raw = bytearray(self.down.trailing_data[0])
+        loop = asyncio.get_running_loop()
+        # The head's clock starts at its first byte (already here if the client pipelined it).
+        deadline = loop.time() + self.head_timeout if raw else None
         try:
             while True:
                 try:
@@ -230,7 +242,16 @@ class _Connection:
                 except h11.RemoteProtocolError as exc:
                     return await self._refuse(parse_failure(exc.error_status_hint))
                 if event is h11.NEED_DATA:
-                    data = await self._receive_down()
+                    try:
+                        async with asyncio.timeout_at(deadline):  # _receive_down is cancel-safe (a Queue)
+                            data = await self._receive_down()
+                    except TimeoutError:
+                        log.info("bad request", error="HeadTimeout", status=408)
+                        await self._answer(408, f"Request Timeout: request head not complete within"
+                                                f" {self.head_timeout:g} s")
+                        return End.REFUSED
+                    if deadline is None and data:
+                        deadline = loop.time() + self.head_timeout
                     raw += data
                     self.down.receive_data(data)
                     continue

@@ -11,7 +11,7 @@ import grpc
 
 from clusterconnect.aadproxy import apiserver as apiserver_mod
 from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
-from clusterconnect.aadproxy.http_forwarder import open_connections
+from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, open_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
 from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
 from clusterconnect.aadproxy.server import AuthProxyService
@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="OIDC mode: tokens with this iss are ServiceAccount tokens, passed through untouched "
                         "(repeatable; default: the cluster's issuer from the apiserver's discovery, plus "
                         f"{LEGACY_SERVICEACCOUNT_ISSUER!r})")
+    add_flag(parser, "--request-head-timeout", type=float, default=HEAD_TIMEOUT,
+             help="seconds from the first byte of a request head to its end; a slower client gets 408 and"
+             " is disconnected")
     add_flag(parser, "--cluster", default="", help="cluster name recorded in each request's log event")
     add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_version(parser)
@@ -133,7 +136,10 @@ async def serve(args: argparse.Namespace) -> None:
     check_port_free(host, port)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pool = UpstreamPool(target.connect)
-    service = AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect)
+    if not args.request_head_timeout > 0:
+        raise StartupError("--request-head-timeout must be a positive number of seconds")
+    service = AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect,
+                               head_timeout=args.request_head_timeout)
     tunnel_pb2_grpc.add_AuthProxyServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

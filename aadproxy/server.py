@@ -13,7 +13,7 @@ from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.aadproxy.apiserver import ApiServer
 from clusterconnect.aadproxy.authn import Authenticator
-from clusterconnect.aadproxy.http_forwarder import forward_connection
+from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect.aadproxy.upstream import ConnectUpstream
 from clusterconnect.grpc_options import metadata_value
@@ -30,8 +30,9 @@ VERSION_TIMEOUT = 10.0
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
     def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "",
-                 connect_upstream: ConnectUpstream | None = None) -> None:
+                 connect_upstream: ConnectUpstream | None = None, head_timeout: float = HEAD_TIMEOUT) -> None:
         self.apiserver = apiserver
+        self.head_timeout = head_timeout
         # Where forwarded connections come from (main.py passes the warm pool); default: a new one each.
         self.connect_upstream: ConnectUpstream = connect_upstream or apiserver.connect
         self.authenticator = authenticator
@@ -60,7 +61,7 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
         await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator,
-                                 stopping=self._stopping)
+                                 stopping=self._stopping, head_timeout=self.head_timeout)
 
     def _stopping(self) -> bool:
         return self.stopping

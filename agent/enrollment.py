@@ -308,8 +308,9 @@ async def enroll(state: AgentState, relay_target: str, cluster: str, join_token:
     now = datetime.datetime.now(datetime.UTC)
     if identity is not None and identity.not_after > now and root is not None:
         if identity.cluster != cluster:
-            log.warning("the certificate in the state directory is for another cluster",
-                        certificate_cluster=identity.cluster, cluster=cluster)
+            # The relay would refuse it for ever (PERMISSION_DENIED on every Connect).
+            raise EnrollmentError(f"the certificate in {state.identity_path} is for cluster {identity.cluster!r},"
+                                  f" not {cluster!r}: give the --state-dir of this cluster's agent")
         port = state.agent_port()
         if not port:
             try:
@@ -322,15 +323,18 @@ async def enroll(state: AgentState, relay_target: str, cluster: str, join_token:
         log.warning("the certificate in the state directory has expired; joining again",
                     not_after=identity.not_after.isoformat())
     if root is None:
-        raise EnrollmentError("first start: give --relay-ca-hash (and --join-token) to pin the relay's CA")
+        raise EnrollmentError("first start: give --relay-ca-hash (and the join token) to pin the relay's CA")
     if not join_token:
-        raise EnrollmentError(f"no valid certificate in {state.directory}: give a --join-token from"
-                              " `clusterconnect clusters add`")
+        raise EnrollmentError(f"no valid certificate in {state.directory}: give the join token from"
+                              " `clusterconnect clusters add` (CLUSTERCONNECT_JOIN_TOKEN or --join-token-file)")
     try:
         info = await get_ca(relay_target, root, pin)
         key, reply = await join(relay_target, root, cluster, join_token)
     except grpc.aio.AioRpcError as exc:
-        transient = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # RESOURCE_EXHAUSTED: the relay limits failed joins per address (others behind the same NAT may
+        # have failed); the right token gets through once the limit allows, so try again later.
+        transient = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   grpc.StatusCode.RESOURCE_EXHAUSTED)
         raise EnrollmentError(f"joining relay {relay_target} failed: {exc.code().name}: {exc.details()}",
                               transient=transient) from None
     # Trust the relay's own bundle from now on (it holds the pinned CA; checked in get_ca).

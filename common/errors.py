@@ -59,3 +59,10 @@ class StartupError(ClusterConnectError):
 
     exit_code = 2
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ClusterConnectError):
+    """Too many attempts or connections right now: a limit of the service, not a fault of the request."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429

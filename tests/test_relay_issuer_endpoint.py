@@ -42,3 +42,53 @@ def test_close_ends_open_connections(tmp_path) -> None:
         issuer.keys.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_trickling_in_is_cut_at_the_deadline_while_others_are_served(tmp_path) -> None:
+    """Slowloris: one byte every 50 ms never completes a request within the deadline (1 s here); the
+    endpoint hangs up on it, and serves a normal client meanwhile."""
+    ca, cert, key = ensure_ca_and_server_cert(tmp_path / "pki", "test CA", ["127.0.0.1"])
+    request = b"GET /.well-known/openid-configuration HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 80 + b"\r\n\r\n"
+
+    async def served(port: int, client: ssl.SSLContext) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        return head
+
+    async def scenario() -> None:
+        issuer = Issuer("https://127.0.0.1", "aud", SigningKeys(tmp_path / "relay.db", max_age=0), 60)
+        endpoint = IssuerEndpoint(issuer, cert, key, request_timeout=1.0)
+        port = await endpoint.start("127.0.0.1", 0)
+        client = ssl.create_default_context(cafile=str(ca))
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        started = loop.time()
+        hung_up = asyncio.create_task(reader.read())  # the server's EOF (or reset) on the slow connection
+        sent = 0
+        try:
+            async with asyncio.timeout(5):  # the whole request at this pace would take over 6 s
+                while not hung_up.done() and sent < len(request):
+                    try:
+                        writer.write(request[sent:sent + 1])
+                        await writer.drain()
+                    except (ConnectionError, ssl.SSLError):
+                        break
+                    sent += 1
+                    if sent == 5:  # the slow connection is open and being read: a normal one is served
+                        assert (await served(port, client)).startswith(b"HTTP/1.1 200 ")
+                    await asyncio.sleep(0.05)  # the attacker's pace, not a synchronisation
+                try:
+                    assert await hung_up == b""
+                except (ConnectionError, ssl.SSLError):
+                    pass  # a reset is a hang-up too
+        finally:
+            writer.close()
+            await endpoint.close()
+            issuer.keys.close()
+        elapsed = loop.time() - started
+        assert sent < len(request), "the whole request went through: no deadline"
+        assert 0.9 <= elapsed < 3.0, elapsed
+
+    asyncio.run(scenario())

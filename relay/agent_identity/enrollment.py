@@ -29,9 +29,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from clusterconnect import cliargs
-from clusterconnect.errors import ClusterConnectError, StartupError
+from clusterconnect.errors import ClusterConnectError, ResourceExhausted, StartupError
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import KeyPair, ca_hash
+from clusterconnect.ratelimit import FailureLimiter, peer_address
 from clusterconnect.relay.agent_identity import pki as agent_pki
 from clusterconnect.relay.agent_identity.pki import AgentIdentity, CsrRefused
 from clusterconnect.relay.rpc import UnaryContext, abort_with
@@ -172,8 +173,9 @@ class AgentAuthenticator:
 class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
     def __init__(self, enrollment: EnrollmentStore, clusters: ClusterStore, authenticator: AgentAuthenticator,
                  agent_ca: KeyPair, relay_ca_pem: bytes, relay_ca_hash: str, agent_port: int,
-                 lifetime_seconds: int) -> None:
+                 lifetime_seconds: int, join_limiter: FailureLimiter) -> None:
         self.enrollment = enrollment
+        self.join_limiter = join_limiter  # failed Joins per client address and overall
         self.clusters = clusters
         self.authenticator = authenticator
         self.agent_ca = agent_ca
@@ -209,8 +211,15 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
 
     async def Join(self, request: enrollment_pb2.JoinRequest, context: UnaryContext) -> enrollment_pb2.JoinResponse:
         cluster = request.cluster
+        source = peer_address(context.peer())
+        try:
+            self.join_limiter.check(source)
+        except ResourceExhausted as exc:
+            log.debug("agent join refused", cluster=cluster, reason="rate limited", peer=context.peer())
+            await abort_with(context, exc)
         csr = await self._checked_csr(context, request.csr_pem, cluster)
         if self.clusters.get(cluster) is None or not self.enrollment.consume_join_token(cluster, request.join_token):
+            self.join_limiter.failed(source)
             log.warning("agent join refused", cluster=cluster, peer=context.peer())
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -299,7 +308,8 @@ class AgentEnrollment:
         self.agent_port = self.args.agent_advertise_port or port
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
             Enrollment(self.store, self.clusters, self.authenticator, self.agent_ca, self.relay_ca_pem,
-                       self.relay_ca_hash, self.agent_port, self.args.agent_cert_lifetime),
+                       self.relay_ca_hash, self.agent_port, self.args.agent_cert_lifetime,
+                       FailureLimiter("join token")),
             server,
         )
         log.info("agent endpoint", port=port, agent_cert_lifetime=self.args.agent_cert_lifetime)

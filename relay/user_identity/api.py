@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from clusterconnect.errors import ResourceExhausted
 from clusterconnect.grpc_options import bearer_from_metadata
 from clusterconnect.logs import get_logger
+from clusterconnect.ratelimit import FailureLimiter, peer_address
 from clusterconnect.relay.admin_api.check import AdminCheck
 from clusterconnect.relay.rpc import UnaryContext, abort_with
 from clusterconnect.relay.user_identity.access import AccessError, AccessStore, Entry
@@ -22,14 +24,22 @@ def _user(record: UserRecord) -> identity_pb2.User:
 
 
 class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
-    def __init__(self, users: UserStore, issuer: Issuer) -> None:
+    def __init__(self, users: UserStore, issuer: Issuer, login_limiter: FailureLimiter | None = None) -> None:
         self.users = users
         self.issuer = issuer
+        # Wrong login codes per client address and overall (clusterconnect.ratelimit has the defaults).
+        self.login_limiter = login_limiter or FailureLimiter("login code")
 
     async def Login(self, request: identity_pb2.LoginRequest, context: UnaryContext) -> identity_pb2.LoginResponse:
+        source = peer_address(context.peer())
         try:
+            self.login_limiter.check(source)
             user, credential = self.users.redeem_code(request.code.strip(), request.device)
+        except ResourceExhausted as exc:
+            log.debug("login refused", reason="rate limited", peer=context.peer())
+            await abort_with(context, exc)
         except UserError as exc:
+            self.login_limiter.failed(source)
             await abort_with(context, exc)
         log.info("user logged in", user=user.name, device=request.device[:128])
         return identity_pb2.LoginResponse(refresh_credential=credential, username=user.name,

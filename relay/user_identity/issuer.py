@@ -47,7 +47,13 @@ CLOCK_SKEW = 60
 ALGORITHM = "ES256"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/keys"
-READ_TIMEOUT = 30.0
+# An idle keep-alive connection is closed after this long without a request.
+IDLE_TIMEOUT = 30.0
+# A request must be complete this long after its first byte, however slowly it trickles in
+# (slowloris); verifiers send a GET of a few hundred bytes at once.
+REQUEST_TIMEOUT = 10.0
+# The TLS handshake, before any of that (asyncio's default is 60 s).
+HANDSHAKE_TIMEOUT = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS issuer_keys (
@@ -224,8 +230,11 @@ class IssuerEndpoint:
     keeps them in ``_connections``, and ``close`` cancels and awaits them.
     """
 
-    def __init__(self, issuer: Issuer, cert: Path, key: Path) -> None:
+    def __init__(self, issuer: Issuer, cert: Path, key: Path, request_timeout: float = REQUEST_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.issuer = issuer
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.tls.load_cert_chain(cert, key)
         self.tls.set_alpn_protocols(["http/1.1"])
@@ -233,7 +242,8 @@ class IssuerEndpoint:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
-        self.server = await asyncio.start_server(self._serve, host, port, ssl=self.tls)
+        self.server = await asyncio.start_server(self._serve, host, port, ssl=self.tls,
+                                                 ssl_handshake_timeout=min(HANDSHAKE_TIMEOUT, self.request_timeout))
         bound: int = self.server.sockets[0].getsockname()[1]
         return bound
 
@@ -257,20 +267,29 @@ class IssuerEndpoint:
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # of the request being read; None while idle between requests
         try:
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
+                    until = deadline if deadline is not None else loop.time() + self.idle_timeout
+                    async with asyncio.timeout_at(until):
+                        data = await reader.read(65536)
+                    if deadline is None and data:
+                        deadline = loop.time() + self.request_timeout
                     conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
                     writer.write(self._respond(conn, event))
-                    await writer.drain()
+                    async with asyncio.timeout_at(deadline):  # a client that does not read is cut too
+                        await writer.drain()
                 elif isinstance(event, h11.ConnectionClosed) or conn.our_state is h11.MUST_CLOSE:
                     return
                 elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                     conn.start_next_cycle()
+                    # The next request gets a clock of its own, from its first byte (here already if pipelined).
+                    deadline = loop.time() + self.request_timeout if conn.trailing_data[0] else None
         except (h11.RemoteProtocolError, OSError, TimeoutError, ssl.SSLError):
             return
         finally:
