@@ -33,8 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(parser, "--state-dir", type=Path,
                      help="where the agent keeps its key, certificate and the relay CA (mode 700; a volume in a pod;"
                      " default ~/.local/state/clusterconnect/agent-CLUSTER)")
+    cliargs.add_flag(parser, "--join-token-file", type=Path,
+                     help="file holding the one-time join token from `clusterconnect clusters add` (or give the"
+                          " token in the environment); needed only until the agent has joined")
     cliargs.add_flag(parser, "--join-token",
-                     help="one-time token from `clusterconnect clusters add`; needed only until the agent has joined")
+                     help="deprecated on the command line, where `ps` shows it to every local user: give the"
+                          " token in the environment or --join-token-file")
     cliargs.add_flag(parser, "--relay-ca-hash",
                      help="sha256:<hex> of the relay CA's public key (from `clusters add`):"
                           " pins the relay on the first start")
@@ -50,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           "(0: none)")
     cliargs.add_flag(parser, "--log-level", default="info", help="debug, info, warning or error")
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    # Warned about once logging runs (run()); the environment variable of the same flag is fine.
+    args.join_token_on_argv = any(a == "--join-token" or a.startswith("--join-token=") for a in given)
     if not 0 <= args.warm_streams <= MAX_WARM_STREAMS:
         parser.error(f"--warm-streams must be between 0 and {MAX_WARM_STREAMS}")
     return args
@@ -73,14 +80,25 @@ def authproxy_channel(address: str, ca: Path | None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+def join_token(args: argparse.Namespace) -> str | None:
+    """The join token: --join-token-file's content, else --join-token (normally from the environment)."""
+    if args.join_token_on_argv:
+        log.warning("--join-token on the command line is visible to every local user (ps);"
+                    " give CLUSTERCONNECT_JOIN_TOKEN or --join-token-file instead")
+    if args.join_token_file is not None:
+        return _read(args.join_token_file, "join token file").decode().strip() or None
+    return args.join_token or None
+
+
 async def run(args: argparse.Namespace) -> None:
     relay_ca = _read(args.relay_ca, "relay CA") if args.relay_ca else None
+    token = join_token(args)
     target = grpc_target(args.relay)  # InvalidInput: one line and exit code 2 (clusterconnect.service)
     state_dir = args.state_dir or Path.home() / ".local/state/clusterconnect" / f"agent-{args.cluster}"
     backoff = Backoff()
     while True:
         try:
-            enrolled = await enroll(AgentState(state_dir), target, args.cluster, args.join_token,
+            enrolled = await enroll(AgentState(state_dir), target, args.cluster, token,
                                     args.relay_ca_hash, relay_ca)
             break
         except EnrollmentError as exc:

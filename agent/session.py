@@ -14,7 +14,7 @@ from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import Enrolled
-from clusterconnect.errors import Unavailable
+from clusterconnect.errors import PermissionDenied, Unavailable
 from clusterconnect.grpc_options import CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import RPC_ENDED, GrpcClientStream, PeerGone, splice
@@ -34,6 +34,11 @@ HEALTHY_AFTER = 10.0
 
 class _SessionOver(Unavailable):
     """The control stream ended, taking the session's connections with it."""
+
+
+class AgentRefused(PermissionDenied):
+    """The relay refused this agent's identity (cluster removed, certificate replaced or for another
+    cluster): trying again cannot help, so the agent exits with this line instead of retrying for ever."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -86,7 +91,7 @@ class Agent:
                 log.info("certificate renewed; reconnecting with it, connections on the old one go on")
                 backoff.reset()
                 continue
-            reason = session.result()
+            reason = session.result()  # AgentRefused: the agent's end (run_forever's TaskGroup ends with it)
             if reason is None:  # handed over and already finished: the next one is due at once
                 backoff.reset()
                 continue
@@ -100,9 +105,12 @@ class Agent:
     async def _session_to_end(self, next_due: asyncio.Event) -> str | None:
         """Run one session; the reason it ended as one line, or None if it ended after handing over.
 
-        Never raises but CancelledError: any failure of a session (the relay's status, a usage error
-        of a call the relay ended, the health file's directory gone) is a reason to reconnect, and this
-        task lives in the agent's TaskGroup, which one failed session must not tear down."""
+        Raises only CancelledError and AgentRefused: any other failure of a session (the relay's
+        status, a usage error of a call the relay ended, the health file's directory gone) is a reason
+        to reconnect, and this task lives in the agent's TaskGroup, which one failed session must not
+        tear down. PERMISSION_DENIED for the current session is the relay's final word on this
+        agent's certificate (relay/datapath/tunnel.py: cluster removed; the authenticator: replaced,
+        expired or another cluster's): reconnecting would be refused the same way for ever."""
         try:
             await self._session(next_due)
             return None if next_due.is_set() else "relay ended the session"
@@ -111,6 +119,8 @@ class Agent:
             if next_due.is_set():  # a draining session: the next one runs already
                 log.debug("old session ended", reason=reason)
                 return None
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is grpc.StatusCode.PERMISSION_DENIED:
+                raise AgentRefused(f"the relay refused this agent: {exc.details()}") from None
             return reason
         finally:
             next_due.set()

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clusterconnect import cliargs, credentials
+from clusterconnect.cli.secret_input import read_secret
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
@@ -35,7 +36,9 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
                 admin_flags: Callable[[argparse.ArgumentParser], None], state_dir: Path) -> None:
     login = commands.add_parser("login", help="log in: at the relay (--code), an OIDC issuer, or via a command")
     how = login.add_mutually_exclusive_group(required=True)
-    how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay)")
+    how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay);"
+                                    " - reads it from stdin, so it never shows in `ps`")
+    how.add_argument("--code-file", metavar="PATH", help="file holding the login code (- for stdin)")
     how.add_argument("--issuer", help="external OIDC issuer URL (device authorization grant, or client"
                                       " credentials with --client-secret)")
     how.add_argument("--token-command", help="command printing a token (e.g. 'az account get-access-token"
@@ -43,7 +46,10 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
     login.add_argument("--relay", help="relay URL (with --code)")
     login.add_argument("--relay-ca", type=Path, help="CA bundle of the relay's certificate")
     login.add_argument("--client-id", help="OAuth client id at --issuer")
-    login.add_argument("--client-secret", help="client secret: use the client credentials grant (CI)")
+    secret = login.add_mutually_exclusive_group()
+    secret.add_argument("--client-secret", help="client secret: use the client credentials grant (CI);"
+                                                " - reads it from stdin")
+    secret.add_argument("--client-secret-file", metavar="PATH", help="file holding the client secret (- for stdin)")
     login.add_argument("--issuer-ca", type=Path, help="CA bundle of the issuer's certificate")
     login.add_argument("--scope", help="scopes to ask for (default: 'openid offline_access' for people)")
     login.add_argument("--audience", help="audience to ask for (client credentials)")
@@ -111,10 +117,12 @@ def _read_text(path: Path | None, what: str) -> str | None:
 def login_command(args: argparse.Namespace) -> None:
     """Log in and save the login (a LoginError reaches main() as one line)."""
     device = f"{getpass.getuser()}@{socket.gethostname()}"
-    if args.code:
+    if args.code is not None or args.code_file is not None:
         if not args.relay:
             fail("--code needs --relay URL")
-        builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), args.code, device)
+        code = read_secret(args.code, args.code_file, "login code", "--code")
+        assert code is not None  # one of the two flags was given
+        builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), code, device)
         login: credentials.AnyLogin = builtin
         name = args.name or credentials.relay_profile(args.relay)
         who = f"{builtin.username} at relay {args.relay}"
@@ -123,8 +131,9 @@ def login_command(args: argparse.Namespace) -> None:
             fail("--issuer needs --client-id")
         ca = _read_text(args.issuer_ca, "issuer CA")
         name = args.name or credentials.profile_name(f"oidc-{args.issuer.split('://')[-1]}-{args.client_id}")
-        if args.client_secret:
-            login = credentials.client_credentials_login(args.issuer, ca, args.client_id, args.client_secret,
+        client_secret = read_secret(args.client_secret, args.client_secret_file, "client secret", "--client-secret")
+        if client_secret:
+            login = credentials.client_credentials_login(args.issuer, ca, args.client_id, client_secret,
                                                          args.scope or "", args.audience)
         else:
             def show(uri: str, code: str) -> None:
@@ -230,7 +239,8 @@ def _show_login_code(args: argparse.Namespace, reply: Any) -> None:
     print(f"user {reply.user.name} (groups: {groups}); one-time login code (valid until "
           f"{datetime.datetime.fromtimestamp(reply.login_code_expires_unix, datetime.UTC):%Y-%m-%d %H:%M} UTC):")
     print(reply.login_code)
-    print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code {reply.login_code}")
+    # `--code -` reads the code from stdin: on argv another local user could see it and redeem it first.
+    print(f"the user logs in with: clusterconnect login --relay {args.relay}{ca} --code -   (then pastes the code)")
 
 
 def _show_users(args: argparse.Namespace, reply: identity_pb2.ListUsersResponse) -> None:

@@ -145,8 +145,10 @@ def _print_removed(args: argparse.Namespace, reply: tunnel_pb2.RemoveClusterResp
 
 
 def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse) -> None:
-    command = (f"clusterconnect-agent --relay {args.relay} --cluster {args.name} --join-token {reply.join_token}"
-               f" --relay-ca-hash {reply.relay_ca_hash} --authproxy {args.authproxy}")
+    # The token goes in the agent's environment, never its argv, which every local user can read (ps).
+    # (A shell assignment before a command is not part of any argv; /proc/PID/environ is the owner's only.)
+    command = (f"CLUSTERCONNECT_JOIN_TOKEN={reply.join_token} clusterconnect-agent --relay {args.relay}"
+               f" --cluster {args.name} --relay-ca-hash {reply.relay_ca_hash} --authproxy {args.authproxy}")
     if args.json:
         print(json.dumps({"cluster": args.name, "join_token": reply.join_token, "relay_ca_hash": reply.relay_ca_hash,
                           "expires_unix": reply.join_token_expires_unix, "agent_command": command}))
@@ -154,7 +156,8 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
     expires = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(reply.join_token_expires_unix))
     print(f"cluster {args.name} added; its agent joins once with the token below (valid until {expires},"
           " shown only once), pins the relay CA by its hash and from then on uses its own certificate.")
-    print("run the agent in the cluster with (keep --state-dir on a volume):")
+    print("run the agent in the cluster with (keep --state-dir on a volume; the token may also come from a file"
+          " with --join-token-file PATH, or from a Secret as in deploy/k8s):")
     print(f"  {command}")
 
 

@@ -70,8 +70,8 @@ def login_with_code(chain: Chain, user: str, groups: list[str], state_dir: Path)
     added = chain.cli("users", "add", user, *[arg for group in groups for arg in ("--group", group)])
     code = added.stdout.splitlines()[1].strip()
     login = subprocess.run([script("clusterconnect"), "login", "--relay", chain.relay_url, "--relay-ca",
-                            str(chain.relay_ca), "--code", code, "--state-dir", str(state_dir)],
-                           capture_output=True, text=True, timeout=30)
+                            str(chain.relay_ca), "--code", "-", "--state-dir", str(state_dir)],
+                           input=code + "\n", capture_output=True, text=True, timeout=30)
     assert login.returncode == 0, login.stderr
     return code
 
