@@ -86,6 +86,10 @@ def join_token(args: argparse.Namespace) -> str | None:
         log.warning("--join-token on the command line is visible to every local user (ps);"
                     " give CLUSTERCONNECT_JOIN_TOKEN or --join-token-file instead")
     if args.join_token_file is not None:
+        if not args.join_token_file.exists():
+            # An agent that has joined needs no token: its Secret may be gone (an optional volume).
+            log.info("join token file not found; an agent that has joined needs none", path=str(args.join_token_file))
+            return None
         return _read(args.join_token_file, "join token file").decode().strip() or None
     return args.join_token or None
 

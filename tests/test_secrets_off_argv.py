@@ -62,10 +62,13 @@ def test_agent_reads_its_join_token_from_a_file(relay, tmp_path):
     token_file.write_text(join["join_token"] + "\n")
     token_file.chmod(0o600)
     relay.joins["filed"] = {**join, "join_token": ""}  # nothing in the environment: only the file has it
-    agent = relay.start_agent(name="agent-filed", cluster="filed", extra_args=("--join-token-file", str(token_file)))
-    agent.stop()
+    flags = ("--join-token-file", str(token_file))
+    relay.start_agent(name="agent-filed", cluster="filed", extra_args=flags).stop()
     log = (relay.state_dir / "logs" / "agent-filed.log").read_text()
     assert '"event": "joined relay"' in log and "visible to every local user" not in log
+    # Once joined, the token is not needed: the file (a Secret's, say) may be gone.
+    token_file.unlink()
+    relay.start_agent(name="agent-filed", cluster="filed", extra_args=flags).stop()
 
 
 def test_join_token_on_the_command_line_still_works_with_a_warning(relay):
