@@ -101,7 +101,12 @@ def test_tokens_signed_with_anything_from_a_stolen_database_are_refused(relay, t
     for kid, stored in rows:
         forged.append(jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
                                  headers={"kid": kid}))
-        forged.append(jwt.encode(claims, stored.encode(), algorithm="HS256", headers={"kid": kid}))
+        try:  # what a thief tries first: the stored value as the key
+            key = serialization.load_pem_private_key(stored.encode(), None)
+        except ValueError:
+            forged.append(jwt.encode(claims, stored.encode(), algorithm="HS256", headers={"kid": kid}))
+        else:
+            forged.append(jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid}))
     for token in forged:
         code, details = dial_status(chain, chain.cluster, token)
         assert code in REFUSED, (code, details)

@@ -137,12 +137,12 @@ def test_a_user_added_again_does_not_inherit_the_old_tokens_or_groups(generation
         removed = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         chain.cli("users", "remove", "dave")
         login_with_code(chain, "dave", ["new-team"], new_state)
-        assert jwt.decode(old_token, options={"verify_signature": False})["uid"] != \
-            jwt.decode(credentials.get_token(new_state, login)[0], options={"verify_signature": False})["uid"]
 
         # the old token, unexpired and still naming old-team, on a new connection: refused at the relay
         after = f"after-{secrets.token_hex(4)}"
         assert _get_pods(old_kubeconfig, None, after) == 403
+        assert jwt.decode(old_token, options={"verify_signature": False})["uid"] != \
+            jwt.decode(credentials.get_token(new_state, login)[0], options={"verify_signature": False})["uid"]
         with pytest.raises(credentials.LoginError, match="not valid"):
             credentials.refresh(credentials.load(old_state, login))  # the old refresh credential
 
