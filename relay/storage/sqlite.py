@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # SQLite gives its -wal and -shm files the mode of the database file, so making that one 600 covers all three.
@@ -37,3 +39,15 @@ def add_column(db: sqlite3.Connection, table: str, column: str, declaration: str
         return False
     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
     return True
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an autocommit connection: all of the block or nothing."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

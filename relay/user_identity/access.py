@@ -28,7 +28,7 @@ import grpc
 from clusterconnect import errors
 from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
 from clusterconnect.relay.storage.clusters import ClusterStore
-from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.storage.sqlite import open_db, transaction
 from clusterconnect.relay.user_identity.users import UserStore
 
 _SCHEMA = """
@@ -41,12 +41,12 @@ CREATE TABLE IF NOT EXISTS cluster_grants (
 """
 # Earlier versions kept grants in cluster_access, keyed by (name, created_unix): moved once, and only
 # those of the registration that still exists.
-_MIGRATE_CLUSTER_ACCESS = """
-INSERT OR IGNORE INTO cluster_grants (cluster_uid, kind, name)
-    SELECT c.uid, a.kind, a.name FROM cluster_access a
-    JOIN clusters c ON c.name = a.cluster AND c.created_unix = a.cluster_created_unix;
-DROP TABLE cluster_access;
-"""
+_MIGRATE_CLUSTER_ACCESS = (
+    "INSERT OR IGNORE INTO cluster_grants (cluster_uid, kind, name)"
+    " SELECT c.uid, a.kind, a.name FROM cluster_access a"
+    " JOIN clusters c ON c.name = a.cluster AND c.created_unix = a.cluster_created_unix",
+    "DROP TABLE cluster_access",
+)
 
 
 class AccessError(errors.ClusterConnectError):
@@ -82,7 +82,9 @@ class AccessStore:
         legacy = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cluster_access'").fetchone()
         if legacy:
-            self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_CLUSTER_ACCESS} COMMIT;")
+            with transaction(self._db):
+                for statement in _MIGRATE_CLUSTER_ACCESS:
+                    self._db.execute(statement)
 
     def close(self) -> None:
         self._db.close()

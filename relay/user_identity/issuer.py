@@ -42,7 +42,7 @@ from clusterconnect.logs import get_logger
 from clusterconnect.oidc import fetch_json
 from clusterconnect.oidc.keys import FetchJson
 from clusterconnect.relay.storage.sealing import SealingKey
-from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.storage.sqlite import open_db, transaction
 
 log = get_logger(__name__)
 
@@ -130,15 +130,10 @@ class SigningKeys:
                                 (_PLAINTEXT_PREFIX + "%",)).fetchall()
         if not rows:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             for kid, pem in rows:
                 self._db.execute("UPDATE issuer_keys SET private_pem = ? WHERE kid = ?",
                                  (_seal(self._sealing, kid, pem.encode()), kid))
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         log.info("issuer signing keys sealed", keys=len(rows))
 

@@ -19,13 +19,12 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from clusterconnect import errors
-from clusterconnect.relay.storage.sqlite import add_column, open_db
+from clusterconnect.relay.storage.sqlite import add_column, open_db, transaction
 
 USER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9._@]{0,62}[a-z0-9])?$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9._@:/]{0,126}[A-Za-z0-9])?$")
@@ -156,7 +155,7 @@ class UserStore:
         and expiry (a full lifetime from now, so no login ends at the upgrade) per credential."""
         for table, column, declaration in _ADDED_COLUMNS:
             add_column(self._db, table, column, declaration)
-        with self._transaction():
+        with transaction(self._db):
             for (name,) in self._db.execute("SELECT name FROM users WHERE uid = ''").fetchall():
                 self._db.execute("UPDATE users SET uid = ? WHERE name = ?", (_new_id(), name))
             expires = int(self._clock()) + self.credential_lifetime
@@ -167,16 +166,6 @@ class UserStore:
                     " user_uid = (SELECT uid FROM users WHERE name = user_credentials.user)"
                     " WHERE credential_sha256 = ?", (_new_id(), expires, digest))
         self._db.executescript(_INDEXES)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def _record(self, row: tuple[str, str, int, str]) -> UserRecord:
         name, groups, created, uid = row
@@ -225,7 +214,7 @@ class UserStore:
         return [self._record(row) for row in rows]
 
     def remove(self, name: str) -> bool:
-        with self._transaction():
+        with transaction(self._db):
             self._db.execute("DELETE FROM user_login_codes WHERE user = ?", (name,))
             self._db.execute("DELETE FROM user_credentials WHERE user = ?", (name,))
             return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
@@ -234,7 +223,7 @@ class UserStore:
         """Consume a login code (once); returns the user and a new refresh credential."""
         digest = _digest(code)
         now = int(self._clock())
-        with self._transaction():
+        with transaction(self._db):
             row = self._db.execute(
                 "DELETE FROM user_login_codes WHERE code_sha256 = ? RETURNING user, expires_unix", (digest,)
             ).fetchone()
