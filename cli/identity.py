@@ -1,4 +1,4 @@
-"""`clusterconnect login`, `token`, `users`, `keys` and `clusters grant|revoke|access` (user identity)."""
+"""`clusterconnect login`, `logout`, `token`, `users`, `keys` and `clusters grant|revoke|access` (user identity)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-COMMANDS = ("login", "token", "users", "keys")
+COMMANDS = ("login", "logout", "token", "users", "keys")
 CLUSTER_ACTIONS = ("grant", "revoke", "access")
 
 
@@ -56,6 +56,10 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
     login.add_argument("--name", help="name of this login (default: derived from the relay or issuer)")
     cliargs.add_flag(login, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
 
+    logout = commands.add_parser("logout", help="revoke this device's login at the relay and delete it here")
+    logout.add_argument("--login", help="login name (default: the only one)")
+    cliargs.add_flag(logout, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
+
     token = commands.add_parser("token", help="print an ExecCredential with a fresh token (kubectl exec plugin)")
     token.add_argument("--cluster", help="cluster the token is for (informational)")
     token.add_argument("--login", help="login name (default: the only one)")
@@ -75,6 +79,13 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
     remove = actions.add_parser("remove", help="remove a user; their credentials stop working at once")
     remove.add_argument("name")
     admin_flags(remove)
+    logins = actions.add_parser("credentials", help="a user's logins (refresh credentials): id, device, expiry")
+    logins.add_argument("name")
+    admin_flags(logins)
+    revoke_login = actions.add_parser("revoke-credential", help="revoke one login of a user at once")
+    revoke_login.add_argument("name")
+    revoke_login.add_argument("id", help="credential id from `users credentials NAME`")
+    admin_flags(revoke_login)
 
     keys = commands.add_parser("keys", help="the built-in issuer's signing keys (admin)")
     key_actions = keys.add_subparsers(dest="action", required=True)
@@ -101,6 +112,8 @@ def handles(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> None:
     if args.command == "login":
         login_command(args)
+    elif args.command == "logout":
+        logout_command(args)
     elif args.command == "token":
         token_command(args)
     else:
@@ -164,6 +177,14 @@ def _resolve_login(args: argparse.Namespace) -> str:
     raise AssertionError
 
 
+def logout_command(args: argparse.Namespace) -> None:
+    name = _resolve_login(args)
+    revoked = credentials.logout(args.state_dir, name)
+    at = {True: "revoked at the relay", False: "the relay no longer accepted it",
+          None: "nothing to revoke at an external issuer or command"}[revoked]
+    print(f"logged out: login {name} deleted ({at})")
+
+
 def token_command(args: argparse.Namespace) -> None:
     try:
         token, expires = credentials.get_token(args.state_dir, _resolve_login(args))
@@ -216,6 +237,10 @@ def admin_command(args: argparse.Namespace) -> None:
                             _show_login_code),
         ("users", "list"): ("ListUsers", identity_pb2.ListUsersRequest, _show_users),
         ("users", "remove"): ("RemoveUser", lambda: identity_pb2.RemoveUserRequest(name=args.name), _show_removed),
+        ("users", "credentials"): ("ListCredentials", lambda: identity_pb2.ListCredentialsRequest(user=args.name),
+                                   _show_credentials),
+        ("users", "revoke-credential"): ("RevokeCredential", lambda: identity_pb2.RevokeCredentialRequest(
+            user=args.name, id=args.id), _show_credential_revoked),
         ("keys", "rotate"): ("RotateSigningKey", identity_pb2.RotateSigningKeyRequest, _show_rotated),
         ("clusters", "grant"): ("Grant", lambda: identity_pb2.AccessChange(cluster=args.name, entry=_entry(args)),
                                 _show_access),
@@ -252,6 +277,23 @@ def _show_users(args: argparse.Namespace, reply: identity_pb2.ListUsersResponse)
 
 def _show_removed(args: argparse.Namespace, reply: Any) -> None:
     print(f"user {args.name} removed; their logins no longer work")
+
+
+def _utc(unix: int) -> str:
+    return f"{datetime.datetime.fromtimestamp(unix, datetime.UTC):%Y-%m-%d %H:%M}" if unix else "-"
+
+
+def _show_credentials(args: argparse.Namespace, reply: identity_pb2.ListCredentialsResponse) -> None:
+    table = Table("ID", "DEVICE", "CREATED (UTC)", "LAST USED", "EXPIRES", box=None, header_style="bold")
+    now = time.time()
+    for item in reply.credentials:
+        expires = _utc(item.expires_unix) + (" (expired)" if item.expires_unix < now else "")
+        table.add_row(item.id, item.device or "-", _utc(item.created_unix), _utc(item.last_used_unix), expires)
+    Console(width=140).print(table)
+
+
+def _show_credential_revoked(args: argparse.Namespace, reply: Any) -> None:
+    print(f"credential {args.id} of user {args.name} revoked; that login no longer works")
 
 
 def _show_rotated(args: argparse.Namespace, reply: identity_pb2.RotateSigningKeyResponse) -> None:

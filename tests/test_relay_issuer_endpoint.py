@@ -7,6 +7,7 @@ import json
 import ssl
 
 from clusterconnect.pki import ensure_ca_and_server_cert
+from clusterconnect.relay.storage.sealing import SealingKey
 from clusterconnect.relay.user_identity.issuer import Issuer, IssuerEndpoint, SigningKeys
 
 
@@ -14,7 +15,8 @@ def test_close_ends_open_connections(tmp_path) -> None:
     ca, cert, key = ensure_ca_and_server_cert(tmp_path / "pki", "test CA", ["127.0.0.1"])
 
     async def scenario() -> None:
-        issuer = Issuer("https://127.0.0.1", "aud", SigningKeys(tmp_path / "relay.db", max_age=0), 60)
+        keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
+        issuer = Issuer("https://127.0.0.1", "aud", keys, 60)
         endpoint = IssuerEndpoint(issuer, cert, key)
         port = await endpoint.start("127.0.0.1", 0)
         client = ssl.create_default_context(cafile=str(ca))

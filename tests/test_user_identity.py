@@ -41,6 +41,7 @@ from clusterconnect import credentials as tokens
 from clusterconnect.oidc import AuthenticationConfig, IssuerKeys, Verifier
 from clusterconnect.relay.storage import clusters as cluster_storage
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.sealing import SealingKey
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
 from clusterconnect.relay.user_identity.issuer import CLOCK_SKEW, MAX_ACCESS_TOKEN_LIFETIME, Issuer, SigningKeys
 from clusterconnect.relay.user_identity.users import UserError, UserStore
@@ -58,7 +59,7 @@ LIFETIME = 4  # seconds: the e2e relay's access token lifetime
 def _relay_parts(tmp_path, lifetime=60, skew=1.0):
     db = tmp_path / "relay.db"
     clusters = ClusterStore(db)
-    keys = SigningKeys(db, max_age=0)
+    keys = SigningKeys(db, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
     issuer = Issuer("https://relay.example:8444", "https://relay.example:8444", keys, lifetime)
     config = builtin_issuer_config(issuer.url, issuer.audience, None)
     verifier = Verifier(AuthenticationConfig(issuers=(config,)), leeway=skew, keys={
@@ -82,16 +83,17 @@ def test_login_code_works_once_and_names_are_checked(tmp_path):
     with pytest.raises(UserError):
         users.add("bob", ["system:masters"])
     users.remove("alice")
-    assert users.user_of_credential(credential) is None
+    with pytest.raises(UserError, match="not valid"):
+        users.user_of_credential(credential)
 
 
 def test_rotation_keeps_tokens_of_the_previous_key_valid(tmp_path):
     _, keys, issuer, verifier, _, _ = _relay_parts(tmp_path)
-    before, _ = issuer.mint("alice", ("dev",))
+    before, _ = issuer.mint("alice", ("dev",), "uid-of-alice")
     published = [k["kid"] for k in keys.jwks()["keys"]]
     assert len(published) == 2  # current + next (pre-published)
     rotated = keys.rotate()
-    after, _ = issuer.mint("alice", ("dev",))
+    after, _ = issuer.mint("alice", ("dev",), "uid-of-alice")
     kid_before = jwt.get_unverified_header(before)["kid"]
     kid_after = jwt.get_unverified_header(after)["kid"]
     assert kid_after == rotated.kid != kid_before
@@ -121,7 +123,8 @@ def test_login_code_expires_after_its_ttl(tmp_path):
 
 def test_signing_key_rotates_at_its_max_age(tmp_path):
     clock = FakeClock()
-    keys = SigningKeys(tmp_path / "relay.db", max_age=3600, clock=clock)
+    keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=3600,
+                       clock=clock)
     first = keys.current().kid
     clock.advance(3599)
     assert keys.current().kid == first
@@ -131,7 +134,8 @@ def test_signing_key_rotates_at_its_max_age(tmp_path):
 
 def test_a_retired_key_is_published_until_every_token_it_signed_expired(tmp_path):
     clock = FakeClock()
-    keys = SigningKeys(tmp_path / "relay.db", max_age=0, clock=clock)
+    keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0,
+                       clock=clock)
     retired = keys.current().kid
     keys.rotate()
 
@@ -147,11 +151,11 @@ def test_a_retired_key_is_published_until_every_token_it_signed_expired(tmp_path
 def test_access_rule(tmp_path, monkeypatch):
     clusters, keys, issuer, verifier, users, access = _relay_parts(tmp_path, skew=0.0)
     clusters.add("dev")
-    users.add("alice", ["dev"])
-    users.add("bob", ["ops"])
+    alice_user = users.add("alice", ["dev"])[0]
+    bob_user = users.add("bob", ["ops"])[0]
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-    alice, _ = issuer.mint("alice", ("dev",))
-    bob, _ = issuer.mint("bob", ("ops",))
+    alice, _ = issuer.mint("alice", ("dev",), alice_user.uid)
+    bob, _ = issuer.mint("bob", ("ops",), bob_user.uid)
 
     def check(token):
         return asyncio.run(authorizer.check("dev", token))
@@ -171,7 +175,8 @@ def test_access_rule(tmp_path, monkeypatch):
     assert "removed" in check(alice).message
     # bob's token, but one minted 3 s ago with a lifetime of 2 s: refused as expired, not as not listed
     assert check(bob).code == grpc.StatusCode.PERMISSION_DENIED
-    stale, _ = Issuer(issuer.url, issuer.audience, keys, 2, clock=lambda: time.time() - 3).mint("bob", ("ops",))
+    stale, _ = Issuer(issuer.url, issuer.audience, keys, 2, clock=lambda: time.time() - 3).mint(
+        "bob", ("ops",), bob_user.uid)
     expired = check(stale)
     assert expired.code == grpc.StatusCode.UNAUTHENTICATED and "expired" in expired.message
     # a cluster removed and registered again (a second later: created_unix counts seconds) does not

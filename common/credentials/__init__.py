@@ -10,7 +10,7 @@ A login is one of three typed records (records.py), saved as JSON in ``STATE_DIR
 - :class:`CommandLogin`: a command that prints a token (command.py).
 
 :func:`get_token` returns a token valid for a while yet, refreshing it when less than a third of
-its lifetime (at most 60 s) is left (store.py).
+its lifetime (at most 60 s) is left (store.py); :func:`logout` revokes a login and deletes it.
 """
 
 from clusterconnect.credentials.builtin import login_relay
@@ -30,6 +30,7 @@ from clusterconnect.credentials.store import (
     get_token,
     list_logins,
     load,
+    logout,
     profile_name,
     refresh,
     relay_profile,
@@ -39,5 +40,5 @@ from clusterconnect.credentials.store import (
 __all__ = [
     "AnyLogin", "BuiltinLogin", "CachedTokenSource", "CommandLogin", "Login", "LoginError", "LoginKind",
     "OidcGrant", "OidcLogin", "client_credentials_login", "device_login", "get_token", "list_logins", "load",
-    "login_relay", "profile_name", "refresh", "relay_profile", "save",
+    "login_relay", "logout", "profile_name", "refresh", "relay_profile", "save",
 ]

@@ -1,4 +1,5 @@
-"""The relay's built-in issuer: redeem a one-time login code, exchange the refresh credential for tokens."""
+"""The relay's built-in issuer: redeem a one-time login code, exchange the refresh credential for tokens,
+revoke it (logout)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def login_relay(relay: str, ca_pem: str | None, code: str, device: str) -> Built
     finally:
         channel.close()
     return BuiltinLogin(relay=relay, relay_ca=ca_pem, refresh_credential=reply.refresh_credential,
-                        username=reply.username, issuer=reply.issuer, audience=reply.audience)
+                        username=reply.username, issuer=reply.issuer, audience=reply.audience,
+                        credential_id=reply.credential_id, credential_expires_unix=int(reply.credential_expires_unix))
 
 
 def refresh_builtin(login: BuiltinLogin) -> tuple[str, int]:
@@ -46,3 +48,19 @@ def refresh_builtin(login: BuiltinLogin) -> tuple[str, int]:
     finally:
         channel.close()
     return reply.access_token, int(reply.expires_unix)
+
+
+def logout_builtin(login: BuiltinLogin) -> bool:
+    """Revoke the login's refresh credential at the relay: True if revoked now, False if the relay no
+    longer knew it (revoked, expired, user removed); LoginError if the relay could not be asked."""
+    channel, stub = _identity_provider(login.relay, login.relay_ca)
+    try:
+        stub.Logout(identity_pb2.LogoutRequest(), metadata=(bearer(login.refresh_credential),), timeout=RPC_TIMEOUT)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            return False
+        raise LoginError(f"cannot revoke the login at relay {login.relay}: {exc.details() or exc.code().name}; "
+                         "the login is kept, try again") from None
+    finally:
+        channel.close()
+    return True

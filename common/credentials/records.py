@@ -42,6 +42,10 @@ class BuiltinLogin(Login):
     username: str = ""
     issuer: str = ""
     audience: str = ""
+    # Public id at the relay (`users credentials`) and when the relay stops accepting the credential;
+    # None in logins saved by earlier versions.
+    credential_id: str | None = None
+    credential_expires_unix: int | None = None
 
 
 @dataclass(kw_only=True)

@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
-from clusterconnect.credentials.builtin import refresh_builtin
+from clusterconnect.credentials.builtin import logout_builtin, refresh_builtin
 from clusterconnect.credentials.command import run_command
 from clusterconnect.credentials.errors import LoginError
 from clusterconnect.credentials.expiry import fresh_enough
@@ -103,3 +103,15 @@ def get_token(state_dir: Path, name: str) -> tuple[str, int]:
         login.access_token, login.expires_unix, login.issued_unix = token, expires, int(now)
         save(state_dir, name, login)
         return token, expires
+
+
+def logout(state_dir: Path, name: str) -> bool | None:
+    """Revoke login ``name`` at its issuer where that is possible, then delete it. True: revoked at the
+    relay; False: the relay no longer knew it; None: an external issuer or a command (nothing to revoke
+    there). The file stays if the relay cannot be asked (LoginError): a login believed gone must be."""
+    with locked(state_dir, name):
+        login = load(state_dir, name)
+        revoked = logout_builtin(login) if isinstance(login, BuiltinLogin) else None
+        _path(state_dir, name).unlink()
+    _path(state_dir, name).with_suffix(".lock").unlink(missing_ok=True)
+    return revoked

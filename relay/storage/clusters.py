@@ -3,18 +3,23 @@
 Agents authenticate with client certificates; join tokens and certificate serials live in
 relay/agent_identity/enrollment.py's tables of the same database. The ``credential_sha256`` column is a leftover
 of bearer agent credentials and stays empty.
+
+Each registration gets a random ``uid``, never reused: what belongs to one registration (its access
+list, relay/user_identity/access.py) is keyed by it and deleted with it, so a cluster registered
+again under the same name, even within the same second, starts with nothing of the old one.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from clusterconnect import errors
-from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.storage.sqlite import add_column, open_db
 
 CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -25,9 +30,13 @@ CREATE TABLE IF NOT EXISTS clusters (
     created_unix INTEGER NOT NULL,
     last_seen_unix INTEGER NOT NULL DEFAULT 0,
     agent_version TEXT NOT NULL DEFAULT '',
-    kubernetes_version TEXT NOT NULL DEFAULT ''
+    kubernetes_version TEXT NOT NULL DEFAULT '',
+    uid TEXT NOT NULL DEFAULT ''
 );
 """
+# After the migration in ClusterStore.__init__ (an index on a column that may have just been added).
+_UID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS clusters_uid ON clusters (uid)"
+_COLUMNS = "name, created_unix, last_seen_unix, agent_version, kubernetes_version, uid"
 
 
 class InvalidName(errors.InvalidInput):
@@ -45,6 +54,11 @@ class ClusterRecord:
     last_seen_unix: int
     agent_version: str
     kubernetes_version: str
+    uid: str = ""  # unique per registration
+
+
+def _new_uid() -> str:
+    return secrets.token_hex(16)
 
 
 def validate_name(name: str) -> None:
@@ -57,6 +71,11 @@ def validate_name(name: str) -> None:
 class ClusterStore:
     def __init__(self, path: Path) -> None:
         self._db = open_db(path, _SCHEMA)
+        add_column(self._db, "clusters", "uid", "TEXT NOT NULL DEFAULT ''")
+        # Rows of an earlier version get their uid here, once.
+        for (name,) in self._db.execute("SELECT name FROM clusters WHERE uid = ''").fetchall():
+            self._db.execute("UPDATE clusters SET uid = ? WHERE name = ?", (_new_uid(), name))
+        self._db.execute(_UID_INDEX)
 
     def close(self) -> None:
         self._db.close()
@@ -65,30 +84,30 @@ class ClusterStore:
         """Register a cluster (its agent joins with a token from relay/agent_identity/enrollment.py)."""
         validate_name(name)
         now = int(time.time())
+        uid = _new_uid()
         try:
             self._db.execute(
-                "INSERT INTO clusters (name, credential_sha256, created_unix) VALUES (?, '', ?)",
-                (name, now),
+                "INSERT INTO clusters (name, credential_sha256, created_unix, uid) VALUES (?, '', ?, ?)",
+                (name, now, uid),
             )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"cluster {name} already exists") from None
-        return ClusterRecord(name, now, 0, "", "")
+        return ClusterRecord(name, now, 0, "", "", uid)
 
     def remove(self, name: str) -> bool:
+        """Unregister; what is keyed by its uid (the access list) goes with it (ON DELETE CASCADE)."""
         return self._db.execute("DELETE FROM clusters WHERE name = ?", (name,)).rowcount > 0
 
     def get(self, name: str) -> ClusterRecord | None:
         row = self._db.execute(
-            "SELECT name, created_unix, last_seen_unix, agent_version, kubernetes_version"
-            " FROM clusters WHERE name = ?",
+            f"SELECT {_COLUMNS} FROM clusters WHERE name = ?",
             (name,),
         ).fetchone()
         return ClusterRecord(*row) if row else None
 
     def list(self) -> list[ClusterRecord]:
         rows = self._db.execute(
-            "SELECT name, created_unix, last_seen_unix, agent_version, kubernetes_version"
-            " FROM clusters ORDER BY name"
+            f"SELECT {_COLUMNS} FROM clusters ORDER BY name"
         ).fetchall()
         return [ClusterRecord(*row) for row in rows]
 

@@ -10,14 +10,16 @@ The rule (docs/identity.md):
   ``--authentication-config``) and whose mapped user name, or one of whose groups, is on the list.
   Anyone else is refused with PERMISSION_DENIED (an invalid token of a trusted issuer with
   UNAUTHENTICATED) before anything is sent toward the cluster.
-- A built-in user removed with ``users remove`` is refused at once, even with an unexpired token.
+- A built-in user removed with ``users remove`` is refused at once, even with an unexpired token, and
+  so is a token of an earlier user of the same name (its ``uid`` claim is not the current user's).
 
-Grants are stored with the cluster's ``created_unix``, so the grants of a removed cluster do not
-apply to a new cluster registered later under the same name.
+Grants are keyed by the cluster's ``uid`` (unique per registration) and deleted with the cluster,
+so a cluster registered again under the same name starts with an empty list, even within the same second.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +28,25 @@ import grpc
 from clusterconnect import errors
 from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
 from clusterconnect.relay.storage.clusters import ClusterStore
-from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.storage.sqlite import open_db, transaction
 from clusterconnect.relay.user_identity.users import UserStore
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS cluster_access (
-    cluster TEXT NOT NULL,
-    cluster_created_unix INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS cluster_grants (
+    cluster_uid TEXT NOT NULL REFERENCES clusters (uid) ON DELETE CASCADE,
     kind TEXT NOT NULL CHECK (kind IN ('user', 'group')),
     name TEXT NOT NULL,
-    PRIMARY KEY (cluster, cluster_created_unix, kind, name)
+    PRIMARY KEY (cluster_uid, kind, name)
 );
 """
+# Earlier versions kept grants in cluster_access, keyed by (name, created_unix): moved once, and only
+# those of the registration that still exists.
+_MIGRATE_CLUSTER_ACCESS = (
+    "INSERT OR IGNORE INTO cluster_grants (cluster_uid, kind, name)"
+    " SELECT c.uid, a.kind, a.name FROM cluster_access a"
+    " JOIN clusters c ON c.name = a.cluster AND c.created_unix = a.cluster_created_unix",
+    "DROP TABLE cluster_access",
+)
 
 
 class AccessError(errors.ClusterConnectError):
@@ -68,39 +77,45 @@ class Decision:
 
 class AccessStore:
     def __init__(self, path: Path, clusters: ClusterStore) -> None:
+        self.clusters = clusters  # first: its table holds the uids the grants refer to
         self._db = open_db(path, _SCHEMA)
-        self.clusters = clusters
+        legacy = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cluster_access'").fetchone()
+        if legacy:
+            with transaction(self._db):
+                for statement in _MIGRATE_CLUSTER_ACCESS:
+                    self._db.execute(statement)
 
     def close(self) -> None:
         self._db.close()
 
-    def _generation(self, cluster: str) -> int:
+    def _uid(self, cluster: str) -> str:
         record = self.clusters.get(cluster)
         if record is None:
             raise ClusterNotRegistered(f"cluster {cluster} is not registered")
-        return record.created_unix
+        return record.uid
 
     def grant(self, cluster: str, entry: Entry) -> list[Entry]:
         if entry.kind not in ("user", "group") or not entry.name or len(entry.name) > 256:
             raise InvalidEntry("grant a --user NAME or a --group NAME")
-        generation = self._generation(cluster)
-        self._db.execute("INSERT OR IGNORE INTO cluster_access VALUES (?, ?, ?, ?)",
-                         (cluster, generation, entry.kind, entry.name))
+        try:
+            self._db.execute("INSERT OR IGNORE INTO cluster_grants (cluster_uid, kind, name) VALUES (?, ?, ?)",
+                             (self._uid(cluster), entry.kind, entry.name))
+        except sqlite3.IntegrityError:  # the foreign key: removed since _uid read it
+            raise ClusterNotRegistered(f"cluster {cluster} is not registered") from None
         return self.entries(cluster)
 
     def revoke(self, cluster: str, entry: Entry) -> list[Entry]:
-        generation = self._generation(cluster)
-        self._db.execute("DELETE FROM cluster_access WHERE cluster = ? AND cluster_created_unix = ? AND kind = ?"
-                         " AND name = ?", (cluster, generation, entry.kind, entry.name))
+        self._db.execute("DELETE FROM cluster_grants WHERE cluster_uid = ? AND kind = ? AND name = ?",
+                         (self._uid(cluster), entry.kind, entry.name))
         return self.entries(cluster)
 
     def entries(self, cluster: str) -> list[Entry]:
         record = self.clusters.get(cluster)
         if record is None:
             return []
-        rows = self._db.execute(
-            "SELECT kind, name FROM cluster_access WHERE cluster = ? AND cluster_created_unix = ?"
-            " ORDER BY kind DESC, name", (cluster, record.created_unix)).fetchall()
+        rows = self._db.execute("SELECT kind, name FROM cluster_grants WHERE cluster_uid = ? ORDER BY kind DESC, name",
+                                (record.uid,)).fetchall()
         return [Entry(kind, name) for kind, name in rows]
 
 
@@ -125,9 +140,10 @@ class DialAuthorizer:
                             "know this token's issuer (log in with `clusterconnect login`)")
         except TokenError as exc:
             return Decision(False, grpc.StatusCode.UNAUTHENTICATED, f"the relay refused the token: {exc}")
-        if identity.issuer == self.builtin_issuer and self.users.get(identity.uid or identity.username) is None:
+        if identity.issuer == self.builtin_issuer and not self.users.is_current(identity.username, identity.uid):
             return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
-                            f"user {identity.username} was removed from the relay")
+                            f"user {identity.username} was removed from the relay (a token of a removed user, "
+                            "even one added again under that name, is refused; log in again)")
         users = {e.name for e in entries if e.kind == "user"}
         groups = {e.name for e in entries if e.kind == "group"}
         if identity.username in users or groups.intersection(identity.groups):

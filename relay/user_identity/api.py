@@ -12,7 +12,7 @@ from clusterconnect.relay.admin_api.check import AdminCheck
 from clusterconnect.relay.rpc import UnaryContext, abort_with
 from clusterconnect.relay.user_identity.access import AccessError, AccessStore, Entry
 from clusterconnect.relay.user_identity.issuer import Issuer
-from clusterconnect.relay.user_identity.users import UserError, UserRecord, UserStore
+from clusterconnect.relay.user_identity.users import NoSuchUser, UserError, UserRecord, UserStore
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
 log = get_logger(__name__)
@@ -41,23 +41,36 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
         except UserError as exc:
             self.login_limiter.failed(source)
             await abort_with(context, exc)
-        log.info("user logged in", user=user.name, device=request.device[:128])
+        issued = self.users.credential_info(credential)
+        assert issued is not None  # made in the line above
+        # login_id, not credential_id: the log redacts keys naming credentials, and this id is public.
+        log.info("user logged in", user=user.name, device=request.device[:128], login_id=issued.id)
         return identity_pb2.LoginResponse(refresh_credential=credential, username=user.name,
-                                          issuer=self.issuer.url, audience=self.issuer.audience)
+                                          issuer=self.issuer.url, audience=self.issuer.audience,
+                                          credential_id=issued.id, credential_expires_unix=issued.expires_unix)
 
     async def IssueToken(self, request: identity_pb2.IssueTokenRequest,
                          context: UnaryContext) -> identity_pb2.IssueTokenResponse:
         credential = bearer_from_metadata(context.invocation_metadata())
         if credential is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential missing")
-        user = self.users.user_of_credential(credential)
-        if user is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "refresh credential is not valid (user removed or never logged in); "
-                                "log in again with `clusterconnect login --code`")
-        token, expires = self.issuer.mint(user.name, user.groups)
+        try:
+            user = self.users.user_of_credential(credential)
+        except UserError as exc:
+            await abort_with(context, exc)
+        token, expires = self.issuer.mint(user.name, user.groups, user.uid)
         log.info("access token issued", user=user.name, expires_unix=expires)
         return identity_pb2.IssueTokenResponse(access_token=token, expires_unix=expires)
+
+    async def Logout(self, request: identity_pb2.LogoutRequest, context: UnaryContext) -> identity_pb2.LogoutResponse:
+        credential = bearer_from_metadata(context.invocation_metadata())
+        if credential is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential missing")
+        user = self.users.revoke_own(credential)
+        if user is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential is not valid (already revoked?)")
+        log.info("user logged out", user=user)
+        return identity_pb2.LogoutResponse()
 
 
 class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
@@ -134,6 +147,28 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         if self.access.clusters.get(request.cluster) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.cluster} is not registered")
         return self._list(request.cluster, self.access.entries(request.cluster))
+
+    async def ListCredentials(self, request: identity_pb2.ListCredentialsRequest,
+                              context: UnaryContext) -> identity_pb2.ListCredentialsResponse:
+        await self._admin.require(context)
+        try:
+            found = self.users.credentials(request.user)
+        except UserError as exc:
+            await abort_with(context, exc)
+        return identity_pb2.ListCredentialsResponse(credentials=[
+            identity_pb2.Credential(id=c.id, device=c.device, created_unix=c.created_unix,
+                                    last_used_unix=c.last_used_unix, expires_unix=c.expires_unix) for c in found])
+
+    async def RevokeCredential(self, request: identity_pb2.RevokeCredentialRequest,
+                               context: UnaryContext) -> identity_pb2.RevokeCredentialResponse:
+        await self._admin.require(context)
+        try:
+            if not self.users.revoke_credential(request.user, request.id):
+                raise NoSuchUser(f"user {request.user} has no credential {request.id}")
+        except UserError as exc:
+            await abort_with(context, exc)
+        log.info("credential revoked", user=request.user, login_id=request.id)
+        return identity_pb2.RevokeCredentialResponse()
 
     async def RotateSigningKey(self, request: identity_pb2.RotateSigningKeyRequest,
                                context: UnaryContext) -> identity_pb2.RotateSigningKeyResponse:

@@ -11,6 +11,10 @@ Keys (table ``issuer_keys`` in relay.db) go through three states:
 A rotation (``clusterconnect keys rotate``, or automatically when the current key is older than
 ``--signing-key-max-age``) makes current previous, next current, and creates a new next.
 
+Private keys are stored sealed (relay/storage/sealing.py, purpose ``issuer-key/<kid>``) with a key
+that is not in the database, so a stolen relay.db lets no one sign a token; rows an earlier version
+stored in the clear are sealed on start.
+
 The discovery document and JWKS are served by a small HTTPS endpoint (asyncio + h11, GET only, the
 relay's serving certificate), so the auth proxy verifies these tokens like any other issuer's.
 """
@@ -37,7 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import fetch_json
 from clusterconnect.oidc.keys import FetchJson
-from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.sqlite import open_db, transaction
 
 log = get_logger(__name__)
 
@@ -58,7 +63,7 @@ HANDSHAKE_TIMEOUT = 10.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS issuer_keys (
     kid TEXT PRIMARY KEY,
-    private_pem TEXT NOT NULL,
+    private_pem TEXT NOT NULL,  -- SEALED_PREFIX + base64 of the sealed PKCS#8 PEM
     created_unix INTEGER NOT NULL,
     activated_unix INTEGER NOT NULL DEFAULT 0,  -- 0: next key, published but not signing yet
     retired_unix INTEGER NOT NULL DEFAULT 0     -- >0: previous key, published until its tokens expired
@@ -79,8 +84,23 @@ def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, str]:
     return {**jwk, "kid": _b64(hashlib.sha256(thumbprint.encode()).digest()), "use": "sig", "alg": ALGORITHM}
 
 
-def _ec_key(pem: str) -> ec.EllipticCurvePrivateKey:
-    key = serialization.load_pem_private_key(pem.encode(), None)
+SEALED_PREFIX = "sealed:"
+_PLAINTEXT_PREFIX = "-----BEGIN"  # what earlier versions stored
+
+
+def _purpose(kid: str) -> str:
+    return f"issuer-key/{kid}"
+
+
+def _seal(sealing: SealingKey, kid: str, pem: bytes) -> str:
+    return SEALED_PREFIX + base64.b64encode(sealing.seal(pem, _purpose(kid))).decode()
+
+
+def _ec_key(sealing: SealingKey, kid: str, stored: str) -> ec.EllipticCurvePrivateKey:
+    if not stored.startswith(SEALED_PREFIX):  # only _migrate leaves nothing else behind
+        raise TypeError(f"issuer signing key {kid} is not sealed")
+    pem = sealing.open(base64.b64decode(stored[len(SEALED_PREFIX):]), _purpose(kid))
+    key = serialization.load_pem_private_key(pem, None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):  # only _insert writes this table
         raise TypeError("issuer signing keys are ECDSA")
     return key
@@ -96,12 +116,32 @@ class SigningKey:
 
 
 class SigningKeys:
-    def __init__(self, path: Path, max_age: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, sealing: SealingKey, max_age: float,
+                 clock: Callable[[], float] = time.time) -> None:
         self._db = open_db(path, _SCHEMA)
+        # Deleted and replaced rows are overwritten with zeros, so no plaintext key of an earlier
+        # version lingers in free pages of the file.
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._sealing = sealing
         self.max_age = max_age
         self._clock = clock  # tests pass their own to age keys without waiting
         self._cache: list[SigningKey] | None = None
+        self._migrate()
         self._ensure()
+        self.keys()  # a key that does not open with this sealing key stops the start, not the first login
+
+    def _migrate(self) -> None:
+        """Seal rows an earlier version stored in the clear, then checkpoint so the WAL drops their pages."""
+        rows = self._db.execute("SELECT kid, private_pem FROM issuer_keys WHERE private_pem LIKE ?",
+                                (_PLAINTEXT_PREFIX + "%",)).fetchall()
+        if not rows:
+            return
+        with transaction(self._db):
+            for kid, pem in rows:
+                self._db.execute("UPDATE issuer_keys SET private_pem = ? WHERE kid = ?",
+                                 (_seal(self._sealing, kid, pem.encode()), kid))
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.info("issuer signing keys sealed", keys=len(rows))
 
     def close(self) -> None:
         self._db.close()
@@ -109,9 +149,10 @@ class SigningKeys:
     def _insert(self, activated: int) -> None:
         private = ec.generate_private_key(ec.SECP256R1())
         pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()).decode()
+                                    serialization.NoEncryption())
+        kid = public_jwk(private)["kid"]
         self._db.execute("INSERT INTO issuer_keys (kid, private_pem, created_unix, activated_unix) VALUES (?, ?, ?, ?)",
-                         (public_jwk(private)["kid"], pem, int(self._clock()), activated))
+                         (kid, _seal(self._sealing, kid, pem), int(self._clock()), activated))
 
     def _ensure(self) -> None:
         now = int(self._clock())
@@ -137,7 +178,8 @@ class SigningKeys:
             rows = self._db.execute(
                 "SELECT kid, private_pem, created_unix, activated_unix, retired_unix FROM issuer_keys"
                 " ORDER BY created_unix, kid").fetchall()
-            self._cache = [SigningKey(kid, _ec_key(pem), c, a, r) for kid, pem, c, a, r in rows]
+            self._cache = [SigningKey(kid, _ec_key(self._sealing, kid, stored), c, a, r)
+                           for kid, stored, c, a, r in rows]
         return self._cache
 
     def current(self) -> SigningKey:
@@ -186,11 +228,13 @@ class Issuer:
         self.lifetime = lifetime
         self._clock = clock  # tests pass their own to mint tokens that have expired
 
-    def mint(self, username: str, groups: tuple[str, ...]) -> tuple[str, int]:
+    def mint(self, username: str, groups: tuple[str, ...], uid: str) -> tuple[str, int]:
+        """A token for the user ``username`` whose current id is ``uid`` (users.py): the relay admits it
+        only while that user exists under that id."""
         key = self.keys.current()
         now = int(self._clock())
         expires = now + self.lifetime
-        claims = {"iss": self.url, "sub": username, "aud": self.audience, "groups": list(groups),
+        claims = {"iss": self.url, "sub": username, "uid": uid, "aud": self.audience, "groups": list(groups),
                   "iat": now, "nbf": now, "exp": expires, "jti": secrets.token_urlsafe(12)}
         token = jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "JWT"})
         return token, expires
@@ -202,7 +246,7 @@ class Issuer:
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": [ALGORITHM],
-            "claims_supported": ["iss", "sub", "aud", "groups", "iat", "nbf", "exp", "jti"],
+            "claims_supported": ["iss", "sub", "uid", "aud", "groups", "iat", "nbf", "exp", "jti"],
         }
 
     def document(self, path: str) -> dict[str, Any] | None:

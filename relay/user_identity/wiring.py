@@ -7,6 +7,7 @@ returns a :class:`UserIdentity` whose ``authorizer`` the Dial handler consults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from clusterconnect.logs import get_logger
 from clusterconnect.oidc import AuthenticationConfig, ConfigError, IssuerConfig, IssuerKeys, Verifier, load_config
 from clusterconnect.oidc.config import PrefixedClaim
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.sealing import SealBroken, SealingKey
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer
 from clusterconnect.relay.user_identity.api import AccessAdmin, IdentityProvider
 from clusterconnect.relay.user_identity.issuer import (
@@ -28,7 +30,7 @@ from clusterconnect.relay.user_identity.issuer import (
     IssuerEndpoint,
     SigningKeys,
 )
-from clusterconnect.relay.user_identity.users import UserStore
+from clusterconnect.relay.user_identity.users import DEFAULT_CREDENTIAL_LIFETIME, UserStore
 from clusterconnect.v1 import identity_pb2_grpc
 
 log = get_logger(__name__)
@@ -52,6 +54,11 @@ def add_flags(serve: argparse.ArgumentParser) -> None:
     cliargs.add_flag(serve, "--authentication-config", type=Path,
                      help="AuthenticationConfiguration (as the auth proxy's) of external issuers whose users"
                           " may be on access lists; an entry for the built-in issuer overrides its mapping")
+    cliargs.add_flag(serve, "--sealing-key-file", type=Path,
+                     help="key that seals the issuer's signing keys in the database (a file or mounted Secret,"
+                          " mode 600 or 400; default: DATA_DIR/sealing.key, created on first start)")
+    cliargs.add_flag(serve, "--refresh-credential-lifetime", type=int, default=DEFAULT_CREDENTIAL_LIFETIME,
+                     help="seconds a login (refresh credential) stays valid; then the user logs in again")
     cliargs.add_flag(serve, "--clock-skew-seconds", type=int, default=60,
                      help="clock skew allowed when the relay verifies tokens (exp/nbf/iat)")
 
@@ -89,9 +96,9 @@ def _public_host(host: str, args: argparse.Namespace) -> str:
 
 
 def builtin_issuer_config(url: str, audience: str, ca_pem: str | None) -> IssuerConfig:
-    """How the relay maps its own tokens: user = sub, groups = groups, no prefixes."""
+    """How the relay maps its own tokens: user = sub, groups = groups, no prefixes, uid = the user's id."""
     return IssuerConfig(url=url, audiences=(audience,), certificate_authority=ca_pem,
-                        username=PrefixedClaim("sub", ""), groups=PrefixedClaim("groups", ""), uid="sub")
+                        username=PrefixedClaim("sub", ""), groups=PrefixedClaim("groups", ""), uid="uid")
 
 
 async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, cert: Path, key: Path,
@@ -105,9 +112,18 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
     if not 1 <= args.access_token_lifetime <= MAX_ACCESS_TOKEN_LIFETIME:
         raise StartupError(f"--access-token-lifetime must be 1..{MAX_ACCESS_TOKEN_LIFETIME} seconds")
 
+    if args.refresh_credential_lifetime < 1:
+        raise StartupError("--refresh-credential-lifetime must be at least 1 second")
+
     db = data_dir / "relay.db"
-    keys = SigningKeys(db, max_age=args.signing_key_max_age)
-    users = UserStore(db)
+    # An explicit file (a mounted Secret) must exist: a new key would not open what the old one sealed.
+    sealing = SealingKey.load_or_create(args.sealing_key_file or data_dir / "sealing.key",
+                                        create=args.sealing_key_file is None)
+    try:
+        keys = SigningKeys(db, sealing, max_age=args.signing_key_max_age)
+    except SealBroken as exc:
+        raise StartupError(f"{exc} (--sealing-key-file must be the key this database was sealed with)") from None
+    users = UserStore(db, credential_lifetime=args.refresh_credential_lifetime)
     access = AccessStore(db, store)
     issuer = Issuer("", "", keys, args.access_token_lifetime)
     endpoint = IssuerEndpoint(issuer, cert, key)
@@ -120,6 +136,8 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
     issuer.audience = args.token_audience or issuer.url
 
     own = external.issuer(issuer.url) or builtin_issuer_config(issuer.url, issuer.audience, ca_pem)
+    # The relay checks the user id of its own tokens (access.py), whatever mapping an override gives.
+    own = dataclasses.replace(own, uid="uid")
     config = AuthenticationConfig(issuers=(own, *(i for i in external.issuers if i.url != issuer.url)))
     fetch = issuer.local_fetch()
     verifier = Verifier(config, leeway=float(args.clock_skew_seconds), keys={

@@ -8,7 +8,9 @@
 //   2. the user's `clusterconnect login --code` calls IdentityProvider.Login once, which consumes the
 //      code and returns a refresh credential (kept in a mode-600 file on the user's machine);
 //   3. `clusterconnect token` and `clusterconnect proxy` call IdentityProvider.IssueToken with that
-//      credential whenever they need a fresh access token (a JWT, ES256, minutes long).
+//      credential whenever they need a fresh access token (a JWT, ES256, minutes long);
+//   4. the credential expires (the relay's --refresh-credential-lifetime, default 30 days); its holder
+//      revokes it with IdentityProvider.Logout, an admin with AccessAdmin.RevokeCredential.
 // Access tokens are verified like any OIDC token: the relay publishes discovery
 // (ISSUER/.well-known/openid-configuration) and JWKS over HTTPS at the issuer URL.
 
@@ -100,9 +102,13 @@ type LoginResponse struct {
 	// Issuer URL (the "iss" of access tokens).
 	Issuer string `protobuf:"bytes,3,opt,name=issuer,proto3" json:"issuer,omitempty"`
 	// The audience ("aud") access tokens are bound to.
-	Audience      string `protobuf:"bytes,4,opt,name=audience,proto3" json:"audience,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Audience string `protobuf:"bytes,4,opt,name=audience,proto3" json:"audience,omitempty"`
+	// Public id of the new credential (what AccessAdmin.ListCredentials shows; not a secret).
+	CredentialId string `protobuf:"bytes,5,opt,name=credential_id,json=credentialId,proto3" json:"credential_id,omitempty"`
+	// Unix seconds after which the credential is refused (log in again with a new code).
+	CredentialExpiresUnix int64 `protobuf:"varint,6,opt,name=credential_expires_unix,json=credentialExpiresUnix,proto3" json:"credential_expires_unix,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *LoginResponse) Reset() {
@@ -163,6 +169,20 @@ func (x *LoginResponse) GetAudience() string {
 	return ""
 }
 
+func (x *LoginResponse) GetCredentialId() string {
+	if x != nil {
+		return x.CredentialId
+	}
+	return ""
+}
+
+func (x *LoginResponse) GetCredentialExpiresUnix() int64 {
+	if x != nil {
+		return x.CredentialExpiresUnix
+	}
+	return 0
+}
+
 // Request metadata: authorization: "Bearer <refresh credential>".
 type IssueTokenRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -203,7 +223,8 @@ func (*IssueTokenRequest) Descriptor() ([]byte, []int) {
 // A fresh access token.
 type IssueTokenResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// A JWT (ES256): iss, sub (the user name), aud, groups, iat, nbf, exp, jti.
+	// A JWT (ES256): iss, sub (the user name), uid (the user's id, new when a user is added again under
+	// the same name), aud, groups, iat, nbf, exp, jti.
 	AccessToken string `protobuf:"bytes,1,opt,name=access_token,json=accessToken,proto3" json:"access_token,omitempty"`
 	// Unix seconds when access_token expires.
 	ExpiresUnix   int64 `protobuf:"varint,2,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
@@ -255,6 +276,80 @@ func (x *IssueTokenResponse) GetExpiresUnix() int64 {
 	return 0
 }
 
+// Request metadata: authorization: "Bearer <refresh credential>" (the one to revoke).
+type LogoutRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogoutRequest) Reset() {
+	*x = LogoutRequest{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogoutRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogoutRequest) ProtoMessage() {}
+
+func (x *LogoutRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogoutRequest.ProtoReflect.Descriptor instead.
+func (*LogoutRequest) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{4}
+}
+
+// IdentityProvider.Logout returns nothing: the credential no longer works.
+type LogoutResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogoutResponse) Reset() {
+	*x = LogoutResponse{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogoutResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogoutResponse) ProtoMessage() {}
+
+func (x *LogoutResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogoutResponse.ProtoReflect.Descriptor instead.
+func (*LogoutResponse) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{5}
+}
+
 // A user of the built-in issuer.
 type User struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -272,7 +367,7 @@ type User struct {
 
 func (x *User) Reset() {
 	*x = User{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[4]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -284,7 +379,7 @@ func (x *User) String() string {
 func (*User) ProtoMessage() {}
 
 func (x *User) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[4]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -297,7 +392,7 @@ func (x *User) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use User.ProtoReflect.Descriptor instead.
 func (*User) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{4}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *User) GetName() string {
@@ -342,7 +437,7 @@ type AddUserRequest struct {
 
 func (x *AddUserRequest) Reset() {
 	*x = AddUserRequest{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[5]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -354,7 +449,7 @@ func (x *AddUserRequest) String() string {
 func (*AddUserRequest) ProtoMessage() {}
 
 func (x *AddUserRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[5]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -367,7 +462,7 @@ func (x *AddUserRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddUserRequest.ProtoReflect.Descriptor instead.
 func (*AddUserRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{5}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AddUserRequest) GetName() string {
@@ -399,7 +494,7 @@ type AddUserResponse struct {
 
 func (x *AddUserResponse) Reset() {
 	*x = AddUserResponse{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[6]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -411,7 +506,7 @@ func (x *AddUserResponse) String() string {
 func (*AddUserResponse) ProtoMessage() {}
 
 func (x *AddUserResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[6]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -424,7 +519,7 @@ func (x *AddUserResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddUserResponse.ProtoReflect.Descriptor instead.
 func (*AddUserResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{6}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *AddUserResponse) GetUser() *User {
@@ -457,7 +552,7 @@ type ListUsersRequest struct {
 
 func (x *ListUsersRequest) Reset() {
 	*x = ListUsersRequest{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[7]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -469,7 +564,7 @@ func (x *ListUsersRequest) String() string {
 func (*ListUsersRequest) ProtoMessage() {}
 
 func (x *ListUsersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[7]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -482,7 +577,7 @@ func (x *ListUsersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListUsersRequest.ProtoReflect.Descriptor instead.
 func (*ListUsersRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{7}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{9}
 }
 
 // Every user of the built-in issuer.
@@ -496,7 +591,7 @@ type ListUsersResponse struct {
 
 func (x *ListUsersResponse) Reset() {
 	*x = ListUsersResponse{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[8]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -508,7 +603,7 @@ func (x *ListUsersResponse) String() string {
 func (*ListUsersResponse) ProtoMessage() {}
 
 func (x *ListUsersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[8]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -521,7 +616,7 @@ func (x *ListUsersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListUsersResponse.ProtoReflect.Descriptor instead.
 func (*ListUsersResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{8}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListUsersResponse) GetUsers() []*User {
@@ -543,7 +638,7 @@ type RemoveUserRequest struct {
 
 func (x *RemoveUserRequest) Reset() {
 	*x = RemoveUserRequest{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[9]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -555,7 +650,7 @@ func (x *RemoveUserRequest) String() string {
 func (*RemoveUserRequest) ProtoMessage() {}
 
 func (x *RemoveUserRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[9]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -568,7 +663,7 @@ func (x *RemoveUserRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveUserRequest.ProtoReflect.Descriptor instead.
 func (*RemoveUserRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{9}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RemoveUserRequest) GetName() string {
@@ -587,7 +682,7 @@ type RemoveUserResponse struct {
 
 func (x *RemoveUserResponse) Reset() {
 	*x = RemoveUserResponse{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[10]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -599,7 +694,7 @@ func (x *RemoveUserResponse) String() string {
 func (*RemoveUserResponse) ProtoMessage() {}
 
 func (x *RemoveUserResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[10]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -612,7 +707,7 @@ func (x *RemoveUserResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveUserResponse.ProtoReflect.Descriptor instead.
 func (*RemoveUserResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{10}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{12}
 }
 
 // Asks for a new login code.
@@ -626,7 +721,7 @@ type NewLoginCodeRequest struct {
 
 func (x *NewLoginCodeRequest) Reset() {
 	*x = NewLoginCodeRequest{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[11]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +733,7 @@ func (x *NewLoginCodeRequest) String() string {
 func (*NewLoginCodeRequest) ProtoMessage() {}
 
 func (x *NewLoginCodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[11]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +746,7 @@ func (x *NewLoginCodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NewLoginCodeRequest.ProtoReflect.Descriptor instead.
 func (*NewLoginCodeRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{11}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *NewLoginCodeRequest) GetName() string {
@@ -679,7 +774,7 @@ type AccessEntry struct {
 
 func (x *AccessEntry) Reset() {
 	*x = AccessEntry{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[12]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +786,7 @@ func (x *AccessEntry) String() string {
 func (*AccessEntry) ProtoMessage() {}
 
 func (x *AccessEntry) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[12]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +799,7 @@ func (x *AccessEntry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessEntry.ProtoReflect.Descriptor instead.
 func (*AccessEntry) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{12}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AccessEntry) GetSubject() isAccessEntry_Subject {
@@ -763,7 +858,7 @@ type AccessChange struct {
 
 func (x *AccessChange) Reset() {
 	*x = AccessChange{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[13]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -775,7 +870,7 @@ func (x *AccessChange) String() string {
 func (*AccessChange) ProtoMessage() {}
 
 func (x *AccessChange) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[13]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -788,7 +883,7 @@ func (x *AccessChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessChange.ProtoReflect.Descriptor instead.
 func (*AccessChange) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{13}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AccessChange) GetCluster() string {
@@ -816,7 +911,7 @@ type GetAccessRequest struct {
 
 func (x *GetAccessRequest) Reset() {
 	*x = GetAccessRequest{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[14]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -828,7 +923,7 @@ func (x *GetAccessRequest) String() string {
 func (*GetAccessRequest) ProtoMessage() {}
 
 func (x *GetAccessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[14]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -841,7 +936,7 @@ func (x *GetAccessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAccessRequest.ProtoReflect.Descriptor instead.
 func (*GetAccessRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{14}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetAccessRequest) GetCluster() string {
@@ -867,7 +962,7 @@ type AccessList struct {
 
 func (x *AccessList) Reset() {
 	*x = AccessList{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[15]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +974,7 @@ func (x *AccessList) String() string {
 func (*AccessList) ProtoMessage() {}
 
 func (x *AccessList) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[15]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +987,7 @@ func (x *AccessList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessList.ProtoReflect.Descriptor instead.
 func (*AccessList) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{15}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *AccessList) GetCluster() string {
@@ -909,6 +1004,272 @@ func (x *AccessList) GetEntries() []*AccessEntry {
 	return nil
 }
 
+// One refresh credential of a user (one login on one device), as an admin sees it: never the secret.
+type Credential struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Public id, for RevokeCredential.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The device named at login, e.g. "alice@laptop".
+	Device string `protobuf:"bytes,2,opt,name=device,proto3" json:"device,omitempty"`
+	// Unix seconds of the login.
+	CreatedUnix int64 `protobuf:"varint,3,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	// Unix seconds it last obtained a token (0: never).
+	LastUsedUnix int64 `protobuf:"varint,4,opt,name=last_used_unix,json=lastUsedUnix,proto3" json:"last_used_unix,omitempty"`
+	// Unix seconds after which it is refused.
+	ExpiresUnix   int64 `protobuf:"varint,5,opt,name=expires_unix,json=expiresUnix,proto3" json:"expires_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Credential) Reset() {
+	*x = Credential{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Credential) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Credential) ProtoMessage() {}
+
+func (x *Credential) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Credential.ProtoReflect.Descriptor instead.
+func (*Credential) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *Credential) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Credential) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *Credential) GetCreatedUnix() int64 {
+	if x != nil {
+		return x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *Credential) GetLastUsedUnix() int64 {
+	if x != nil {
+		return x.LastUsedUnix
+	}
+	return 0
+}
+
+func (x *Credential) GetExpiresUnix() int64 {
+	if x != nil {
+		return x.ExpiresUnix
+	}
+	return 0
+}
+
+// Asks for a user's refresh credentials.
+type ListCredentialsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The user; NOT_FOUND if there is no such user.
+	User          string `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListCredentialsRequest) Reset() {
+	*x = ListCredentialsRequest{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListCredentialsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListCredentialsRequest) ProtoMessage() {}
+
+func (x *ListCredentialsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListCredentialsRequest.ProtoReflect.Descriptor instead.
+func (*ListCredentialsRequest) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ListCredentialsRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+// A user's refresh credentials, oldest first (expired ones too, until revoked).
+type ListCredentialsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per login.
+	Credentials   []*Credential `protobuf:"bytes,1,rep,name=credentials,proto3" json:"credentials,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListCredentialsResponse) Reset() {
+	*x = ListCredentialsResponse{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListCredentialsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListCredentialsResponse) ProtoMessage() {}
+
+func (x *ListCredentialsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListCredentialsResponse.ProtoReflect.Descriptor instead.
+func (*ListCredentialsResponse) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ListCredentialsResponse) GetCredentials() []*Credential {
+	if x != nil {
+		return x.Credentials
+	}
+	return nil
+}
+
+// Revokes one refresh credential of a user.
+type RevokeCredentialRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The user; NOT_FOUND if there is no such user.
+	User string `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	// Credential.id; NOT_FOUND if the user has no credential of that id.
+	Id            string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeCredentialRequest) Reset() {
+	*x = RevokeCredentialRequest{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeCredentialRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeCredentialRequest) ProtoMessage() {}
+
+func (x *RevokeCredentialRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeCredentialRequest.ProtoReflect.Descriptor instead.
+func (*RevokeCredentialRequest) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RevokeCredentialRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *RevokeCredentialRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// AccessAdmin.RevokeCredential returns nothing: the credential no longer works.
+type RevokeCredentialResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeCredentialResponse) Reset() {
+	*x = RevokeCredentialResponse{}
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeCredentialResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeCredentialResponse) ProtoMessage() {}
+
+func (x *RevokeCredentialResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeCredentialResponse.ProtoReflect.Descriptor instead.
+func (*RevokeCredentialResponse) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{22}
+}
+
 // AccessAdmin.RotateSigningKey takes no arguments.
 type RotateSigningKeyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -918,7 +1279,7 @@ type RotateSigningKeyRequest struct {
 
 func (x *RotateSigningKeyRequest) Reset() {
 	*x = RotateSigningKeyRequest{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[16]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -930,7 +1291,7 @@ func (x *RotateSigningKeyRequest) String() string {
 func (*RotateSigningKeyRequest) ProtoMessage() {}
 
 func (x *RotateSigningKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[16]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -943,7 +1304,7 @@ func (x *RotateSigningKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSigningKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateSigningKeyRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{16}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{23}
 }
 
 // The issuer's signing keys after a rotation.
@@ -959,7 +1320,7 @@ type RotateSigningKeyResponse struct {
 
 func (x *RotateSigningKeyResponse) Reset() {
 	*x = RotateSigningKeyResponse{}
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[17]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1332,7 @@ func (x *RotateSigningKeyResponse) String() string {
 func (*RotateSigningKeyResponse) ProtoMessage() {}
 
 func (x *RotateSigningKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_identity_proto_msgTypes[17]
+	mi := &file_clusterconnect_v1_identity_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1345,7 @@ func (x *RotateSigningKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateSigningKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateSigningKeyResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{17}
+	return file_clusterconnect_v1_identity_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RotateSigningKeyResponse) GetKid() string {
@@ -1008,16 +1369,20 @@ const file_clusterconnect_v1_identity_proto_rawDesc = "" +
 	" clusterconnect/v1/identity.proto\x12\x11clusterconnect.v1\":\n" +
 	"\fLoginRequest\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\tR\x04code\x12\x16\n" +
-	"\x06device\x18\x02 \x01(\tR\x06device\"\x8e\x01\n" +
+	"\x06device\x18\x02 \x01(\tR\x06device\"\xeb\x01\n" +
 	"\rLoginResponse\x12-\n" +
 	"\x12refresh_credential\x18\x01 \x01(\tR\x11refreshCredential\x12\x1a\n" +
 	"\busername\x18\x02 \x01(\tR\busername\x12\x16\n" +
 	"\x06issuer\x18\x03 \x01(\tR\x06issuer\x12\x1a\n" +
-	"\baudience\x18\x04 \x01(\tR\baudience\"\x13\n" +
+	"\baudience\x18\x04 \x01(\tR\baudience\x12#\n" +
+	"\rcredential_id\x18\x05 \x01(\tR\fcredentialId\x126\n" +
+	"\x17credential_expires_unix\x18\x06 \x01(\x03R\x15credentialExpiresUnix\"\x13\n" +
 	"\x11IssueTokenRequest\"Z\n" +
 	"\x12IssueTokenResponse\x12!\n" +
 	"\faccess_token\x18\x01 \x01(\tR\vaccessToken\x12!\n" +
-	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"w\n" +
+	"\fexpires_unix\x18\x02 \x01(\x03R\vexpiresUnix\"\x0f\n" +
+	"\rLogoutRequest\"\x10\n" +
+	"\x0eLogoutResponse\"w\n" +
 	"\x04User\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06groups\x18\x02 \x03(\tR\x06groups\x12!\n" +
@@ -1051,15 +1416,31 @@ const file_clusterconnect_v1_identity_proto_rawDesc = "" +
 	"\n" +
 	"AccessList\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x128\n" +
-	"\aentries\x18\x02 \x03(\v2\x1e.clusterconnect.v1.AccessEntryR\aentries\"\x19\n" +
+	"\aentries\x18\x02 \x03(\v2\x1e.clusterconnect.v1.AccessEntryR\aentries\"\xa0\x01\n" +
+	"\n" +
+	"Credential\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
+	"\x06device\x18\x02 \x01(\tR\x06device\x12!\n" +
+	"\fcreated_unix\x18\x03 \x01(\x03R\vcreatedUnix\x12$\n" +
+	"\x0elast_used_unix\x18\x04 \x01(\x03R\flastUsedUnix\x12!\n" +
+	"\fexpires_unix\x18\x05 \x01(\x03R\vexpiresUnix\",\n" +
+	"\x16ListCredentialsRequest\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\"Z\n" +
+	"\x17ListCredentialsResponse\x12?\n" +
+	"\vcredentials\x18\x01 \x03(\v2\x1d.clusterconnect.v1.CredentialR\vcredentials\"=\n" +
+	"\x17RevokeCredentialRequest\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\"\x1a\n" +
+	"\x18RevokeCredentialResponse\"\x19\n" +
 	"\x17RotateSigningKeyRequest\"S\n" +
 	"\x18RotateSigningKeyResponse\x12\x10\n" +
 	"\x03kid\x18\x01 \x01(\tR\x03kid\x12%\n" +
-	"\x0epublished_kids\x18\x02 \x03(\tR\rpublishedKids2\xb9\x01\n" +
+	"\x0epublished_kids\x18\x02 \x03(\tR\rpublishedKids2\x88\x02\n" +
 	"\x10IdentityProvider\x12J\n" +
 	"\x05Login\x12\x1f.clusterconnect.v1.LoginRequest\x1a .clusterconnect.v1.LoginResponse\x12Y\n" +
 	"\n" +
-	"IssueToken\x12$.clusterconnect.v1.IssueTokenRequest\x1a%.clusterconnect.v1.IssueTokenResponse2\xbf\x05\n" +
+	"IssueToken\x12$.clusterconnect.v1.IssueTokenRequest\x1a%.clusterconnect.v1.IssueTokenResponse\x12M\n" +
+	"\x06Logout\x12 .clusterconnect.v1.LogoutRequest\x1a!.clusterconnect.v1.LogoutResponse2\x96\a\n" +
 	"\vAccessAdmin\x12P\n" +
 	"\aAddUser\x12!.clusterconnect.v1.AddUserRequest\x1a\".clusterconnect.v1.AddUserResponse\x12V\n" +
 	"\tListUsers\x12#.clusterconnect.v1.ListUsersRequest\x1a$.clusterconnect.v1.ListUsersResponse\x12Y\n" +
@@ -1069,7 +1450,9 @@ const file_clusterconnect_v1_identity_proto_rawDesc = "" +
 	"\x05Grant\x12\x1f.clusterconnect.v1.AccessChange\x1a\x1d.clusterconnect.v1.AccessList\x12H\n" +
 	"\x06Revoke\x12\x1f.clusterconnect.v1.AccessChange\x1a\x1d.clusterconnect.v1.AccessList\x12O\n" +
 	"\tGetAccess\x12#.clusterconnect.v1.GetAccessRequest\x1a\x1d.clusterconnect.v1.AccessList\x12k\n" +
-	"\x10RotateSigningKey\x12*.clusterconnect.v1.RotateSigningKeyRequest\x1a+.clusterconnect.v1.RotateSigningKeyResponseB\xc8\x01\n" +
+	"\x10RotateSigningKey\x12*.clusterconnect.v1.RotateSigningKeyRequest\x1a+.clusterconnect.v1.RotateSigningKeyResponse\x12h\n" +
+	"\x0fListCredentials\x12).clusterconnect.v1.ListCredentialsRequest\x1a*.clusterconnect.v1.ListCredentialsResponse\x12k\n" +
+	"\x10RevokeCredential\x12*.clusterconnect.v1.RevokeCredentialRequest\x1a+.clusterconnect.v1.RevokeCredentialResponseB\xc8\x01\n" +
 	"\x1bio.github.clusterconnect.v1B\rIdentityProtoP\x01ZUgithub.com/clusterconnect/clusterconnect/clients/go/clusterconnectv1;clusterconnectv1\xa2\x02\x03CCX\xaa\x02\x11ClusterConnect.V1\xca\x02\x11ClusterConnect\\V1\xea\x02\x12ClusterConnect::V1b\x06proto3"
 
 var (
@@ -1084,57 +1467,71 @@ func file_clusterconnect_v1_identity_proto_rawDescGZIP() []byte {
 	return file_clusterconnect_v1_identity_proto_rawDescData
 }
 
-var file_clusterconnect_v1_identity_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_clusterconnect_v1_identity_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_clusterconnect_v1_identity_proto_goTypes = []any{
 	(*LoginRequest)(nil),             // 0: clusterconnect.v1.LoginRequest
 	(*LoginResponse)(nil),            // 1: clusterconnect.v1.LoginResponse
 	(*IssueTokenRequest)(nil),        // 2: clusterconnect.v1.IssueTokenRequest
 	(*IssueTokenResponse)(nil),       // 3: clusterconnect.v1.IssueTokenResponse
-	(*User)(nil),                     // 4: clusterconnect.v1.User
-	(*AddUserRequest)(nil),           // 5: clusterconnect.v1.AddUserRequest
-	(*AddUserResponse)(nil),          // 6: clusterconnect.v1.AddUserResponse
-	(*ListUsersRequest)(nil),         // 7: clusterconnect.v1.ListUsersRequest
-	(*ListUsersResponse)(nil),        // 8: clusterconnect.v1.ListUsersResponse
-	(*RemoveUserRequest)(nil),        // 9: clusterconnect.v1.RemoveUserRequest
-	(*RemoveUserResponse)(nil),       // 10: clusterconnect.v1.RemoveUserResponse
-	(*NewLoginCodeRequest)(nil),      // 11: clusterconnect.v1.NewLoginCodeRequest
-	(*AccessEntry)(nil),              // 12: clusterconnect.v1.AccessEntry
-	(*AccessChange)(nil),             // 13: clusterconnect.v1.AccessChange
-	(*GetAccessRequest)(nil),         // 14: clusterconnect.v1.GetAccessRequest
-	(*AccessList)(nil),               // 15: clusterconnect.v1.AccessList
-	(*RotateSigningKeyRequest)(nil),  // 16: clusterconnect.v1.RotateSigningKeyRequest
-	(*RotateSigningKeyResponse)(nil), // 17: clusterconnect.v1.RotateSigningKeyResponse
+	(*LogoutRequest)(nil),            // 4: clusterconnect.v1.LogoutRequest
+	(*LogoutResponse)(nil),           // 5: clusterconnect.v1.LogoutResponse
+	(*User)(nil),                     // 6: clusterconnect.v1.User
+	(*AddUserRequest)(nil),           // 7: clusterconnect.v1.AddUserRequest
+	(*AddUserResponse)(nil),          // 8: clusterconnect.v1.AddUserResponse
+	(*ListUsersRequest)(nil),         // 9: clusterconnect.v1.ListUsersRequest
+	(*ListUsersResponse)(nil),        // 10: clusterconnect.v1.ListUsersResponse
+	(*RemoveUserRequest)(nil),        // 11: clusterconnect.v1.RemoveUserRequest
+	(*RemoveUserResponse)(nil),       // 12: clusterconnect.v1.RemoveUserResponse
+	(*NewLoginCodeRequest)(nil),      // 13: clusterconnect.v1.NewLoginCodeRequest
+	(*AccessEntry)(nil),              // 14: clusterconnect.v1.AccessEntry
+	(*AccessChange)(nil),             // 15: clusterconnect.v1.AccessChange
+	(*GetAccessRequest)(nil),         // 16: clusterconnect.v1.GetAccessRequest
+	(*AccessList)(nil),               // 17: clusterconnect.v1.AccessList
+	(*Credential)(nil),               // 18: clusterconnect.v1.Credential
+	(*ListCredentialsRequest)(nil),   // 19: clusterconnect.v1.ListCredentialsRequest
+	(*ListCredentialsResponse)(nil),  // 20: clusterconnect.v1.ListCredentialsResponse
+	(*RevokeCredentialRequest)(nil),  // 21: clusterconnect.v1.RevokeCredentialRequest
+	(*RevokeCredentialResponse)(nil), // 22: clusterconnect.v1.RevokeCredentialResponse
+	(*RotateSigningKeyRequest)(nil),  // 23: clusterconnect.v1.RotateSigningKeyRequest
+	(*RotateSigningKeyResponse)(nil), // 24: clusterconnect.v1.RotateSigningKeyResponse
 }
 var file_clusterconnect_v1_identity_proto_depIdxs = []int32{
-	4,  // 0: clusterconnect.v1.AddUserResponse.user:type_name -> clusterconnect.v1.User
-	4,  // 1: clusterconnect.v1.ListUsersResponse.users:type_name -> clusterconnect.v1.User
-	12, // 2: clusterconnect.v1.AccessChange.entry:type_name -> clusterconnect.v1.AccessEntry
-	12, // 3: clusterconnect.v1.AccessList.entries:type_name -> clusterconnect.v1.AccessEntry
-	0,  // 4: clusterconnect.v1.IdentityProvider.Login:input_type -> clusterconnect.v1.LoginRequest
-	2,  // 5: clusterconnect.v1.IdentityProvider.IssueToken:input_type -> clusterconnect.v1.IssueTokenRequest
-	5,  // 6: clusterconnect.v1.AccessAdmin.AddUser:input_type -> clusterconnect.v1.AddUserRequest
-	7,  // 7: clusterconnect.v1.AccessAdmin.ListUsers:input_type -> clusterconnect.v1.ListUsersRequest
-	9,  // 8: clusterconnect.v1.AccessAdmin.RemoveUser:input_type -> clusterconnect.v1.RemoveUserRequest
-	11, // 9: clusterconnect.v1.AccessAdmin.NewLoginCode:input_type -> clusterconnect.v1.NewLoginCodeRequest
-	13, // 10: clusterconnect.v1.AccessAdmin.Grant:input_type -> clusterconnect.v1.AccessChange
-	13, // 11: clusterconnect.v1.AccessAdmin.Revoke:input_type -> clusterconnect.v1.AccessChange
-	14, // 12: clusterconnect.v1.AccessAdmin.GetAccess:input_type -> clusterconnect.v1.GetAccessRequest
-	16, // 13: clusterconnect.v1.AccessAdmin.RotateSigningKey:input_type -> clusterconnect.v1.RotateSigningKeyRequest
-	1,  // 14: clusterconnect.v1.IdentityProvider.Login:output_type -> clusterconnect.v1.LoginResponse
-	3,  // 15: clusterconnect.v1.IdentityProvider.IssueToken:output_type -> clusterconnect.v1.IssueTokenResponse
-	6,  // 16: clusterconnect.v1.AccessAdmin.AddUser:output_type -> clusterconnect.v1.AddUserResponse
-	8,  // 17: clusterconnect.v1.AccessAdmin.ListUsers:output_type -> clusterconnect.v1.ListUsersResponse
-	10, // 18: clusterconnect.v1.AccessAdmin.RemoveUser:output_type -> clusterconnect.v1.RemoveUserResponse
-	6,  // 19: clusterconnect.v1.AccessAdmin.NewLoginCode:output_type -> clusterconnect.v1.AddUserResponse
-	15, // 20: clusterconnect.v1.AccessAdmin.Grant:output_type -> clusterconnect.v1.AccessList
-	15, // 21: clusterconnect.v1.AccessAdmin.Revoke:output_type -> clusterconnect.v1.AccessList
-	15, // 22: clusterconnect.v1.AccessAdmin.GetAccess:output_type -> clusterconnect.v1.AccessList
-	17, // 23: clusterconnect.v1.AccessAdmin.RotateSigningKey:output_type -> clusterconnect.v1.RotateSigningKeyResponse
-	14, // [14:24] is the sub-list for method output_type
-	4,  // [4:14] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	6,  // 0: clusterconnect.v1.AddUserResponse.user:type_name -> clusterconnect.v1.User
+	6,  // 1: clusterconnect.v1.ListUsersResponse.users:type_name -> clusterconnect.v1.User
+	14, // 2: clusterconnect.v1.AccessChange.entry:type_name -> clusterconnect.v1.AccessEntry
+	14, // 3: clusterconnect.v1.AccessList.entries:type_name -> clusterconnect.v1.AccessEntry
+	18, // 4: clusterconnect.v1.ListCredentialsResponse.credentials:type_name -> clusterconnect.v1.Credential
+	0,  // 5: clusterconnect.v1.IdentityProvider.Login:input_type -> clusterconnect.v1.LoginRequest
+	2,  // 6: clusterconnect.v1.IdentityProvider.IssueToken:input_type -> clusterconnect.v1.IssueTokenRequest
+	4,  // 7: clusterconnect.v1.IdentityProvider.Logout:input_type -> clusterconnect.v1.LogoutRequest
+	7,  // 8: clusterconnect.v1.AccessAdmin.AddUser:input_type -> clusterconnect.v1.AddUserRequest
+	9,  // 9: clusterconnect.v1.AccessAdmin.ListUsers:input_type -> clusterconnect.v1.ListUsersRequest
+	11, // 10: clusterconnect.v1.AccessAdmin.RemoveUser:input_type -> clusterconnect.v1.RemoveUserRequest
+	13, // 11: clusterconnect.v1.AccessAdmin.NewLoginCode:input_type -> clusterconnect.v1.NewLoginCodeRequest
+	15, // 12: clusterconnect.v1.AccessAdmin.Grant:input_type -> clusterconnect.v1.AccessChange
+	15, // 13: clusterconnect.v1.AccessAdmin.Revoke:input_type -> clusterconnect.v1.AccessChange
+	16, // 14: clusterconnect.v1.AccessAdmin.GetAccess:input_type -> clusterconnect.v1.GetAccessRequest
+	23, // 15: clusterconnect.v1.AccessAdmin.RotateSigningKey:input_type -> clusterconnect.v1.RotateSigningKeyRequest
+	19, // 16: clusterconnect.v1.AccessAdmin.ListCredentials:input_type -> clusterconnect.v1.ListCredentialsRequest
+	21, // 17: clusterconnect.v1.AccessAdmin.RevokeCredential:input_type -> clusterconnect.v1.RevokeCredentialRequest
+	1,  // 18: clusterconnect.v1.IdentityProvider.Login:output_type -> clusterconnect.v1.LoginResponse
+	3,  // 19: clusterconnect.v1.IdentityProvider.IssueToken:output_type -> clusterconnect.v1.IssueTokenResponse
+	5,  // 20: clusterconnect.v1.IdentityProvider.Logout:output_type -> clusterconnect.v1.LogoutResponse
+	8,  // 21: clusterconnect.v1.AccessAdmin.AddUser:output_type -> clusterconnect.v1.AddUserResponse
+	10, // 22: clusterconnect.v1.AccessAdmin.ListUsers:output_type -> clusterconnect.v1.ListUsersResponse
+	12, // 23: clusterconnect.v1.AccessAdmin.RemoveUser:output_type -> clusterconnect.v1.RemoveUserResponse
+	8,  // 24: clusterconnect.v1.AccessAdmin.NewLoginCode:output_type -> clusterconnect.v1.AddUserResponse
+	17, // 25: clusterconnect.v1.AccessAdmin.Grant:output_type -> clusterconnect.v1.AccessList
+	17, // 26: clusterconnect.v1.AccessAdmin.Revoke:output_type -> clusterconnect.v1.AccessList
+	17, // 27: clusterconnect.v1.AccessAdmin.GetAccess:output_type -> clusterconnect.v1.AccessList
+	24, // 28: clusterconnect.v1.AccessAdmin.RotateSigningKey:output_type -> clusterconnect.v1.RotateSigningKeyResponse
+	20, // 29: clusterconnect.v1.AccessAdmin.ListCredentials:output_type -> clusterconnect.v1.ListCredentialsResponse
+	22, // 30: clusterconnect.v1.AccessAdmin.RevokeCredential:output_type -> clusterconnect.v1.RevokeCredentialResponse
+	18, // [18:31] is the sub-list for method output_type
+	5,  // [5:18] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_clusterconnect_v1_identity_proto_init() }
@@ -1142,7 +1539,7 @@ func file_clusterconnect_v1_identity_proto_init() {
 	if File_clusterconnect_v1_identity_proto != nil {
 		return
 	}
-	file_clusterconnect_v1_identity_proto_msgTypes[12].OneofWrappers = []any{
+	file_clusterconnect_v1_identity_proto_msgTypes[14].OneofWrappers = []any{
 		(*AccessEntry_User)(nil),
 		(*AccessEntry_Group)(nil),
 	}
@@ -1152,7 +1549,7 @@ func file_clusterconnect_v1_identity_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_clusterconnect_v1_identity_proto_rawDesc), len(file_clusterconnect_v1_identity_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -8,7 +8,9 @@
 //   2. the user's `clusterconnect login --code` calls IdentityProvider.Login once, which consumes the
 //      code and returns a refresh credential (kept in a mode-600 file on the user's machine);
 //   3. `clusterconnect token` and `clusterconnect proxy` call IdentityProvider.IssueToken with that
-//      credential whenever they need a fresh access token (a JWT, ES256, minutes long).
+//      credential whenever they need a fresh access token (a JWT, ES256, minutes long);
+//   4. the credential expires (the relay's --refresh-credential-lifetime, default 30 days); its holder
+//      revokes it with IdentityProvider.Logout, an admin with AccessAdmin.RevokeCredential.
 // Access tokens are verified like any OIDC token: the relay publishes discovery
 // (ISSUER/.well-known/openid-configuration) and JWKS over HTTPS at the issuer URL.
 
@@ -35,6 +37,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	IdentityProvider_Login_FullMethodName      = "/clusterconnect.v1.IdentityProvider/Login"
 	IdentityProvider_IssueToken_FullMethodName = "/clusterconnect.v1.IdentityProvider/IssueToken"
+	IdentityProvider_Logout_FullMethodName     = "/clusterconnect.v1.IdentityProvider/Logout"
 )
 
 // IdentityProviderClient is the client API for IdentityProvider service.
@@ -42,13 +45,15 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // Served by the relay for users. Login needs no credential (the code is the credential);
-// IssueToken needs the refresh credential. Failures: UNAUTHENTICATED (unknown, used or expired code;
-// unknown or revoked refresh credential; removed user).
+// IssueToken and Logout need the refresh credential. Failures: UNAUTHENTICATED (unknown, used or
+// expired code; unknown, revoked or expired refresh credential; removed user).
 type IdentityProviderClient interface {
 	// Consumes a one-time login code; returns a refresh credential.
 	Login(ctx context.Context, in *LoginRequest, opts ...grpc.CallOption) (*LoginResponse, error)
 	// A new access token for the refresh credential in the request metadata.
 	IssueToken(ctx context.Context, in *IssueTokenRequest, opts ...grpc.CallOption) (*IssueTokenResponse, error)
+	// Revokes the refresh credential in the request metadata (`clusterconnect logout`).
+	Logout(ctx context.Context, in *LogoutRequest, opts ...grpc.CallOption) (*LogoutResponse, error)
 }
 
 type identityProviderClient struct {
@@ -79,18 +84,30 @@ func (c *identityProviderClient) IssueToken(ctx context.Context, in *IssueTokenR
 	return out, nil
 }
 
+func (c *identityProviderClient) Logout(ctx context.Context, in *LogoutRequest, opts ...grpc.CallOption) (*LogoutResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LogoutResponse)
+	err := c.cc.Invoke(ctx, IdentityProvider_Logout_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // IdentityProviderServer is the server API for IdentityProvider service.
 // All implementations must embed UnimplementedIdentityProviderServer
 // for forward compatibility.
 //
 // Served by the relay for users. Login needs no credential (the code is the credential);
-// IssueToken needs the refresh credential. Failures: UNAUTHENTICATED (unknown, used or expired code;
-// unknown or revoked refresh credential; removed user).
+// IssueToken and Logout need the refresh credential. Failures: UNAUTHENTICATED (unknown, used or
+// expired code; unknown, revoked or expired refresh credential; removed user).
 type IdentityProviderServer interface {
 	// Consumes a one-time login code; returns a refresh credential.
 	Login(context.Context, *LoginRequest) (*LoginResponse, error)
 	// A new access token for the refresh credential in the request metadata.
 	IssueToken(context.Context, *IssueTokenRequest) (*IssueTokenResponse, error)
+	// Revokes the refresh credential in the request metadata (`clusterconnect logout`).
+	Logout(context.Context, *LogoutRequest) (*LogoutResponse, error)
 	mustEmbedUnimplementedIdentityProviderServer()
 }
 
@@ -106,6 +123,9 @@ func (UnimplementedIdentityProviderServer) Login(context.Context, *LoginRequest)
 }
 func (UnimplementedIdentityProviderServer) IssueToken(context.Context, *IssueTokenRequest) (*IssueTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method IssueToken not implemented")
+}
+func (UnimplementedIdentityProviderServer) Logout(context.Context, *LogoutRequest) (*LogoutResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Logout not implemented")
 }
 func (UnimplementedIdentityProviderServer) mustEmbedUnimplementedIdentityProviderServer() {}
 func (UnimplementedIdentityProviderServer) testEmbeddedByValue()                          {}
@@ -164,6 +184,24 @@ func _IdentityProvider_IssueToken_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _IdentityProvider_Logout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LogoutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IdentityProviderServer).Logout(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: IdentityProvider_Logout_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IdentityProviderServer).Logout(ctx, req.(*LogoutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // IdentityProvider_ServiceDesc is the grpc.ServiceDesc for IdentityProvider service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -179,6 +217,10 @@ var IdentityProvider_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "IssueToken",
 			Handler:    _IdentityProvider_IssueToken_Handler,
 		},
+		{
+			MethodName: "Logout",
+			Handler:    _IdentityProvider_Logout_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "clusterconnect/v1/identity.proto",
@@ -193,6 +235,8 @@ const (
 	AccessAdmin_Revoke_FullMethodName           = "/clusterconnect.v1.AccessAdmin/Revoke"
 	AccessAdmin_GetAccess_FullMethodName        = "/clusterconnect.v1.AccessAdmin/GetAccess"
 	AccessAdmin_RotateSigningKey_FullMethodName = "/clusterconnect.v1.AccessAdmin/RotateSigningKey"
+	AccessAdmin_ListCredentials_FullMethodName  = "/clusterconnect.v1.AccessAdmin/ListCredentials"
+	AccessAdmin_RevokeCredential_FullMethodName = "/clusterconnect.v1.AccessAdmin/RevokeCredential"
 )
 
 // AccessAdminClient is the client API for AccessAdmin service.
@@ -217,6 +261,10 @@ type AccessAdminClient interface {
 	GetAccess(ctx context.Context, in *GetAccessRequest, opts ...grpc.CallOption) (*AccessList, error)
 	// Starts signing tokens with a new key (the previous one stays published until its tokens expired).
 	RotateSigningKey(ctx context.Context, in *RotateSigningKeyRequest, opts ...grpc.CallOption) (*RotateSigningKeyResponse, error)
+	// A user's refresh credentials (one per login).
+	ListCredentials(ctx context.Context, in *ListCredentialsRequest, opts ...grpc.CallOption) (*ListCredentialsResponse, error)
+	// Revokes one refresh credential of a user at once.
+	RevokeCredential(ctx context.Context, in *RevokeCredentialRequest, opts ...grpc.CallOption) (*RevokeCredentialResponse, error)
 }
 
 type accessAdminClient struct {
@@ -307,6 +355,26 @@ func (c *accessAdminClient) RotateSigningKey(ctx context.Context, in *RotateSign
 	return out, nil
 }
 
+func (c *accessAdminClient) ListCredentials(ctx context.Context, in *ListCredentialsRequest, opts ...grpc.CallOption) (*ListCredentialsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListCredentialsResponse)
+	err := c.cc.Invoke(ctx, AccessAdmin_ListCredentials_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *accessAdminClient) RevokeCredential(ctx context.Context, in *RevokeCredentialRequest, opts ...grpc.CallOption) (*RevokeCredentialResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeCredentialResponse)
+	err := c.cc.Invoke(ctx, AccessAdmin_RevokeCredential_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AccessAdminServer is the server API for AccessAdmin service.
 // All implementations must embed UnimplementedAccessAdminServer
 // for forward compatibility.
@@ -329,6 +397,10 @@ type AccessAdminServer interface {
 	GetAccess(context.Context, *GetAccessRequest) (*AccessList, error)
 	// Starts signing tokens with a new key (the previous one stays published until its tokens expired).
 	RotateSigningKey(context.Context, *RotateSigningKeyRequest) (*RotateSigningKeyResponse, error)
+	// A user's refresh credentials (one per login).
+	ListCredentials(context.Context, *ListCredentialsRequest) (*ListCredentialsResponse, error)
+	// Revokes one refresh credential of a user at once.
+	RevokeCredential(context.Context, *RevokeCredentialRequest) (*RevokeCredentialResponse, error)
 	mustEmbedUnimplementedAccessAdminServer()
 }
 
@@ -362,6 +434,12 @@ func (UnimplementedAccessAdminServer) GetAccess(context.Context, *GetAccessReque
 }
 func (UnimplementedAccessAdminServer) RotateSigningKey(context.Context, *RotateSigningKeyRequest) (*RotateSigningKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateSigningKey not implemented")
+}
+func (UnimplementedAccessAdminServer) ListCredentials(context.Context, *ListCredentialsRequest) (*ListCredentialsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListCredentials not implemented")
+}
+func (UnimplementedAccessAdminServer) RevokeCredential(context.Context, *RevokeCredentialRequest) (*RevokeCredentialResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeCredential not implemented")
 }
 func (UnimplementedAccessAdminServer) mustEmbedUnimplementedAccessAdminServer() {}
 func (UnimplementedAccessAdminServer) testEmbeddedByValue()                     {}
@@ -528,6 +606,42 @@ func _AccessAdmin_RotateSigningKey_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AccessAdmin_ListCredentials_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListCredentialsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AccessAdminServer).ListCredentials(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AccessAdmin_ListCredentials_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AccessAdminServer).ListCredentials(ctx, req.(*ListCredentialsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _AccessAdmin_RevokeCredential_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeCredentialRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AccessAdminServer).RevokeCredential(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AccessAdmin_RevokeCredential_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AccessAdminServer).RevokeCredential(ctx, req.(*RevokeCredentialRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AccessAdmin_ServiceDesc is the grpc.ServiceDesc for AccessAdmin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -566,6 +680,14 @@ var AccessAdmin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RotateSigningKey",
 			Handler:    _AccessAdmin_RotateSigningKey_Handler,
+		},
+		{
+			MethodName: "ListCredentials",
+			Handler:    _AccessAdmin_ListCredentials_Handler,
+		},
+		{
+			MethodName: "RevokeCredential",
+			Handler:    _AccessAdmin_RevokeCredential_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -15,16 +15,20 @@ class LoginRequest(_message.Message):
     def __init__(self, code: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class LoginResponse(_message.Message):
-    __slots__ = ("refresh_credential", "username", "issuer", "audience")
+    __slots__ = ("refresh_credential", "username", "issuer", "audience", "credential_id", "credential_expires_unix")
     REFRESH_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     USERNAME_FIELD_NUMBER: _ClassVar[int]
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     refresh_credential: str
     username: str
     issuer: str
     audience: str
-    def __init__(self, refresh_credential: _Optional[str] = ..., username: _Optional[str] = ..., issuer: _Optional[str] = ..., audience: _Optional[str] = ...) -> None: ...
+    credential_id: str
+    credential_expires_unix: int
+    def __init__(self, refresh_credential: _Optional[str] = ..., username: _Optional[str] = ..., issuer: _Optional[str] = ..., audience: _Optional[str] = ..., credential_id: _Optional[str] = ..., credential_expires_unix: _Optional[int] = ...) -> None: ...
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ()
@@ -37,6 +41,14 @@ class IssueTokenResponse(_message.Message):
     access_token: str
     expires_unix: int
     def __init__(self, access_token: _Optional[str] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+
+class LogoutRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LogoutResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class User(_message.Message):
     __slots__ = ("name", "groups", "created_unix", "credentials")
@@ -123,6 +135,44 @@ class AccessList(_message.Message):
     cluster: str
     entries: _containers.RepeatedCompositeFieldContainer[AccessEntry]
     def __init__(self, cluster: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[AccessEntry, _Mapping]]] = ...) -> None: ...
+
+class Credential(_message.Message):
+    __slots__ = ("id", "device", "created_unix", "last_used_unix", "expires_unix")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    device: str
+    created_unix: int
+    last_used_unix: int
+    expires_unix: int
+    def __init__(self, id: _Optional[str] = ..., device: _Optional[str] = ..., created_unix: _Optional[int] = ..., last_used_unix: _Optional[int] = ..., expires_unix: _Optional[int] = ...) -> None: ...
+
+class ListCredentialsRequest(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    def __init__(self, user: _Optional[str] = ...) -> None: ...
+
+class ListCredentialsResponse(_message.Message):
+    __slots__ = ("credentials",)
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    credentials: _containers.RepeatedCompositeFieldContainer[Credential]
+    def __init__(self, credentials: _Optional[_Iterable[_Union[Credential, _Mapping]]] = ...) -> None: ...
+
+class RevokeCredentialRequest(_message.Message):
+    __slots__ = ("user", "id")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    id: str
+    def __init__(self, user: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class RevokeCredentialResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RotateSigningKeyRequest(_message.Message):
     __slots__ = ()

@@ -27,8 +27,8 @@ if _version_not_supported:
 
 class IdentityProviderStub:
     """Served by the relay for users. Login needs no credential (the code is the credential);
-    IssueToken needs the refresh credential. Failures: UNAUTHENTICATED (unknown, used or expired code;
-    unknown or revoked refresh credential; removed user).
+    IssueToken and Logout need the refresh credential. Failures: UNAUTHENTICATED (unknown, used or
+    expired code; unknown, revoked or expired refresh credential; removed user).
     """
 
     def __init__(self, channel):
@@ -47,12 +47,17 @@ class IdentityProviderStub:
                 request_serializer=clusterconnect_dot_v1_dot_identity__pb2.IssueTokenRequest.SerializeToString,
                 response_deserializer=clusterconnect_dot_v1_dot_identity__pb2.IssueTokenResponse.FromString,
                 _registered_method=True)
+        self.Logout = channel.unary_unary(
+                '/clusterconnect.v1.IdentityProvider/Logout',
+                request_serializer=clusterconnect_dot_v1_dot_identity__pb2.LogoutRequest.SerializeToString,
+                response_deserializer=clusterconnect_dot_v1_dot_identity__pb2.LogoutResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityProviderServicer:
     """Served by the relay for users. Login needs no credential (the code is the credential);
-    IssueToken needs the refresh credential. Failures: UNAUTHENTICATED (unknown, used or expired code;
-    unknown or revoked refresh credential; removed user).
+    IssueToken and Logout need the refresh credential. Failures: UNAUTHENTICATED (unknown, used or
+    expired code; unknown, revoked or expired refresh credential; removed user).
     """
 
     def Login(self, request, context):
@@ -64,6 +69,13 @@ class IdentityProviderServicer:
 
     def IssueToken(self, request, context):
         """A new access token for the refresh credential in the request metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logout(self, request, context):
+        """Revokes the refresh credential in the request metadata (`clusterconnect logout`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +94,11 @@ def add_IdentityProviderServicer_to_server(servicer, server):
                     request_deserializer=clusterconnect_dot_v1_dot_identity__pb2.IssueTokenRequest.FromString,
                     response_serializer=clusterconnect_dot_v1_dot_identity__pb2.IssueTokenResponse.SerializeToString,
             ),
+            'Logout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Logout,
+                    request_deserializer=clusterconnect_dot_v1_dot_identity__pb2.LogoutRequest.FromString,
+                    response_serializer=clusterconnect_dot_v1_dot_identity__pb2.LogoutResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'clusterconnect.v1.IdentityProvider', rpc_method_handlers)
@@ -92,8 +109,8 @@ def add_IdentityProviderServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class IdentityProvider:
     """Served by the relay for users. Login needs no credential (the code is the credential);
-    IssueToken needs the refresh credential. Failures: UNAUTHENTICATED (unknown, used or expired code;
-    unknown or revoked refresh credential; removed user).
+    IssueToken and Logout need the refresh credential. Failures: UNAUTHENTICATED (unknown, used or
+    expired code; unknown, revoked or expired refresh credential; removed user).
     """
 
     @staticmethod
@@ -140,6 +157,33 @@ class IdentityProvider:
             '/clusterconnect.v1.IdentityProvider/IssueToken',
             clusterconnect_dot_v1_dot_identity__pb2.IssueTokenRequest.SerializeToString,
             clusterconnect_dot_v1_dot_identity__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusterconnect.v1.IdentityProvider/Logout',
+            clusterconnect_dot_v1_dot_identity__pb2.LogoutRequest.SerializeToString,
+            clusterconnect_dot_v1_dot_identity__pb2.LogoutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -200,6 +244,16 @@ class AccessAdminStub:
                 '/clusterconnect.v1.AccessAdmin/RotateSigningKey',
                 request_serializer=clusterconnect_dot_v1_dot_identity__pb2.RotateSigningKeyRequest.SerializeToString,
                 response_deserializer=clusterconnect_dot_v1_dot_identity__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
+        self.ListCredentials = channel.unary_unary(
+                '/clusterconnect.v1.AccessAdmin/ListCredentials',
+                request_serializer=clusterconnect_dot_v1_dot_identity__pb2.ListCredentialsRequest.SerializeToString,
+                response_deserializer=clusterconnect_dot_v1_dot_identity__pb2.ListCredentialsResponse.FromString,
+                _registered_method=True)
+        self.RevokeCredential = channel.unary_unary(
+                '/clusterconnect.v1.AccessAdmin/RevokeCredential',
+                request_serializer=clusterconnect_dot_v1_dot_identity__pb2.RevokeCredentialRequest.SerializeToString,
+                response_deserializer=clusterconnect_dot_v1_dot_identity__pb2.RevokeCredentialResponse.FromString,
                 _registered_method=True)
 
 
@@ -263,6 +317,20 @@ class AccessAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCredentials(self, request, context):
+        """A user's refresh credentials (one per login).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCredential(self, request, context):
+        """Revokes one refresh credential of a user at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccessAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -305,6 +373,16 @@ def add_AccessAdminServicer_to_server(servicer, server):
                     servicer.RotateSigningKey,
                     request_deserializer=clusterconnect_dot_v1_dot_identity__pb2.RotateSigningKeyRequest.FromString,
                     response_serializer=clusterconnect_dot_v1_dot_identity__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+            'ListCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCredentials,
+                    request_deserializer=clusterconnect_dot_v1_dot_identity__pb2.ListCredentialsRequest.FromString,
+                    response_serializer=clusterconnect_dot_v1_dot_identity__pb2.ListCredentialsResponse.SerializeToString,
+            ),
+            'RevokeCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCredential,
+                    request_deserializer=clusterconnect_dot_v1_dot_identity__pb2.RevokeCredentialRequest.FromString,
+                    response_serializer=clusterconnect_dot_v1_dot_identity__pb2.RevokeCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +602,60 @@ class AccessAdmin:
             '/clusterconnect.v1.AccessAdmin/RotateSigningKey',
             clusterconnect_dot_v1_dot_identity__pb2.RotateSigningKeyRequest.SerializeToString,
             clusterconnect_dot_v1_dot_identity__pb2.RotateSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusterconnect.v1.AccessAdmin/ListCredentials',
+            clusterconnect_dot_v1_dot_identity__pb2.ListCredentialsRequest.SerializeToString,
+            clusterconnect_dot_v1_dot_identity__pb2.ListCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clusterconnect.v1.AccessAdmin/RevokeCredential',
+            clusterconnect_dot_v1_dot_identity__pb2.RevokeCredentialRequest.SerializeToString,
+            clusterconnect_dot_v1_dot_identity__pb2.RevokeCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,
