@@ -60,7 +60,8 @@ def test_a_request_trickling_in_is_cut_at_the_deadline_while_others_are_served(t
         return head
 
     async def scenario() -> None:
-        issuer = Issuer("https://127.0.0.1", "aud", SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0), 60)
+        keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
+        issuer = Issuer("https://127.0.0.1", "aud", keys, 60)
         endpoint = IssuerEndpoint(issuer, cert, key, request_timeout=1.0)
         port = await endpoint.start("127.0.0.1", 0)
         client = ssl.create_default_context(cafile=str(ca))
