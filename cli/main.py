@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
                      " (default: first file of KUBECONFIG, else ~/.kube/config)")
     cliargs.add_flag(proxy, "--state-dir", type=Path, default=_state_dir(),
-                     help="where the local TLS CA and the logins are kept")
+                     help="where the local TLS CAs and certificates and the logins are kept")
     cliargs.add_flag(proxy, "--request-head-timeout", type=float, default=REQUEST_HEAD_TIMEOUT,
                      help="seconds a client has after its TLS handshake to send its first request's head")
     cliargs.add_flag(proxy, "--log-level", default="warning", help="debug, info, warning or error")
@@ -97,8 +98,8 @@ def _wrapped(args: argparse.Namespace) -> kubeconfig.WrappedCredential:
 
 
 def proxy_command(args: argparse.Namespace) -> None:
-    if not args.request_head_timeout > 0:  # also refuses nan
-        fail(f"--request-head-timeout must be a positive number of seconds, not {args.request_head_timeout}")
+    if not (0 < args.request_head_timeout < math.inf):  # also refuses nan
+        raise InvalidInput(f"--request-head-timeout must be a positive number of seconds: {args.request_head_timeout}")
     if args.kubeconfig_user:
         wrapped = _wrapped(args)
         args.token, args.token_file = wrapped.token, wrapped.token_file

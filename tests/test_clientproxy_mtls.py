@@ -16,12 +16,13 @@ import secrets
 import socket
 import ssl
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from chain import STDOUT_SUFFIX, log_event, wait_until
+from chain import STDOUT_SUFFIX, log_event, script, wait_until
 from https_client import client_certificate, load_client_certificate
 from kube import kubectl
 
@@ -257,3 +258,13 @@ def test_the_deadline_ends_at_the_blank_line_even_split_across_blocks():
             await asyncio.wait_for(stalled.receive(), 5)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_request_head_timeout_that_is_no_deadline_is_refused_in_one_line(tmp_path, value):
+    result = subprocess.run([script("clusterconnect"), "proxy", "dev", "--relay", "https://127.0.0.1:1", "--token", "t",
+                             "--state-dir", str(tmp_path), "--request-head-timeout", value],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "--request-head-timeout must be a positive number of seconds" in result.stderr
+    assert not (tmp_path / "tls").exists()
