@@ -139,6 +139,9 @@ class ConnectionHandler:
     @classmethod
     def _expire(cls, accepted: _Accepted) -> None:
         if cls._claim(accepted):
+            # kubectl only says "EOF" (asyncio sends no TLS alert): the reason is here.
+            log.info("connection dropped", reason="no TLS handshake: the client presented no certificate of"
+                     " this proxy's kubeconfig, gave up, or timed out")
             cls._expire_now(accepted)
 
     @staticmethod
