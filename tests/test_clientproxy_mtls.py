@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -144,28 +145,29 @@ def test_the_kubeconfig_and_the_keys_are_private_whatever_the_umask_and_printing
         chain, admin_sa_token, tmp_path):
     tunnel, _ = chain
     state, kubeconfig = tmp_path / "state", tmp_path / "config"
-    previous = os.umask(0)
+    previous = os.umask(0)  # the children inherit it
     try:
-        written, _ = tunnel.start_proxy(admin_sa_token, kubeconfig, name="proxy-umask", state_dir=state)
-        printed, _ = tunnel.start_proxy(admin_sa_token, Path("-"), name="proxy-print", state_dir=tmp_path / "print")
+        with contextlib.ExitStack() as stop:
+            written, _ = tunnel.start_proxy(admin_sa_token, kubeconfig, name="proxy-umask", state_dir=state)
+            stop.callback(written.stop)
+            printed, _ = tunnel.start_proxy(admin_sa_token, Path("-"), name="proxy-print", state_dir=tmp_path / "print")
+            stop.callback(printed.stop)
+            os.umask(previous)
+
+            assert stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
+            for key in ("ca.key", "tls.key", "client-ca.key", "client.key"):
+                assert stat.S_IMODE((state / "tls" / key).stat().st_mode) == 0o600, key
+            _, user = _current(kubeconfig)
+            assert client_certificate(user) == ((state / "tls" / "client.crt").read_bytes(),
+                                                (state / "tls" / "client.key").read_bytes())
+            assert kubectl(kubeconfig, "get", "--raw", "/version", timeout=30).returncode == 0
+
+            out = (tunnel.state_dir / "logs" / f"proxy-print{STDOUT_SUFFIX}").read_text()
+            document = yaml.safe_load(out[:out.index("\nready ")])
+            user = document["users"][0]["user"]
+            assert user["tokenFile"] and user["client-certificate-data"] and user["client-key-data"]
     finally:
         os.umask(previous)
-    try:
-        assert stat.S_IMODE(kubeconfig.stat().st_mode) == 0o600
-        for key in ("ca.key", "tls.key", "client-ca.key", "client.key"):
-            assert stat.S_IMODE((state / "tls" / key).stat().st_mode) == 0o600, key
-        _, user = _current(kubeconfig)
-        assert client_certificate(user) == ((state / "tls" / "client.crt").read_bytes(),
-                                            (state / "tls" / "client.key").read_bytes())
-        assert kubectl(kubeconfig, "get", "--raw", "/version", timeout=30).returncode == 0
-
-        out = (tunnel.state_dir / "logs" / f"proxy-print{STDOUT_SUFFIX}").read_text()
-        document = yaml.safe_load(out[:out.index("\nready ")])
-        user = document["users"][0]["user"]
-        assert user["tokenFile"] and user["client-certificate-data"] and user["client-key-data"]
-    finally:
-        written.stop()
-        printed.stop()
 
 
 # ---- point 6: the first request's head has a deadline -------------------------------------------------
