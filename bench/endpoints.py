@@ -6,6 +6,7 @@ import http.client
 import socket
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -15,10 +16,14 @@ class Endpoint:
     port: int
     ca_pem: str
     token: str
+    # The client proxy's client certificate and key (its port lets in no one without them); None: direct.
+    client_files: tuple[Path, Path] | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cadata=self.ca_pem)
         context.set_alpn_protocols(["http/1.1"])
+        if self.client_files is not None:
+            context.load_cert_chain(*self.client_files)
         return context
 
     @property
@@ -38,3 +43,8 @@ class Endpoint:
         if response.status != 200:
             raise RuntimeError(f"{self.name} GET {path}: {response.status} {body[:200]!r}")
         return body
+
+
+def proxy_client_files(proxy_state: Path) -> tuple[Path, Path]:
+    """The client certificate and key that the client proxy with this state dir lets in."""
+    return proxy_state / "tls" / "client.crt", proxy_state / "tls" / "client.key"

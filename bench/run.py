@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
 import yaml  # noqa: E402
 from chain import Chain, endpoint_only, process_in_group, start_devcluster  # noqa: E402
-from endpoints import Endpoint  # noqa: E402
+from endpoints import Endpoint, proxy_client_files  # noqa: E402
 from report import write_report  # noqa: E402
 from scale import scale  # noqa: E402
 from scenarios import (  # noqa: E402
@@ -45,11 +45,12 @@ from scenarios import (  # noqa: E402
 SCENARIOS = ["small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale"]
 
 
-def tunnel_endpoint(kubeconfig: Path, token: str) -> Endpoint:
+def tunnel_endpoint(kubeconfig: Path, token: str, proxy_state: Path) -> Endpoint:
     config = yaml.safe_load(kubeconfig.read_text())
     cluster = config["clusters"][-1]["cluster"]
     host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
-    return Endpoint("tunnel", host, int(port), base64.b64decode(cluster["certificate-authority-data"]).decode(), token)
+    return Endpoint("tunnel", host, int(port), base64.b64decode(cluster["certificate-authority-data"]).decode(), token,
+                    client_files=proxy_client_files(proxy_state))
 
 
 def direct_endpoint(admin_kubeconfig: Path, token: str) -> Endpoint:
@@ -91,7 +92,8 @@ def bench_setup(sizes: Sizes) -> Iterator[tuple[Context, Chain, Path]]:
         tunnel_kubeconfig = work / "tunnel.kubeconfig"
         chain.start_all(token_file, tunnel_kubeconfig)
         yield Context(
-            direct=direct_endpoint(admin, token), tunnel=tunnel_endpoint(tunnel_kubeconfig, token),
+            direct=direct_endpoint(admin, token),
+            tunnel=tunnel_endpoint(tunnel_kubeconfig, token, chain.state_dir / "proxy-state"),
             admin_kubeconfig=admin,
             kubeconfigs={"direct": token_kubeconfig(admin, token_file, work / "direct.kubeconfig"),
                          "tunnel": tunnel_kubeconfig},

@@ -12,7 +12,7 @@ from pathlib import Path
 from chain import Chain, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from endpoints import Endpoint
+from endpoints import Endpoint, proxy_client_files
 from scenarios import Context, dial, rss_mib
 
 from clusterconnect.agentcert import build_csr
@@ -99,7 +99,8 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
         _, ready = chain.start_proxy(token_file, kubeconfig)
         port = int(ready.split("https://127.0.0.1:")[1].split()[0])
         proxy_ca = (chain.state_dir / "proxy-state" / "tls" / "ca.crt").read_text()
-        tunnel = Endpoint("tunnel", "127.0.0.1", port, proxy_ca, token_file.read_text().strip())
+        tunnel = Endpoint("tunnel", "127.0.0.1", port, proxy_ca, token_file.read_text().strip(),
+                          client_files=proxy_client_files(chain.state_dir / "proxy-state"))
         dials = dial(ctx, tunnel)["latencies"]
         return {
             "agents": n, "connected": connected, "connect_seconds": connect_seconds,

@@ -23,6 +23,7 @@ from rich.table import Table
 from clusterconnect import cliargs, credentials
 from clusterconnect.cli.secret_input import read_secret
 from clusterconnect.cli.usage import fail, read_file
+from clusterconnect.clientproxy.local_tls import client_credential
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
@@ -195,10 +196,12 @@ def token_command(args: argparse.Namespace) -> None:
     # arrives with a token that expired on the way.
     early = min(30.0, max(0.0, (expires - time.time()) / 5))
     stamp = datetime.datetime.fromtimestamp(expires - early, datetime.UTC)
-    print(json.dumps({
-        "apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
-        "status": {"token": token, "expirationTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ")},
-    }))
+    status = {"token": token, "expirationTimestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    # The client proxy's certificate opens its port; kubectl takes it from here, not from the kubeconfig.
+    client = client_credential(args.state_dir)
+    if client is not None:
+        status |= {"clientCertificateData": client.cert_pem.decode(), "clientKeyData": client.key_pem.decode()}
+    print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "status": status}))
 
 
 def token_command_argv(cluster: str, login: str, state_dir: Path) -> list[str]:

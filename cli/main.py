@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from clusterconnect.cli import identity as identity_cli
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
+from clusterconnect.clientproxy.tunnel import REQUEST_HEAD_TIMEOUT
 from clusterconnect.errors import ClusterConnectError, InvalidInput
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.humanize import ago
@@ -47,13 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(tokens, "--token", help="bearer token for the cluster (a ServiceAccount token)")
     cliargs.add_flag(tokens, "--token-file", type=Path, help="file holding the bearer token")
     cliargs.add_flag(tokens, "--kubeconfig-user", help="wrap this user of the kubeconfig (--kubeconfig-out's file):"
-                     " the context uses it and the proxy dials with its token or tokenFile")
+                     " the proxy dials with its token or tokenFile, and the context's user (with the proxy's"
+                     " client certificate) carries the same; the wrapped user stays as it was")
     cliargs.add_flag(tokens, "--login", help="use this login (clusterconnect login); kubectl then gets tokens from"
                      " `clusterconnect token` (default without --token/--token-file: the login at --relay)")
     cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
                      " (default: first file of KUBECONFIG, else ~/.kube/config)")
     cliargs.add_flag(proxy, "--state-dir", type=Path, default=_state_dir(),
-                     help="where the local TLS CA and the logins are kept")
+                     help="where the local TLS CAs and certificates and the logins are kept")
+    cliargs.add_flag(proxy, "--request-head-timeout", type=float, default=REQUEST_HEAD_TIMEOUT,
+                     help="seconds a client has after its TLS handshake to send its first request's head")
     cliargs.add_flag(proxy, "--log-level", default="warning", help="debug, info, warning or error")
 
     clusters = commands.add_parser("clusters", help="administer the clusters registered at the relay")
@@ -93,6 +98,8 @@ def _wrapped(args: argparse.Namespace) -> kubeconfig.WrappedCredential:
 
 
 def proxy_command(args: argparse.Namespace) -> None:
+    if not (0 < args.request_head_timeout < math.inf):  # also refuses nan
+        raise InvalidInput(f"--request-head-timeout must be a positive number of seconds: {args.request_head_timeout}")
     if args.kubeconfig_user:
         wrapped = _wrapped(args)
         args.token, args.token_file = wrapped.token, wrapped.token_file
@@ -110,7 +117,7 @@ def proxy_command(args: argparse.Namespace) -> None:
         port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
         kubeconfig_out=args.kubeconfig_out, login=login,
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
-        wrapped_user=args.kubeconfig_user,
+        request_head_timeout=args.request_head_timeout,
     )
     service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings))
 

@@ -1,5 +1,8 @@
 """Write or merge the kubeconfig context that points kubectl at the client proxy, and read the user
-of an existing kubeconfig that the proxy is asked to wrap (``proxy --kubeconfig-user NAME``)."""
+of an existing kubeconfig that the proxy is asked to wrap (``proxy --kubeconfig-user NAME``).
+
+The kubeconfig carries the proxy's client certificate (clientproxy/local_tls.py), so it is written
+with mode 600 whatever the umask."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 import yaml
 
 from clusterconnect.errors import InvalidInput
-from clusterconnect.pki import write_private
+from clusterconnect.pki import KeyPair, write_private
 
 
 class KubeconfigInvalid(InvalidInput):
@@ -25,6 +28,7 @@ class UserNotWrappable(InvalidInput):
 
 # TLS from kubectl ends at the client proxy, so a client certificate never reaches the cluster: the
 # auth proxy sees a request without credentials and kubectl shows "401 no Authorization header".
+# (The proxy's own client certificate in the kubeconfig it writes only opens the local port.)
 CLIENT_CERTIFICATE_ADVICE = (
     "authenticates with a client certificate, which cannot reach the cluster through the tunnel (TLS ends"
     " at the client proxy): use a bearer token instead (--token/--token-file, e.g. a ServiceAccount token),"
@@ -55,20 +59,24 @@ def exec_credential(command: str, args: list[str]) -> dict[str, Any]:
 
 
 def build_entries(
-    context: str, server: str, ca_pem: bytes, token: str | None, token_file: Path | None,
-    exec_user: dict[str, Any] | None = None, wrapped_user: str | None = None,
+    context: str, server: str, ca_pem: bytes, client: KeyPair, token: str | None, token_file: Path | None,
+    exec_user: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The cluster, user and context for the proxy; with ``wrapped_user`` the context uses that existing
-    user of the kubeconfig and no user is written."""
-    if wrapped_user is not None:
-        return {**_cluster_and_context(context, server, ca_pem, wrapped_user), "user": None}
+    """The cluster, user and context for the proxy. The user is always one of our own, also when the
+    proxy wraps an existing user (``token``/``token_file`` are then that user's): it must carry the
+    client certificate, and the wrapped user, used elsewhere too, stays as it was."""
     user: dict[str, Any] = {}
     if exec_user is not None:
+        # No client certificate here: kubectl skips the exec plugin of a user that has one (and would
+        # send no token); `clusterconnect token` hands the certificate over with each token instead.
         user = exec_user
-    elif token_file is not None:
-        user["tokenFile"] = str(token_file.resolve())
-    elif token is not None:
-        user["token"] = token
+    else:
+        if token_file is not None:
+            user["tokenFile"] = str(token_file.resolve())
+        elif token is not None:
+            user["token"] = token
+        user["client-certificate-data"] = base64.b64encode(client.cert_pem).decode()
+        user["client-key-data"] = base64.b64encode(client.key_pem).decode()
     user_name = f"clusterconnect-{context}"
     return {**_cluster_and_context(context, server, ca_pem, user_name), "user": {"name": user_name, "user": user}}
 
@@ -89,8 +97,6 @@ def merge(existing: dict[str, Any] | None, entries: dict[str, Any]) -> dict[str,
     config.setdefault("kind", "Config")
     config.setdefault("preferences", {})
     for key, entry in (("clusters", entries["cluster"]), ("users", entries["user"]), ("contexts", entries["context"])):
-        if entry is None:  # a wrapped user: kept as it is
-            continue
         items = [item for item in (config.get(key) or []) if item.get("name") != entry["name"]]
         items.append(entry)
         config[key] = items

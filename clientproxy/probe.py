@@ -28,9 +28,8 @@ def _message(body: bytes) -> str:
     return ""
 
 
-async def probe(port: int, ca_pem: bytes, token: str | None, timeout: float = 10.0) -> ProbeResult:
-    context = ssl.create_default_context(cadata=ca_pem.decode())
-    context.set_alpn_protocols(["http/1.1"])
+async def probe(port: int, context: ssl.SSLContext, token: str | None, timeout: float = 10.0) -> ProbeResult:
+    """``context``: trusts the proxy's CA and presents its client certificate, as kubectl does."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
         try:

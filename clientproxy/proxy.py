@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +13,13 @@ import grpc
 
 from clusterconnect import service
 from clusterconnect.clientproxy import kubeconfig
+from clusterconnect.clientproxy.local_tls import LocalTls, local_tls
 from clusterconnect.clientproxy.probe import probe
-from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, ConnectionHandler, TunnelTarget
+from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, REQUEST_HEAD_TIMEOUT, ConnectionHandler, TunnelTarget
 from clusterconnect.credentials import CachedTokenSource, LoginError
 from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
-from clusterconnect.pki import ensure_ca_and_server_cert
 
 log = get_logger(__name__)
 
@@ -41,23 +40,12 @@ class ProxySettings:
     # kubeconfig user runs `clusterconnect token` (exec credential plugin).
     login: str | None = None
     token_command: list[str] | None = None  # argv of `clusterconnect token ...` for the kubeconfig
-    # An existing user of the kubeconfig whose token the proxy dials with: the context uses it, none is written.
-    wrapped_user: str | None = None
-
-
-def local_tls(state_dir: Path) -> tuple[ssl.SSLContext, bytes]:
-    ca, cert, key = ensure_ca_and_server_cert(
-        state_dir / "tls", "clusterconnect local proxy CA", ["127.0.0.1", "localhost"]
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    # SPDY upgrades (exec, port-forward) need HTTP/1.1; never offer h2.
-    context.set_alpn_protocols(["http/1.1"])
-    return context, ca.read_bytes()
+    # How long a client has, from the end of its TLS handshake, to send the head of its first request.
+    request_head_timeout: float = REQUEST_HEAD_TIMEOUT
 
 
 async def run_proxy(settings: ProxySettings) -> None:
-    tls, ca_pem = local_tls(settings.state_dir)
+    tls = local_tls(settings.state_dir)
     target = grpc_target(settings.relay)  # InvalidInput: one line and exit code 2 (clusterconnect.service)
     credentials = grpc.ssl_channel_credentials(root_certificates=settings.relay_ca)
     async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
@@ -70,10 +58,11 @@ async def run_proxy(settings: ProxySettings) -> None:
         handler = ConnectionHandler(
             channel,
             TunnelTarget(settings.relay, settings.cluster, settings.token, tokens),
+            request_head_timeout=settings.request_head_timeout,
         )
         try:
             server = await asyncio.get_running_loop().create_server(
-                handler.protocol, "127.0.0.1", settings.port, ssl=tls, backlog=1024,
+                handler.protocol, "127.0.0.1", settings.port, ssl=tls.server, backlog=1024,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
         except OSError as exc:
@@ -90,11 +79,11 @@ async def run_proxy(settings: ProxySettings) -> None:
             if settings.token_command:
                 exec_user = kubeconfig.exec_credential(settings.token_command[0], settings.token_command[1:])
             entries = kubeconfig.build_entries(
-                settings.cluster, f"https://127.0.0.1:{port}", ca_pem, settings.token, settings.token_file, exec_user,
-                settings.wrapped_user,
+                settings.cluster, f"https://127.0.0.1:{port}", tls.ca_pem, tls.client, settings.token,
+                settings.token_file, exec_user,
             )
             where = _write_kubeconfig(settings.kubeconfig_out, entries)
-            version = await _wait_until_reachable(port, ca_pem, settings, handler.target)
+            version = await _wait_until_reachable(port, tls, settings, handler.target)
             print(
                 f"ready https://127.0.0.1:{port} context={settings.cluster} kubeconfig={where} kubernetes={version}",
                 flush=True,
@@ -114,12 +103,12 @@ def _write_kubeconfig(out: str | None, entries: dict[str, Any]) -> str:
     return str(path)
 
 
-async def _wait_until_reachable(port: int, ca_pem: bytes, settings: ProxySettings, target: TunnelTarget) -> str:
+async def _wait_until_reachable(port: int, tls: LocalTls, settings: ProxySettings, target: TunnelTarget) -> str:
     """Probe until a request went through the whole path; report why not, once per distinct reason."""
     last = ""
     while True:
         try:
-            result = await probe(port, ca_pem, await target.current_token())
+            result = await probe(port, tls.client_context(), await target.current_token())
         except LoginError as exc:
             raise StartupError(str(exc)) from None
         except (OSError, TimeoutError, ValueError) as exc:

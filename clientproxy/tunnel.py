@@ -14,6 +14,7 @@ from opentelemetry import trace
 
 from clusterconnect import metadata as md
 from clusterconnect.clientproxy.errors import describe_rpc_error, dial_refusal, error_response, is_discovery_request
+from clusterconnect.clientproxy.request_head import FirstRequestHead, RequestHeadTimeout, request_timeout_response
 from clusterconnect.credentials import CachedTokenSource, LoginError
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
@@ -37,6 +38,13 @@ DIAL_TIMEOUT = 1.8
 LINGER = 1.0
 # A client that has not finished its TLS handshake by then is dropped (and so is its early Dial).
 HANDSHAKE_TIMEOUT = 10.0
+# A client that has not sent the head of its first request by then, counted from the end of its
+# handshake, is dropped too (clientproxy/request_head.py). kubectl writes the head at once after the
+# handshake, so on loopback it arrives within a millisecond; the rest is room for a loaded machine
+# (seconds of scheduling delay). What arrives while the Dial is still opening waits in the socket's
+# buffer and counts as in time. A connection kubectl dialled and then left unused in its pool is
+# dropped as well; kubectl notices and dials anew. What it bounds: each connection holds a Dial end to end.
+REQUEST_HEAD_TIMEOUT = 10.0
 
 
 @dataclass
@@ -72,10 +80,12 @@ class ConnectionHandler:
     HANDSHAKE_TIMEOUT)``. The protocol is made when TCP accepts, before the TLS handshake: the Dial goes
     out then, and the path through the relay opens while the handshake runs."""
 
-    def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget) -> None:
+    def __init__(self, channel: grpc.aio.Channel, target: TunnelTarget,
+                 request_head_timeout: float = REQUEST_HEAD_TIMEOUT) -> None:
         self.channel = channel
         self.stub = tunnel_pb2_grpc.ClientTunnelStub(channel)
         self.target = target
+        self.request_head_timeout = request_head_timeout
         self.open_connections = 0
         # Owns the connections' tasks while serving() runs; None before and after (no new connection then).
         self._tasks: asyncio.TaskGroup | None = None
@@ -129,6 +139,9 @@ class ConnectionHandler:
     @classmethod
     def _expire(cls, accepted: _Accepted) -> None:
         if cls._claim(accepted):
+            # kubectl only says "EOF" (asyncio sends no TLS alert): the reason is here.
+            log.info("connection dropped", reason="no TLS handshake: the client presented no certificate of"
+                     " this proxy's kubeconfig, gave up, or timed out")
             cls._expire_now(accepted)
 
     @staticmethod
@@ -161,6 +174,8 @@ class ConnectionHandler:
             self.open_connections -= 1
 
     async def _carry(self, downstream: SocketStream, accepted: _Accepted) -> None:
+        # The handshake just ended: the first request's head has until the deadline from now.
+        client = FirstRequestHead(downstream, self.request_head_timeout)
         call = accepted.call
         if call is None:
             try:
@@ -177,8 +192,13 @@ class ConnectionHandler:
                 await self._refuse(downstream, *failure)
                 return
             upstream = GrpcClientStream(call)
-            await splice(downstream, upstream)
+            await splice(client, upstream)
             await upstream.finish()
+        except RequestHeadTimeout as exc:
+            log.info("connection dropped", reason=str(exc))
+            if client.received:  # a request begun and stalled: say why (an unused connection gets nothing)
+                with contextlib.suppress(PeerGone):
+                    await downstream.send(request_timeout_response(str(exc)))
         except PeerGone as exc:
             log.debug("connection ended abnormally", reason=str(exc))
         except Exception:  # one broken connection must never take the proxy down

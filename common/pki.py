@@ -1,6 +1,7 @@
-"""Certificates for the embedded defaults: a self-signed CA and a serving certificate signed by it.
+"""Certificates for the embedded defaults: a self-signed CA and a serving or client certificate signed by it.
 
-Used by the relay (its gRPC endpoint) and by the client proxy (its local HTTPS endpoint for kubectl).
+Used by the relay (its gRPC endpoint) and by the client proxy (its local HTTPS endpoint for kubectl, and
+the client certificate that kubectl must present there).
 Private keys are written with mode 600 and never leave the machine that made them.
 """
 
@@ -89,19 +90,34 @@ def issue_server_cert(ca: KeyPair, hosts: list[str], *, client_auth: bool = Fals
     """A serving certificate for ``hosts``; with ``client_auth`` it may also authenticate as a client
     (relay replicas use one certificate of the relay-peer CA for both ends of a peer stream)."""
     usages = [ExtendedKeyUsageOID.SERVER_AUTH, *([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])]
+    return _issue_leaf(ca, hosts[0], usages, _subject_alt_names(hosts))
+
+
+def issue_client_cert(ca: KeyPair, common_name: str) -> KeyPair:
+    """A certificate that authenticates a client only (no serving, no names to serve)."""
+    return _issue_leaf(ca, common_name, [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+
+
+def _issue_leaf(
+    ca: KeyPair, common_name: str, usages: list[x509.ObjectIdentifier], names: list[x509.GeneralName]
+) -> KeyPair:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = _load_ec_key(ca.key_pem)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + LEAF_LIFETIME)
-        .add_extension(x509.SubjectAlternativeName(_subject_alt_names(hosts)), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = (
+        builder
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
@@ -122,6 +138,16 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _ensure_ca(ca_crt: Path, ca_key: Path, ca_name: str) -> tuple[KeyPair, bool]:
+    """The CA in ``ca_crt``/``ca_key``, created if either is missing; True if it was just created."""
+    if ca_crt.exists() and ca_key.exists():
+        return KeyPair(ca_crt.read_bytes(), ca_key.read_bytes()), False
+    ca = create_ca(ca_name)
+    write_private(ca_key, ca.key_pem)
+    ca_crt.write_bytes(ca.cert_pem)
+    return ca, True
+
+
 def ensure_ca_and_server_cert(directory: Path, ca_name: str, hosts: list[str]) -> tuple[Path, Path, Path]:
     """Load ``ca.crt``/``tls.crt``/``tls.key`` from ``directory``, creating what is missing.
 
@@ -129,25 +155,42 @@ def ensure_ca_and_server_cert(directory: Path, ca_name: str, hosts: list[str]) -
     Returns (ca_cert, tls_cert, tls_key) paths.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"
+    ca_crt = directory / "ca.crt"
     tls_crt, tls_key = directory / "tls.crt", directory / "tls.key"
-    if not (ca_crt.exists() and ca_key.exists()):
-        ca = create_ca(ca_name)
-        write_private(ca_key, ca.key_pem)
-        ca_crt.write_bytes(ca.cert_pem)
-        tls_crt.unlink(missing_ok=True)
-    ca = KeyPair(ca_crt.read_bytes(), ca_key.read_bytes())
-    if not (tls_crt.exists() and tls_key.exists() and _covers(tls_crt.read_bytes(), hosts)):
+    ca, created = _ensure_ca(ca_crt, directory / "ca.key", ca_name)
+    if created or not (tls_crt.exists() and tls_key.exists() and _covers(tls_crt.read_bytes(), hosts)):
         leaf = issue_server_cert(ca, hosts)
         write_private(tls_key, leaf.key_pem)
         tls_crt.write_bytes(leaf.cert_pem)
     return ca_crt, tls_crt, tls_key
 
 
+def ensure_ca_and_client_cert(directory: Path, ca_name: str, common_name: str) -> tuple[Path, Path, Path]:
+    """Load ``client-ca.crt``/``client.crt``/``client.key`` from ``directory``, creating what is missing.
+
+    The client certificate is re-issued when its CA is new or it expires within 30 days.
+    Returns (client_ca_cert, client_cert, client_key) paths.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_crt = directory / "client-ca.crt"
+    client_crt, client_key = directory / "client.crt", directory / "client.key"
+    ca, created = _ensure_ca(ca_crt, directory / "client-ca.key", ca_name)
+    if created or not (client_crt.exists() and client_key.exists() and _fresh(client_crt.read_bytes())):
+        leaf = issue_client_cert(ca, common_name)
+        write_private(client_key, leaf.key_pem)
+        client_crt.write_bytes(leaf.cert_pem)
+    return ca_crt, client_crt, client_key
+
+
+def _fresh(cert_pem: bytes) -> bool:
+    """Valid for 30 more days at least (a certificate is renewed well before kubectl would refuse it)."""
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc >= _now() + datetime.timedelta(days=30)
+
+
 def _covers(cert_pem: bytes, hosts: list[str]) -> bool:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    if cert.not_valid_after_utc < _now() + datetime.timedelta(days=30):
+    if not _fresh(cert_pem):
         return False
+    cert = x509.load_pem_x509_certificate(cert_pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

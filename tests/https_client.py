@@ -6,14 +6,16 @@ import base64
 import http.client
 import json
 import ssl
+import subprocess
+import tempfile
 from pathlib import Path
 
 import yaml
 
 
 class Endpoint:
-    """Server, CA and token of a kubeconfig's current context (as written by `clusterconnect proxy`), or
-    another token."""
+    """Server, CA, client certificate and token of a kubeconfig's current context (as written by
+    `clusterconnect proxy`), or another token."""
 
     def __init__(self, kubeconfig: Path, token: str | None = None) -> None:
         config = yaml.safe_load(kubeconfig.read_text())
@@ -23,6 +25,9 @@ class Endpoint:
         self.host, port = cluster["server"].removeprefix("https://").rsplit(":", 1)
         self.port = int(port)
         self.ssl = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+        certificate = client_certificate(user)
+        if certificate is not None:
+            load_client_certificate(self.ssl, *certificate)
         token = token or user.get("token") or Path(user["tokenFile"]).read_text().strip()
         self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
 
@@ -64,3 +69,28 @@ class Endpoint:
         finally:
             conn.close()
         return f"{name}%3D1"
+
+
+def client_certificate(user: dict) -> tuple[bytes, bytes] | None:
+    """(certificate, key) PEM of a kubeconfig user, found where kubectl finds them: in the user, or in
+    the ExecCredential its exec plugin prints."""
+    if user.get("client-certificate-data"):
+        return base64.b64decode(user["client-certificate-data"]), base64.b64decode(user["client-key-data"])
+    if user.get("exec"):
+        plugin = user["exec"]
+        out = subprocess.run([plugin["command"], *plugin.get("args", [])], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        status = json.loads(out)["status"]
+        if status.get("clientCertificateData"):
+            return status["clientCertificateData"].encode(), status["clientKeyData"].encode()
+    return None
+
+
+def load_client_certificate(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """ssl loads a certificate from files only: through a private directory that is gone afterwards."""
+    with tempfile.TemporaryDirectory() as directory:
+        cert, key = Path(directory) / "client.crt", Path(directory) / "client.key"
+        cert.write_bytes(cert_pem)
+        key.touch(mode=0o600)
+        key.write_bytes(key_pem)
+        context.load_cert_chain(cert, key)

@@ -105,8 +105,13 @@ def test_a_wrapped_token_user_reaches_the_cluster_and_stays_as_it_was(chain, adm
         ready = process.popen.stdout.readline().decode()
         assert ready.startswith("ready "), process.tail()
         config = yaml.safe_load(out.read_text())
-        assert config["users"] == users_before  # the wrapped user as it was, and no user of our own
-        assert {"name": "dev", "context": {"cluster": "dev", "user": "sa"}} in config["contexts"]
+        # The wrapped user as it was; the context's user is our own: the same token file, plus the
+        # client certificate that opens the proxy's port.
+        assert config["users"][:1] == users_before
+        ours = {u["name"]: u["user"] for u in config["users"]}["clusterconnect-dev"]
+        assert ours["tokenFile"] == str(admin_sa_token.resolve())
+        assert ours["client-certificate-data"] and ours["client-key-data"]
+        assert {"name": "dev", "context": {"cluster": "dev", "user": "clusterconnect-dev"}} in config["contexts"]
         assert config["current-context"] == "dev"
         wait_until(lambda: kubectl(out, "get", "--raw", "/version", check=False, timeout=10).returncode == 0, 10,
                    "kubectl to work through the wrapped user")

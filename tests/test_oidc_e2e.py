@@ -123,8 +123,8 @@ def test_serviceaccount_tokens_still_pass_through(oidc) -> None:
     token = dc.token(DEV_NS, "sa-caller")
     ISSUED.append(token)
     config = yaml.safe_load(oidc.kubeconfig.read_text())
-    for user in config["users"]:
-        user["user"] = {"token": token}
+    for user in config["users"]:  # another token; the proxy's client certificate stays
+        user["user"] = {**{k: v for k, v in user["user"].items() if k.startswith("client-")}, "token": token}
     sa_kubeconfig = oidc.kubeconfig.with_name("sa-caller.kubeconfig")
     sa_kubeconfig.write_text(yaml.safe_dump(config))
     result = oidc.devcluster.kubectl("auth", "whoami", "-o", "json", user_kubeconfig=sa_kubeconfig)

@@ -19,7 +19,7 @@ from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
 from clusterconnect.grpc_options import bearer_from_metadata, grpc_target
 from clusterconnect.humanize import ago
-from clusterconnect.pki import ca_hash, create_ca, ensure_ca_and_server_cert
+from clusterconnect.pki import KeyPair, ca_hash, create_ca, ensure_ca_and_server_cert
 from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, InvalidName
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_kubeconfig_merge_keeps_other_entries_and_mode(tmp_path):
         "users": [{"name": "o", "user": {"token": "t"}}],
         "contexts": [{"name": "other", "context": {"cluster": "other", "user": "o"}}],
     }))
-    entries = kubeconfig.build_entries("prod", "https://127.0.0.1:47011", b"CA", "tok", None)
+    entries = kubeconfig.build_entries("prod", "https://127.0.0.1:47011", b"CA", KeyPair(b"CERT", b"KEY"), "tok", None)
     kubeconfig.write(path, entries)
     kubeconfig.write(path, entries)  # idempotent
     config = yaml.safe_load(path.read_text())

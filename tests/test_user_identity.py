@@ -268,6 +268,9 @@ def test_kubeconfig_user_is_the_exec_plugin(ident):
                          timeout=30, check=True).stdout
     credential = json.loads(out)
     assert credential["kind"] == "ExecCredential" and credential["status"]["expirationTimestamp"]
+    # the client proxy's client certificate: kubectl skips the plugin of a user with one of its own
+    assert credential["status"]["clientCertificateData"].startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY" in credential["status"]["clientKeyData"]
     claims = jwt.decode(credential["status"]["token"], options={"verify_signature": False})
     assert claims["sub"] == "alice" and claims["groups"] == ["dev"] and claims["aud"] == ident.chain.issuer_url
     assert claims["exp"] - claims["iat"] == LIFETIME
