@@ -29,6 +29,9 @@ class Forward:
     """Send the request upstream with exactly these end-to-end headers."""
 
     headers: list[Header]
+    # Issuer and raw ``sub`` of the caller when this proxy verified the request itself (OIDC mode);
+    # None when the apiserver authenticates it (token passthrough, ServiceAccount tokens).
+    caller: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class Reject:
 
 class Authenticator(Protocol):
     async def authenticate(self, headers: Sequence[Header]) -> Forward | Reject: ...
+
+
+class ConnectionAuthenticator(Authenticator, Protocol):
+    def bound_to(self, caller: tuple[str, str] | None) -> Authenticator:
+        """The authenticator of one connection, opened by ``caller`` as the relay verified it (issuer,
+        raw sub; None: unverified). Only an authenticator that verifies requests can hold them to it."""
+        ...
 
 
 def bearer_token(headers: Sequence[Header]) -> bytes | Reject:
@@ -78,3 +88,8 @@ class TokenPassthrough:
         if isinstance(token, Reject):
             return token
         return Forward(headers=list(headers))
+
+    def bound_to(self, caller: tuple[str, str] | None) -> Authenticator:
+        # This proxy cannot tell who a token is: the apiserver authenticates every request itself,
+        # and the client proxy's mutual TLS keeps other local users off the tunnel (docs/identity.md).
+        return self

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from clusterconnect.aadproxy import apiserver as apiserver_mod
-from clusterconnect.aadproxy.authn import Authenticator, TokenPassthrough
+from clusterconnect.aadproxy.authn import ConnectionAuthenticator, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, open_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
 from clusterconnect.aadproxy.oidc_authn import LEGACY_SERVICEACCOUNT_ISSUER, OIDCAuthenticator
@@ -94,7 +94,8 @@ def check_port_free(host: str, port: int) -> None:
                 raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
-async def build_authenticator(args: argparse.Namespace, target: apiserver_mod.ApiServer) -> tuple[Authenticator, str]:
+async def build_authenticator(args: argparse.Namespace,
+                              target: apiserver_mod.ApiServer) -> tuple[ConnectionAuthenticator, str]:
     """Token passthrough, or OIDC with impersonation when --authentication-config is given."""
     if not args.authentication_config:
         if args.serviceaccount_issuer:

@@ -31,7 +31,8 @@ from urllib.parse import quote, unquote
 
 import structlog
 
-from clusterconnect.aadproxy.authn import Forward, Reject, bearer_token
+from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject, bearer_token
+from clusterconnect.aadproxy.connection_identity import HeldToCaller
 from clusterconnect.aadproxy.headers import Header
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, ResourceAttributes
 from clusterconnect.logs import get_logger
@@ -246,7 +247,10 @@ class OIDCAuthenticator:
         forward = without_credentials(headers)
         forward.append((b"authorization", b"Bearer " + own.encode()))
         forward += identity_headers(effective)
-        return Forward(headers=forward)
+        return Forward(headers=forward, caller=(identity.issuer, identity.subject))
+
+    def bound_to(self, caller: tuple[str, str] | None) -> Authenticator:
+        return HeldToCaller(self, caller)
 
     async def _check_impersonation(self, identity: Identity, requested: ImpersonationRequest) -> str | None:
         """None if every requested identity part may be impersonated by ``identity``; else a 403 message."""

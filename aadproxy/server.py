@@ -12,7 +12,7 @@ import structlog
 from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.aadproxy.apiserver import ApiServer
-from clusterconnect.aadproxy.authn import Authenticator
+from clusterconnect.aadproxy.authn import ConnectionAuthenticator
 from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect.aadproxy.upstream import ConnectUpstream
@@ -29,7 +29,7 @@ VERSION_TIMEOUT = 10.0
 
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
-    def __init__(self, apiserver: ApiServer, authenticator: Authenticator, cluster: str = "",
+    def __init__(self, apiserver: ApiServer, authenticator: ConnectionAuthenticator, cluster: str = "",
                  connect_upstream: ConnectUpstream | None = None, head_timeout: float = HEAD_TIMEOUT) -> None:
         self.apiserver = apiserver
         self.head_timeout = head_timeout
@@ -51,16 +51,22 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         # the trace; the authenticator adds the caller's identity per request. Each RPC runs in its
         # own task, so these bindings stay with this connection.
         metadata = context.invocation_metadata()
-        traceparent = metadata_value(metadata, md.TRACEPARENT)
-        if metadata_value(metadata, md.WARM) == "1":
-            # Opened by the agent ahead of need: it starts once the agent says it is bound to a client.
-            first: object = await context.read()  # a Chunk, or grpc.aio.EOF
-            if not isinstance(first, tunnel_pb2.Chunk) or not first.HasField("bound"):
-                return
-            traceparent = first.bound.traceparent
+        # The agent's first message binds the stream to its caller (a warm stream sends it once the
+        # relay gave the pair to a client). A stream without it is refused: no caller, no requests.
+        first: object = await context.read()  # a Chunk, or grpc.aio.EOF
+        if not isinstance(first, tunnel_pb2.Chunk):
+            return  # ended before it was used (a warm stream the agent let go)
+        if not first.HasField("bound") or not first.bound.HasField("caller"):
+            log.warning("connection refused: the agent sent no connection identity (agent or relay too old?)",
+                        cluster=self.cluster or None)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the first message must be Chunk{bound} with the connection's caller")
+        traceparent = first.bound.traceparent or metadata_value(metadata, md.TRACEPARENT)
+        caller = first.bound.caller
         structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
+        authenticator = self.authenticator.bound_to((caller.issuer, caller.subject) if caller.issuer else None)
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
-        await forward_connection(GrpcServerStream(context), self.connect_upstream, self.authenticator,
+        await forward_connection(GrpcServerStream(context), self.connect_upstream, authenticator,
                                  stopping=self._stopping, head_timeout=self.head_timeout)
 
     def _stopping(self) -> bool:

@@ -41,6 +41,16 @@ class AgentRefused(PermissionDenied):
     cluster): trying again cannot help, so the agent exits with this line instead of retrying for ever."""
 
 
+def _bound_chunk(traceparent: str, source: tunnel_pb2.Bound | tunnel_pb2.DialRequest) -> tunnel_pb2.Chunk:
+    """The first message of a Serve stream: our span's traceparent and the connection's caller as the
+    relay verified it. A relay that sent no caller gets none passed on, and the auth proxy refuses
+    the connection: the agent never makes up an identity."""
+    bound = tunnel_pb2.Bound(traceparent=traceparent)
+    if source.HasField("caller"):
+        bound.caller.CopyFrom(source.caller)
+    return tunnel_pb2.Chunk(bound=bound)
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -226,10 +236,15 @@ class Agent:
                 return
 
     async def _carry(self, stub: AgentTunnel, dial: tunnel_pb2.DialRequest) -> None:
-        """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream."""
+        """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream,
+        which starts with the binding (the caller the relay named in the DialRequest)."""
         accept = stub.Accept(metadata=self._metadata((md.DIAL_ID, dial.dial_id)))
         with connection_span("agent.connection", dial.traceparent or None, cluster=self.config.cluster) as traceparent:
             serve = self.config.authproxy.Serve(metadata=((md.TRACEPARENT, traceparent),))
+            try:
+                await serve.write(_bound_chunk(traceparent, dial))
+            except RPC_ENDED:
+                pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
             await self._splice(accept, serve, dial.dial_id)
 
     async def _keep_warm(self, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
@@ -253,7 +268,8 @@ class Agent:
         self, stub: AgentTunnel, slots: asyncio.Semaphore, unbound: set[asyncio.Task[None]], retry: Backoff
     ) -> None:
         """One warm pair: wait until the relay binds the Accept stream to a client (Chunk{bound}),
-        pass the binding on to the auth proxy with our span's traceparent, then carry the connection."""
+        pass the binding (its caller) on to the auth proxy with our span's traceparent, then carry
+        the connection."""
         accept = stub.Accept(metadata=self._metadata((md.WARM, "1")))
         serve = self.config.authproxy.Serve(metadata=((md.WARM, "1"),))
         try:
@@ -265,7 +281,7 @@ class Agent:
                 with connection_span("agent.connection", first.bound.traceparent or None,
                                      cluster=self.config.cluster) as traceparent:
                     try:
-                        await serve.write(tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)))
+                        await serve.write(_bound_chunk(traceparent, first.bound))
                     except RPC_ENDED:
                         pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
                     await self._splice(accept, serve, "warm")

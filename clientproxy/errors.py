@@ -28,19 +28,22 @@ _MAPPING: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "BadRequest"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "Timeout"),
     grpc.StatusCode.UNAVAILABLE: (502, "ServiceUnavailable"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "TooManyRequests"),
 }
 
 # The relay's reason -> (HTTP status, Kubernetes StatusReason) kubectl shows.
 _REFUSALS: dict[DialRefusal, tuple[int, str]] = {
     DialRefusal.MISSING_CLUSTER: (400, "BadRequest"),
     DialRefusal.MISSING_TOKEN: (401, "Unauthorized"),
-    DialRefusal.CLUSTER_NOT_REGISTERED: (404, "NotFound"),
+    DialRefusal.CLUSTER_NOT_REGISTERED: (404, "NotFound"),  # sent by older relays only
     DialRefusal.TOKEN_REFUSED: (401, "Unauthorized"),
     DialRefusal.ACCESS_DENIED: (403, "Forbidden"),
     DialRefusal.AGENT_NOT_CONNECTED: (502, "ServiceUnavailable"),
     DialRefusal.AGENT_OVERLOADED: (502, "ServiceUnavailable"),
     DialRefusal.AGENT_NOT_ANSWERING: (502, "ServiceUnavailable"),
     DialRefusal.CONNECTION_LOST: (502, "ServiceUnavailable"),
+    DialRefusal.TOO_MANY_CONNECTIONS: (429, "TooManyRequests"),
+    DialRefusal.ACCESS_REVOKED: (403, "Forbidden"),
 }
 
 

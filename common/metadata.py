@@ -15,10 +15,12 @@ class DialRefusal(enum.StrEnum):
 
     MISSING_CLUSTER = "missing-cluster"  # no cluster name in the request metadata
     MISSING_TOKEN = "missing-token"  # no bearer token in the request metadata
-    CLUSTER_NOT_REGISTERED = "cluster-not-registered"
+    CLUSTER_NOT_REGISTERED = "cluster-not-registered"  # older relays only: now ACCESS_DENIED, one answer for both
     TOKEN_REFUSED = "token-refused"  # a token of an issuer the relay trusts, but not valid
     ACCESS_DENIED = "access-denied"  # not on the cluster's access list
     AGENT_NOT_CONNECTED = "agent-not-connected"
     AGENT_OVERLOADED = "agent-overloaded"  # its control stream does not keep up
     AGENT_NOT_ANSWERING = "agent-not-answering"  # no Accept within the relay's ACCEPT_TIMEOUT
     CONNECTION_LOST = "connection-lost"  # the agent's stream of an open connection went away
+    TOO_MANY_CONNECTIONS = "too-many-connections"  # the relay's limit per cluster or per identity
+    ACCESS_REVOKED = "access-revoked"  # an open connection's identity was removed, revoked or expired

@@ -18,6 +18,11 @@ from clusterconnect.logs import get_logger
 from clusterconnect.pki import ensure_ca_and_server_cert, write_private
 from clusterconnect.relay.admin_api.registry import Registry
 from clusterconnect.relay.agent_identity import enrollment as agent_enrollment
+from clusterconnect.relay.datapath.connections import (
+    DEFAULT_MAX_PER_CLUSTER,
+    DEFAULT_MAX_PER_IDENTITY,
+    ConnectionRegistry,
+)
 from clusterconnect.relay.datapath.passthrough import raw_stream_handler
 from clusterconnect.relay.datapath.sessions import SessionTable
 from clusterconnect.relay.datapath.tunnel import Tunnel
@@ -44,6 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="extra DNS name or IP for the generated serving certificate (repeatable)")
     cliargs.add_flag(serve, "--heartbeat-seconds", type=int, default=10,
                      help="how often agents send heartbeats; 3 missed ones end a session")
+    cliargs.add_flag(serve, "--max-connections-per-cluster", type=int, default=DEFAULT_MAX_PER_CLUSTER,
+                     help="open client connections one cluster may have at this relay (0: unlimited);"
+                          " a Dial over it ends with RESOURCE_EXHAUSTED")
+    cliargs.add_flag(serve, "--max-connections-per-identity", type=int, default=DEFAULT_MAX_PER_IDENTITY,
+                     help="open client connections one verified caller (issuer + subject) may have at this"
+                          " relay, over all clusters (0: unlimited)")
     cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
     user_identity.add_flags(serve)
     agent_enrollment.add_flags(serve)
@@ -85,16 +96,20 @@ async def serve(args: argparse.Namespace) -> None:
     credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
     admin = admin_credential(data_dir)
 
+    if args.max_connections_per_cluster < 0 or args.max_connections_per_identity < 0:
+        raise StartupError("--max-connections-per-cluster and --max-connections-per-identity must be 0 or more")
     store = ClusterStore(data_dir / "relay.db")
     sessions = SessionTable()
+    connections = ConnectionRegistry(args.max_connections_per_cluster, args.max_connections_per_identity)
     server = grpc.aio.server(options=RELAY_SERVER_OPTIONS)
     agents = agent_enrollment.AgentEnrollment(args, data_dir, store, relay_ca_pem)
     agent_port = agents.add_to_server(server, key_pem, chain_pem)
     identity = await user_identity.start(
         args, data_dir, store, cert_path, key_path, None if args.tls_cert else ca_file.read_text(), admin, server,
+        connections,
     )
     tunnel = Tunnel(store, sessions, args.heartbeat_seconds,
-                    authorizer=identity.authorizer, agent_auth=agents.authenticator)
+                    authorizer=identity.authorizer, agent_auth=agents.authenticator, connections=connections)
     server.add_generic_rpc_handlers((
         raw_stream_handler("clusterconnect.v1.ClientTunnel", {"Dial": tunnel.Dial}),
         # Connect carries control messages and is decoded as usual; Accept carries raw Chunks.

@@ -19,7 +19,7 @@ import grpc
 import h11
 from chain import Process, free_port, port_open, script, wait_until
 from https_client import Endpoint
-from test_aadproxy_http import make_pki, read_request, write_kubeconfig
+from test_aadproxy_http import bound_serve, make_pki, read_request, write_kubeconfig
 
 from clusterconnect.streams import GrpcClientStream
 from clusterconnect.v1 import tunnel_pb2_grpc
@@ -156,7 +156,7 @@ def test_cancelled_streams_mid_response_are_normal_ends(tmp_path: Path) -> None:
         async with api, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = tunnel_pb2_grpc.AuthProxyStub(channel)
             for _ in range(connections):
-                call = stub.Serve()
+                call = await bound_serve(stub)
                 stream = GrpcClientStream(call)
                 await stream.send(request)
                 received = b""

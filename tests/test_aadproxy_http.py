@@ -27,9 +27,19 @@ from clusterconnect.aadproxy.authn import Forward, Reject, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
 from clusterconnect.socket_stream import SocketStream, open_socket_stream
+from clusterconnect.v1 import tunnel_pb2
 
 TIMEOUT = 5.0
 AUTH = (b"authorization", b"Bearer tok-123")
+# What the agent sends first on every Serve stream: the connection's caller (here: not verified by a relay).
+UNVERIFIED_BINDING = tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(caller=tunnel_pb2.Caller()))
+
+
+async def bound_serve(stub):  # an AuthProxyStub
+    """A Serve call that starts as the agent starts one: with the connection's binding."""
+    call = stub.Serve()
+    await call.write(UNVERIFIED_BINDING)
+    return call
 
 
 def run(coro: Awaitable[None]) -> None:
@@ -1054,7 +1064,15 @@ def test_grpc_serve_and_info_end_to_end(tmp_path: Path) -> None:
                 info = await stub.Info(tunnel_pb2.InfoRequest())
                 assert info.kubernetes_version == "v1.99.0-test" and info.auth_proxy_version
 
-                stream = GrpcClientStream(stub.Serve())
+                # A stream that does not start with the binding is refused before any request.
+                requests_before = len(seen)
+                unbound = stub.Serve()
+                await unbound.write(tunnel_pb2.Chunk(data=b"GET /api HTTP/1.1\r\nhost: k\r\n" + AUTH[0] + b": "
+                                                     + AUTH[1] + b"\r\n\r\n"))
+                assert await unbound.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert len(seen) == requests_before, "a request without a binding reached the apiserver"
+
+                stream = GrpcClientStream(await bound_serve(stub))
                 conn = h11.Connection(h11.CLIENT)
                 for _ in range(2):
                     await stream.send(conn.send(h11.Request(method=b"GET", target=b"/api", headers=[
@@ -1072,7 +1090,7 @@ def test_grpc_serve_and_info_end_to_end(tmp_path: Path) -> None:
                 assert await asyncio.wait_for(stream.receive(), TIMEOUT) == b""
 
                 # A cancelled stream ends the forwarder and its upstream connection.
-                call = stub.Serve()
+                call = await bound_serve(stub)
                 stream = GrpcClientStream(call)
                 await stream.send(conn.send(h11.Request(method=b"GET", target=b"/api", headers=[
                     (b"host", b"k"), AUTH])) + conn.send(h11.EndOfMessage()))

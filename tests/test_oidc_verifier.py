@@ -145,7 +145,7 @@ def test_config_rejects_duplicate_issuers() -> None:
 def test_valid_tokens_map_claims() -> None:
     issuer = FakeIssuer()
     verifier = verifier_for(issuer)
-    assert verify(verifier, issuer.token()) == Identity("oidc:alice", ("oidc:dev",), None, {}, ISSUER)
+    assert verify(verifier, issuer.token()) == Identity("oidc:alice", ("oidc:dev",), None, {}, ISSUER, subject="alice")
     assert verify(verifier, issuer.token(alg="ES256", kid="ec1")).username == "oidc:alice"
     # audience as a list, one of them ours
     assert verify(verifier, issuer.token(aud=["x", AUD])).username == "oidc:alice"
@@ -160,7 +160,8 @@ def test_uid_extra_and_claim_rules() -> None:
                        "extra": [{"key": "example.org/tenant", "valueExpression": 'claims["tenant"]'}]},
     )
     identity = verify(verifier, issuer.token(tenant="t1", oid="u-1"))
-    assert identity == Identity("alice", (), "u-1", {"example.org/tenant": ("t1",)}, ISSUER)
+    assert identity == Identity("alice", (), "u-1", {"example.org/tenant": ("t1",)}, ISSUER, subject="alice")
+    assert identity.expires_unix is not None and identity.expires_unix > time.time()
     with pytest.raises(TokenError, match="required value"):
         verify(verifier, issuer.token(tenant="t2"))
 

@@ -60,6 +60,8 @@ def test_an_unknown_reason_falls_back_to_the_status_code() -> None:
     (DialRefusal.AGENT_OVERLOADED, 502, "ServiceUnavailable"),
     (DialRefusal.AGENT_NOT_ANSWERING, 502, "ServiceUnavailable"),
     (DialRefusal.CONNECTION_LOST, 502, "ServiceUnavailable"),
+    (DialRefusal.TOO_MANY_CONNECTIONS, 429, "TooManyRequests"),
+    (DialRefusal.ACCESS_REVOKED, 403, "Forbidden"),
 ])
 def test_each_reason_has_its_kubernetes_status(reason: DialRefusal, http: int, k8s: str) -> None:
     # The gRPC code given is deliberately unrelated: the reason decides.

@@ -22,9 +22,10 @@ const (
 
 // Dial opens one connection to the cluster's apiserver (through its auth proxy) via the relay: a
 // ClientTunnel.Dial stream with the cluster's name and the token. It returns once the relay said the
-// path is open. A refusal is a *TunnelError with the relay's status (NOT_FOUND: unknown cluster,
-// UNAVAILABLE: agent not connected, PERMISSION_DENIED, UNAUTHENTICATED). ctx bounds only the
-// opening, as with net.Dialer.DialContext.
+// path is open. A refusal is a *TunnelError with the relay's status (PERMISSION_DENIED: unknown
+// cluster or not admitted, one answer for both; UNAVAILABLE: agent not connected; UNAUTHENTICATED;
+// RESOURCE_EXHAUSTED: the relay's connection limits). ctx bounds only the opening, as with
+// net.Dialer.DialContext.
 //
 // The connection carries plain HTTP/1.1 to the auth proxy. Besides net.Conn it has CloseWrite
 // (half-close: the far end reads EOF, reads go on), like *net.TCPConn.

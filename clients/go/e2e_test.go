@@ -219,7 +219,8 @@ func TestDialUnknownCluster(t *testing.T) {
 	}
 	defer relay.Close()
 	_, err = clusterconnect.Dial(deadline(t), relay, "no-such-cluster", clusterconnect.TokenFile(tgt.tokenFile))
-	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "no-such-cluster") {
-		t.Fatalf("want NOT_FOUND naming the cluster, got %v", err)
+	// PERMISSION_DENIED, as for a cluster that does not admit the caller: nobody learns which exist.
+	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "no-such-cluster") {
+		t.Fatalf("want PERMISSION_DENIED naming the cluster, got %v", err)
 	}
 }

@@ -64,6 +64,11 @@ class Identity:
     uid: str | None = None
     extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     issuer: str = ""
+    # The raw ``sub`` claim: with ``issuer``, what names the caller across services whose claim
+    # mappings differ (the relay binds a connection to it; the auth proxy compares it).
+    subject: str = ""
+    # The token's ``exp`` (Unix seconds); None when not from a token. Not part of who the caller is.
+    expires_unix: float | None = field(default=None, compare=False)
 
 
 def _b64decode(part: str) -> bytes:
@@ -151,7 +156,11 @@ def map_claims(issuer: IssuerConfig, claims: Mapping[str, Any]) -> Identity:
     for value in [username, *groups, uid or "", *(v for vs in extra.values() for v in vs)]:
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
             raise TokenError("token maps to a name with control characters")
-    return Identity(username=username, groups=tuple(dict.fromkeys(groups)), uid=uid, extra=extra, issuer=issuer.url)
+    subject = claims.get("sub")
+    expires = claims.get("exp")
+    return Identity(username=username, groups=tuple(dict.fromkeys(groups)), uid=uid, extra=extra, issuer=issuer.url,
+                    subject=subject if isinstance(subject, str) else "",
+                    expires_unix=float(expires) if isinstance(expires, int | float) else None)
 
 
 class Verifier:

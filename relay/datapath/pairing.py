@@ -33,6 +33,7 @@ import enum
 import uuid
 
 from clusterconnect.streams import ByteStream
+from clusterconnect.v1 import tunnel_pb2
 
 
 class IllegalTransition(RuntimeError):
@@ -66,6 +67,8 @@ class AcceptedStream:
         self.state: StreamState = state
         self.end_reason: StreamEnd | None = None
         self.traceparent = ""  # the Dial's, once taken
+        # Who opened the connection (the relay's verdict for the Dial), sent in Chunk{bound}.
+        self.caller = tunnel_pb2.Caller()
         # One event per state a waiter waits for; ending sets them all, so no waiter is left behind.
         self._taken = asyncio.Event()
         self._bound = asyncio.Event()
@@ -96,11 +99,12 @@ class AcceptedStream:
 
     # -- transitions ----------------------------------------------------------------------------
 
-    def take(self, traceparent: str) -> None:
+    def take(self, traceparent: str, caller: tunnel_pb2.Caller | None = None) -> None:
         """WARM -> BINDING: a Dial takes this warm stream (called with it out of the pool)."""
         self._require(StreamState.WARM, event="take")
         self.state = StreamState.BINDING
         self.traceparent = traceparent
+        self.caller = caller if caller is not None else tunnel_pb2.Caller()
         self._taken.set()
 
     def bound(self) -> bool:

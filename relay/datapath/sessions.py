@@ -55,13 +55,13 @@ class AgentSession:
         self.ended = asyncio.Event()
         self.end_reason: EndReason | None = None
 
-    def request_dial(self, traceparent: str = "") -> PendingDial:
+    def request_dial(self, traceparent: str = "", caller: tunnel_pb2.Caller | None = None) -> PendingDial:
         """Queue a DialRequest; raises asyncio.QueueFull when the agent is not keeping up."""
         dial = self.dials.new()
+        request = tunnel_pb2.DialRequest(dial_id=dial.dial_id, traceparent=traceparent,
+                                         caller=caller if caller is not None else tunnel_pb2.Caller())
         try:
-            self.outbox.put_nowait(
-                tunnel_pb2.RelayMessage(dial=tunnel_pb2.DialRequest(dial_id=dial.dial_id, traceparent=traceparent))
-            )
+            self.outbox.put_nowait(tunnel_pb2.RelayMessage(dial=request))
         except asyncio.QueueFull:
             self.dials.forget(dial)
             raise
@@ -76,12 +76,12 @@ class AgentSession:
         self.warm.append(accepted)
         return True
 
-    def take_warm(self, traceparent: str) -> AcceptedStream | None:
+    def take_warm(self, traceparent: str, caller: tunnel_pb2.Caller | None = None) -> AcceptedStream | None:
         """The oldest warm stream still open, taken for a Dial (now BINDING); None if there is none."""
         while self.warm:
             accepted = self.warm.pop(0)
             if not accepted.ended:
-                accepted.take(traceparent)
+                accepted.take(traceparent, caller)
                 return accepted
         return None
 

@@ -17,7 +17,9 @@ from clusterconnect.grpc_options import bearer_from_metadata, metadata_value
 from clusterconnect.humanize import ago
 from clusterconnect.logs import get_logger
 from clusterconnect.metadata import DialRefusal
+from clusterconnect.oidc import Identity
 from clusterconnect.relay.agent_identity.enrollment import AgentAuthenticator
+from clusterconnect.relay.datapath.connections import ConnectionRegistry, OpenConnection, TooManyConnections
 from clusterconnect.relay.datapath.pairing import AcceptedStream, StreamEnd
 from clusterconnect.relay.datapath.passthrough import ForeignPassthroughStream, PassthroughStream
 from clusterconnect.relay.datapath.sessions import AgentSession, EndReason, SessionTable
@@ -50,9 +52,20 @@ class _PeerLost(Exception):
     pass
 
 
-def _bound(traceparent: str) -> bytes:
+class _Revoked(Exception):
+    """The connection's identity may no longer reach the cluster (the message says why)."""
+
+
+def _bound(traceparent: str, caller: tunnel_pb2.Caller) -> bytes:
     """The first message on a warm Accept stream given to a Dial (the relay's streams carry raw bytes)."""
-    return tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent)).SerializeToString()
+    return tunnel_pb2.Chunk(bound=tunnel_pb2.Bound(traceparent=traceparent, caller=caller)).SerializeToString()
+
+
+def caller_message(identity: Identity | None) -> tunnel_pb2.Caller:
+    """The Dial's caller as the agent and the auth proxy get it: issuer and raw ``sub``, empty if unverified."""
+    if identity is None:
+        return tunnel_pb2.Caller()
+    return tunnel_pb2.Caller(issuer=identity.issuer, subject=identity.subject)
 
 
 async def _refuse(context: RawContext, code: grpc.StatusCode, reason: DialRefusal, message: str) -> Never:
@@ -70,17 +83,20 @@ class Tunnel:
     """Handlers of ClientTunnel.Dial and AgentTunnel.Connect/Accept (registered in main.py).
 
     ``authorizer`` checks every Dial against the cluster's access list; ``agent_auth`` tells which
-    cluster an agent's call comes from (its client certificate). Both are required: no Dial or
-    agent call is served without its check.
+    cluster an agent's call comes from (its client certificate); ``connections`` holds every open
+    connection with its caller, so that a revocation can end it, and enforces the connection limits.
+    All are required: no Dial or agent call is served without its check.
     """
 
     def __init__(self, store: ClusterStore, sessions: SessionTable, heartbeat_seconds: int, *,
-                 authorizer: DialAuthorizer, agent_auth: AgentAuthenticator) -> None:
+                 authorizer: DialAuthorizer, agent_auth: AgentAuthenticator,
+                 connections: ConnectionRegistry) -> None:
         self.store = store
         self.sessions = sessions
         self.heartbeat_seconds = heartbeat_seconds
         self.authorizer = authorizer
         self.agent_auth = agent_auth
+        self.connections = connections
         self.open_connections = 0
         # How dials found their agent stream: a warm one at hand, or a DialRequest round trip.
         self.dials_warm = 0
@@ -97,9 +113,7 @@ class Tunnel:
         token = bearer_from_metadata(metadata)
         if token is None:
             await _refuse(context, grpc.StatusCode.UNAUTHENTICATED, DialRefusal.MISSING_TOKEN, "missing bearer token")
-        if self.store.get(cluster) is None:
-            await _refuse(context, grpc.StatusCode.NOT_FOUND, DialRefusal.CLUSTER_NOT_REGISTERED,
-                          f"cluster {cluster} is not registered")
+        # One answer for an unknown cluster and one that does not admit the caller (the authorizer's).
         decision = await self.authorizer.check(cluster, token)
         if not decision.allowed:
             assert decision.code is not None, "a refusal carries its status"
@@ -107,38 +121,62 @@ class Tunnel:
                      user=decision.identity.username if decision.identity else None)
             await _refuse(context, decision.code, _ACCESS_REFUSALS.get(decision.code, DialRefusal.ACCESS_DENIED),
                           decision.message)
+        caller = decision.identity
         session = self.sessions.get(cluster)
         if session is None:
+            # When the agent was last seen is for callers the relay verified and admitted only.
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
-                          self._not_connected(cluster))
-        incoming = metadata_value(metadata, md.TRACEPARENT)
-        with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
-            await self._carry(context, session, traceparent)
+                          self._not_connected(cluster) if caller is not None else f"cluster {cluster} is not connected")
+        try:
+            connection = self.connections.open(cluster, caller, self.authorizer.expires_unix(caller))
+        except TooManyConnections as exc:
+            log.info("dial refused", cluster=cluster, reason=str(exc), user=caller.username if caller else None)
+            await _refuse(context, exc.grpc_status, DialRefusal.TOO_MANY_CONNECTIONS, str(exc))
+        try:
+            incoming = metadata_value(metadata, md.TRACEPARENT)
+            with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
+                await self._carry(context, session, traceparent, connection)
+        finally:
+            self.connections.close(connection)
 
-    async def _carry(self, context: RawContext, session: AgentSession, traceparent: str) -> None:
+    async def _carry(self, context: RawContext, session: AgentSession, traceparent: str,
+                     connection: OpenConnection) -> None:
         cluster = session.cluster
-        accepted = await self._open(session, context, traceparent)
+        accepted = await self._open(session, context, traceparent, caller_message(connection.caller))
         self.open_connections += 1
         session.active.add(accepted)
         end = StreamEnd.ABANDONED
         try:  # from here on, however this ends, the agent's stream is ended (and its Accept handler told)
             await context.send_initial_metadata(((md.OPEN, "1"),))
-            await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted))
+            await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted),
+                       self._revoked(connection))
             end = StreamEnd.CLEAN
         except (_PeerLost, PeerGone) as exc:
             log.info("connection lost", cluster=cluster, reason=str(exc))
             if not context.done():  # else the client is gone and hears nothing more
                 await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.CONNECTION_LOST,
                               f"connection to cluster {cluster} lost")
+        except _Revoked as exc:
+            user = connection.caller.username if connection.caller else None
+            log.info("connection ended by revocation", cluster=cluster, user=user, reason=str(exc))
+            if not context.done():
+                await _refuse(context, grpc.StatusCode.PERMISSION_DENIED, DialRefusal.ACCESS_REVOKED,
+                              f"connection to cluster {cluster} ended: {exc}")
         finally:
             accepted.end(end)
             session.active.discard(accepted)
             self.open_connections -= 1
 
-    async def _open(self, session: AgentSession, context: RawContext, traceparent: str) -> AcceptedStream:
+    @staticmethod
+    async def _revoked(connection: OpenConnection) -> None:
+        """Ends (raising) once the connection's identity is revoked or its token expired."""
+        raise _Revoked(await connection.wait_revoked())
+
+    async def _open(self, session: AgentSession, context: RawContext, traceparent: str,
+                    caller: tunnel_pb2.Caller) -> AcceptedStream:
         """The agent's stream for this Dial: a warm one at hand, else one the agent opens on request.
         A stream handed over here is the caller's to end; one that is not, is ended here."""
-        while (warm := session.take_warm(traceparent)) is not None:
+        while (warm := session.take_warm(traceparent, caller)) is not None:
             try:
                 usable = await warm.wait_bound()
             except BaseException:  # the Dial was cancelled meanwhile: the warm stream goes with it
@@ -149,7 +187,7 @@ class Tunnel:
                 return warm
         self.dials_requested += 1
         try:
-            dial = session.request_dial(traceparent)
+            dial = session.request_dial(traceparent, caller)
         except asyncio.QueueFull:
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_OVERLOADED,
                           f"agent of cluster {session.cluster} is overloaded")
@@ -292,7 +330,7 @@ class Tunnel:
     async def _bind(accepted: AcceptedStream) -> None:
         """A warm stream a Dial took: tell the agent (Chunk{bound}) from this task, then let it splice."""
         try:
-            await accepted.stream.send(_bound(accepted.traceparent))
+            await accepted.stream.send(_bound(accepted.traceparent, accepted.caller))
         except PeerGone:
             accepted.end(StreamEnd.LOST)
             return

@@ -12,6 +12,10 @@ The rule (docs/identity.md):
   UNAUTHENTICATED) before anything is sent toward the cluster.
 - A built-in user removed with ``users remove`` is refused at once, even with an unexpired token, and
   so is a token of an earlier user of the same name (its ``uid`` claim is not the current user's).
+- A token of an issuer the relay knows is verified on every cluster, a passthrough one included: an
+  invalid one is refused (UNAUTHENTICATED), a valid one makes the caller *verified*, and the
+  connection is bound to that identity (docs/identity.md).
+- An unknown cluster and a cluster that does not admit the caller get the same PERMISSION_DENIED.
 
 Grants are keyed by the cluster's ``uid`` (unique per registration) and deleted with the cluster,
 so a cluster registered again under the same name starts with an empty list, even within the same second.
@@ -120,7 +124,8 @@ class AccessStore:
 
 
 class DialAuthorizer:
-    """Decides whether a Dial with ``token`` may reach ``cluster`` (see the module doc)."""
+    """Decides whether a Dial with ``token`` may reach ``cluster`` (see the module doc), and whether an
+    open connection's caller still may (``refusal_now``, after a revocation)."""
 
     def __init__(self, access: AccessStore, verifier: Verifier, users: UserStore, builtin_issuer: str) -> None:
         self.access = access
@@ -129,25 +134,53 @@ class DialAuthorizer:
         self.builtin_issuer = builtin_issuer
 
     async def check(self, cluster: str, token: str) -> Decision:
-        entries = self.access.entries(cluster)
-        if not entries:
-            return Decision(True)  # passthrough cluster: the cluster authenticates
+        """The token is verified first, whatever the cluster, so that an unknown cluster and one that
+        does not admit the caller get the same answer: nobody learns which clusters exist."""
         try:
-            identity = await self.verifier.verify(token)
+            identity: Identity | None = await self.verifier.verify(token)
         except (UnknownIssuer, NotAJWT):
-            return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
-                            f"cluster {cluster} admits only users on its access list, and the relay does not "
-                            "know this token's issuer (log in with `clusterconnect login`)")
+            identity = None  # not ours to interpret: only a passthrough cluster takes it
         except TokenError as exc:
             return Decision(False, grpc.StatusCode.UNAUTHENTICATED, f"the relay refused the token: {exc}")
-        if identity.issuer == self.builtin_issuer and not self.users.is_current(identity.username, identity.uid):
+        if identity is not None and self._removed(identity):
             return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
                             f"user {identity.username} was removed from the relay (a token of a removed user, "
-                            "even one added again under that name, is refused; log in again)")
+                            "even one added again under that name, is refused; log in again)", identity)
+        if self.access.clusters.get(cluster) is not None and self._admits(cluster, identity):
+            return Decision(True, identity=identity)
+        if identity is None:
+            message = (f"cluster {cluster} is not registered at the relay, or it admits only users on its access "
+                       "list, and the relay does not know this token's issuer (log in with `clusterconnect login`)")
+        else:
+            message = (f'user "{identity.username}" may not reach cluster {cluster} (it is not registered at the '
+                       "relay, or the user is not on its access list; an admin can run `clusterconnect clusters "
+                       "grant`)")
+        return Decision(False, grpc.StatusCode.PERMISSION_DENIED, message, identity)
+
+    def refusal_now(self, cluster: str, caller: Identity | None) -> str | None:
+        """Why an open connection of ``caller`` to ``cluster`` may no longer be open; None if it still may."""
+        if caller is not None and self._removed(caller):
+            return f"user {caller.username} was removed from the relay"
+        if not self._admits(cluster, caller):
+            return f"access to cluster {cluster} was revoked at the relay"
+        return None
+
+    def expires_unix(self, caller: Identity | None) -> float | None:
+        """When a connection opened with ``caller``'s token must end: the token's expiry plus the
+        verifier's clock-skew leeway (the last moment the token would still verify)."""
+        if caller is None or caller.expires_unix is None:
+            return None
+        return caller.expires_unix + self.verifier.leeway
+
+    def _removed(self, identity: Identity) -> bool:
+        return identity.issuer == self.builtin_issuer and not self.users.is_current(identity.username, identity.uid)
+
+    def _admits(self, cluster: str, identity: Identity | None) -> bool:
+        entries = self.access.entries(cluster)
+        if not entries:
+            return True  # passthrough cluster: the cluster authenticates
+        if identity is None:
+            return False
         users = {e.name for e in entries if e.kind == "user"}
         groups = {e.name for e in entries if e.kind == "group"}
-        if identity.username in users or groups.intersection(identity.groups):
-            return Decision(True, identity=identity)
-        return Decision(False, grpc.StatusCode.PERMISSION_DENIED,
-                        f'user "{identity.username}" may not reach cluster {cluster} (not on its access list at '
-                        "the relay; an admin can run `clusterconnect clusters grant`)", identity)
+        return identity.username in users or bool(groups.intersection(identity.groups))

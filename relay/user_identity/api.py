@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from clusterconnect.errors import ResourceExhausted
@@ -74,11 +76,16 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
 
 
 class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
-    def __init__(self, users: UserStore, access: AccessStore, issuer: Issuer, admin_credential: str) -> None:
+    """``recheck(cluster)`` ends the open connections (of that cluster; None: of all) whose caller
+    may no longer reach their cluster: revocation takes effect on what is open, not only on new Dials."""
+
+    def __init__(self, users: UserStore, access: AccessStore, issuer: Issuer, admin_credential: str,
+                 recheck: Callable[[str | None], None]) -> None:
         self.users = users
         self.access = access
         self.issuer = issuer
         self._admin = AdminCheck(admin_credential)
+        self.recheck = recheck
 
     async def AddUser(self, request: identity_pb2.AddUserRequest,
                       context: UnaryContext) -> identity_pb2.AddUserResponse:
@@ -113,6 +120,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         if not self.users.remove(request.name):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.name} does not exist")
         log.info("user removed", user=request.name)
+        self.recheck(None)
         return identity_pb2.RemoveUserResponse()
 
     @staticmethod
@@ -131,6 +139,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         except AccessError as exc:
             await abort_with(context, exc)
         log.info("access granted", cluster=request.cluster, entry=str(self._entry(request.entry)))
+        self.recheck(request.cluster)  # a passthrough cluster's first grant ends connections it does not admit
         return self._list(request.cluster, entries)
 
     async def Revoke(self, request: identity_pb2.AccessChange, context: UnaryContext) -> identity_pb2.AccessList:
@@ -140,6 +149,7 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
         except AccessError as exc:
             await abort_with(context, exc)
         log.info("access revoked", cluster=request.cluster, entry=str(self._entry(request.entry)))
+        self.recheck(request.cluster)
         return self._list(request.cluster, entries)
 
     async def GetAccess(self, request: identity_pb2.GetAccessRequest, context: UnaryContext) -> identity_pb2.AccessList:

@@ -19,6 +19,7 @@ from clusterconnect.errors import StartupError
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import AuthenticationConfig, ConfigError, IssuerConfig, IssuerKeys, Verifier, load_config
 from clusterconnect.oidc.config import PrefixedClaim
+from clusterconnect.relay.datapath.connections import ConnectionRegistry
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.storage.sealing import SealBroken, SealingKey
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer
@@ -102,7 +103,8 @@ def builtin_issuer_config(url: str, audience: str, ca_pem: str | None) -> Issuer
 
 
 async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, cert: Path, key: Path,
-                ca_pem: str | None, admin_credential: str, server: grpc.aio.Server) -> UserIdentity:
+                ca_pem: str | None, admin_credential: str, server: grpc.aio.Server,
+                connections: ConnectionRegistry) -> UserIdentity:
     external = AuthenticationConfig()
     if args.authentication_config:
         try:
@@ -146,11 +148,16 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
         for i in config.issuers
     })
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
+
+    def recheck(cluster: str | None) -> None:
+        ended = connections.revoke_where(lambda c: authorizer.refusal_now(c.cluster, c.caller), cluster)
+        if ended:
+            log.info("open connections ended by revocation", cluster=cluster, connections=ended)
     # The generated *_pb2_grpc modules have no type stubs.
     identity_pb2_grpc.add_IdentityProviderServicer_to_server(
         IdentityProvider(users, issuer), server)
     identity_pb2_grpc.add_AccessAdminServicer_to_server(
-        AccessAdmin(users, access, issuer, admin_credential), server)
+        AccessAdmin(users, access, issuer, admin_credential, recheck), server)
     log.info("issuer serving", url=issuer.url, address=f"{host}:{port}", audience=issuer.audience,
              lifetime_seconds=args.access_token_lifetime, external_issuers=[i.url for i in external.issuers])
     return UserIdentity(issuer, endpoint, users, access, keys, authorizer)

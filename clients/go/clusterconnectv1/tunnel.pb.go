@@ -41,7 +41,8 @@ type Chunk struct {
 	// for the server-to-client direction, so servers send this; clients may use done_writing instead.
 	Eof bool `protobuf:"varint,2,opt,name=eof,proto3" json:"eof,omitempty"`
 	// Only on a warm Accept stream (see AgentTunnel.Accept), and only in the relay's first message on
-	// it: the stream now carries a client's connection. Carries no data.
+	// it: the stream now carries a client's connection. Also the agent's first message on every
+	// AuthProxy.Serve stream (the connection's caller). Carries no data.
 	Bound         *Bound `protobuf:"bytes,3,opt,name=bound,proto3" json:"bound,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -98,11 +99,17 @@ func (x *Chunk) GetBound() *Bound {
 	return nil
 }
 
-// A warm Accept stream was given to a client's Dial.
+// A warm Accept stream was given to a client's Dial. The agent passes it on as the first message of
+// every AuthProxy.Serve stream (warm or requested), with its own span's traceparent.
 type Bound struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// W3C traceparent of the dialling client's span.
-	Traceparent   string `protobuf:"bytes,1,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	Traceparent string `protobuf:"bytes,1,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	// Who opened the connection, as the relay verified it for the Dial. The relay always sets it (empty
+	// fields: unverified). The auth proxy refuses a Serve stream whose Bound has no caller (an agent
+	// or relay too old to pass it on), and in OIDC mode every request on the connection must
+	// authenticate as this caller (docs/identity.md).
+	Caller        *Caller `protobuf:"bytes,2,opt,name=caller,proto3" json:"caller,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -144,6 +151,71 @@ func (x *Bound) GetTraceparent() string {
 	return ""
 }
 
+func (x *Bound) GetCaller() *Caller {
+	if x != nil {
+		return x.Caller
+	}
+	return nil
+}
+
+// The identity that opened a connection, as the relay verified it for the Dial: the token's issuer
+// URL and its raw `sub` claim (never mapped or prefixed names: the relay's and the auth proxy's
+// claim mappings may differ). Both empty: the relay did not verify the token (a passthrough cluster
+// and an issuer the relay does not know, e.g. a ServiceAccount token).
+type Caller struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The token's `iss`, exactly; empty if unverified.
+	Issuer string `protobuf:"bytes,1,opt,name=issuer,proto3" json:"issuer,omitempty"`
+	// The token's `sub`, exactly; empty if unverified.
+	Subject       string `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Caller) Reset() {
+	*x = Caller{}
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Caller) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Caller) ProtoMessage() {}
+
+func (x *Caller) ProtoReflect() protoreflect.Message {
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Caller.ProtoReflect.Descriptor instead.
+func (*Caller) Descriptor() ([]byte, []int) {
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Caller) GetIssuer() string {
+	if x != nil {
+		return x.Issuer
+	}
+	return ""
+}
+
+func (x *Caller) GetSubject() string {
+	if x != nil {
+		return x.Subject
+	}
+	return ""
+}
+
 // The agent's first message on AgentTunnel.Connect: who it is.
 type AgentHello struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -159,7 +231,7 @@ type AgentHello struct {
 
 func (x *AgentHello) Reset() {
 	*x = AgentHello{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[2]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -171,7 +243,7 @@ func (x *AgentHello) String() string {
 func (*AgentHello) ProtoMessage() {}
 
 func (x *AgentHello) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[2]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -184,7 +256,7 @@ func (x *AgentHello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentHello.ProtoReflect.Descriptor instead.
 func (*AgentHello) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{2}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AgentHello) GetCluster() string {
@@ -220,7 +292,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[3]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -232,7 +304,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[3]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -245,7 +317,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{3}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Heartbeat) GetUnixMillis() int64 {
@@ -271,7 +343,7 @@ type AgentMessage struct {
 
 func (x *AgentMessage) Reset() {
 	*x = AgentMessage{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[4]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -283,7 +355,7 @@ func (x *AgentMessage) String() string {
 func (*AgentMessage) ProtoMessage() {}
 
 func (x *AgentMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[4]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -296,7 +368,7 @@ func (x *AgentMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AgentMessage.ProtoReflect.Descriptor instead.
 func (*AgentMessage) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{4}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AgentMessage) GetMessage() isAgentMessage_Message {
@@ -348,14 +420,17 @@ type DialRequest struct {
 	// Opaque; the agent sends it back as x-clusterconnect-dial-id metadata on its Accept.
 	DialId string `protobuf:"bytes,1,opt,name=dial_id,json=dialId,proto3" json:"dial_id,omitempty"`
 	// W3C traceparent of the dialling client's span.
-	Traceparent   string `protobuf:"bytes,2,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	Traceparent string `protobuf:"bytes,2,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	// Who opened the connection (see Bound.caller); the agent passes it on to the auth proxy in the
+	// Chunk{bound} it sends first on the Serve stream of this connection.
+	Caller        *Caller `protobuf:"bytes,3,opt,name=caller,proto3" json:"caller,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DialRequest) Reset() {
 	*x = DialRequest{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[5]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -367,7 +442,7 @@ func (x *DialRequest) String() string {
 func (*DialRequest) ProtoMessage() {}
 
 func (x *DialRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[5]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -380,7 +455,7 @@ func (x *DialRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DialRequest.ProtoReflect.Descriptor instead.
 func (*DialRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{5}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *DialRequest) GetDialId() string {
@@ -397,6 +472,13 @@ func (x *DialRequest) GetTraceparent() string {
 	return ""
 }
 
+func (x *DialRequest) GetCaller() *Caller {
+	if x != nil {
+		return x.Caller
+	}
+	return nil
+}
+
 // The relay is going away; finish open connections and reconnect (elsewhere).
 type Drain struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -408,7 +490,7 @@ type Drain struct {
 
 func (x *Drain) Reset() {
 	*x = Drain{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[6]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -420,7 +502,7 @@ func (x *Drain) String() string {
 func (*Drain) ProtoMessage() {}
 
 func (x *Drain) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[6]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -433,7 +515,7 @@ func (x *Drain) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Drain.ProtoReflect.Descriptor instead.
 func (*Drain) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{6}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Drain) GetReason() string {
@@ -454,7 +536,7 @@ type Welcome struct {
 
 func (x *Welcome) Reset() {
 	*x = Welcome{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[7]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -466,7 +548,7 @@ func (x *Welcome) String() string {
 func (*Welcome) ProtoMessage() {}
 
 func (x *Welcome) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[7]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -479,7 +561,7 @@ func (x *Welcome) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Welcome.ProtoReflect.Descriptor instead.
 func (*Welcome) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{7}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Welcome) GetHeartbeatSeconds() uint32 {
@@ -506,7 +588,7 @@ type RelayMessage struct {
 
 func (x *RelayMessage) Reset() {
 	*x = RelayMessage{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[8]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -518,7 +600,7 @@ func (x *RelayMessage) String() string {
 func (*RelayMessage) ProtoMessage() {}
 
 func (x *RelayMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[8]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -531,7 +613,7 @@ func (x *RelayMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RelayMessage.ProtoReflect.Descriptor instead.
 func (*RelayMessage) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{8}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RelayMessage) GetMessage() isRelayMessage_Message {
@@ -602,7 +684,7 @@ type InfoRequest struct {
 
 func (x *InfoRequest) Reset() {
 	*x = InfoRequest{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[9]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -614,7 +696,7 @@ func (x *InfoRequest) String() string {
 func (*InfoRequest) ProtoMessage() {}
 
 func (x *InfoRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[9]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -627,7 +709,7 @@ func (x *InfoRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
 func (*InfoRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{9}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{10}
 }
 
 // What the auth proxy knows about its cluster, for the agent's hello.
@@ -643,7 +725,7 @@ type InfoResponse struct {
 
 func (x *InfoResponse) Reset() {
 	*x = InfoResponse{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[10]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -655,7 +737,7 @@ func (x *InfoResponse) String() string {
 func (*InfoResponse) ProtoMessage() {}
 
 func (x *InfoResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[10]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -668,7 +750,7 @@ func (x *InfoResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
 func (*InfoResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{10}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *InfoResponse) GetKubernetesVersion() string {
@@ -706,7 +788,7 @@ type Cluster struct {
 
 func (x *Cluster) Reset() {
 	*x = Cluster{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[11]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -718,7 +800,7 @@ func (x *Cluster) String() string {
 func (*Cluster) ProtoMessage() {}
 
 func (x *Cluster) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[11]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -731,7 +813,7 @@ func (x *Cluster) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Cluster.ProtoReflect.Descriptor instead.
 func (*Cluster) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{11}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Cluster) GetName() string {
@@ -788,7 +870,7 @@ type AddClusterRequest struct {
 
 func (x *AddClusterRequest) Reset() {
 	*x = AddClusterRequest{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[12]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -800,7 +882,7 @@ func (x *AddClusterRequest) String() string {
 func (*AddClusterRequest) ProtoMessage() {}
 
 func (x *AddClusterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[12]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -813,7 +895,7 @@ func (x *AddClusterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddClusterRequest.ProtoReflect.Descriptor instead.
 func (*AddClusterRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{12}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AddClusterRequest) GetName() string {
@@ -841,7 +923,7 @@ type AddClusterResponse struct {
 
 func (x *AddClusterResponse) Reset() {
 	*x = AddClusterResponse{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[13]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +935,7 @@ func (x *AddClusterResponse) String() string {
 func (*AddClusterResponse) ProtoMessage() {}
 
 func (x *AddClusterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[13]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +948,7 @@ func (x *AddClusterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddClusterResponse.ProtoReflect.Descriptor instead.
 func (*AddClusterResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{13}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AddClusterResponse) GetCluster() *Cluster {
@@ -906,7 +988,7 @@ type ListClustersRequest struct {
 
 func (x *ListClustersRequest) Reset() {
 	*x = ListClustersRequest{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[14]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +1000,7 @@ func (x *ListClustersRequest) String() string {
 func (*ListClustersRequest) ProtoMessage() {}
 
 func (x *ListClustersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[14]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1013,7 @@ func (x *ListClustersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListClustersRequest.ProtoReflect.Descriptor instead.
 func (*ListClustersRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{14}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{15}
 }
 
 // Every registered cluster.
@@ -945,7 +1027,7 @@ type ListClustersResponse struct {
 
 func (x *ListClustersResponse) Reset() {
 	*x = ListClustersResponse{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[15]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -957,7 +1039,7 @@ func (x *ListClustersResponse) String() string {
 func (*ListClustersResponse) ProtoMessage() {}
 
 func (x *ListClustersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[15]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -970,7 +1052,7 @@ func (x *ListClustersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListClustersResponse.ProtoReflect.Descriptor instead.
 func (*ListClustersResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{15}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListClustersResponse) GetClusters() []*Cluster {
@@ -991,7 +1073,7 @@ type GetClusterRequest struct {
 
 func (x *GetClusterRequest) Reset() {
 	*x = GetClusterRequest{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[16]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1085,7 @@ func (x *GetClusterRequest) String() string {
 func (*GetClusterRequest) ProtoMessage() {}
 
 func (x *GetClusterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[16]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1098,7 @@ func (x *GetClusterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetClusterRequest.ProtoReflect.Descriptor instead.
 func (*GetClusterRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{16}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetClusterRequest) GetName() string {
@@ -1037,7 +1119,7 @@ type RemoveClusterRequest struct {
 
 func (x *RemoveClusterRequest) Reset() {
 	*x = RemoveClusterRequest{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[17]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1131,7 @@ func (x *RemoveClusterRequest) String() string {
 func (*RemoveClusterRequest) ProtoMessage() {}
 
 func (x *RemoveClusterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[17]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1144,7 @@ func (x *RemoveClusterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveClusterRequest.ProtoReflect.Descriptor instead.
 func (*RemoveClusterRequest) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{17}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RemoveClusterRequest) GetName() string {
@@ -1081,7 +1163,7 @@ type RemoveClusterResponse struct {
 
 func (x *RemoveClusterResponse) Reset() {
 	*x = RemoveClusterResponse{}
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[18]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1093,7 +1175,7 @@ func (x *RemoveClusterResponse) String() string {
 func (*RemoveClusterResponse) ProtoMessage() {}
 
 func (x *RemoveClusterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[18]
+	mi := &file_clusterconnect_v1_tunnel_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1106,7 +1188,7 @@ func (x *RemoveClusterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveClusterResponse.ProtoReflect.Descriptor instead.
 func (*RemoveClusterResponse) Descriptor() ([]byte, []int) {
-	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{18}
+	return file_clusterconnect_v1_tunnel_proto_rawDescGZIP(), []int{19}
 }
 
 var File_clusterconnect_v1_tunnel_proto protoreflect.FileDescriptor
@@ -1117,9 +1199,13 @@ const file_clusterconnect_v1_tunnel_proto_rawDesc = "" +
 	"\x05Chunk\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\x12\x10\n" +
 	"\x03eof\x18\x02 \x01(\bR\x03eof\x12.\n" +
-	"\x05bound\x18\x03 \x01(\v2\x18.clusterconnect.v1.BoundR\x05bound\")\n" +
+	"\x05bound\x18\x03 \x01(\v2\x18.clusterconnect.v1.BoundR\x05bound\"\\\n" +
 	"\x05Bound\x12 \n" +
-	"\vtraceparent\x18\x01 \x01(\tR\vtraceparent\"z\n" +
+	"\vtraceparent\x18\x01 \x01(\tR\vtraceparent\x121\n" +
+	"\x06caller\x18\x02 \x01(\v2\x19.clusterconnect.v1.CallerR\x06caller\":\n" +
+	"\x06Caller\x12\x16\n" +
+	"\x06issuer\x18\x01 \x01(\tR\x06issuer\x12\x18\n" +
+	"\asubject\x18\x02 \x01(\tR\asubject\"z\n" +
 	"\n" +
 	"AgentHello\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x12#\n" +
@@ -1131,10 +1217,11 @@ const file_clusterconnect_v1_tunnel_proto_rawDesc = "" +
 	"\fAgentMessage\x125\n" +
 	"\x05hello\x18\x01 \x01(\v2\x1d.clusterconnect.v1.AgentHelloH\x00R\x05hello\x12<\n" +
 	"\theartbeat\x18\x02 \x01(\v2\x1c.clusterconnect.v1.HeartbeatH\x00R\theartbeatB\t\n" +
-	"\amessage\"H\n" +
+	"\amessage\"{\n" +
 	"\vDialRequest\x12\x17\n" +
 	"\adial_id\x18\x01 \x01(\tR\x06dialId\x12 \n" +
-	"\vtraceparent\x18\x02 \x01(\tR\vtraceparent\"\x1f\n" +
+	"\vtraceparent\x18\x02 \x01(\tR\vtraceparent\x121\n" +
+	"\x06caller\x18\x03 \x01(\v2\x19.clusterconnect.v1.CallerR\x06caller\"\x1f\n" +
 	"\x05Drain\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"6\n" +
 	"\aWelcome\x12+\n" +
@@ -1200,60 +1287,63 @@ func file_clusterconnect_v1_tunnel_proto_rawDescGZIP() []byte {
 	return file_clusterconnect_v1_tunnel_proto_rawDescData
 }
 
-var file_clusterconnect_v1_tunnel_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_clusterconnect_v1_tunnel_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_clusterconnect_v1_tunnel_proto_goTypes = []any{
 	(*Chunk)(nil),                 // 0: clusterconnect.v1.Chunk
 	(*Bound)(nil),                 // 1: clusterconnect.v1.Bound
-	(*AgentHello)(nil),            // 2: clusterconnect.v1.AgentHello
-	(*Heartbeat)(nil),             // 3: clusterconnect.v1.Heartbeat
-	(*AgentMessage)(nil),          // 4: clusterconnect.v1.AgentMessage
-	(*DialRequest)(nil),           // 5: clusterconnect.v1.DialRequest
-	(*Drain)(nil),                 // 6: clusterconnect.v1.Drain
-	(*Welcome)(nil),               // 7: clusterconnect.v1.Welcome
-	(*RelayMessage)(nil),          // 8: clusterconnect.v1.RelayMessage
-	(*InfoRequest)(nil),           // 9: clusterconnect.v1.InfoRequest
-	(*InfoResponse)(nil),          // 10: clusterconnect.v1.InfoResponse
-	(*Cluster)(nil),               // 11: clusterconnect.v1.Cluster
-	(*AddClusterRequest)(nil),     // 12: clusterconnect.v1.AddClusterRequest
-	(*AddClusterResponse)(nil),    // 13: clusterconnect.v1.AddClusterResponse
-	(*ListClustersRequest)(nil),   // 14: clusterconnect.v1.ListClustersRequest
-	(*ListClustersResponse)(nil),  // 15: clusterconnect.v1.ListClustersResponse
-	(*GetClusterRequest)(nil),     // 16: clusterconnect.v1.GetClusterRequest
-	(*RemoveClusterRequest)(nil),  // 17: clusterconnect.v1.RemoveClusterRequest
-	(*RemoveClusterResponse)(nil), // 18: clusterconnect.v1.RemoveClusterResponse
+	(*Caller)(nil),                // 2: clusterconnect.v1.Caller
+	(*AgentHello)(nil),            // 3: clusterconnect.v1.AgentHello
+	(*Heartbeat)(nil),             // 4: clusterconnect.v1.Heartbeat
+	(*AgentMessage)(nil),          // 5: clusterconnect.v1.AgentMessage
+	(*DialRequest)(nil),           // 6: clusterconnect.v1.DialRequest
+	(*Drain)(nil),                 // 7: clusterconnect.v1.Drain
+	(*Welcome)(nil),               // 8: clusterconnect.v1.Welcome
+	(*RelayMessage)(nil),          // 9: clusterconnect.v1.RelayMessage
+	(*InfoRequest)(nil),           // 10: clusterconnect.v1.InfoRequest
+	(*InfoResponse)(nil),          // 11: clusterconnect.v1.InfoResponse
+	(*Cluster)(nil),               // 12: clusterconnect.v1.Cluster
+	(*AddClusterRequest)(nil),     // 13: clusterconnect.v1.AddClusterRequest
+	(*AddClusterResponse)(nil),    // 14: clusterconnect.v1.AddClusterResponse
+	(*ListClustersRequest)(nil),   // 15: clusterconnect.v1.ListClustersRequest
+	(*ListClustersResponse)(nil),  // 16: clusterconnect.v1.ListClustersResponse
+	(*GetClusterRequest)(nil),     // 17: clusterconnect.v1.GetClusterRequest
+	(*RemoveClusterRequest)(nil),  // 18: clusterconnect.v1.RemoveClusterRequest
+	(*RemoveClusterResponse)(nil), // 19: clusterconnect.v1.RemoveClusterResponse
 }
 var file_clusterconnect_v1_tunnel_proto_depIdxs = []int32{
 	1,  // 0: clusterconnect.v1.Chunk.bound:type_name -> clusterconnect.v1.Bound
-	2,  // 1: clusterconnect.v1.AgentMessage.hello:type_name -> clusterconnect.v1.AgentHello
-	3,  // 2: clusterconnect.v1.AgentMessage.heartbeat:type_name -> clusterconnect.v1.Heartbeat
-	7,  // 3: clusterconnect.v1.RelayMessage.welcome:type_name -> clusterconnect.v1.Welcome
-	5,  // 4: clusterconnect.v1.RelayMessage.dial:type_name -> clusterconnect.v1.DialRequest
-	6,  // 5: clusterconnect.v1.RelayMessage.drain:type_name -> clusterconnect.v1.Drain
-	11, // 6: clusterconnect.v1.AddClusterResponse.cluster:type_name -> clusterconnect.v1.Cluster
-	11, // 7: clusterconnect.v1.ListClustersResponse.clusters:type_name -> clusterconnect.v1.Cluster
-	0,  // 8: clusterconnect.v1.ClientTunnel.Dial:input_type -> clusterconnect.v1.Chunk
-	4,  // 9: clusterconnect.v1.AgentTunnel.Connect:input_type -> clusterconnect.v1.AgentMessage
-	0,  // 10: clusterconnect.v1.AgentTunnel.Accept:input_type -> clusterconnect.v1.Chunk
-	0,  // 11: clusterconnect.v1.AuthProxy.Serve:input_type -> clusterconnect.v1.Chunk
-	9,  // 12: clusterconnect.v1.AuthProxy.Info:input_type -> clusterconnect.v1.InfoRequest
-	12, // 13: clusterconnect.v1.Registry.AddCluster:input_type -> clusterconnect.v1.AddClusterRequest
-	14, // 14: clusterconnect.v1.Registry.ListClusters:input_type -> clusterconnect.v1.ListClustersRequest
-	16, // 15: clusterconnect.v1.Registry.GetCluster:input_type -> clusterconnect.v1.GetClusterRequest
-	17, // 16: clusterconnect.v1.Registry.RemoveCluster:input_type -> clusterconnect.v1.RemoveClusterRequest
-	0,  // 17: clusterconnect.v1.ClientTunnel.Dial:output_type -> clusterconnect.v1.Chunk
-	8,  // 18: clusterconnect.v1.AgentTunnel.Connect:output_type -> clusterconnect.v1.RelayMessage
-	0,  // 19: clusterconnect.v1.AgentTunnel.Accept:output_type -> clusterconnect.v1.Chunk
-	0,  // 20: clusterconnect.v1.AuthProxy.Serve:output_type -> clusterconnect.v1.Chunk
-	10, // 21: clusterconnect.v1.AuthProxy.Info:output_type -> clusterconnect.v1.InfoResponse
-	13, // 22: clusterconnect.v1.Registry.AddCluster:output_type -> clusterconnect.v1.AddClusterResponse
-	15, // 23: clusterconnect.v1.Registry.ListClusters:output_type -> clusterconnect.v1.ListClustersResponse
-	11, // 24: clusterconnect.v1.Registry.GetCluster:output_type -> clusterconnect.v1.Cluster
-	18, // 25: clusterconnect.v1.Registry.RemoveCluster:output_type -> clusterconnect.v1.RemoveClusterResponse
-	17, // [17:26] is the sub-list for method output_type
-	8,  // [8:17] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	2,  // 1: clusterconnect.v1.Bound.caller:type_name -> clusterconnect.v1.Caller
+	3,  // 2: clusterconnect.v1.AgentMessage.hello:type_name -> clusterconnect.v1.AgentHello
+	4,  // 3: clusterconnect.v1.AgentMessage.heartbeat:type_name -> clusterconnect.v1.Heartbeat
+	2,  // 4: clusterconnect.v1.DialRequest.caller:type_name -> clusterconnect.v1.Caller
+	8,  // 5: clusterconnect.v1.RelayMessage.welcome:type_name -> clusterconnect.v1.Welcome
+	6,  // 6: clusterconnect.v1.RelayMessage.dial:type_name -> clusterconnect.v1.DialRequest
+	7,  // 7: clusterconnect.v1.RelayMessage.drain:type_name -> clusterconnect.v1.Drain
+	12, // 8: clusterconnect.v1.AddClusterResponse.cluster:type_name -> clusterconnect.v1.Cluster
+	12, // 9: clusterconnect.v1.ListClustersResponse.clusters:type_name -> clusterconnect.v1.Cluster
+	0,  // 10: clusterconnect.v1.ClientTunnel.Dial:input_type -> clusterconnect.v1.Chunk
+	5,  // 11: clusterconnect.v1.AgentTunnel.Connect:input_type -> clusterconnect.v1.AgentMessage
+	0,  // 12: clusterconnect.v1.AgentTunnel.Accept:input_type -> clusterconnect.v1.Chunk
+	0,  // 13: clusterconnect.v1.AuthProxy.Serve:input_type -> clusterconnect.v1.Chunk
+	10, // 14: clusterconnect.v1.AuthProxy.Info:input_type -> clusterconnect.v1.InfoRequest
+	13, // 15: clusterconnect.v1.Registry.AddCluster:input_type -> clusterconnect.v1.AddClusterRequest
+	15, // 16: clusterconnect.v1.Registry.ListClusters:input_type -> clusterconnect.v1.ListClustersRequest
+	17, // 17: clusterconnect.v1.Registry.GetCluster:input_type -> clusterconnect.v1.GetClusterRequest
+	18, // 18: clusterconnect.v1.Registry.RemoveCluster:input_type -> clusterconnect.v1.RemoveClusterRequest
+	0,  // 19: clusterconnect.v1.ClientTunnel.Dial:output_type -> clusterconnect.v1.Chunk
+	9,  // 20: clusterconnect.v1.AgentTunnel.Connect:output_type -> clusterconnect.v1.RelayMessage
+	0,  // 21: clusterconnect.v1.AgentTunnel.Accept:output_type -> clusterconnect.v1.Chunk
+	0,  // 22: clusterconnect.v1.AuthProxy.Serve:output_type -> clusterconnect.v1.Chunk
+	11, // 23: clusterconnect.v1.AuthProxy.Info:output_type -> clusterconnect.v1.InfoResponse
+	14, // 24: clusterconnect.v1.Registry.AddCluster:output_type -> clusterconnect.v1.AddClusterResponse
+	16, // 25: clusterconnect.v1.Registry.ListClusters:output_type -> clusterconnect.v1.ListClustersResponse
+	12, // 26: clusterconnect.v1.Registry.GetCluster:output_type -> clusterconnect.v1.Cluster
+	19, // 27: clusterconnect.v1.Registry.RemoveCluster:output_type -> clusterconnect.v1.RemoveClusterResponse
+	19, // [19:28] is the sub-list for method output_type
+	10, // [10:19] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_clusterconnect_v1_tunnel_proto_init() }
@@ -1261,11 +1351,11 @@ func file_clusterconnect_v1_tunnel_proto_init() {
 	if File_clusterconnect_v1_tunnel_proto != nil {
 		return
 	}
-	file_clusterconnect_v1_tunnel_proto_msgTypes[4].OneofWrappers = []any{
+	file_clusterconnect_v1_tunnel_proto_msgTypes[5].OneofWrappers = []any{
 		(*AgentMessage_Hello)(nil),
 		(*AgentMessage_Heartbeat)(nil),
 	}
-	file_clusterconnect_v1_tunnel_proto_msgTypes[8].OneofWrappers = []any{
+	file_clusterconnect_v1_tunnel_proto_msgTypes[9].OneofWrappers = []any{
 		(*RelayMessage_Welcome)(nil),
 		(*RelayMessage_Dial)(nil),
 		(*RelayMessage_Drain)(nil),
@@ -1276,7 +1366,7 @@ func file_clusterconnect_v1_tunnel_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_clusterconnect_v1_tunnel_proto_rawDesc), len(file_clusterconnect_v1_tunnel_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -50,15 +50,19 @@ const (
 // The relay sends initial metadata once the cluster's agent has accepted the connection, so a
 // client knows the path is open; failures end the stream with a status and a one-line message:
 //
-//	NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-//	UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
-//	token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
-//	was open and broke ends with UNAVAILABLE.
+//	UNAUTHENTICATED (no token, or a token of an issuer the relay trusts that does not verify),
+//	PERMISSION_DENIED (the cluster is not registered, or its access list does not admit the token's
+//	identity: one answer for both, so an unauthorized caller cannot tell which clusters exist; see
+//	identity.proto), UNAVAILABLE (agent not connected or not answering), RESOURCE_EXHAUSTED (the
+//	relay's limit of connections per cluster or per identity), INVALID_ARGUMENT (no cluster
+//	metadata). A stream that was open and broke ends with UNAVAILABLE; one whose identity was
+//	revoked meanwhile (user removed, access revoked, token expired) ends with PERMISSION_DENIED.
 //
 // A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
-// apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
-// token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
-// connection-lost (common/metadata.py DialRefusal; new values may be added).
+// apart without reading the message: missing-cluster, missing-token, token-refused, access-denied,
+// agent-not-connected, agent-overloaded, agent-not-answering, connection-lost, too-many-connections,
+// access-revoked (common/metadata.py DialRefusal; new values may be added; cluster-not-registered is
+// no longer sent).
 type ClientTunnelClient interface {
 	// One TCP connection. Requests carry bytes toward the cluster, responses bytes back. Wait for the
 	// initial metadata `x-clusterconnect-open: 1` before sending: the stream may still be refused
@@ -107,15 +111,19 @@ type ClientTunnel_DialClient = grpc.BidiStreamingClient[Chunk, Chunk]
 // The relay sends initial metadata once the cluster's agent has accepted the connection, so a
 // client knows the path is open; failures end the stream with a status and a one-line message:
 //
-//	NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-//	UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
-//	token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
-//	was open and broke ends with UNAVAILABLE.
+//	UNAUTHENTICATED (no token, or a token of an issuer the relay trusts that does not verify),
+//	PERMISSION_DENIED (the cluster is not registered, or its access list does not admit the token's
+//	identity: one answer for both, so an unauthorized caller cannot tell which clusters exist; see
+//	identity.proto), UNAVAILABLE (agent not connected or not answering), RESOURCE_EXHAUSTED (the
+//	relay's limit of connections per cluster or per identity), INVALID_ARGUMENT (no cluster
+//	metadata). A stream that was open and broke ends with UNAVAILABLE; one whose identity was
+//	revoked meanwhile (user removed, access revoked, token expired) ends with PERMISSION_DENIED.
 //
 // A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
-// apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
-// token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
-// connection-lost (common/metadata.py DialRefusal; new values may be added).
+// apart without reading the message: missing-cluster, missing-token, token-refused, access-denied,
+// agent-not-connected, agent-overloaded, agent-not-answering, connection-lost, too-many-connections,
+// access-revoked (common/metadata.py DialRefusal; new values may be added; cluster-not-registered is
+// no longer sent).
 type ClientTunnelServer interface {
 	// One TCP connection. Requests carry bytes toward the cluster, responses bytes back. Wait for the
 	// initial metadata `x-clusterconnect-open: 1` before sending: the stream may still be refused
@@ -355,7 +363,10 @@ const (
 // The stream carries HTTP/1.1 exactly as kubectl sent it; the auth proxy authenticates each
 // request and forwards it to the apiserver.
 type AuthProxyClient interface {
-	// One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial.
+	// One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial. The agent's
+	// first message is Chunk{bound} with the connection's caller (Bound.caller, from the relay); a
+	// stream that starts otherwise is refused with FAILED_PRECONDITION. A warm Serve (metadata
+	// x-clusterconnect-warm: 1) is opened ahead of need and sends it once the relay bound the pair.
 	Serve(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[Chunk, Chunk], error)
 	// The apiserver's and the auth proxy's versions.
 	Info(ctx context.Context, in *InfoRequest, opts ...grpc.CallOption) (*InfoResponse, error)
@@ -400,7 +411,10 @@ func (c *authProxyClient) Info(ctx context.Context, in *InfoRequest, opts ...grp
 // The stream carries HTTP/1.1 exactly as kubectl sent it; the auth proxy authenticates each
 // request and forwards it to the apiserver.
 type AuthProxyServer interface {
-	// One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial.
+	// One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial. The agent's
+	// first message is Chunk{bound} with the connection's caller (Bound.caller, from the relay); a
+	// stream that starts otherwise is refused with FAILED_PRECONDITION. A warm Serve (metadata
+	// x-clusterconnect-warm: 1) is opened ahead of need and sends it once the relay bound the pair.
 	Serve(grpc.BidiStreamingServer[Chunk, Chunk]) error
 	// The apiserver's and the auth proxy's versions.
 	Info(context.Context, *InfoRequest) (*InfoResponse, error)

@@ -17,10 +17,20 @@ class Chunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., bound: _Optional[_Union[Bound, _Mapping]] = ...) -> None: ...
 
 class Bound(_message.Message):
-    __slots__ = ("traceparent",)
+    __slots__ = ("traceparent", "caller")
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     traceparent: str
-    def __init__(self, traceparent: _Optional[str] = ...) -> None: ...
+    caller: Caller
+    def __init__(self, traceparent: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
+
+class Caller(_message.Message):
+    __slots__ = ("issuer", "subject")
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    subject: str
+    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("cluster", "agent_version", "kubernetes_version")
@@ -47,12 +57,14 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[AgentHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class DialRequest(_message.Message):
-    __slots__ = ("dial_id", "traceparent")
+    __slots__ = ("dial_id", "traceparent", "caller")
     DIAL_ID_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     dial_id: str
     traceparent: str
-    def __init__(self, dial_id: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    caller: Caller
+    def __init__(self, dial_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class Drain(_message.Message):
     __slots__ = ("reason",)

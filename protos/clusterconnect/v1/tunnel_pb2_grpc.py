@@ -37,14 +37,18 @@ class ClientTunnelStub:
     traceparent: W3C trace context (optional)
     The relay sends initial metadata once the cluster's agent has accepted the connection, so a
     client knows the path is open; failures end the stream with a status and a one-line message:
-    NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-    UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
-    token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
-    was open and broke ends with UNAVAILABLE.
+    UNAUTHENTICATED (no token, or a token of an issuer the relay trusts that does not verify),
+    PERMISSION_DENIED (the cluster is not registered, or its access list does not admit the token's
+    identity: one answer for both, so an unauthorized caller cannot tell which clusters exist; see
+    identity.proto), UNAVAILABLE (agent not connected or not answering), RESOURCE_EXHAUSTED (the
+    relay's limit of connections per cluster or per identity), INVALID_ARGUMENT (no cluster
+    metadata). A stream that was open and broke ends with UNAVAILABLE; one whose identity was
+    revoked meanwhile (user removed, access revoked, token expired) ends with PERMISSION_DENIED.
     A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
-    apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
-    token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
-    connection-lost (common/metadata.py DialRefusal; new values may be added).
+    apart without reading the message: missing-cluster, missing-token, token-refused, access-denied,
+    agent-not-connected, agent-overloaded, agent-not-answering, connection-lost, too-many-connections,
+    access-revoked (common/metadata.py DialRefusal; new values may be added; cluster-not-registered is
+    no longer sent).
     """
 
     def __init__(self, channel):
@@ -72,14 +76,18 @@ class ClientTunnelServicer:
     traceparent: W3C trace context (optional)
     The relay sends initial metadata once the cluster's agent has accepted the connection, so a
     client knows the path is open; failures end the stream with a status and a one-line message:
-    NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-    UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
-    token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
-    was open and broke ends with UNAVAILABLE.
+    UNAUTHENTICATED (no token, or a token of an issuer the relay trusts that does not verify),
+    PERMISSION_DENIED (the cluster is not registered, or its access list does not admit the token's
+    identity: one answer for both, so an unauthorized caller cannot tell which clusters exist; see
+    identity.proto), UNAVAILABLE (agent not connected or not answering), RESOURCE_EXHAUSTED (the
+    relay's limit of connections per cluster or per identity), INVALID_ARGUMENT (no cluster
+    metadata). A stream that was open and broke ends with UNAVAILABLE; one whose identity was
+    revoked meanwhile (user removed, access revoked, token expired) ends with PERMISSION_DENIED.
     A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
-    apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
-    token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
-    connection-lost (common/metadata.py DialRefusal; new values may be added).
+    apart without reading the message: missing-cluster, missing-token, token-refused, access-denied,
+    agent-not-connected, agent-overloaded, agent-not-answering, connection-lost, too-many-connections,
+    access-revoked (common/metadata.py DialRefusal; new values may be added; cluster-not-registered is
+    no longer sent).
     """
 
     def Dial(self, request_iterator, context):
@@ -121,14 +129,18 @@ class ClientTunnel:
     traceparent: W3C trace context (optional)
     The relay sends initial metadata once the cluster's agent has accepted the connection, so a
     client knows the path is open; failures end the stream with a status and a one-line message:
-    NOT_FOUND (unknown cluster), UNAVAILABLE (agent not connected or not answering),
-    UNAUTHENTICATED (no token), PERMISSION_DENIED (the cluster's access list does not admit the
-    token's identity; see identity.proto), INVALID_ARGUMENT (no cluster metadata). A stream that
-    was open and broke ends with UNAVAILABLE.
+    UNAUTHENTICATED (no token, or a token of an issuer the relay trusts that does not verify),
+    PERMISSION_DENIED (the cluster is not registered, or its access list does not admit the token's
+    identity: one answer for both, so an unauthorized caller cannot tell which clusters exist; see
+    identity.proto), UNAVAILABLE (agent not connected or not answering), RESOURCE_EXHAUSTED (the
+    relay's limit of connections per cluster or per identity), INVALID_ARGUMENT (no cluster
+    metadata). A stream that was open and broke ends with UNAVAILABLE; one whose identity was
+    revoked meanwhile (user removed, access revoked, token expired) ends with PERMISSION_DENIED.
     A refusal also carries trailing metadata `clusterconnect-reason`, so a client can tell the cases
-    apart without reading the message: missing-cluster, missing-token, cluster-not-registered,
-    token-refused, access-denied, agent-not-connected, agent-overloaded, agent-not-answering,
-    connection-lost (common/metadata.py DialRefusal; new values may be added).
+    apart without reading the message: missing-cluster, missing-token, token-refused, access-denied,
+    agent-not-connected, agent-overloaded, agent-not-answering, connection-lost, too-many-connections,
+    access-revoked (common/metadata.py DialRefusal; new values may be added; cluster-not-registered is
+    no longer sent).
     """
 
     @staticmethod
@@ -326,7 +338,10 @@ class AuthProxyServicer:
     """
 
     def Serve(self, request_iterator, context):
-        """One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial.
+        """One client connection: Chunks carry its bytes both ways, as on ClientTunnel.Dial. The agent's
+        first message is Chunk{bound} with the connection's caller (Bound.caller, from the relay); a
+        stream that starts otherwise is refused with FAILED_PRECONDITION. A warm Serve (metadata
+        x-clusterconnect-warm: 1) is opened ahead of need and sends it once the relay bound the pair.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
