@@ -14,8 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import grpc
-
 from clusterconnect import errors
 from clusterconnect.oidc import Identity
 
@@ -27,11 +25,8 @@ DEFAULT_MAX_PER_CLUSTER = 4096
 DEFAULT_MAX_PER_IDENTITY = 1024
 
 
-class TooManyConnections(errors.ClusterConnectError):
+class TooManyConnections(errors.ResourceExhausted):
     """A Dial over a connection limit; the message names the limit."""
-
-    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
 
 
 def principal(identity: Identity) -> tuple[str, str]:
