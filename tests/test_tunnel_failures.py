@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -39,7 +38,9 @@ def test_agent_killed_gives_clear_error_within_2s_then_recovers(own_chain):
     result = kubectl(kubeconfig, "get", "--raw", "/version", check=False, timeout=10)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
-    assert re.search(r"cluster dev is not connected \(agent last seen \d+s ago\)", result.stderr), result.stderr
+    # A ServiceAccount token is not one the relay can verify: such a caller is not told when the agent was
+    # last seen (a verified, admitted one is: tests/test_connection_identity.py).
+    assert result.stderr.strip().endswith("cluster dev is not connected"), result.stderr
     assert elapsed < 2.0, elapsed
     chain.start_agent()
     assert _works(kubeconfig)
