@@ -2,8 +2,9 @@
 
 A Dial registers its connection here once it is authorized, before it asks the agent for a stream,
 and leaves when it ends. The registry is what lets revocation end what is open (docs/identity.md):
-``users remove``, an access list change and a removed cluster re-check the connections they concern
-(``revoke_where``), and a connection dialled with a verified token ends when the token expires.
+``users remove`` and an access list change re-check the connections they concern (``revoke_where``),
+and a connection dialled with a verified token ends when the token expires. (``clusters remove``
+ends the cluster's agent session, which drops its connections: sessions.py.)
 It also enforces the per-cluster and per-identity limits of concurrent connections.
 """
 

@@ -127,6 +127,8 @@ class Tunnel:
             # When the agent was last seen is for callers the relay verified and admitted only.
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
                           self._not_connected(cluster) if caller is not None else f"cluster {cluster} is not connected")
+        # Registered with no await since the authorizer's last look at users and lists: a revocation
+        # either came before that look (refused above) or finds this connection (ended by it).
         try:
             connection = self.connections.open(cluster, caller, self.authorizer.expires_unix(caller))
         except TooManyConnections as exc:
