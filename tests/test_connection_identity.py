@@ -41,6 +41,7 @@ from clusterconnect import credentials as tokens
 from clusterconnect import metadata as md
 from clusterconnect.aadproxy.authn import Forward, Reject, TokenPassthrough
 from clusterconnect.aadproxy.connection_identity import FORBIDDEN
+from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.relay.datapath.connections import ConnectionRegistry
 from clusterconnect.relay.user_identity.access import DialAuthorizer, Entry
 from clusterconnect.streams import GrpcClientStream, PeerGone
@@ -133,12 +134,12 @@ class Connection:
 async def relay_channel(relay) -> AsyncIterator[tunnel_pb2_grpc.ClientTunnelStub]:
     chain = relay.chain
     credentials = grpc.ssl_channel_credentials(chain.relay_ca.read_bytes())
-    async with grpc.aio.secure_channel(f"127.0.0.1:{chain.relay_port}", credentials) as channel:
+    async with grpc.aio.secure_channel(grpc_target(chain.relay_url), credentials, options=CHANNEL_OPTIONS) as channel:
         yield tunnel_pb2_grpc.ClientTunnelStub(channel)
 
 
 def dial(stub, token: str, cluster: str = "dev") -> Connection:
-    return Connection(stub.Dial(metadata=((md.CLUSTER, cluster), ("authorization", f"Bearer {token}"))))
+    return Connection(stub.Dial(metadata=((md.CLUSTER, cluster), bearer(token))))
 
 
 def audit_events(relay, marker: str) -> list[dict]:
@@ -279,7 +280,7 @@ def tokens_exp(token: str) -> float:
 def _answer(relay, token: str | None, cluster: str) -> tuple[grpc.StatusCode, str, str]:
     async def main() -> tuple[grpc.StatusCode, str, str]:
         async with relay_channel(relay) as stub:
-            metadata = [(md.CLUSTER, cluster)] + ([("authorization", f"Bearer {token}")] if token else [])
+            metadata = [(md.CLUSTER, cluster)] + ([bearer(token)] if token else [])
             connection = Connection(stub.Dial(metadata=tuple(metadata)))
             assert not await connection.opened()
             code, message, reason = await connection.refusal()
@@ -404,8 +405,8 @@ def test_the_auth_proxy_holds_each_connection_to_one_identity() -> None:
 def test_an_access_change_ends_exactly_the_connections_it_no_longer_admits(tmp_path) -> None:
     clusters, _, issuer, verifier, users, access = relay_parts(tmp_path)
     clusters.add("dev")
-    users.add("alice", ["dev"])
-    users.add("bob", ["ops"])
+    alice_record, _, _ = users.add("alice", ["dev"])
+    bob_record, _, _ = users.add("bob", ["ops"])
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
     registry = ConnectionRegistry()
 
@@ -413,8 +414,8 @@ def test_an_access_change_ends_exactly_the_connections_it_no_longer_admits(tmp_p
         registry.revoke_where(lambda c: authorizer.refusal_now(c.cluster, c.caller), "dev")
 
     async def main() -> None:
-        alice = await verifier.verify(issuer.mint("alice", ("dev",))[0])
-        bob = await verifier.verify(issuer.mint("bob", ("ops",))[0])
+        alice = await verifier.verify(issuer.mint("alice", ("dev",), alice_record.uid)[0])
+        bob = await verifier.verify(issuer.mint("bob", ("ops",), bob_record.uid)[0])
         unverified = registry.open("dev", None, None)  # a ServiceAccount token on a passthrough cluster
         hers = registry.open("dev", alice, None)
         his = registry.open("dev", bob, None)
