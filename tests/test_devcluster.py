@@ -465,19 +465,24 @@ def test_impersonation_rbac(devcluster, ns):
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "dev"}],
     })
 
+    # A user name of this test alone: other tests impersonate "alice" through the auth proxy, and the
+    # audit log is the whole cluster's.
+    alice = f"alice-{ns}"
+
     def can(*args: str) -> bool:
         r = devcluster.kubectl(*args, check=False)
         if r.returncode != 0:
             assert "Forbidden" in r.stderr or "forbidden" in r.stderr, r.stderr
         return r.returncode == 0
 
-    wait_until(lambda: can("--as=alice", "--as-group=dev", "get", "configmaps", "-n", ns), 20, "alice@dev can list")
-    assert not can("--as=alice", "get", "configmaps", "-n", ns)  # not in group dev
-    assert not can("--as=alice", "--as-group=dev", "get", "configmaps", "-n", "default")  # other namespace
-    assert not can("--as=alice", "--as-group=dev", "create", "configmap", "x", "-n", ns)  # verb not granted
-    assert not can("--as=alice", "--as-group=dev", "get", "secrets", "-n", ns)  # resource not granted
+    wait_until(lambda: can(f"--as={alice}", "--as-group=dev", "get", "configmaps", "-n", ns), 20,
+               f"{alice}@dev can list")
+    assert not can(f"--as={alice}", "get", "configmaps", "-n", ns)  # not in group dev
+    assert not can(f"--as={alice}", "--as-group=dev", "get", "configmaps", "-n", "default")  # other namespace
+    assert not can(f"--as={alice}", "--as-group=dev", "create", "configmap", "x", "-n", ns)  # verb not granted
+    assert not can(f"--as={alice}", "--as-group=dev", "get", "secrets", "-n", ns)  # resource not granted
     # The audit log records both the real and the impersonated user.
-    events = [e for e in devcluster.audit_events() if (e.get("impersonatedUser") or {}).get("username") == "alice"]
+    events = [e for e in devcluster.audit_events() if (e.get("impersonatedUser") or {}).get("username") == alice]
     assert events
     assert all(e["user"]["username"] == "kubernetes-admin" for e in events), events[-1]
     # both calls: alice in group dev, and alice alone
