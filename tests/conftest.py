@@ -27,6 +27,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.devcluster)
 
 
+@pytest.fixture
+def lone_relay(tmp_path):
+    """A relay process alone, no cluster behind it: for what it tells agents and logins (nothing is dialled)."""
+    chain = Chain(tmp_path, Path("/nonexistent"))
+    try:
+        chain.start_relay()
+        yield chain
+    finally:
+        chain.stop_all()
+
+
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory):
     """A real 3-member etcd (upstream etcd from the devcluster binary, TLS with client certificates)."""

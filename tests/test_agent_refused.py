@@ -5,7 +5,6 @@ directory (real relay and agent processes; no cluster needed, nothing is dialled
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from chain import Chain, wait_until
@@ -14,13 +13,8 @@ EXIT_WITHIN = 20  # seconds: the relay ends the session at once; the agent needs
 
 
 @pytest.fixture
-def relay(tmp_path):
-    chain = Chain(tmp_path, Path("/nonexistent"))
-    try:
-        chain.start_relay()
-        yield chain
-    finally:
-        chain.stop_all()
+def relay(lone_relay):
+    return lone_relay
 
 
 def _stderr_lines(chain: Chain, name: str) -> list[str]:

@@ -8,7 +8,6 @@ the limit allows (the agent retries by itself).
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -21,13 +20,8 @@ from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc, identity_pb2,
 
 
 @pytest.fixture
-def relay(tmp_path):
-    chain = Chain(tmp_path, Path("/nonexistent"))  # no auth proxy: nothing here reaches a cluster
-    try:
-        chain.start_relay()
-        yield chain
-    finally:
-        chain.stop_all()
+def relay(lone_relay):
+    return lone_relay
 
 
 def _channel(chain: Chain) -> grpc.Channel:

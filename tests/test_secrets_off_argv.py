@@ -14,13 +14,8 @@ from chain import BIN, Chain, script, wait_until
 
 
 @pytest.fixture
-def relay(tmp_path):
-    chain = Chain(tmp_path, Path("/nonexistent"))
-    try:
-        chain.start_relay()
-        yield chain
-    finally:
-        chain.stop_all()
+def relay(lone_relay):
+    return lone_relay
 
 
 def _agent_line(output: str) -> str:
