@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from clusterconnect.aadproxy.headers import Header, values
+from clusterconnect.oidc import Principal
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ class Forward:
     """Send the request upstream with exactly these end-to-end headers."""
 
     headers: list[Header]
-    # Issuer and raw ``sub`` of the caller when this proxy verified the request itself (OIDC mode);
-    # None when the apiserver authenticates it (token passthrough, ServiceAccount tokens).
-    caller: tuple[str, str] | None = None
+    # The caller's principal (issuer, raw sub and uid claims) when this proxy verified the request
+    # itself (OIDC mode); None when the apiserver authenticates it (token passthrough, ServiceAccount tokens).
+    caller: Principal | None = None
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class Authenticator(Protocol):
 
 
 class ConnectionAuthenticator(Authenticator, Protocol):
-    def bound_to(self, caller: tuple[str, str] | None) -> Authenticator:
-        """The authenticator of one connection, opened by ``caller`` as the relay verified it (issuer,
-        raw sub; None: unverified). Only an authenticator that verifies requests can hold them to it."""
+    def bound_to(self, caller: Principal | None) -> Authenticator:
+        """The authenticator of one connection, opened by ``caller`` as the relay verified it (its
+        principal; None: unverified). Only an authenticator that verifies requests can hold them to it."""
         ...
 
 
@@ -89,7 +90,7 @@ class TokenPassthrough:
             return token
         return Forward(headers=list(headers))
 
-    def bound_to(self, caller: tuple[str, str] | None) -> Authenticator:
+    def bound_to(self, caller: Principal | None) -> Authenticator:
         # This proxy cannot tell who a token is: the apiserver authenticates every request itself,
         # and the client proxy's mutual TLS keeps other local users off the tunnel (docs/identity.md).
         return self

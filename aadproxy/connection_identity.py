@@ -1,12 +1,13 @@
 """One identity per connection: every request on a tunnelled connection authenticates as its caller.
 
-The relay verifies the token of each Dial and passes the identity it verified (issuer and raw
-``sub``, or "unverified") to the agent, which passes it here as the first message of the Serve
-stream. Without this check, anyone who could send bytes through another user's connection (a
+The relay verifies the token of each Dial and passes the identity it verified (its principal:
+issuer and raw ``sub`` and ``uid`` claims; or "unverified") to the agent, which passes it here as the
+first message of the Serve stream. Without this check, anyone who could send bytes through another user's connection (a
 shared host's 127.0.0.1 port) would reach the cluster as themselves, past the relay's access list.
 In OIDC mode, per request, after the request's own token verified:
 
-- a connection the relay verified: the request's issuer and subject must be exactly the caller's;
+- a connection the relay verified: the request's issuer, subject and uid claim must be exactly
+  the caller's (a built-in user added again under an old name has a new uid);
   a ServiceAccount token (passed through, not verified here) is not that caller either;
 - a connection the relay could not verify (a passthrough cluster, an issuer the relay does not
   know): the first identity verified here binds it, and later requests must be that identity.
@@ -24,6 +25,7 @@ import structlog
 
 from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject
 from clusterconnect.aadproxy.headers import Header
+from clusterconnect.oidc import Principal
 
 FORBIDDEN = "Forbidden: this connection was opened by another identity at the relay"
 
@@ -31,7 +33,7 @@ FORBIDDEN = "Forbidden: this connection was opened by another identity at the re
 class HeldToCaller:
     """The decisions of ``inner`` (which verifies tokens), held to one connection's caller."""
 
-    def __init__(self, inner: Authenticator, caller: tuple[str, str] | None) -> None:
+    def __init__(self, inner: Authenticator, caller: Principal | None) -> None:
         self.inner = inner
         self.caller = caller  # None until the first verified request of an unverified connection
 

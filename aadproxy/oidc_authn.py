@@ -36,7 +36,16 @@ from clusterconnect.aadproxy.connection_identity import HeldToCaller
 from clusterconnect.aadproxy.headers import Header
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, ResourceAttributes
 from clusterconnect.logs import get_logger
-from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier, unverified_issuer
+from clusterconnect.oidc import (
+    Identity,
+    NotAJWT,
+    Principal,
+    TokenError,
+    UnknownIssuer,
+    Verifier,
+    principal,
+    unverified_issuer,
+)
 
 log = get_logger(__name__)
 
@@ -247,9 +256,9 @@ class OIDCAuthenticator:
         forward = without_credentials(headers)
         forward.append((b"authorization", b"Bearer " + own.encode()))
         forward += identity_headers(effective)
-        return Forward(headers=forward, caller=(identity.issuer, identity.subject))
+        return Forward(headers=forward, caller=principal(identity))
 
-    def bound_to(self, caller: tuple[str, str] | None) -> Authenticator:
+    def bound_to(self, caller: Principal | None) -> Authenticator:
         return HeldToCaller(self, caller)
 
     async def _check_impersonation(self, identity: Identity, requested: ImpersonationRequest) -> str | None:

@@ -64,7 +64,8 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
         traceparent = first.bound.traceparent or metadata_value(metadata, md.TRACEPARENT)
         caller = first.bound.caller
         structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
-        authenticator = self.authenticator.bound_to((caller.issuer, caller.subject) if caller.issuer else None)
+        verified = (caller.issuer, caller.subject, caller.uid) if caller.issuer else None
+        authenticator = self.authenticator.bound_to(verified)
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
         await forward_connection(GrpcServerStream(context), self.connect_upstream, authenticator,
                                  stopping=self._stopping, head_timeout=self.head_timeout)

@@ -381,12 +381,18 @@ def test_the_auth_proxy_holds_each_connection_to_one_identity() -> None:
 
     forbidden = Reject(403, FORBIDDEN)
     # opened by alice as the relay verified her: only alice, not bob, not a ServiceAccount
-    held = auth.bound_to((ISSUER, "alice"))
+    held = auth.bound_to((ISSUER, "alice", ""))
     assert isinstance(decide(held, alice), Forward)
     assert decide(held, bob) == forbidden and decide(held, serviceaccount) == forbidden
     assert isinstance(decide(held, alice), Forward)
     # an alice of another issuer is someone else
-    assert decide(auth.bound_to(("https://elsewhere.example", "alice")), alice) == forbidden
+    assert decide(auth.bound_to(("https://elsewhere.example", "alice", "")), alice) == forbidden
+    # a name removed and added again is a new user (the relay's tokens carry its id in `uid`): a token
+    # of the old one is someone else on the new one's connection, and the other way round
+    old, new = issuer.token(uid="id-old").encode(), issuer.token(uid="id-new").encode()
+    held = auth.bound_to((ISSUER, "alice", "id-new"))
+    assert isinstance(decide(held, new), Forward)
+    assert decide(held, old) == forbidden and decide(held, alice) == forbidden
     # not verified at the relay: a ServiceAccount token passes (the apiserver authenticates it), the first
     # identity verified here binds the connection
     held = auth.bound_to(None)
@@ -396,7 +402,7 @@ def test_the_auth_proxy_holds_each_connection_to_one_identity() -> None:
     assert isinstance(decide(held, bob), Forward)
     # token passthrough mode cannot verify a token, so it holds nothing: the apiserver authenticates
     passthrough = TokenPassthrough()
-    assert passthrough.bound_to((ISSUER, "alice")) is passthrough
+    assert passthrough.bound_to((ISSUER, "alice", "")) is passthrough
 
 
 # ---- point 2 at the relay: which open connections a change ends (unit) -----------------------------

@@ -13,11 +13,13 @@ from clusterconnect.oidc.keys import ALLOWED_ALGORITHMS, IssuerKeys, KeysUnavail
 from clusterconnect.oidc.verifier import (
     Identity,
     NotAJWT,
+    Principal,
     TokenError,
     UnknownIssuer,
     Verifier,
     map_claims,
     parse_unverified,
+    principal,
     unverified_issuer,
 )
 
@@ -30,6 +32,7 @@ __all__ = [
     "IssuerKeys",
     "KeysUnavailable",
     "NotAJWT",
+    "Principal",
     "TokenError",
     "UnknownIssuer",
     "Verifier",
@@ -38,5 +41,6 @@ __all__ = [
     "map_claims",
     "parse_config",
     "parse_unverified",
+    "principal",
     "unverified_issuer",
 ]

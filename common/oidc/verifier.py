@@ -67,8 +67,21 @@ class Identity:
     # The raw ``sub`` claim: with ``issuer``, what names the caller across services whose claim
     # mappings differ (the relay binds a connection to it; the auth proxy compares it).
     subject: str = ""
+    # The raw ``uid`` claim, if the token has one. The relay's built-in tokens do: the user's id, new
+    # when a name is removed and added again, so that an old token of the name is someone else.
+    token_uid: str = ""
     # The token's ``exp`` (Unix seconds); None when not from a token. Not part of who the caller is.
     expires_unix: float | None = field(default=None, compare=False)
+
+
+# Who a verified caller is across services whose claim mappings differ: issuer, raw ``sub`` and raw
+# ``uid`` claim (never mapped or prefixed names). The relay binds a connection to it; the auth proxy
+# holds every request on that connection to it.
+Principal = tuple[str, str, str]
+
+
+def principal(identity: Identity) -> Principal:
+    return identity.issuer, identity.subject, identity.token_uid
 
 
 def _b64decode(part: str) -> bytes:
@@ -157,9 +170,11 @@ def map_claims(issuer: IssuerConfig, claims: Mapping[str, Any]) -> Identity:
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
             raise TokenError("token maps to a name with control characters")
     subject = claims.get("sub")
+    token_uid = claims.get("uid")
     expires = claims.get("exp")
     return Identity(username=username, groups=tuple(dict.fromkeys(groups)), uid=uid, extra=extra, issuer=issuer.url,
                     subject=subject if isinstance(subject, str) else "",
+                    token_uid=token_uid if isinstance(token_uid, str) else "",
                     expires_unix=float(expires) if isinstance(expires, int | float) else None)
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from clusterconnect import errors
-from clusterconnect.oidc import Identity
+from clusterconnect.oidc import Identity, Principal, principal
 
 # Defaults of the limits (0 = unlimited). A cluster's connections are all kubectl processes of all
 # its users, watches included; 4096 leaves room for busy clusters while bounding what one cluster
@@ -28,11 +28,6 @@ DEFAULT_MAX_PER_IDENTITY = 1024
 
 class TooManyConnections(errors.ResourceExhausted):
     """A Dial over a connection limit; the message names the limit."""
-
-
-def principal(identity: Identity) -> tuple[str, str]:
-    """What names a verified caller across services: issuer and raw ``sub`` (never a mapped name)."""
-    return identity.issuer, identity.subject
 
 
 class OpenConnection:
@@ -74,7 +69,7 @@ class ConnectionRegistry:
         self.max_per_identity = max_per_identity
         self._open: set[OpenConnection] = set()
         self._per_cluster: Counter[str] = Counter()
-        self._per_identity: Counter[tuple[str, str]] = Counter()
+        self._per_identity: Counter[Principal] = Counter()
 
     def __len__(self) -> int:
         return len(self._open)

@@ -17,7 +17,7 @@ from clusterconnect.grpc_options import bearer_from_metadata, metadata_value
 from clusterconnect.humanize import ago
 from clusterconnect.logs import get_logger
 from clusterconnect.metadata import DialRefusal
-from clusterconnect.oidc import Identity
+from clusterconnect.oidc import Identity, principal
 from clusterconnect.relay.agent_identity.enrollment import AgentAuthenticator
 from clusterconnect.relay.datapath.connections import ConnectionRegistry, OpenConnection, TooManyConnections
 from clusterconnect.relay.datapath.pairing import AcceptedStream, StreamEnd
@@ -62,10 +62,11 @@ def _bound(traceparent: str, caller: tunnel_pb2.Caller) -> bytes:
 
 
 def caller_message(identity: Identity | None) -> tunnel_pb2.Caller:
-    """The Dial's caller as the agent and the auth proxy get it: issuer and raw ``sub``, empty if unverified."""
+    """The Dial's caller as the agent and the auth proxy get it: its principal, empty if unverified."""
     if identity is None:
         return tunnel_pb2.Caller()
-    return tunnel_pb2.Caller(issuer=identity.issuer, subject=identity.subject)
+    issuer, subject, uid = principal(identity)
+    return tunnel_pb2.Caller(issuer=issuer, subject=subject, uid=uid)
 
 
 async def _refuse(context: RawContext, code: grpc.StatusCode, reason: DialRefusal, message: str) -> Never:

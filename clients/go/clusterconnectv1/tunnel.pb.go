@@ -159,15 +159,19 @@ func (x *Bound) GetCaller() *Caller {
 }
 
 // The identity that opened a connection, as the relay verified it for the Dial: the token's issuer
-// URL and its raw `sub` claim (never mapped or prefixed names: the relay's and the auth proxy's
-// claim mappings may differ). Both empty: the relay did not verify the token (a passthrough cluster
-// and an issuer the relay does not know, e.g. a ServiceAccount token).
+// URL and its raw `sub` and `uid` claims (never mapped or prefixed names: the relay's and the auth
+// proxy's claim mappings may differ). All empty: the relay did not verify the token (a passthrough
+// cluster and an issuer the relay does not know, e.g. a ServiceAccount token).
 type Caller struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The token's `iss`, exactly; empty if unverified.
 	Issuer string `protobuf:"bytes,1,opt,name=issuer,proto3" json:"issuer,omitempty"`
 	// The token's `sub`, exactly; empty if unverified.
-	Subject       string `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
+	Subject string `protobuf:"bytes,2,opt,name=subject,proto3" json:"subject,omitempty"`
+	// The token's `uid` claim, exactly; empty if it has none. The relay's built-in tokens carry the
+	// user's id, which is new when a name is removed and added again: an old token of the name is
+	// then another identity.
+	Uid           string `protobuf:"bytes,3,opt,name=uid,proto3" json:"uid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -212,6 +216,13 @@ func (x *Caller) GetIssuer() string {
 func (x *Caller) GetSubject() string {
 	if x != nil {
 		return x.Subject
+	}
+	return ""
+}
+
+func (x *Caller) GetUid() string {
+	if x != nil {
+		return x.Uid
 	}
 	return ""
 }
@@ -1202,10 +1213,11 @@ const file_clusterconnect_v1_tunnel_proto_rawDesc = "" +
 	"\x05bound\x18\x03 \x01(\v2\x18.clusterconnect.v1.BoundR\x05bound\"\\\n" +
 	"\x05Bound\x12 \n" +
 	"\vtraceparent\x18\x01 \x01(\tR\vtraceparent\x121\n" +
-	"\x06caller\x18\x02 \x01(\v2\x19.clusterconnect.v1.CallerR\x06caller\":\n" +
+	"\x06caller\x18\x02 \x01(\v2\x19.clusterconnect.v1.CallerR\x06caller\"L\n" +
 	"\x06Caller\x12\x16\n" +
 	"\x06issuer\x18\x01 \x01(\tR\x06issuer\x12\x18\n" +
-	"\asubject\x18\x02 \x01(\tR\asubject\"z\n" +
+	"\asubject\x18\x02 \x01(\tR\asubject\x12\x10\n" +
+	"\x03uid\x18\x03 \x01(\tR\x03uid\"z\n" +
 	"\n" +
 	"AgentHello\x12\x18\n" +
 	"\acluster\x18\x01 \x01(\tR\acluster\x12#\n" +

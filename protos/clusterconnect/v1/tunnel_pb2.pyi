@@ -25,12 +25,14 @@ class Bound(_message.Message):
     def __init__(self, traceparent: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class Caller(_message.Message):
-    __slots__ = ("issuer", "subject")
+    __slots__ = ("issuer", "subject", "uid")
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     issuer: str
     subject: str
-    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
+    uid: str
+    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class AgentHello(_message.Message):
     __slots__ = ("cluster", "agent_version", "kubernetes_version")
