@@ -28,6 +28,8 @@ from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -35,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Auth proxy: serves AuthProxy (gRPC) for the agent and forwards authenticated "
         "HTTP requests to the kube-apiserver.",
     )
-    add_flag(parser, "--listen", required=True, help="host:port for the gRPC server")
+    # The agent's --authproxy default: on one machine the two meet without flags (loopback, so plaintext is allowed).
+    add_flag(parser, "--listen", default=DEFAULT_LISTEN, help="host:port for the gRPC server")
     add_flag(parser, "--kubeconfig", help="apiserver and own identity from this file (default: in-cluster)")
     add_flag(parser, "--tls-cert", help="serve gRPC with TLS: certificate chain (PEM)")
     add_flag(parser, "--tls-key", help="serve gRPC with TLS: private key (PEM)")

@@ -16,6 +16,10 @@ def env_name(flag: str) -> str:
 def add_flag(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:  # a parser or a group
     """Add ``flag`` whose default comes from its environment variable when set."""
     env = env_name(flag)
+    built_in = kwargs.get("default")
+    # --help names the built-in default, never the environment's value (that may be a secret, e.g. a token).
+    if built_in not in (None, False) and "default" not in kwargs.get("help", ""):
+        kwargs["help"] = f"{kwargs.get('help', '')} (default: {built_in})".strip()
     if env in os.environ:
         value = os.environ[env]
         if kwargs.get("action") == "store_true":

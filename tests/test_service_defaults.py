@@ -1,18 +1,31 @@
-"""A relay started as the README says, with only its required flags, serves on its documented ports:
-users on 8443, agents on 8444, the built-in issuer on 8445 (the issuer's default used to be the
-listen port + 1, the agents' port, and the relay exited at once)."""
+"""Every service started as the README says, with only its required flags, serves on its documented ports.
+
+The relay: users on 8443, agents on 8444, the built-in issuer on 8445 (the issuer's default used to be the
+listen port + 1, the agents' port, and the relay exited at once). The auth proxy on 127.0.0.1:8080, where
+the agent looks for it by default (it used to require --listen); the client proxy on 127.0.0.1:47011.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import subprocess
 
-from chain import port_open, script, wait_until
+import pytest
+import yaml
+from chain import Chain, log_event, port_open, script, wait_until
+from kube import kubectl
+
+RELAY_PORTS = (8443, 8444, 8445)  # users, agents, built-in issuer
+AUTHPROXY_PORT = 8080
+CLIENT_PROXY_PORT = 47011
 
 
 def _free(port: int) -> bool:
     with socket.socket() as sock:
+        # As a server binds: a listener holds the port, connections of an earlier run in TIME_WAIT do not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0", port))
         except OSError:
@@ -42,3 +55,94 @@ def test_relay_starts_with_defaults_on_distinct_ports(tmp_path):
     finally:
         relay.terminate()
         assert relay.wait(15) == 0, log.read_text()
+
+
+def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoint_kubeconfig, admin_sa_token):
+    """Relay, auth proxy, agent and client proxy at once, each with its required flags only (so on its default
+    ports, side by side): kubectl's request goes through all four to the apiserver."""
+    ports = (*RELAY_PORTS, AUTHPROXY_PORT, CLIENT_PROXY_PORT)
+    assert len(set(ports)) == len(ports)
+    taken = [p for p in ports if not _free(p)]
+    assert not taken, f"default ports {taken} are taken on this machine: stop what holds them to run this test"
+    # Nothing of this machine's: the defaults under HOME are the test's, and no CLUSTERCONNECT_* setting
+    # of the environment stands in for a flag.
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in [n for n in os.environ if n.startswith("CLUSTERCONNECT_")] + ["KUBECONFIG", "XDG_CONFIG_HOME"]:
+        monkeypatch.delenv(name, raising=False)
+
+    chain = Chain(tmp_path / "chain", cluster_endpoint_kubeconfig, cluster="defaults", relay_port=RELAY_PORTS[0])
+    try:
+        relay = chain.spawn("relay", [script("clusterconnect-relay"), "serve", "--data-dir", str(chain.relay_data)])
+        wait_until(lambda: log_event(relay.log, "serving"), 30, "relay to serve", relay)
+        join = chain.add_cluster()
+
+        authproxy = chain.spawn("aadproxy", [script("clusterconnect-aadproxy"),
+                                             "--kubeconfig", str(cluster_endpoint_kubeconfig)])
+        listening = wait_until(lambda: log_event(authproxy.log, "listening"), 30, "auth proxy to listen", authproxy)
+        assert listening["address"] == f"127.0.0.1:{AUTHPROXY_PORT}"
+
+        # As `clusters add` prints it, less --authproxy, which is the default.
+        agent = chain.spawn("agent", [script("clusterconnect-agent"), "--relay", chain.relay_url,
+                                      "--cluster", chain.cluster, "--relay-ca-hash", join["relay_ca_hash"]],
+                            env={"CLUSTERCONNECT_JOIN_TOKEN": join["join_token"]})
+        wait_until(lambda: log_event(agent.log, "connected to relay"), 30, "agent to connect", agent)
+        assert (home / ".local/state/clusterconnect" / f"agent-{chain.cluster}").is_dir()
+
+        out = chain.state_dir / "logs" / "proxy.out"
+        with out.open("wb") as handle:
+            proxy = chain.spawn("proxy", [script("clusterconnect"), "proxy", chain.cluster, "--relay", chain.relay_url,
+                                          "--relay-ca", str(chain.relay_ca), "--token-file", str(admin_sa_token)],
+                                stdout=handle.fileno())
+        ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", proxy)
+        assert f"https://127.0.0.1:{CLIENT_PROXY_PORT}" in ready
+
+        kubeconfig = home / ".kube" / "config"  # the default it merges its context into
+        config = yaml.safe_load(kubeconfig.read_text())
+        assert [c["cluster"]["server"] for c in config["clusters"]] == [f"https://127.0.0.1:{CLIENT_PROXY_PORT}"]
+        assert (home / ".config" / "clusterconnect").is_dir()  # its default --state-dir
+
+        got = kubectl(kubeconfig, "get", "namespace", "clusterconnect-tests", "-o", "name")
+        assert got.stdout.strip() == "namespace/clusterconnect-tests"
+        for process in chain.processes.values():
+            assert process.alive(), f"{process.name} exited:\n{process.tail()}"
+    finally:
+        chain.stop_all()
+    for process in chain.processes.values():
+        assert process.returncode == 0, f"{process.name} ended with {process.returncode}:\n{process.tail()}"
+
+
+@pytest.mark.parametrize(("argv", "flag", "default"), [
+    (["clusterconnect-relay", "serve"], "--listen", "0.0.0.0:8443"),
+    (["clusterconnect-relay", "serve"], "--agent-listen", "0.0.0.0:8444"),
+    (["clusterconnect-relay", "serve"], "--issuer-listen", "0.0.0.0:8445"),
+    (["clusterconnect-aadproxy"], "--listen", f"127.0.0.1:{AUTHPROXY_PORT}"),
+    (["clusterconnect-agent"], "--authproxy", f"127.0.0.1:{AUTHPROXY_PORT}"),
+    (["clusterconnect", "proxy"], "--port", str(CLIENT_PROXY_PORT)),
+])
+def test_help_names_the_default(argv, flag, default):
+    """An operator learns each default port from --help, not from the source."""
+    helped = subprocess.run([script(argv[0]), *argv[1:], "--help"], capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("CLUSTERCONNECT_")})
+    assert helped.returncode == 0, helped.stderr
+    # argparse wraps help text: the flag's entry runs from its name to the next flag's.
+    entry = " ".join(helped.stdout.split(f"  {flag} ", 1)[1].split("\n  -", 1)[0].split())
+    assert default in entry, entry
+
+
+def test_help_never_shows_a_value_from_the_environment():
+    """--help names the built-in defaults; a flag's environment variable may hold a secret (the join token)."""
+    canary = "canary-join-token-0123456789"
+    helped = subprocess.run([script("clusterconnect-agent"), "--help"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "CLUSTERCONNECT_JOIN_TOKEN": canary,
+                                 "CLUSTERCONNECT_AUTHPROXY": "10.1.2.3:9"})
+    assert helped.returncode == 0, helped.stderr
+    assert canary not in helped.stdout and "10.1.2.3:9" not in helped.stdout
+    assert "(default: 127.0.0.1:8080)" in " ".join(helped.stdout.split())
+
+
+def _line_starting(path, prefix: str) -> str | None:
+    """The client proxy's stdout line for its caller (`ready URL ...`), once written."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return next((line for line in lines if line.startswith(prefix)), None)

@@ -42,7 +42,7 @@ _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 def add_flags(serve: argparse.ArgumentParser) -> None:
     cliargs.add_flag(serve, "--issuer-listen",
                      help="HOST:PORT of the built-in issuer's HTTPS endpoint (discovery + JWKS);"
-                          " default: the --listen host, port + 2 (port + 1 is --agent-listen's default)")
+                          " default: the --listen host, port + 2: 0.0.0.0:8445 (port + 1 is --agent-listen's)")
     cliargs.add_flag(serve, "--issuer-url",
                      help="public https:// URL of that endpoint, the iss of access tokens"
                           " (default: https://HOST:PORT of --issuer-listen)")
