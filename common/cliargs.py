@@ -18,7 +18,7 @@ def add_flag(parser: argparse._ActionsContainer, flag: str, **kwargs: Any) -> No
     env = env_name(flag)
     built_in = kwargs.get("default")
     # --help names the built-in default, never the environment's value (that may be a secret, e.g. a token).
-    if built_in not in (None, False) and "default" not in kwargs.get("help", ""):
+    if built_in is not None and built_in is not False and built_in != "" and "default" not in kwargs.get("help", ""):
         kwargs["help"] = f"{kwargs.get('help', '')} (default: {built_in})".strip()
     if env in os.environ:
         value = os.environ[env]
