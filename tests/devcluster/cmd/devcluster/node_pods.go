@@ -75,6 +75,7 @@ type podRuntime struct {
 	phase       corev1.PodPhase
 	stopping    bool
 	execs       map[int]bool // process groups of running exec sessions
+	volumeErr   string       // why the volumes cannot be prepared yet; containers wait
 
 	stopCh        chan struct{} // closed when the pod starts terminating
 	finished      chan struct{} // closed when all container loops have returned
@@ -164,6 +165,9 @@ func (pr *podRuntime) run() {
 		logf("pod %s: %v", pr.key, err)
 	}
 	pr.markDirty()
+	if !pr.awaitVolumes() {
+		return
+	}
 
 	restartPolicy := pr.pod.Spec.RestartPolicy
 	for _, c := range pr.inits {
@@ -330,6 +334,14 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 	if err != nil {
 		return nil, err
 	}
+	mounts, err := pr.containerMounts(&c.spec)
+	if err != nil {
+		return nil, err
+	}
+	path, wrappedArgv, err := containerInitCommand(mounts, path, argv)
+	if err != nil {
+		return nil, err
+	}
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	if pr.stopping {
@@ -357,13 +369,13 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 		outW.Close()
 		return nil, err
 	}
-	cmd := exec.Command(path, argv[1:]...)
-	cmd.Args[0] = argv[0]
+	cmd := exec.Command(path, wrappedArgv[1:]...)
+	cmd.Args[0] = wrappedArgv[0]
 	cmd.Dir = pr.dir
 	cmd.Env = c.env
 	cmd.Stdout = outW
 	cmd.Stderr = errW
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = withMountNamespace(&syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}, len(mounts) > 0)
 	var stdinW io.WriteCloser
 	var stdinR *os.File
 	if c.spec.Stdin {
@@ -741,7 +753,11 @@ func (pr *podRuntime) containerStatus(c *containerRuntime) corev1.ContainerStatu
 			cs.LastTerminationState.Terminated = term(c.prev)
 		}
 	default:
-		cs.State.Waiting = &corev1.ContainerStateWaiting{Reason: c.waiting, Message: c.startErr}
+		msg := c.startErr
+		if msg == "" {
+			msg = pr.volumeErr
+		}
+		cs.State.Waiting = &corev1.ContainerStateWaiting{Reason: c.waiting, Message: msg}
 	}
 	return cs
 }
