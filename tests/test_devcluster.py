@@ -14,6 +14,7 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -676,3 +677,70 @@ def test_empty_dir_shared_and_read_only_mount(devcluster, ns, mount_root):
         assert not os.path.exists(f"{writer_dir}/msg")
     finally:
         devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------- probes
+
+def _pod_dir(devcluster, name: str, ns: str) -> str:
+    uid = devcluster.get_json("pod", name, "-n", ns)["metadata"]["uid"]
+    return str(devcluster.state_dir / "pods" / f"{ns}_{name}_{uid}")
+
+
+def _ready(devcluster, name: str, ns: str) -> tuple[str, bool]:
+    status = devcluster.get_json("pod", name, "-n", ns)["status"]
+    cond = next((c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"), "")
+    return cond, status.get("containerStatuses", [{}])[0].get("ready", False)
+
+
+def test_failing_exec_readiness_probe_keeps_pod_unready(devcluster, ns):
+    """An exec readiness probe that fails keeps the running pod unready (every probe run is counted
+    in the pod dir, so the wait is on probes that happened, not on time); once it passes the pod is
+    Ready, and failing again makes it unready."""
+    name = "probe-ready-" + uuid.uuid4().hex[:6]
+    pod = _pod(name, ["sleep", "3600"])
+    # The probe runs in the pod dir, like the container: it passes while the file "ok" exists.
+    pod["spec"]["containers"][0]["readinessProbe"] = {
+        "exec": {"command": ["sh", "-c", "echo probed >> probes.log; test -f ok"]},
+        "periodSeconds": 1, "failureThreshold": 1, "successThreshold": 1,
+    }
+    devcluster.apply(pod)
+    try:
+        wait_until(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Running", 30,
+                   "pod Running", ignoring=(KubectlError,))
+        pod_dir = _pod_dir(devcluster, name, ns)
+        probes = f"{pod_dir}/probes.log"
+        wait_until(lambda: os.path.exists(probes) and len(open(probes).read().splitlines()) >= 3, 30, "three probes")
+        assert _ready(devcluster, name, ns) == ("False", False)
+
+        open(f"{pod_dir}/ok", "w").close()
+        wait_until(lambda: _ready(devcluster, name, ns) == ("True", True), 30, "Ready once the probe passes")
+        os.unlink(f"{pod_dir}/ok")
+        wait_until(lambda: _ready(devcluster, name, ns) == ("False", False), 30, "unready once it fails again")
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def test_http_readiness_and_failing_liveness_probe(devcluster, ns):
+    """An HTTP readiness probe against the container's port makes it Ready; an exec liveness probe
+    that fails kills the container, which restarts (restartCount grows)."""
+    name = "probe-live-" + uuid.uuid4().hex[:6]
+    port = _free_port()
+    pod = _pod(name, [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)])
+    container = pod["spec"]["containers"][0]
+    container["ports"] = [{"name": "http", "containerPort": port}]
+    container["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}
+    devcluster.apply(pod)
+    live = "probe-dead-" + uuid.uuid4().hex[:6]
+    dead = _pod(live, ["sleep", "3600"])
+    dead["spec"]["containers"][0]["livenessProbe"] = {"exec": {"command": ["false"]}, "periodSeconds": 1,
+                                                      "failureThreshold": 2}
+    devcluster.apply(dead)
+    try:
+        devcluster.wait_pod_ready(name, ns)
+        wait_until(lambda: devcluster.get_json("pod", live, "-n", ns)["status"]
+                   .get("containerStatuses", [{}])[0].get("restartCount", 0) >= 1, 60, "restart after liveness failure",
+                   ignoring=(KubectlError,))
+        last = devcluster.get_json("pod", live, "-n", ns)["status"]["containerStatuses"][0]["lastState"]
+        assert last["terminated"]["exitCode"] == 137, last
+    finally:
+        devcluster.kubectl("delete", "pod", name, live, "-n", ns, "--wait=false", check=False)

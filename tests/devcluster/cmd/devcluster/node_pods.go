@@ -35,6 +35,8 @@ type containerInstance struct {
 	exitCode int32
 	reason   string
 	finished time.Time
+	started  bool // the startup probe passed (or there is none)
+	ready    bool // the readiness probe passes (or there is none)
 
 	logMu   sync.Mutex
 	logFile *os.File
@@ -408,6 +410,9 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 	}
 	inst.pgid = cmd.Process.Pid
 	inst.startedAt = time.Now()
+	// Without probes a running container is started and ready at once, as before.
+	inst.started = c.spec.StartupProbe == nil
+	inst.ready = inst.started && c.spec.ReadinessProbe == nil
 	if c.cur != nil {
 		c.prev = c.cur
 	}
@@ -455,6 +460,7 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 		close(inst.exited)
 		inst.wake()
 	}()
+	go pr.probe(c, inst)
 	logf("pod %s: started container %s (pid %d, restart %d): %q", pr.key, c.spec.Name, inst.pgid, restart, argv)
 	return inst, nil
 }
@@ -729,8 +735,8 @@ func (pr *podRuntime) containerStatus(c *containerRuntime) corev1.ContainerStatu
 	switch {
 	case c.cur.running():
 		cs.State.Running = &corev1.ContainerStateRunning{StartedAt: metav1.NewTime(c.cur.startedAt)}
-		cs.Ready = true
-		cs.Started = ptr.To(true)
+		cs.Ready = c.cur.ready
+		cs.Started = ptr.To(c.cur.started)
 		cs.ContainerID = pr.containerID(c, c.cur)
 		if c.prev != nil {
 			cs.LastTerminationState.Terminated = term(c.prev)
@@ -778,6 +784,7 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 	}
 	st.ContainerStatuses = nil
 	allRunning := len(pr.containers) > 0
+	allReady := true
 	anyRunning := false
 	for _, c := range pr.containers {
 		cs := pr.containerStatus(c)
@@ -786,6 +793,7 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 		} else {
 			anyRunning = true
 		}
+		allReady = allReady && cs.Ready
 		st.ContainerStatuses = append(st.ContainerStatuses, cs)
 	}
 	phase := pr.phase
@@ -802,7 +810,7 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 		pr.phase = phase
 	}
 	st.Phase = phase
-	ready := allRunning && !pr.stopping && phase == corev1.PodRunning
+	ready := allRunning && allReady && !pr.stopping && phase == corev1.PodRunning
 	setPodCondition(&st, corev1.PodReadyToStartContainers, true, "")
 	setPodCondition(&st, corev1.PodInitialized, pr.initialized, "ContainersNotInitialized")
 	setPodCondition(&st, corev1.ContainersReady, ready, "ContainersNotReady")
