@@ -19,6 +19,7 @@ import termios
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from devcluster.fixture import KUBECTL, KubectlError
@@ -620,9 +621,11 @@ def test_secret_and_configmap_volumes(devcluster, ns, mount_root):
     """Secret (with items, mode) and ConfigMap volumes appear at their mountPath, read-only, in the
     container's own mount namespace: the node's directory stays empty."""
     suffix = uuid.uuid4().hex[:6]
-    devcluster.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"vol-secret-{suffix}", "namespace": ns},
+    devcluster.apply({"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": f"vol-secret-{suffix}", "namespace": ns},
                       "data": {"password": _b64("s3cret"), "unused": _b64("x")}})
-    devcluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"vol-cm-{suffix}", "namespace": ns},
+    devcluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": f"vol-cm-{suffix}", "namespace": ns},
                       "data": {"app.conf": "color=blue\n", "other": "two"}})
     secret_dir, cm_dir = f"{mount_root}/secret", f"{mount_root}/config"
     script = (
@@ -708,8 +711,8 @@ def test_failing_exec_readiness_probe_keeps_pod_unready(devcluster, ns):
         wait_until(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Running", 30,
                    "pod Running", ignoring=(KubectlError,))
         pod_dir = _pod_dir(devcluster, name, ns)
-        probes = f"{pod_dir}/probes.log"
-        wait_until(lambda: os.path.exists(probes) and len(open(probes).read().splitlines()) >= 3, 30, "three probes")
+        probes = Path(pod_dir) / "probes.log"
+        wait_until(lambda: probes.exists() and len(probes.read_text().splitlines()) >= 3, 30, "three probes")
         assert _ready(devcluster, name, ns) == ("False", False)
 
         open(f"{pod_dir}/ok", "w").close()
