@@ -14,10 +14,12 @@ import select
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from devcluster.fixture import KUBECTL, KubectlError
@@ -241,6 +243,11 @@ def test_logs_follow(devcluster, ns):
 NODE_BASE_ENV = {"PATH", "HOME", "HOSTNAME", "LANG", "LC_ALL", "TMPDIR", "USER"}
 
 
+def _is_base_env(name: str) -> bool:
+    """The node's own variables, and the in-cluster ones of the kubernetes Service."""
+    return name in NODE_BASE_ENV or name.startswith("KUBERNETES_")
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -266,7 +273,7 @@ def _printed_env(devcluster, name: str, ns: str) -> dict[str, str]:
     lines = devcluster.kubectl("logs", "-n", ns, name).stdout.splitlines()
     printed = dict(line.split("=", 1) for line in lines)
     assert printed["HOSTNAME"] == name
-    return {k: v for k, v in printed.items() if k not in NODE_BASE_ENV}
+    return {k: v for k, v in printed.items() if not _is_base_env(k)}
 
 
 def test_env_from_configmap_and_secrets(devcluster, ns):
@@ -550,3 +557,193 @@ def test_pod_lifecycle_processes(devcluster, ns):
     # Following the log of an exited container ends by itself.
     assert devcluster.kubectl("logs", "-f", "-n", ns, "fails", timeout=20).stdout == "bye\n"
     devcluster.kubectl("delete", "pod", "fails", "-n", ns, "--timeout=30s", timeout=40)
+
+
+# ---------------------------------------------------------------- volumes and in-cluster config
+
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _finished_log(devcluster, name: str, ns: str, container: str | None = None) -> str:
+    """The log of a restartPolicy=Never pod once it has Succeeded."""
+    def finished():
+        status = devcluster.get_json("pod", name, "-n", ns)["status"]
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_until(finished, 60, f"pod {name} finished", ignoring=(KubectlError,))
+    args = ["logs", "-n", ns, name] + (["-c", container] if container else [])
+    log = devcluster.kubectl(*args).stdout
+    assert status["phase"] == "Succeeded", (status, log, devcluster.log_tail("node", 30))
+    return log
+
+
+@pytest.fixture
+def mount_root():
+    """A fresh directory for mount points; the node creates them (empty) on the host, as a
+    runtime creates them in an image. Removed afterwards."""
+    root = f"/tmp/devcluster-mounts-{uuid.uuid4().hex[:8]}"
+    yield root
+    subprocess.run(["rm", "-rf", "--one-file-system", root], check=False)
+
+
+def test_projected_token_gives_in_cluster_config(devcluster, ns):
+    """The default kube-api-access-* volume holds a token from the TokenRequest API (bound to the
+    pod), the cluster CA and the namespace; with KUBERNETES_SERVICE_HOST/_PORT set, kubectl in the
+    pod uses in-cluster config, and the audit log records the pod's ServiceAccount, bound to the pod."""
+    name = "in-cluster-" + uuid.uuid4().hex[:6]
+    script = (
+        f"echo namespace=$(cat {SA_DIR}/namespace); "
+        f"grep -c 'BEGIN CERTIFICATE' {SA_DIR}/ca.crt; "
+        # No kubeconfig: HOME has none and KUBECONFIG is unset, so kubectl falls back to in-cluster config.
+        "echo user=$(kubectl auth whoami -o jsonpath='{.status.userInfo.username}')"
+    )
+    pod = _pod(name, ["sh", "-c", script], env={"HOME": "/nonexistent-home"}, restart="Never")
+    devcluster.apply(pod)
+    try:
+        volumes = devcluster.get_json("pod", name, "-n", ns)["spec"]["volumes"]
+        assert [v["name"] for v in volumes if v["name"].startswith("kube-api-access-")], volumes
+        lines = _finished_log(devcluster, name, ns).splitlines()
+        assert f"namespace={ns}" in lines
+        assert int(lines[1]) >= 1, lines
+        assert f"user=system:serviceaccount:{ns}:default" in lines, lines
+        uid = devcluster.get_json("pod", name, "-n", ns)["metadata"]["uid"]
+        events = [e for e in devcluster.audit_events()
+                  if e.get("objectRef", {}).get("resource") == "selfsubjectreviews"
+                  and e["user"].get("extra", {}).get("authentication.kubernetes.io/pod-uid") == [uid]]
+        assert events, "no SelfSubjectReview by the pod's bound token in the audit log"
+        assert events[0]["user"]["username"] == f"system:serviceaccount:{ns}:default"
+        assert events[0]["user"]["extra"]["authentication.kubernetes.io/pod-name"] == [name]
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def test_secret_and_configmap_volumes(devcluster, ns, mount_root):
+    """Secret (with items, mode) and ConfigMap volumes appear at their mountPath, read-only, in the
+    container's own mount namespace: the node's directory stays empty."""
+    suffix = uuid.uuid4().hex[:6]
+    devcluster.apply({"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": f"vol-secret-{suffix}", "namespace": ns},
+                      "data": {"password": _b64("s3cret"), "unused": _b64("x")}})
+    devcluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": f"vol-cm-{suffix}", "namespace": ns},
+                      "data": {"app.conf": "color=blue\n", "other": "two"}})
+    secret_dir, cm_dir = f"{mount_root}/secret", f"{mount_root}/config"
+    script = (
+        f"cat {secret_dir}/creds/pw; echo; ls {secret_dir}/creds; stat -c %a {secret_dir}/creds/pw; "
+        f"cat {cm_dir}/app.conf; cat {cm_dir}/other; echo; "
+        f"if touch {cm_dir}/new 2>/dev/null; then echo cm-writable; else echo cm-refused; fi"
+    )
+    name = "volumes-" + suffix
+    pod = _pod(name, ["sh", "-c", script], restart="Never")
+    pod["spec"]["volumes"] = [
+        {"name": "creds", "secret": {"secretName": f"vol-secret-{suffix}",
+                                     "items": [{"key": "password", "path": "creds/pw", "mode": 0o400}]}},
+        {"name": "conf", "configMap": {"name": f"vol-cm-{suffix}"}},
+    ]
+    pod["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "creds", "mountPath": secret_dir},
+        {"name": "conf", "mountPath": cm_dir},
+    ]
+    devcluster.apply(pod)
+    try:
+        assert _finished_log(devcluster, name, ns).splitlines() == [
+            "s3cret", "pw", "400", "color=blue", "two", "cm-refused"]
+        assert os.listdir(secret_dir) == [] and os.listdir(cm_dir) == []
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def test_empty_dir_shared_and_read_only_mount(devcluster, ns, mount_root):
+    """An emptyDir is shared by the pod's containers; a readOnly mount of it refuses writes; exec
+    into the container sees the same mounts."""
+    name = "shared-" + uuid.uuid4().hex[:6]
+    writer_dir, reader_dir = f"{mount_root}/rw", f"{mount_root}/ro"
+    pod = _pod(name, ["sh", "-c", f"echo hello > {writer_dir}/msg && exec sleep 3600"])
+    pod["spec"]["containers"][0]["name"] = "writer"
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "shared", "mountPath": writer_dir}]
+    pod["spec"]["containers"].append({
+        "name": "reader", "image": "devcluster/local",
+        "command": ["sh", "-c", f"until [ -f {reader_dir}/msg ]; do sleep 0.1; done; cat {reader_dir}/msg; "
+                                f"if touch {reader_dir}/w 2>/dev/null; then echo writable; else echo refused; fi; "
+                                "exec sleep 3600"],
+        "volumeMounts": [{"name": "shared", "mountPath": reader_dir, "readOnly": True}],
+    })
+    pod["spec"]["volumes"] = [{"name": "shared", "emptyDir": {}}]
+    devcluster.apply(pod)
+    try:
+        devcluster.wait_pod_ready(name, ns)
+        log = wait_until(lambda: (lambda out: out if out.count("\n") >= 2 else None)(
+            devcluster.kubectl("logs", "-n", ns, name, "-c", "reader").stdout), 30, "the reader's two lines")
+        assert log == "hello\nrefused\n"
+        r = devcluster.kubectl("exec", "-n", ns, name, "-c", "writer", "--", "cat", f"{writer_dir}/msg")
+        assert r.stdout == "hello\n"
+        assert not os.path.exists(f"{writer_dir}/msg")
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+# ---------------------------------------------------------------- probes
+
+def _pod_dir(devcluster, name: str, ns: str) -> str:
+    uid = devcluster.get_json("pod", name, "-n", ns)["metadata"]["uid"]
+    return str(devcluster.state_dir / "pods" / f"{ns}_{name}_{uid}")
+
+
+def _ready(devcluster, name: str, ns: str) -> tuple[str, bool]:
+    status = devcluster.get_json("pod", name, "-n", ns)["status"]
+    cond = next((c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"), "")
+    return cond, status.get("containerStatuses", [{}])[0].get("ready", False)
+
+
+def test_failing_exec_readiness_probe_keeps_pod_unready(devcluster, ns):
+    """An exec readiness probe that fails keeps the running pod unready (every probe run is counted
+    in the pod dir, so the wait is on probes that happened, not on time); once it passes the pod is
+    Ready, and failing again makes it unready."""
+    name = "probe-ready-" + uuid.uuid4().hex[:6]
+    pod = _pod(name, ["sleep", "3600"])
+    # The probe runs in the pod dir, like the container: it passes while the file "ok" exists.
+    pod["spec"]["containers"][0]["readinessProbe"] = {
+        "exec": {"command": ["sh", "-c", "echo probed >> probes.log; test -f ok"]},
+        "periodSeconds": 1, "failureThreshold": 1, "successThreshold": 1,
+    }
+    devcluster.apply(pod)
+    try:
+        wait_until(lambda: devcluster.get_json("pod", name, "-n", ns)["status"].get("phase") == "Running", 30,
+                   "pod Running", ignoring=(KubectlError,))
+        pod_dir = _pod_dir(devcluster, name, ns)
+        probes = Path(pod_dir) / "probes.log"
+        wait_until(lambda: probes.exists() and len(probes.read_text().splitlines()) >= 3, 30, "three probes")
+        assert _ready(devcluster, name, ns) == ("False", False)
+
+        open(f"{pod_dir}/ok", "w").close()
+        wait_until(lambda: _ready(devcluster, name, ns) == ("True", True), 30, "Ready once the probe passes")
+        os.unlink(f"{pod_dir}/ok")
+        wait_until(lambda: _ready(devcluster, name, ns) == ("False", False), 30, "unready once it fails again")
+    finally:
+        devcluster.kubectl("delete", "pod", name, "-n", ns, "--wait=false", check=False)
+
+
+def test_http_readiness_and_failing_liveness_probe(devcluster, ns):
+    """An HTTP readiness probe against the container's port makes it Ready; an exec liveness probe
+    that fails kills the container, which restarts (restartCount grows)."""
+    name = "probe-live-" + uuid.uuid4().hex[:6]
+    port = _free_port()
+    pod = _pod(name, [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)])
+    container = pod["spec"]["containers"][0]
+    container["ports"] = [{"name": "http", "containerPort": port}]
+    container["readinessProbe"] = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1}
+    devcluster.apply(pod)
+    live = "probe-dead-" + uuid.uuid4().hex[:6]
+    dead = _pod(live, ["sleep", "3600"])
+    dead["spec"]["containers"][0]["livenessProbe"] = {"exec": {"command": ["false"]}, "periodSeconds": 1,
+                                                      "failureThreshold": 2}
+    devcluster.apply(dead)
+    try:
+        devcluster.wait_pod_ready(name, ns)
+        wait_until(lambda: devcluster.get_json("pod", live, "-n", ns)["status"]
+                   .get("containerStatuses", [{}])[0].get("restartCount", 0) >= 1, 60, "restart after liveness failure",
+                   ignoring=(KubectlError,))
+        last = devcluster.get_json("pod", live, "-n", ns)["status"]["containerStatuses"][0]["lastState"]
+        assert last["terminated"]["exitCode"] == 137, last
+    finally:
+        devcluster.kubectl("delete", "pod", name, live, "-n", ns, "--wait=false", check=False)

@@ -9,6 +9,7 @@
 //	devcluster kube-controller-manager ARGS  upstream kube-controller-manager
 //	devcluster kube-scheduler ARGS           upstream kube-scheduler
 //	devcluster node ARGS                     process-based node ("kubelet")
+//	devcluster container-init MOUNTS PATH ARGV  (internal) a container's mounts, then exec
 package main
 
 import (
@@ -62,6 +63,8 @@ func main() {
 		runCobra(schedulerapp.NewSchedulerCommand(), args)
 	case "node":
 		os.Exit(runNode(args))
+	case "container-init":
+		os.Exit(runContainerInit(args))
 	case "-h", "--help", "help":
 		usage()
 	default:

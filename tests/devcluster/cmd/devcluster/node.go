@@ -36,6 +36,8 @@ type nodeAgent struct {
 	cs      kubernetes.Interface
 	ctx     context.Context
 	started time.Time
+	// apiHost/apiPort are where pods reach the apiserver (in-cluster config).
+	apiHost, apiPort string
 
 	mu    sync.Mutex
 	pods  map[types.UID]*podRuntime
@@ -77,8 +79,14 @@ func runNode(args []string) int {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	apiHost, apiPort, err := apiserverHostPort(cfg.Host)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "node: %v\n", err)
+		return 1
+	}
 	a := &nodeAgent{
 		name: *nodeName, port: *port, podsDir: *podsDir, cs: cs, ctx: ctx, started: time.Now(),
+		apiHost: apiHost, apiPort: apiPort,
 		pods: map[types.UID]*podRuntime{}, names: map[string]*podRuntime{},
 	}
 

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"sort"
 	"strings"
@@ -250,7 +252,40 @@ func (pr *podRuntime) baseEnv(p *corev1.Pod) *orderedEnv {
 			env.set(k, v)
 		}
 	}
+	setKubernetesServiceEnv(env, pr.a.apiHost, pr.a.apiPort)
 	return env
+}
+
+// setKubernetesServiceEnv adds the variables the kubelet derives from the
+// default/kubernetes Service, which client-go's rest.InClusterConfig reads.
+// They point at the apiserver itself: the Service has no endpoints and there
+// is no kube-proxy (see "Apiserver quirks").
+func setKubernetesServiceEnv(env *orderedEnv, host, port string) {
+	if host == "" {
+		return
+	}
+	hostPort := net.JoinHostPort(host, port)
+	env.set("KUBERNETES_SERVICE_HOST", host)
+	env.set("KUBERNETES_SERVICE_PORT", port)
+	env.set("KUBERNETES_SERVICE_PORT_HTTPS", port)
+	env.set("KUBERNETES_PORT", "tcp://"+hostPort)
+	env.set("KUBERNETES_PORT_"+port+"_TCP", "tcp://"+hostPort)
+	env.set("KUBERNETES_PORT_"+port+"_TCP_PROTO", "tcp")
+	env.set("KUBERNETES_PORT_"+port+"_TCP_PORT", port)
+	env.set("KUBERNETES_PORT_"+port+"_TCP_ADDR", host)
+}
+
+// apiserverHostPort splits the node's apiserver URL (https://127.0.0.1:PORT).
+func apiserverHostPort(server string) (host, port string, err error) {
+	u, err := url.Parse(server)
+	if err != nil || u.Host == "" {
+		return "", "", fmt.Errorf("apiserver address %q is not a URL", server)
+	}
+	port = u.Port()
+	if port == "" {
+		port = "443"
+	}
+	return u.Hostname(), port, nil
 }
 
 // buildEnv computes the process environment of a container from the

@@ -35,6 +35,8 @@ type containerInstance struct {
 	exitCode int32
 	reason   string
 	finished time.Time
+	started  bool // the startup probe passed (or there is none)
+	ready    bool // the readiness probe passes (or there is none)
 
 	logMu   sync.Mutex
 	logFile *os.File
@@ -75,6 +77,7 @@ type podRuntime struct {
 	phase       corev1.PodPhase
 	stopping    bool
 	execs       map[int]bool // process groups of running exec sessions
+	volumeErr   string       // why the volumes cannot be prepared yet; containers wait
 
 	stopCh        chan struct{} // closed when the pod starts terminating
 	finished      chan struct{} // closed when all container loops have returned
@@ -164,6 +167,9 @@ func (pr *podRuntime) run() {
 		logf("pod %s: %v", pr.key, err)
 	}
 	pr.markDirty()
+	if !pr.awaitVolumes() {
+		return
+	}
 
 	restartPolicy := pr.pod.Spec.RestartPolicy
 	for _, c := range pr.inits {
@@ -330,6 +336,14 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 	if err != nil {
 		return nil, err
 	}
+	mounts, err := pr.containerMounts(&c.spec)
+	if err != nil {
+		return nil, err
+	}
+	path, wrappedArgv, err := containerInitCommand(mounts, path, argv)
+	if err != nil {
+		return nil, err
+	}
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	if pr.stopping {
@@ -357,13 +371,13 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 		outW.Close()
 		return nil, err
 	}
-	cmd := exec.Command(path, argv[1:]...)
-	cmd.Args[0] = argv[0]
+	cmd := exec.Command(path, wrappedArgv[1:]...)
+	cmd.Args[0] = wrappedArgv[0]
 	cmd.Dir = pr.dir
 	cmd.Env = c.env
 	cmd.Stdout = outW
 	cmd.Stderr = errW
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = withMountNamespace(&syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}, len(mounts) > 0)
 	var stdinW io.WriteCloser
 	var stdinR *os.File
 	if c.spec.Stdin {
@@ -396,6 +410,9 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 	}
 	inst.pgid = cmd.Process.Pid
 	inst.startedAt = time.Now()
+	// Without probes a running container is started and ready at once, as before.
+	inst.started = c.spec.StartupProbe == nil
+	inst.ready = inst.started && c.spec.ReadinessProbe == nil
 	if c.cur != nil {
 		c.prev = c.cur
 	}
@@ -443,6 +460,7 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 		close(inst.exited)
 		inst.wake()
 	}()
+	go pr.probe(c, inst)
 	logf("pod %s: started container %s (pid %d, restart %d): %q", pr.key, c.spec.Name, inst.pgid, restart, argv)
 	return inst, nil
 }
@@ -717,8 +735,8 @@ func (pr *podRuntime) containerStatus(c *containerRuntime) corev1.ContainerStatu
 	switch {
 	case c.cur.running():
 		cs.State.Running = &corev1.ContainerStateRunning{StartedAt: metav1.NewTime(c.cur.startedAt)}
-		cs.Ready = true
-		cs.Started = ptr.To(true)
+		cs.Ready = c.cur.ready
+		cs.Started = ptr.To(c.cur.started)
 		cs.ContainerID = pr.containerID(c, c.cur)
 		if c.prev != nil {
 			cs.LastTerminationState.Terminated = term(c.prev)
@@ -741,7 +759,11 @@ func (pr *podRuntime) containerStatus(c *containerRuntime) corev1.ContainerStatu
 			cs.LastTerminationState.Terminated = term(c.prev)
 		}
 	default:
-		cs.State.Waiting = &corev1.ContainerStateWaiting{Reason: c.waiting, Message: c.startErr}
+		msg := c.startErr
+		if msg == "" {
+			msg = pr.volumeErr
+		}
+		cs.State.Waiting = &corev1.ContainerStateWaiting{Reason: c.waiting, Message: msg}
 	}
 	return cs
 }
@@ -762,6 +784,7 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 	}
 	st.ContainerStatuses = nil
 	allRunning := len(pr.containers) > 0
+	allReady := true
 	anyRunning := false
 	for _, c := range pr.containers {
 		cs := pr.containerStatus(c)
@@ -770,6 +793,7 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 		} else {
 			anyRunning = true
 		}
+		allReady = allReady && cs.Ready
 		st.ContainerStatuses = append(st.ContainerStatuses, cs)
 	}
 	phase := pr.phase
@@ -786,7 +810,7 @@ func (pr *podRuntime) buildStatus(old corev1.PodStatus) corev1.PodStatus {
 		pr.phase = phase
 	}
 	st.Phase = phase
-	ready := allRunning && !pr.stopping && phase == corev1.PodRunning
+	ready := allRunning && allReady && !pr.stopping && phase == corev1.PodRunning
 	setPodCondition(&st, corev1.PodReadyToStartContainers, true, "")
 	setPodCondition(&st, corev1.PodInitialized, pr.initialized, "ContainersNotInitialized")
 	setPodCondition(&st, corev1.ContainersReady, ready, "ContainersNotReady")

@@ -208,14 +208,25 @@ func (ra runtimeAdapter) ExecInContainer(ctx context.Context, name, uid, contain
 		}
 		return utilexec.CodeExitError{Err: err, Code: 127}
 	}
-	proc := exec.Command(path, cmd[1:]...)
-	proc.Args[0] = cmd[0]
+	// An exec session sees the container's volumes: the same bind mounts
+	// in a mount namespace of its own.
+	mounts, err := pr.containerMounts(&c.spec)
+	if err != nil {
+		return err
+	}
+	path, argv, err := containerInitCommand(mounts, path, cmd)
+	if err != nil {
+		return err
+	}
+	wrapped := len(mounts) > 0
+	proc := exec.Command(path, argv[1:]...)
+	proc.Args[0] = argv[0]
 	proc.Dir = pr.dir
 	proc.Env = env
 	if tty {
-		return ra.execTTY(ctx, pr, proc, in, out, resize)
+		return ra.execTTY(ctx, pr, proc, in, out, resize, wrapped)
 	}
-	proc.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	proc.SysProcAttr = withMountNamespace(&syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}, wrapped)
 	if out != nil {
 		proc.Stdout = out
 	}
@@ -252,8 +263,8 @@ func (ra runtimeAdapter) ExecInContainer(ctx context.Context, name, uid, contain
 	return exitError(err, proc.ProcessState)
 }
 
-func (ra runtimeAdapter) execTTY(ctx context.Context, pr *podRuntime, proc *exec.Cmd, in io.Reader, out io.WriteCloser, resize <-chan remotecommand.TerminalSize) error {
-	proc.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Pdeathsig: syscall.SIGKILL}
+func (ra runtimeAdapter) execTTY(ctx context.Context, pr *podRuntime, proc *exec.Cmd, in io.Reader, out io.WriteCloser, resize <-chan remotecommand.TerminalSize, wrapped bool) error {
+	proc.SysProcAttr = withMountNamespace(&syscall.SysProcAttr{Setsid: true, Setctty: true, Pdeathsig: syscall.SIGKILL}, wrapped)
 	// Wait for the initial size when the client sends one promptly.
 	var size *pty.Winsize
 	if resize != nil {
