@@ -15,6 +15,11 @@ import subprocess
 from pathlib import Path
 
 import yaml
+
+# re-exported (`X as X`): the tests import them from here
+from authentication import builtin_issuer as builtin_issuer
+from authentication import issuer
+from authentication import write_authentication_config as write_authentication_config
 from chain import Chain, script
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
@@ -33,35 +38,10 @@ def authproxy_kubeconfig(devcluster, namespace: str, path: Path, duration: str =
     return Path(devcluster.write_kubeconfig(path, token)), token
 
 
-def issuer(url: str, audiences: list[str], ca_pem: str | None, username_prefix: str,
-           groups_prefix: str | None) -> dict:
-    """One `jwt` entry of an AuthenticationConfiguration: ``sub`` -> user name, ``groups`` -> groups
-    (left out when ``groups_prefix`` is None)."""
-    entry: dict = {"issuer": {"url": url, "audiences": list(audiences)},
-                   "claimMappings": {"username": {"claim": "sub", "prefix": username_prefix}}}
-    if ca_pem:
-        entry["issuer"]["certificateAuthority"] = ca_pem
-    if groups_prefix is not None:
-        entry["claimMappings"]["groups"] = {"claim": "groups", "prefix": groups_prefix}
-    return entry
-
-
-def builtin_issuer(chain: Chain) -> dict:
-    """The relay's built-in issuer as an auth proxy trusts it (docs/identity.md): audience = issuer URL,
-    the relay CA, no prefixes. The relay must be running (its CA and issuer port exist)."""
-    return issuer(chain.issuer_url, [chain.issuer_url], chain.relay_ca.read_text(), "", "")
-
-
 def hydra_issuer(hydra, audience: str | None = None, prefix: str = "oidc:", groups: bool = True) -> dict:
     """Hydra (tests/oidc_provider.py) as a trusted issuer; ``audience`` defaults to its client id (the
     audience of the id_tokens ``Hydra.login`` returns)."""
     return issuer(hydra.issuer, [audience or hydra.client_id], hydra.ca_pem, prefix, prefix if groups else None)
-
-
-def write_authentication_config(path: Path, *issuers: dict) -> Path:
-    path.write_text(yaml.safe_dump({"apiVersion": "apiserver.config.k8s.io/v1", "kind": "AuthenticationConfiguration",
-                                    "jwt": list(issuers)}))
-    return path
 
 
 def login_with_code(chain: Chain, user: str, groups: list[str], state_dir: Path) -> str:

@@ -1,7 +1,14 @@
 """`make demo`: the whole chain on this machine, on the built-in defaults, in the background.
 
-    demo.py up --state-dir .demo     devcluster, relay, auth proxy, agent, client proxy; kubectl through it
+    demo.py up --state-dir .demo     devcluster, relay, auth proxy, agents, client proxies; kubectl through them
     demo.py down --state-dir .demo   stop all of it
+
+The main path (STATE/kubeconfig): a built-in user of the relay logs in with a one-time code; the auth
+proxy, in OIDC mode trusting the relay's built-in issuer, verifies the user's token and impersonates
+them, so the cluster's RBAC decides for `demo-user`. The ServiceAccount path (STATE/kubeconfig-sa):
+a ServiceAccount token that the same auth proxy passes through untouched. The relay admits a
+ServiceAccount token only to a cluster without an access list, so that path uses a second cluster
+name, `demo-sa`, with its own agent in front of the same auth proxy; `demo` has an access list.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,12 +24,20 @@ import sys
 import time
 from pathlib import Path
 
-from chain import Chain, StartFailed, endpoint_only, start_devcluster, wait_until
+import yaml
+from authentication import builtin_issuer, write_authentication_config
+from chain import ROOT, Chain, StartFailed, script, start_devcluster, wait_until
 
 KUBECTL = "/usr/bin/kubectl"
-
+NAMESPACE = "clusterconnect-demo"
+USER_CLUSTER = "demo"  # access-listed: only the built-in user's group may Dial it
+SA_CLUSTER = "demo-sa"  # passthrough: the relay admits any token, here the ServiceAccount's
+USER = "demo-user"
+GROUP = "demo-viewers"
+SERVICE_ACCOUNT = "demo-sa"
 
 HELLO_LOOP = "while true; do echo hello from $HOSTNAME; sleep 5; done"
+
 
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     result = subprocess.run([KUBECTL, "--kubeconfig", str(kubeconfig), *args], input=input,
@@ -31,28 +47,75 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None) -> str:
     return result.stdout
 
 
-def demo_identity(admin: Path, state: Path) -> Path:
+def run_shown(argv: list[str], input: str | None = None, shown_output: str | None = None) -> str:
+    """Run a command and print it (and its output, or ``shown_output`` instead) as the user would type it."""
+    print(f"\n$ {shlex.join(argv)}", flush=True)
+    result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {os.path.basename(argv[0])} {' '.join(argv[1:3])}: {result.stderr.strip()}")
+    print((shown_output if shown_output is not None else result.stdout).rstrip(), flush=True)
+    return result.stdout
+
+
+def write_private(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def demo_workload(admin: Path, state: Path) -> Path:
+    """The demo namespace, its pods and the ServiceAccount of the passthrough path; returns that SA's token file."""
     kubectl(admin, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "clusterconnect-demo"}},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": {"name": "demo-user", "namespace": "clusterconnect-demo"}},
+         "metadata": {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "clusterconnect-demo-user"},
+         "metadata": {"name": "clusterconnect-demo-sa"},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-         "subjects": [{"kind": "ServiceAccount", "name": "demo-user", "namespace": "clusterconnect-demo"}]},
+         "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}]},
         {"apiVersion": "apps/v1", "kind": "Deployment",
-         "metadata": {"name": "hello", "namespace": "clusterconnect-demo"},
+         "metadata": {"name": "hello", "namespace": NAMESPACE},
          "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "hello"}},
                   "template": {"metadata": {"labels": {"app": "hello"}},
                                "spec": {"containers": [{"name": "hello", "image": "local",
                                                         "command": ["sh", "-c", HELLO_LOOP]}]}}}},
     ]}))
-    token = kubectl(admin, "create", "token", "demo-user", "-n", "clusterconnect-demo", "--duration=24h").strip()
-    path = state / "demo-user.token"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token)
-    return path
+    token = kubectl(admin, "create", "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--duration=24h").strip()
+    return write_private(state / f"{SERVICE_ACCOUNT}.token", token)
+
+
+def authproxy_identity(admin: Path, state: Path) -> Path:
+    """The auth proxy's own ServiceAccount in OIDC mode, with exactly the ClusterRole of deploy/k8s/aadproxy.yaml
+    (impersonate + SubjectAccessReviews); returns a kubeconfig for it (server and CA of ``admin``)."""
+    role = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/aadproxy.yaml").read_text())
+                if d and d["kind"] == "ClusterRole")
+    kubectl(admin, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        role,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "aadproxy", "namespace": NAMESPACE}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "clusterconnect-demo-aadproxy"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
+         "subjects": [{"kind": "ServiceAccount", "name": "aadproxy", "namespace": NAMESPACE}]},
+    ]}))
+    token = kubectl(admin, "create", "token", "aadproxy", "-n", NAMESPACE, "--duration=24h").strip()
+    cluster = yaml.safe_load(admin.read_text())["clusters"][0]
+    return write_private(state / "aadproxy.kubeconfig", yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+        "users": [{"name": "aadproxy", "user": {"token": token}}],
+        "contexts": [{"name": "aadproxy", "context": {"cluster": cluster["name"], "user": "aadproxy"}}],
+        "current-context": "aadproxy",
+    }))
+
+
+def admin_flags(chain: Chain) -> list[str]:
+    return ["--relay", chain.relay_url, "--relay-ca", str(chain.relay_ca),
+            "--admin-credential", str(chain.admin_credential)]
+
+
+def write_pids(state: Path, devcluster: subprocess.Popen, chain: Chain | None) -> None:
+    processes = chain.processes.values() if chain else ()
+    (state / "pids").write_text("\n".join([str(devcluster.pid), *(str(p.popen.pid) for p in processes)]) + "\n")
 
 
 def up(state: Path) -> None:
@@ -64,28 +127,77 @@ def up(state: Path) -> None:
     (state / "logs").mkdir(exist_ok=True)
     print("starting the devcluster (kube-apiserver, etcd, controller manager, scheduler, node) ...", flush=True)
     devcluster, admin = start_devcluster(state / "devcluster", state / "logs" / "devcluster.out")
-    (state / "pids").write_text(f"{devcluster.pid}\n")
-    token = demo_identity(admin, state)
-    chain = Chain(state, endpoint_only(admin, state / "cluster-endpoint.kubeconfig"), cluster="demo")
-    kubeconfig = state / "kubeconfig"
-    print("starting relay, auth proxy, agent and client proxy ...", flush=True)
+    write_pids(state, devcluster, None)
+    sa_token = demo_workload(admin, state)
+    authentication_config = state / "authentication.yaml"
+    chain = Chain(state, authproxy_identity(admin, state), cluster=USER_CLUSTER,
+                  authproxy_args=["--authentication-config", str(authentication_config)])
+    user_state = state / "user"
+    kubeconfig, kubeconfig_sa = state / "kubeconfig", state / "kubeconfig-sa"
+    clusterconnect = script("clusterconnect")
+    print("starting the relay, the auth proxy (OIDC mode) and an agent for each of clusters "
+          f"{USER_CLUSTER} and {SA_CLUSTER} ...", flush=True)
     try:
-        ready = chain.start_all(token, kubeconfig)
+        chain.start_relay()
+        chain.add_cluster(USER_CLUSTER)
+        chain.add_cluster(SA_CLUSTER)
+        # the auth proxy trusts the relay's built-in issuer like any OIDC issuer; ServiceAccount tokens pass through
+        write_authentication_config(authentication_config, builtin_issuer(chain))
+        chain.start_authproxy()
+        chain.start_agent(cluster=USER_CLUSTER)
+        chain.start_agent(name="agent-sa", cluster=SA_CLUSTER)
+        write_pids(state, devcluster, chain)
+
+        print(f"\nA built-in user of the relay, {USER} (group {GROUP}), who may reach cluster {USER_CLUSTER}:",
+              flush=True)
+        added = subprocess.run([clusterconnect, "users", "add", USER, "--group", GROUP, *admin_flags(chain)],
+                               capture_output=True, text=True, timeout=30)
+        if added.returncode != 0:
+            raise SystemExit(f"error: clusterconnect users add: {added.stderr.strip()}")
+        code = added.stdout.splitlines()[1].strip()
+        # the code is spent by the login below; still, it is a credential until then and stays off the screen
+        print(f"\n$ {shlex.join([clusterconnect, 'users', 'add', USER, '--group', GROUP, *admin_flags(chain)])}")
+        print(added.stdout.replace(code, "<one-time login code>").rstrip(), flush=True)
+        run_shown([clusterconnect, "login", "--relay", chain.relay_url, "--relay-ca", str(chain.relay_ca),
+                   "--code", "-", "--state-dir", str(user_state)], input=code + "\n")
+        print("(the code was typed on stdin)", flush=True)
+        run_shown([clusterconnect, "clusters", "grant", USER_CLUSTER, "--group", GROUP, *admin_flags(chain)])
+        # the cluster's RBAC decides what the impersonated user may do: view, in the demo namespace only
+        run_shown([KUBECTL, "--kubeconfig", str(admin), "create", "rolebinding", f"{GROUP}-view",
+                   "-n", NAMESPACE, "--clusterrole", "view", "--group", GROUP])
+
+        _, ready = chain.start_proxy(None, kubeconfig, state_dir=user_state, cluster=USER_CLUSTER)
+        print(f"\nclient proxy for {USER} ({USER_CLUSTER}): {ready}", flush=True)
+        _, ready_sa = chain.start_proxy(sa_token, kubeconfig_sa, name="proxy-sa", cluster=SA_CLUSTER,
+                                        state_dir=state / "proxy-sa-state")
+        print(f"client proxy for the ServiceAccount ({SA_CLUSTER}): {ready_sa}", flush=True)
     finally:
-        (state / "pids").write_text(
-            "\n".join([str(devcluster.pid), *(str(p.popen.pid) for p in chain.processes.values())]) + "\n")
-    print(ready, flush=True)
-    wait_until(lambda: kubectl(admin, "get", "pods", "-n", "clusterconnect-demo", "-o", "name").count("pod/") >= 2,
+        write_pids(state, devcluster, chain)
+    wait_until(lambda: kubectl(admin, "get", "pods", "-n", NAMESPACE, "-o", "name").count("pod/") >= 2,
                60, "the demo pods")
-    print(f"\n$ KUBECONFIG={kubeconfig} kubectl get pods -A    # through the tunnel", flush=True)
-    print(kubectl(kubeconfig, "get", "pods", "-A"), flush=True)
-    print(f"""The chain runs in the background (logs in {state}/logs). Try:
+    for args in (["auth", "whoami"], ["get", "pods", "-n", NAMESPACE]):
+        print(f"\n$ KUBECONFIG={kubeconfig} kubectl {shlex.join(args)}    # as {USER}, through the tunnel",
+              flush=True)
+        print(kubectl(kubeconfig, *args).rstrip(), flush=True)
+    for args in (["auth", "whoami"], ["get", "pods", "-A"]):
+        print(f"\n$ KUBECONFIG={kubeconfig_sa} kubectl {shlex.join(args)}    # as the ServiceAccount",
+              flush=True)
+        print(kubectl(kubeconfig_sa, *args).rstrip(), flush=True)
+    print(f"""
+The chain runs in the background (logs in {state}/logs).
+{kubeconfig}: {USER}, a built-in user (kubectl gets its tokens from `clusterconnect token`); the relay
+  admits it to cluster {USER_CLUSTER} (access list: group {GROUP}) and the auth proxy impersonates it, so
+  RBAC lets it view namespace {NAMESPACE} and nothing else.
+{kubeconfig_sa}: ServiceAccount {NAMESPACE}/{SERVICE_ACCOUNT} (cluster-admin), its token passed through
+  untouched; cluster {SA_CLUSTER} has no access list, since the relay admits only its users' tokens to one that has.
+Try:
   export KUBECONFIG={kubeconfig}
-  kubectl get pods -n clusterconnect-demo
-  kubectl logs -f -n clusterconnect-demo deploy/hello
-  kubectl exec -it -n clusterconnect-demo deploy/hello -- sh
-  .venv/bin/clusterconnect clusters list --relay {chain.relay_url} --relay-ca {chain.relay_ca} \\
-      --admin-credential {chain.admin_credential}
+  kubectl auth whoami
+  kubectl get pods -n {NAMESPACE}
+  kubectl logs -f -n {NAMESPACE} deploy/hello
+  kubectl get pods -A    # Forbidden: {USER} may view {NAMESPACE} only
+  KUBECONFIG={kubeconfig_sa} kubectl exec -it -n {NAMESPACE} deploy/hello -- sh
+  {shlex.join([clusterconnect, "clusters", "list", *admin_flags(chain)])}
 Stop everything with: make demo-down""")
 
 
@@ -129,6 +241,10 @@ def main() -> None:
     except StartFailed as exc:
         down(args.state_dir.resolve(), quiet=True)
         sys.exit(f"error: {exc}")
+    except SystemExit:  # a step that failed (its one line is the exit message): leave no process behind
+        if args.action == "up":
+            down(args.state_dir.resolve(), quiet=True)
+        raise
 
 
 if __name__ == "__main__":
