@@ -312,19 +312,27 @@ func (pr *podRuntime) buildEnv(c *containerRuntime) error {
 // built (status: waiting, CreateContainerConfigError). False means the pod
 // is stopping.
 func (pr *podRuntime) awaitEnv(c *containerRuntime) bool {
+	return pr.retryUntilDone(func() error { return pr.buildEnv(c) }, &c.configErr, "env for "+c.spec.Name)
+}
+
+// retryUntilDone runs step every configRetry until it succeeds. Its error
+// is kept in *reason (under pr.mu, shown in the pod's status; empty once
+// it works), logged and pushed each time it changes. False means the pod
+// is stopping.
+func (pr *podRuntime) retryUntilDone(step func() error, reason *string, what string) bool {
 	for {
-		err := pr.buildEnv(c)
+		err := step()
 		msg := ""
 		if err != nil {
 			msg = err.Error()
 		}
 		pr.mu.Lock()
-		changed := c.configErr != msg
-		c.configErr = msg
+		changed := *reason != msg
+		*reason = msg
 		pr.mu.Unlock()
 		if changed {
 			if err != nil {
-				logf("pod %s: env for %s: %v", pr.key, c.spec.Name, err)
+				logf("pod %s: %s: %v", pr.key, what, err)
 			}
 			pr.markDirty()
 		}

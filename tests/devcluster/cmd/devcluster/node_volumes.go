@@ -284,31 +284,7 @@ func (pr *podRuntime) prepareVolumes() error {
 // containers wait in ContainerCreating, the message says why). False
 // means the pod is stopping.
 func (pr *podRuntime) awaitVolumes() bool {
-	for {
-		err := pr.prepareVolumes()
-		msg := ""
-		if err != nil {
-			msg = err.Error()
-		}
-		pr.mu.Lock()
-		changed := pr.volumeErr != msg
-		pr.volumeErr = msg
-		pr.mu.Unlock()
-		if changed {
-			if err != nil {
-				logf("pod %s: volumes: %v", pr.key, err)
-			}
-			pr.markDirty()
-		}
-		if err == nil {
-			return true
-		}
-		select {
-		case <-pr.stopCh:
-			return false
-		case <-time.After(configRetry):
-		}
-	}
+	return pr.retryUntilDone(pr.prepareVolumes, &pr.volumeErr, "volumes")
 }
 
 // apiDataVolume reports volumes the kubelet always mounts read-only.
