@@ -50,8 +50,9 @@ class KV(Protocol):
 
     async def put(self, key: str, value: bytes) -> int: ...
 
-    async def commit(self, change: Change) -> bool:
-        """Apply ``change`` if every expectation holds; False (and nothing written) otherwise."""
+    async def commit(self, change: Change) -> int:
+        """Apply ``change`` if every expectation holds and return the revision it was written at;
+        0 (and nothing written) otherwise."""
         ...
 
     async def close(self) -> None: ...
@@ -59,13 +60,13 @@ class KV(Protocol):
 
 async def create(kv: KV, key: str, value: bytes) -> bool:
     """Write ``key`` only if it does not exist (create-if-absent, e.g. keys made once for all replicas)."""
-    return await kv.commit(Change(expect={key: 0}, put={key: value}))
+    return bool(await kv.commit(Change(expect={key: 0}, put={key: value})))
 
 
 async def delete(kv: KV, key: str) -> bool:
     """Delete ``key``; False if it was not there."""
     current = await kv.get(key)
-    return current is not None and await kv.commit(Change(expect={key: current.revision}, delete=[key]))
+    return current is not None and bool(await kv.commit(Change(expect={key: current.revision}, delete=[key])))
 
 
 _SCHEMA = """
@@ -110,7 +111,7 @@ class SqliteKV:
                              (key, value, revision))
         return revision
 
-    async def commit(self, change: Change) -> bool:
+    async def commit(self, change: Change) -> int:
         with self._transaction() as revision:
             for key, expected in change.expect.items():
                 row = self._db.execute("SELECT revision FROM kv WHERE key = ?", (key,)).fetchone()
@@ -125,8 +126,8 @@ class SqliteKV:
                 self._db.execute("INSERT INTO kv (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key)"
                                  " DO UPDATE SET value = excluded.value, revision = excluded.revision",
                                  (key, value, revision))
-            return True
-        return False  # reached only when _transaction swallowed _Unmet
+            return revision
+        return 0  # reached only when _transaction swallowed _Unmet
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -166,27 +167,27 @@ class EtcdKV:
     ROOT = "/clusterconnect/store/"
 
     def __init__(self, etcd: Etcd) -> None:
-        self._etcd = etcd
+        self.etcd = etcd
 
     def _key(self, key: str) -> bytes:
         return (self.ROOT + key).encode()
 
     async def close(self) -> None:
-        await self._etcd.close()
+        await self.etcd.close()
 
     async def get(self, key: str) -> Versioned | None:
-        record = await self._etcd.get(self._key(key))
+        record = await self.etcd.get(self._key(key))
         return Versioned(record.value, record.mod_revision) if record else None
 
     async def list(self, prefix: str) -> list[tuple[str, Versioned]]:
-        values, _ = await self._etcd.get_prefix(self._key(prefix))
+        values, _ = await self.etcd.get_prefix(self._key(prefix))
         cut = len(self.ROOT)
         return [(kv.key.decode()[cut:], Versioned(kv.value, kv.mod_revision)) for kv in values]
 
     async def put(self, key: str, value: bytes) -> int:
-        return await self._etcd.put(self._key(key), value)
+        return await self.etcd.put(self._key(key), value)
 
-    async def commit(self, change: Change) -> bool:
+    async def commit(self, change: Change) -> int:
         compare = [
             rpc_pb2.Compare(key=self._key(key), target=rpc_pb2.Compare.MOD, result=rpc_pb2.Compare.EQUAL,
                             mod_revision=revision)
@@ -195,5 +196,5 @@ class EtcdKV:
         ops = [delete_op(self._key(key)) for key in change.delete]
         ops += [delete_op(self._key(prefix), prefix=True) for prefix in change.delete_prefixes]
         ops += [put_op(self._key(key), value) for key, value in change.put.items()]
-        response = await self._etcd.txn(compare, ops)
-        return bool(response.succeeded)
+        response = await self.etcd.txn(compare, ops)
+        return int(response.header.revision) if response.succeeded else 0
