@@ -38,7 +38,7 @@ lint: venv
 	scripts/typecheck-tree
 	$(BIN)/mypy
 
-test: venv devcluster devcluster-check oidc-provider helm proto-tools lint
+test: venv devcluster devcluster-check oidc-provider helm proto-tools konnectivity lint
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.
@@ -51,13 +51,18 @@ demo: venv devcluster
 demo-down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python deploy/local/demo.py down --state-dir .demo; fi
 
-bench: venv devcluster
+bench: venv devcluster konnectivity
 	$(BIN)/python bench/run.py
 
 clean: demo-down
 	rm -rf .demo tests/devcluster/bin
 
-.PHONY: helm manifests
+.PHONY: helm manifests konnectivity
+
+# Konnectivity's server and agent, the benchmark's peer, built from their Go module at the version
+# pinned in tools/konnectivity/go.mod (the bench smoke test runs them too).
+konnectivity:
+	$(MAKE) -C tools/konnectivity
 
 # helm, built from its Go module at the version pinned in tools/helm/go.mod (the chart tests use it).
 helm:

@@ -1,6 +1,9 @@
 """`make bench`: every scenario direct and through the tunnel, alternating, several rounds, in one run.
 
-    run.py [--smoke] [--rounds N] [--only small_get,big_list,...] [--out bench/results]
+    run.py [--smoke] [--rounds N] [--only small_get,big_list,...] [--no-peer] [--out bench/results]
+
+Konnectivity (bench/konnectivity.py, built from its Go module) is measured beside direct access and
+the tunnel in every scenario where it applies, unless --no-peer.
 
 Writes <out>/<timestamp>.json, <timestamp>.md (also latest.md) and <timestamp>.png.
 """
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -26,6 +29,7 @@ sys.path.insert(0, str(ROOT / "deploy" / "local"))
 import yaml  # noqa: E402
 from chain import Chain, endpoint_only, process_in_group, start_devcluster  # noqa: E402
 from endpoints import Endpoint, proxy_client_files  # noqa: E402
+from konnectivity import konnectivity  # noqa: E402
 from report import write_report  # noqa: E402
 from scale import scale  # noqa: E402
 from scenarios import (  # noqa: E402
@@ -72,10 +76,15 @@ def token_kubeconfig(admin_kubeconfig: Path, token_file: Path, path: Path) -> Pa
 SERVICES = ("relay", "agent", "aadproxy", "proxy")
 
 
+def peer_endpoint(direct: Endpoint, frontend: Path) -> Endpoint:
+    """The apiserver as direct access sees it, reached through Konnectivity's frontend."""
+    return Endpoint("konnectivity", direct.host, direct.port, direct.ca_pem, direct.token, connect_proxy=frontend)
+
+
 @contextmanager
-def bench_setup(sizes: Sizes) -> Iterator[tuple[Context, Chain, Path]]:
-    """A devcluster with a cluster-admin ServiceAccount token, and the whole tunnel chain in front of it;
-    yields (context, chain, token file) and stops everything after."""
+def bench_setup(sizes: Sizes, peer: bool = True) -> Iterator[tuple[Context, Chain, Path]]:
+    """A devcluster with a cluster-admin ServiceAccount token, the whole tunnel chain in front of it and
+    (``peer``) Konnectivity beside it; yields (context, chain, token file) and stops everything after."""
     work = Path(tempfile.mkdtemp(prefix="clusterconnect-bench-"))
     devcluster, admin = start_devcluster(work / "devcluster", work / "devcluster.out")
     chain = None
@@ -91,17 +100,23 @@ def bench_setup(sizes: Sizes) -> Iterator[tuple[Context, Chain, Path]]:
         chain = Chain(work / "chain", endpoint_only(admin, work / "endpoint.kubeconfig"))
         tunnel_kubeconfig = work / "tunnel.kubeconfig"
         chain.start_all(token_file, tunnel_kubeconfig)
-        yield Context(
-            direct=direct_endpoint(admin, token),
-            tunnel=tunnel_endpoint(tunnel_kubeconfig, token, chain.state_dir / "proxy-state"),
-            admin_kubeconfig=admin,
-            kubeconfigs={"direct": token_kubeconfig(admin, token_file, work / "direct.kubeconfig"),
-                         "tunnel": tunnel_kubeconfig},
-            namespace=ns, sizes=sizes, work_dir=work,
-            pids={name: chain.processes[name].popen.pid for name in SERVICES},
-            logs={name: chain.processes[name].log for name in SERVICES},
-            apiserver_pid=process_in_group(devcluster.pid, "kube-apiserver"),
-        ), chain, token_file
+        with ExitStack() as stack:
+            direct = direct_endpoint(admin, token)
+            peer_tunnel = stack.enter_context(konnectivity(chain, work / "konnectivity")) if peer else None
+            yield Context(
+                direct=direct,
+                tunnel=tunnel_endpoint(tunnel_kubeconfig, token, chain.state_dir / "proxy-state"),
+                admin_kubeconfig=admin,
+                kubeconfigs={"direct": token_kubeconfig(admin, token_file, work / "direct.kubeconfig"),
+                             "tunnel": tunnel_kubeconfig},
+                namespace=ns, sizes=sizes, work_dir=work,
+                pids={name: chain.processes[name].popen.pid for name in SERVICES},
+                logs={name: chain.processes[name].log for name in SERVICES},
+                apiserver_pid=process_in_group(devcluster.pid, "kube-apiserver"),
+                peer=peer_endpoint(direct, peer_tunnel.socket) if peer_tunnel else None,
+                peer_pids={"server": peer_tunnel.server.popen.pid, "agent": peer_tunnel.agent.popen.pid}
+                if peer_tunnel else {},
+            ), chain, token_file
     finally:
         if chain is not None:
             chain.stop_all()
@@ -117,7 +132,7 @@ def run(args: argparse.Namespace) -> Path:
     sizes = Sizes.smoke() if args.smoke else Sizes()
     rounds = 1 if args.smoke else args.rounds
     only = args.only.split(",") if args.only else SCENARIOS
-    with bench_setup(sizes) as (ctx, chain, token_file):
+    with bench_setup(sizes, peer=not args.no_peer) as (ctx, chain, token_file):
         results: dict = {"rounds": rounds, "smoke": args.smoke, "sizes": vars(sizes), "scenarios": {}}
         if "big_list" in only or "head_of_line" in only:
             prepare_big_list(ctx)
@@ -128,9 +143,11 @@ def run(args: argparse.Namespace) -> Path:
             "port_forward": lambda c, e: port_forward(c, e, sink_port),
         }
         for name in [s for s in SCENARIOS if s in only and s in per_endpoint]:
-            data: dict[str, list] = {"direct": [], "tunnel": []}
+            # port-forward is kubectl's: Konnectivity's Unix-socket frontend is not something kubectl dials.
+            endpoints = [e for e in ctx.endpoints() if name != "port_forward" or e.name in ctx.kubeconfigs]
+            data: dict[str, list] = {e.name: [] for e in endpoints}
             for round_number in range(rounds):
-                order = ctx.endpoints() if round_number % 2 == 0 else list(reversed(ctx.endpoints()))
+                order = endpoints if round_number % 2 == 0 else list(reversed(endpoints))
                 for endpoint in order:
                     print(f"[{name}] round {round_number + 1}/{rounds} {endpoint.name}", flush=True)
                     data[endpoint.name].append(per_endpoint[name](ctx, endpoint))
@@ -154,6 +171,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: keeps the harness working")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    parser.add_argument("--no-peer", action="store_true", help="without Konnectivity beside the tunnel")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     report = run(args)

@@ -55,9 +55,15 @@ class Context:
     pids: dict[str, int] = field(default_factory=dict)  # tunnel processes, for RSS
     logs: dict[str, Path] = field(default_factory=dict)  # their logs, for their stats lines
     apiserver_pid: int | None = None  # the devcluster's kube-apiserver, for its CPU time
+    peer: Endpoint | None = None  # Konnectivity, the peer measured beside us (bench/konnectivity.py)
+    peer_pids: dict[str, int] = field(default_factory=dict)  # its server and agent
 
     def endpoints(self) -> list[Endpoint]:
-        return [self.direct, self.tunnel]
+        return [self.direct, self.tunnel, *([self.peer] if self.peer else [])]
+
+    def pids_of(self, endpoint: Endpoint) -> dict[str, int]:
+        """The processes of ``endpoint``'s tunnel (none for direct access)."""
+        return {"tunnel": self.pids, "konnectivity": self.peer_pids}.get(endpoint.name, {})
 
 
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None, timeout: float = 600) -> str:
@@ -195,8 +201,7 @@ def dial(ctx: Context, endpoint: Endpoint) -> dict:
     samples = []
     for _ in range(ctx.sizes.dials):
         start = time.perf_counter()
-        with socket.create_connection((endpoint.host, endpoint.port)) as raw:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with endpoint.open_socket() as raw:
             with context.wrap_socket(raw, server_hostname=endpoint.host) as tls:
                 tls.sendall(request)
                 tls.recv(1)
@@ -210,7 +215,8 @@ def dial(ctx: Context, endpoint: Endpoint) -> dict:
 
 async def _watch(endpoint: Endpoint, context: ssl.SSLContext, path: str, latencies: list[float],
                  established: asyncio.Event, counter: list[int], total: int, done: asyncio.Event) -> None:
-    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context)
+    sock = await asyncio.to_thread(endpoint.open_socket)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname=endpoint.host)
     conn = h11.Connection(h11.CLIENT)
     writer.write(conn.send(h11.Request(method="GET", target=path, headers=[
         ("Host", endpoint.host), ("Authorization", f"Bearer {endpoint.token}"), ("Accept", "application/json")])))
@@ -283,8 +289,8 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
         await asyncio.wait_for(established.wait(), 300)
         await asyncio.sleep(1)  # the initial ADDED events settle
         latencies.clear()
-        rss = {name: rss_mib(pid) for name, pid in ctx.pids.items()} if endpoint.name == "tunnel" else {}
-        detail = {name: memory_detail(pid) for name, pid in ctx.pids.items()} if endpoint.name == "tunnel" else {}
+        rss = {name: rss_mib(pid) for name, pid in ctx.pids_of(endpoint).items()}
+        detail = {name: memory_detail(pid) for name, pid in ctx.pids_of(endpoint).items()}
         if detail:
             print(f"[watches] memory (MiB) while {n} watches are open: {json.dumps(detail)}", flush=True)
             # BENCH_WATCH_HOLD=seconds keeps the watches open for inspecting the processes by hand.
@@ -357,7 +363,7 @@ def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
                f" HTTP/1.1\r\nHost: {endpoint.host}\r\nAuthorization: Bearer {endpoint.token}\r\n\r\n").encode()
     context = endpoint.ssl_context()
     for _ in range(ctx.sizes.stalled_readers):
-        raw = socket.create_connection((endpoint.host, endpoint.port))
+        raw = endpoint.open_socket()
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         tls = context.wrap_socket(raw, server_hostname=endpoint.host)
         tls.sendall(request)  # the initial list of big objects fills every buffer; nobody reads it
@@ -366,7 +372,7 @@ def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
         # Probe once the stalled streams' buffers are full and the copying has stopped: while they
         # fill, the copying takes CPU from the probe on a 2-core machine (that is load, not
         # head-of-line blocking). The tunnel's processes, or the whole machine for direct access.
-        pids = list(ctx.pids.values()) if endpoint.name == "tunnel" else []
+        pids = list(ctx.pids_of(endpoint).values())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (quiescent(pids) if pids else _machine_idle()):
             pass

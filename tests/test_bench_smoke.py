@@ -25,8 +25,14 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factor
     [data] = tmp_path.glob("*.json")
     scenarios = json.loads(data.read_text())["scenarios"]
     assert set(scenarios) == {"small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale"}
+    # Konnectivity, the peer, beside the tunnel wherever a client of ours can reach it (not kubectl's port-forward).
+    for name in ("small_get", "big_list", "dial", "watches", "head_of_line"):
+        assert scenarios[name]["konnectivity"], name
+    assert "konnectivity" not in scenarios["port_forward"]
     [table] = tmp_path.glob("*.md")
-    assert "| small GET | p50 latency (ms) |" in table.read_text()
+    text = table.read_text()
+    assert "| scenario | metric | direct | tunnel | Konnectivity |" in text
+    assert "| small GET | p50 latency (ms) |" in text
     assert list(tmp_path.glob("*.png"))
 
 
