@@ -1,10 +1,11 @@
 """CPU time each tunnel process spends per operation, read from /proc; optionally py-spy profiles too.
 
-    cpu_profile.py [--requests 2000] [--dials 200] [--lists 5] [--py-spy DIR] [--smoke]
+    cpu_profile.py [--requests 2000] [--dials 200] [--lists 5] [--py-spy DIR] [--smoke] [--no-peer]
 
 Through the tunnel: small GETs on one keep-alive connection, new connections (one GET each, 50 ms
 apart), and LISTs (50 MiB; small with --smoke); prints the CPU of each process per request, per dial and per MB
-(and how much of it the kernel spent for them), beside the latencies of direct access in the same run, and
+(and how much of it the kernel spent for them), beside the latencies of direct access in the same run and
+the same figures for Konnectivity's server and agent (the peer, bench/konnectivity.py; not with --no-peer), and
 the CPU the apiserver and this load generator spend on the same operation, direct and through the tunnel:
 on two shared cores, the tunnel gets what those two leave. With --py-spy, DIR gets one raw py-spy profile per
 process and phase (`py-spy record -f raw`: one line per stack, count last). The per-hop figures
@@ -78,12 +79,14 @@ def main() -> None:
     parser.add_argument("--lists", type=int, default=5)
     parser.add_argument("--py-spy", type=Path, help="directory for raw py-spy profiles")
     parser.add_argument("--smoke", action="store_true", help="a small LIST: keeps the script working")
+    parser.add_argument("--no-peer", action="store_true", help="without Konnectivity")
     args = parser.parse_args()
-    with bench_setup(Sizes.smoke() if args.smoke else Sizes()) as (ctx, _chain, _token):
+    with bench_setup(Sizes.smoke() if args.smoke else Sizes(), peer=not args.no_peer) as (ctx, _chain, _token):
         tunnel_pids = {name: ctx.pids[name] for name in SERVICES}
+        peer_pids = {f"konnectivity-{name}": pid for name, pid in ctx.peer_pids.items()}
         # The apiserver's CPU is measured too: the same work either way, and the budget's other half.
         apiserver = {"apiserver": ctx.apiserver_pid} if ctx.apiserver_pid else {}
-        pids = {**tunnel_pids, **apiserver, "client": os.getpid()}
+        pids = {**tunnel_pids, **peer_pids, **apiserver, "client": os.getpid()}
         path = "/api/v1/namespaces/default"
 
         def gets(endpoint):
@@ -138,6 +141,13 @@ def main() -> None:
             for other in [*apiserver, "client"]:
                 line += f"; {other} {show(sum(cpu[other]))} through the tunnel, {show(sum(direct_cpu[other]))} direct"
             line += f"; cores busy {busy:.0%} through the tunnel, {direct_busy:.0%} direct"
+            if ctx.peer is not None:
+                peer, peer_cpu, _ = measure(ctx.peer)
+                peer_figure = (f"MB/s median {statistics.median(peer):.0f}" if name == "LIST"
+                               else f"p50 {statistics.median(peer) * 1e3:.2f} ms")
+                per_peer = ", ".join(f"{k.removeprefix('konnectivity-')} {show(sum(peer_cpu[k]))}" for k in peer_pids)
+                line += (f"; Konnectivity: {peer_figure}; {unit}: {per_peer}; "
+                         f"total {show(sum(sum(peer_cpu[k]) for k in peer_pids))}")
             print(line, flush=True)
 
 

@@ -47,6 +47,9 @@ def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(tmp_path_factory
     # the budget's other parts: the kernel's share, the apiserver, the load generator, the machine
     for part in ("of it kernel", "apiserver", "client", "cores busy"):
         assert part in result.stdout, result.stdout
+    # and the peer's two processes, per operation too
+    assert result.stdout.count("; Konnectivity: ") == 3, result.stdout
+    assert "server " in result.stdout and "agent " in result.stdout
 
 
 def test_forwarder_micro_measures_the_auth_proxy_alone():
