@@ -57,7 +57,11 @@ bench: venv devcluster konnectivity
 clean: demo-down
 	rm -rf .demo tests/devcluster/bin
 
-.PHONY: helm manifests konnectivity
+.PHONY: helm manifests konnectivity node-example
+
+# The Node.js example (examples/node; tests/test_node_example.py builds it too): npm ci, stubs from protos/, tsc.
+node-example: venv
+	$(MAKE) -C examples/node
 
 # Konnectivity's server and agent, the benchmark's peer, built from their Go module at the version
 # pinned in tools/konnectivity/go.mod (the bench smoke test runs them too).
