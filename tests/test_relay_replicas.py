@@ -104,3 +104,26 @@ def test_json_of_clusters_add_names_the_shared_ca(replicas):
     added = one.add_cluster("pinned")
     via_two = json.loads(two.admin("add", "pinned-too", "--json").stdout)
     assert added["relay_ca_hash"] == via_two["relay_ca_hash"]
+
+
+def test_with_etcd_down_admin_writes_get_one_line_and_the_relay_keeps_running(tmp_path):
+    from etcd_cluster import EtcdCluster
+
+    etcd = EtcdCluster(tmp_path / "etcd", size=1)  # its own: the session's etcd stays up for the others
+    sealing = tmp_path / "sealing.key"
+    SealingKey.load_or_create(sealing)
+    relay = Chain(tmp_path / "relay", Path("/nonexistent"), relay_args=etcd_flags(etcd, sealing))
+    with etcd.running():
+        try:
+            relay.start_relay()
+            relay.add_cluster("before")
+            etcd.stop()
+            refused = relay.admin("add", "during", check=False)
+            lines = refused.stderr.strip().splitlines()
+            assert refused.returncode != 0 and len(lines) == 1, refused.stderr
+            assert "the store (etcd) is unreachable" in lines[0], lines
+            # Reads are from the relay's memory: the registry is still listed.
+            assert "before" in relay.admin("list").stdout
+            assert relay.processes["relay"].alive()
+        finally:
+            relay.stop_all()
