@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import subprocess
@@ -19,36 +20,46 @@ from clusterconnect.agentcert import build_csr
 from clusterconnect.relay.agent_identity import pki as agent_pki
 from clusterconnect.relay.agent_identity.enrollment import EnrollmentStore
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 
 HERE = Path(__file__).resolve().parent
 SIM_PROCESSES = 4
 
 
 def _register(data_dir: Path, n: int) -> Path:
-    """Register N clusters and enroll their simulated agents directly in the relay's tables (as a Join
+    """Register N clusters and enroll their simulated agents directly in the relay's store (as a Join
     would): each gets its own key and a client certificate from the relay's agent CA."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = ClusterStore(data_dir / "relay.db")
-    enrollment = EnrollmentStore(data_dir / "relay.db")
-    agent_ca = agent_pki.ensure_agent_ca(data_dir / "pki")
-    entries = []
-    for i in range(n):
-        name = f"sim-{i:05d}"
-        if store.get(name) is not None:
-            store.remove(name)
-        store.add(name)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = agent_pki.issue(agent_ca, agent_pki.validate_csr(build_csr(key, name), name), name,
-                               datetime.timedelta(days=1))
-        enrollment.record_certificate(name, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
-        entries.append([name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()).decode(),
-                        cert.public_bytes(serialization.Encoding.PEM).decode()])
-    enrollment.close()
-    store.close()
+    entries = asyncio.run(_register_in_store(data_dir, SealingKey.load_or_create(data_dir / "sealing.key"), n))
     path = data_dir.parent / f"sim-credentials-{n}.json"
     path.write_text(json.dumps(entries))
     return path
+
+
+async def _register_in_store(data_dir: Path, sealing: SealingKey, n: int) -> list[list[str]]:
+    store = await Store.open(SqliteKV(data_dir / "relay.db"))
+    try:
+        clusters = await ClusterStore.open(store)
+        enrollment = await EnrollmentStore.open(store)
+        agent_ca = await agent_pki.ensure_agent_ca(store, sealing, data_dir / "pki")
+        entries = []
+        for i in range(n):
+            name = f"sim-{i:05d}"
+            if clusters.get(name) is not None:
+                await clusters.remove(name)
+            await clusters.add(name)
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = agent_pki.issue(agent_ca, agent_pki.validate_csr(build_csr(key, name), name), name,
+                                   datetime.timedelta(days=1))
+            await enrollment.record_certificate(name, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
+            entries.append([name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()).decode(),
+                            cert.public_bytes(serialization.Encoding.PEM).decode()])
+    finally:
+        await store.close()
+    return entries
 
 
 def _agents_connected(relay) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -156,13 +157,30 @@ def ensure_ca_and_server_cert(directory: Path, ca_name: str, hosts: list[str]) -
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca_crt = directory / "ca.crt"
+    ca, _ = _ensure_ca(ca_crt, directory / "ca.key", ca_name)
+    tls_crt, tls_key = ensure_server_cert(directory, ca, hosts)
+    return ca_crt, tls_crt, tls_key
+
+
+def ensure_server_cert(directory: Path, ca: KeyPair, hosts: list[str]) -> tuple[Path, Path]:
+    """``tls.crt``/``tls.key`` in ``directory``, issued by ``ca`` for ``hosts``: kept when they are (and
+    are fresh), issued again otherwise (a new CA, another host). Returns (tls_cert, tls_key) paths."""
+    directory.mkdir(parents=True, exist_ok=True)
     tls_crt, tls_key = directory / "tls.crt", directory / "tls.key"
-    ca, created = _ensure_ca(ca_crt, directory / "ca.key", ca_name)
-    if created or not (tls_crt.exists() and tls_key.exists() and _covers(tls_crt.read_bytes(), hosts)):
+    if not (tls_crt.exists() and tls_key.exists() and _issued_by(tls_crt.read_bytes(), ca)
+            and _covers(tls_crt.read_bytes(), hosts)):
         leaf = issue_server_cert(ca, hosts)
         write_private(tls_key, leaf.key_pem)
         tls_crt.write_bytes(leaf.cert_pem)
-    return ca_crt, tls_crt, tls_key
+    return tls_crt, tls_key
+
+
+def _issued_by(cert_pem: bytes, ca: KeyPair) -> bool:
+    try:
+        x509.load_pem_x509_certificate(cert_pem).verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert_pem))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def ensure_ca_and_client_cert(directory: Path, ca_name: str, common_name: str) -> tuple[Path, Path, Path]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-import secrets
 import socket
 import sys
 from pathlib import Path
@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 
 from clusterconnect import cliargs, service
-from clusterconnect.errors import StartupError
+from clusterconnect.errors import ClusterConnectError, StartupError
 from clusterconnect.grpc_options import RELAY_SERVER_OPTIONS
 from clusterconnect.logs import get_logger
-from clusterconnect.pki import ensure_ca_and_server_cert, write_private
+from clusterconnect.pki import create_ca, ensure_server_cert, write_private
 from clusterconnect.relay.admin_api.registry import Registry
 from clusterconnect.relay.agent_identity import enrollment as agent_enrollment
 from clusterconnect.relay.datapath.connections import (
@@ -24,15 +24,24 @@ from clusterconnect.relay.datapath.connections import (
     ConnectionRegistry,
 )
 from clusterconnect.relay.datapath.passthrough import raw_stream_handler
-from clusterconnect.relay.datapath.sessions import SessionTable
+from clusterconnect.relay.datapath.sessions import EndReason, SessionTable
 from clusterconnect.relay.datapath.tunnel import Tunnel
+from clusterconnect.relay.storage import backend, shared
+from clusterconnect.relay.storage import migrate as store_migration
+from clusterconnect.relay.storage.clusters import PREFIX as CLUSTERS_PREFIX
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity import wiring as user_identity
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
 ADMIN_CREDENTIAL_FILE = "admin.credential"
+ADMIN_CREDENTIAL_KEY = "admin/credential"
+RELAY_CA_KEY = "pki/relay-ca"
+# The first full listing of an etcd store takes milliseconds; longer means etcd is not answering.
+STORE_READY_SECONDS = 30.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,17 +65,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="open client connections one verified caller (issuer + subject) may have at this"
                           " relay, over all clusters (0: unlimited)")
     cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
+    cliargs.add_flag(serve, "--sealing-key-file", type=Path,
+                     help="key that seals the private keys and credentials in the store (a file or mounted"
+                          " Secret, mode 600 or 400; the same file at every replica). Default: DATA_DIR/sealing.key,"
+                          " created on first start with --store sqlite; with --store etcd it must exist")
+    backend.add_flags(serve)
     user_identity.add_flags(serve)
     agent_enrollment.add_flags(serve)
+    store_migration.add_command(commands)
     return parser.parse_args(argv)
 
 
-def admin_credential(data_dir: Path) -> str:
+def sealing_key(args: argparse.Namespace, data_dir: Path) -> SealingKey:
+    """An explicit file (a mounted Secret) must exist: a new key would not open what the old one sealed.
+    With etcd the default file must exist too: two replicas must not each make a key of their own."""
+    create = args.sealing_key_file is None and args.store == backend.SQLITE
+    path = args.sealing_key_file or data_dir / "sealing.key"
+    if not create and not path.exists():
+        raise StartupError(f"sealing key {path} does not exist" + (
+            " (--store etcd: give every replica the same key file; make it once with `openssl rand -hex 32`)"
+            if args.store == backend.ETCD else ""))
+    return SealingKey.load_or_create(path, create=create)
+
+
+async def admin_credential(store: Store, sealing: SealingKey, data_dir: Path) -> str:
+    """The admin credential, made once in the store for every replica; DATA_DIR/admin.credential (600)
+    is this replica's copy for the operator (an existing one is imported on the first start)."""
     path = data_dir / ADMIN_CREDENTIAL_FILE
-    if not path.exists():
-        write_private(path, secrets.token_urlsafe(32).encode())
-        log.info("admin credential created", path=str(path))
-    return path.read_text().strip()
+    credential = await shared.secret(store, sealing, ADMIN_CREDENTIAL_KEY, path)
+    if not path.exists() or path.read_text().strip() != credential:
+        write_private(path, credential.encode())
+        log.info("admin credential written", path=str(path))
+    return credential
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -76,39 +106,70 @@ def _data_dir(args: argparse.Namespace) -> Path:
     return data_dir
 
 
-def _serving_certificate(args: argparse.Namespace, data_dir: Path) -> tuple[Path, Path]:
+async def _serving_certificate(args: argparse.Namespace, data_dir: Path, store: Store,
+                               sealing: SealingKey) -> tuple[Path, Path]:
+    """The operator's --tls-cert, or one this replica issues itself (its --hostname names) from the relay
+    CA that every replica shares (made once in the store); the CA is written to DATA_DIR/pki/ca.crt."""
     if bool(args.tls_cert) != bool(args.tls_key):
         raise StartupError("--tls-cert and --tls-key go together")
     if args.tls_cert:
         return args.tls_cert, args.tls_key
+    pki = data_dir / "pki"
+    pki.mkdir(parents=True, exist_ok=True)
+    ca = await shared.key_pair(store, sealing, RELAY_CA_KEY, (pki / "ca.crt", pki / "ca.key"),
+                               lambda: create_ca("clusterconnect relay CA"))
+    if not (pki / "ca.crt").exists() or (pki / "ca.crt").read_bytes() != ca.cert_pem:
+        (pki / "ca.crt").write_bytes(ca.cert_pem)
     hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *(args.hostname or [])]
-    _, cert_path, key_path = ensure_ca_and_server_cert(data_dir / "pki", "clusterconnect relay CA", hosts)
-    return cert_path, key_path
+    return ensure_server_cert(pki, ca, hosts)
 
 
 async def serve(args: argparse.Namespace) -> None:
     data_dir = _data_dir(args)
-    cert_path, key_path = _serving_certificate(args, data_dir)
+    if args.max_connections_per_cluster < 0 or args.max_connections_per_identity < 0:
+        raise StartupError("--max-connections-per-cluster and --max-connections-per-identity must be 0 or more")
+    sealing = sealing_key(args, data_dir)
+    store = await Store.open(backend.open_kv(args, data_dir))
+    try:
+        # The store's watch (etcd) beside the server: cancelled and awaited however serving ends.
+        async with asyncio.TaskGroup() as tasks:
+            watch = tasks.create_task(store.run())
+            try:
+                await store.ready(STORE_READY_SECONDS)
+                await _serve(args, data_dir, store, sealing)
+            finally:
+                watch.cancel()
+    finally:
+        await store.close()
+
+
+async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing: SealingKey) -> None:
+    await shared.check_sealing_key(store, sealing)
+    cert_path, key_path = await _serving_certificate(args, data_dir, store, sealing)
     ca_file = data_dir / "pki" / "ca.crt"
     # The chain includes the relay CA: agents find the CA they pinned by hash in it (agent_identity/enrollment.py).
     chain_pem, relay_ca_pem = agent_enrollment.serving_chain(cert_path, None if args.tls_cert else ca_file)
     key_pem = key_path.read_bytes()
     credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
-    admin = admin_credential(data_dir)
+    admin = await admin_credential(store, sealing, data_dir)
 
-    if args.max_connections_per_cluster < 0 or args.max_connections_per_identity < 0:
-        raise StartupError("--max-connections-per-cluster and --max-connections-per-identity must be 0 or more")
-    store = ClusterStore(data_dir / "relay.db")
+    clusters = await ClusterStore.open(store)
     sessions = SessionTable()
+
+    def removed(key: str, value: bytes | None) -> None:
+        # A cluster removed at any replica ends its agent's session here too (and with it, its connections).
+        if value is None:
+            sessions.end(key[len(CLUSTERS_PREFIX):], EndReason.CLUSTER_REMOVED)
+    store.subscribe(CLUSTERS_PREFIX, removed)
     connections = ConnectionRegistry(args.max_connections_per_cluster, args.max_connections_per_identity)
     server = grpc.aio.server(options=RELAY_SERVER_OPTIONS)
-    agents = agent_enrollment.AgentEnrollment(args, data_dir, store, relay_ca_pem)
+    agents = await agent_enrollment.AgentEnrollment.start(args, store, sealing, data_dir, clusters, relay_ca_pem)
     agent_port = agents.add_to_server(server, key_pem, chain_pem)
     identity = await user_identity.start(
-        args, data_dir, store, cert_path, key_path, None if args.tls_cert else ca_file.read_text(), admin, server,
-        connections,
+        args, data_dir, store, clusters, sealing, cert_path, key_path, None if args.tls_cert else ca_file.read_text(),
+        admin, server, connections,
     )
-    tunnel = Tunnel(store, sessions, args.heartbeat_seconds,
+    tunnel = Tunnel(clusters, sessions, args.heartbeat_seconds,
                     authorizer=identity.authorizer, agent_auth=agents.authenticator, connections=connections)
     server.add_generic_rpc_handlers((
         raw_stream_handler("clusterconnect.v1.ClientTunnel", {"Dial": tunnel.Dial}),
@@ -122,7 +183,7 @@ async def serve(args: argparse.Namespace) -> None:
             "Accept": grpc.stream_stream_rpc_method_handler(tunnel.Accept),
         }),
     ))
-    registry = Registry(store, sessions, admin, agents)
+    registry = Registry(clusters, sessions, admin, agents)
     tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)
     try:
         port = server.add_secure_port(args.listen, credentials)
@@ -137,19 +198,25 @@ async def serve(args: argparse.Namespace) -> None:
     service.register_gauge("dials_requested", lambda: tunnel.dials_requested)
     await server.start()
     host = args.listen.rsplit(":", 1)[0]
-    log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir))
+    log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir), store=args.store)
     try:
         await server.wait_for_termination()
     finally:
         await server.stop(grace=2)
         await identity.endpoint.close()
         identity.close()
-        agents.close()
-        store.close()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.command == "migrate":
+        try:
+            copied = asyncio.run(store_migration.migrate(args))
+        except ClusterConnectError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        print(f"copied {copied} records from {args.source} to {args.target}")
+        return
     service.run_service("relay", args.log_level, lambda: serve(args))
 
 

@@ -6,6 +6,7 @@ check the pure logic (CA pinning, CSR rules, the enrollment tables).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
@@ -36,6 +37,9 @@ from clusterconnect.pki import ca_hash, create_ca, issue_server_cert
 from clusterconnect.relay.agent_identity import pki as agent_pki
 from clusterconnect.relay.agent_identity.enrollment import EnrollmentStore
 from clusterconnect.relay.agent_identity.pki import CsrInvalid, CsrRefused
+from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
 
 LIFETIME = 6  # seconds: the agent renews every 4 s
@@ -98,8 +102,11 @@ def test_csr_with_a_broken_signature_is_invalid():
 
 
 def test_issued_certificate_names_exactly_its_cluster(tmp_path):
-    ca = agent_pki.ensure_agent_ca(tmp_path)
-    assert stat.S_IMODE((tmp_path / "agent-ca.key").stat().st_mode) == 0o600
+    store = asyncio.run(Store.open(SqliteKV(tmp_path / "relay.db")))
+    sealing = SealingKey.load_or_create(tmp_path / "sealing.key")
+    ca = asyncio.run(agent_pki.ensure_agent_ca(store, sealing, tmp_path))
+    assert asyncio.run(agent_pki.ensure_agent_ca(store, sealing, tmp_path)) == ca  # made once
+    assert b"PRIVATE KEY" not in (tmp_path / "relay.db").read_bytes() + (tmp_path / "relay.db-wal").read_bytes()
     key = ec.generate_private_key(ec.SECP256R1())
     cert = agent_pki.issue(ca, agent_pki.validate_csr(build_csr(key, "prod"), "prod"), "prod",
                            datetime.timedelta(seconds=60))
@@ -146,37 +153,41 @@ def test_ca_discovery_reads_the_chain_a_grpc_server_presents():
 
 
 def test_enrollment_store_tokens_work_once_and_serials_rotate(tmp_path):
+    asyncio.run(_enrollment_store_tokens_work_once_and_serials_rotate(tmp_path))
+
+
+async def _enrollment_store_tokens_work_once_and_serials_rotate(tmp_path):
     clock = FakeClock()
-    store = EnrollmentStore(tmp_path / "relay.db", clock=clock)
-    token, expires = store.create_join_token("prod")
+    store = await EnrollmentStore.open(await Store.open(SqliteKV(tmp_path / "relay.db")), clock=clock)
+    token, expires = await store.create_join_token("prod")
     assert expires > clock() + 3600
-    assert not store.consume_join_token("other", token)
-    assert not store.consume_join_token("prod", token + "x")
-    assert store.consume_join_token("prod", token)
-    assert not store.consume_join_token("prod", token)  # once
-    early, _ = store.create_join_token("early", lifetime=60)
-    late, _ = store.create_join_token("late", lifetime=60)
+    assert not await store.consume_join_token("other", token)
+    assert not await store.consume_join_token("prod", token + "x")
+    assert await store.consume_join_token("prod", token)
+    assert not await store.consume_join_token("prod", token)  # once
+    early, _ = await store.create_join_token("early", lifetime=60)
+    late, _ = await store.create_join_token("late", lifetime=60)
     clock.advance(59)
-    assert store.consume_join_token("early", early)
+    assert await store.consume_join_token("early", early)
     clock.advance(1)
-    assert not store.consume_join_token("late", late)  # expired
+    assert not await store.consume_join_token("late", late)  # expired
 
     later = int(clock()) + 60
     first = agent_pki.AgentIdentity("prod", 1, later)
     second = agent_pki.AgentIdentity("prod", 2, later)
     third = agent_pki.AgentIdentity("prod", 3, later)
-    store.record_certificate("prod", 1, later)
+    await store.record_certificate("prod", 1, later)
     assert store.accepts(first) and not store.accepts(second)
-    store.record_certificate("prod", 2, later, previous=first)
+    await store.record_certificate("prod", 2, later, previous=first)
     assert store.accepts(first) and store.accepts(second)  # old connections go on after a renewal
-    store.record_certificate("prod", 3, later, previous=second)
+    await store.record_certificate("prod", 3, later, previous=second)
     assert not store.accepts(first) and store.accepts(second) and store.accepts(third)
     assert not store.accepts(agent_pki.AgentIdentity("prod", 3, int(clock()) - 1))  # expired
     assert not store.accepts(agent_pki.AgentIdentity("other", 3, later))
-    store.revoke("prod")
+    await store.revoke("prod")
     assert not store.accepts(third)
     # a certificate's own expiry, as time passes
-    store.record_certificate("prod", 4, later)
+    await store.record_certificate("prod", 4, later)
     fourth = agent_pki.AgentIdentity("prod", 4, later)
     clock.advance(59)
     assert store.accepts(fourth)
@@ -419,7 +430,8 @@ def test_agent_key_is_private_and_never_leaves_the_agent(identity_chain):
             assert not any(secret in path.read_bytes() for secret in secrets), path
     # The relay stored serials and a hash of the join token, not keys or tokens.
     db = sqlite3.connect(chain.relay_data / "relay.db")
-    rows = [*db.execute("SELECT * FROM agent_certificates"), *db.execute("SELECT * FROM agent_join_tokens")]
+    rows = db.execute("SELECT key, CAST(value AS TEXT) FROM kv WHERE key LIKE 'agent-certificates/%'"
+                      " OR key LIKE 'join-tokens/%'").fetchall()
     db.close()
     dump = repr(rows)
     assert "PRIVATE" not in dump and chain.joins[chain.cluster]["join_token"] not in dump

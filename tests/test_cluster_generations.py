@@ -18,6 +18,8 @@ from test_user_identity import _relay_parts
 
 from clusterconnect.relay.storage import clusters as cluster_storage
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
 
 
@@ -28,11 +30,11 @@ def test_a_cluster_added_again_in_the_same_second_starts_empty(tmp_path, monkeyp
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
     alice, bob = users.add("alice", [])[0], users.add("bob", [])[0]
     alice_token, _ = issuer.mint("alice", (), alice.uid)
-    first = clusters.add("dev")
+    first = asyncio.run(clusters.add("dev"))
     access.grant("dev", Entry("user", "alice"))
     assert asyncio.run(authorizer.check("dev", alice_token)).allowed
-    clusters.remove("dev")
-    second = clusters.add("dev")
+    asyncio.run(clusters.remove("dev"))
+    second = asyncio.run(clusters.add("dev"))
     assert second.created_unix == first.created_unix and second.uid != first.uid
     assert access.entries("dev") == []
     access.grant("dev", Entry("user", "bob"))
@@ -58,12 +60,12 @@ def test_grants_of_an_earlier_version_move_to_the_cluster_they_belong_to(tmp_pat
                 ('prod', 300, 'user', 'alice');
         """)
         old.commit()
-    clusters = ClusterStore(db)
+    clusters = asyncio.run(ClusterStore.open(asyncio.run(Store.open(SqliteKV(db)))))
     access = AccessStore(db, clusters)
     assert access.entries("dev") == [Entry("group", "dev")]  # the grant of an older registration is dropped
     assert access.entries("prod") == [Entry("user", "alice")]
     assert len({clusters.get("dev").uid, clusters.get("prod").uid}) == 2
-    clusters.remove("prod")
+    asyncio.run(clusters.remove("prod"))
     assert access._db.execute("SELECT COUNT(*) FROM cluster_grants").fetchone()[0] == 1
     assert access._db.execute(
         "SELECT COUNT(*) FROM sqlite_master WHERE name = 'cluster_access'").fetchone()[0] == 0

@@ -410,7 +410,7 @@ def test_the_auth_proxy_holds_each_connection_to_one_identity() -> None:
 
 def test_an_access_change_ends_exactly_the_connections_it_no_longer_admits(tmp_path) -> None:
     clusters, _, issuer, verifier, users, access = relay_parts(tmp_path)
-    clusters.add("dev")
+    asyncio.run(clusters.add("dev"))
     alice_record, _, _ = users.add("alice", ["dev"])
     bob_record, _, _ = users.add("bob", ["ops"])
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)

@@ -27,8 +27,8 @@ from clusterconnect import credentials
 from clusterconnect.relay.storage.sealing import SealBroken, SealingKey
 from clusterconnect.relay.user_identity.issuer import SigningKeys, public_jwk
 
-PRIVATE_KEY_FILES = ("relay.db", "relay.db-wal", "relay.db-shm", "sealing.key", "admin.credential",
-                     "pki/ca.key", "pki/tls.key", "pki/agent-ca.key")
+# The CA keys are in the store, sealed (relay/storage/shared.py): no file holds them.
+PRIVATE_KEY_FILES = ("relay.db", "relay.db-wal", "relay.db-shm", "sealing.key", "admin.credential", "pki/tls.key")
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 

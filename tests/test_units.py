@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import stat
@@ -21,6 +22,8 @@ from clusterconnect.grpc_options import bearer_from_metadata, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.pki import KeyPair, ca_hash, create_ca, ensure_ca_and_server_cert
 from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, InvalidName
+from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,14 +117,18 @@ def test_kubeconfig_default_path_honours_KUBECONFIG(monkeypatch, tmp_path):
 
 def test_store_add_get_remove(tmp_path):
     # Agent authentication (join tokens, certificates) is tested in test_agent_identity.py.
-    store = ClusterStore(tmp_path / "relay.db")
-    assert store.add("prod").name == "prod"
-    assert store.get("prod") is not None and store.get("other") is None
-    with pytest.raises(AlreadyExists):
-        store.add("prod")
-    with pytest.raises(InvalidName):
-        store.add("Not_Valid")
-    assert store.remove("prod") and store.get("prod") is None
+    async def body() -> None:
+        store = await ClusterStore.open(await Store.open(SqliteKV(tmp_path / "relay.db")))
+        assert (await store.add("prod")).name == "prod"
+        assert store.get("prod") is not None and store.get("other") is None
+        with pytest.raises(AlreadyExists):
+            await store.add("prod")
+        with pytest.raises(InvalidName):
+            await store.add("Not_Valid")
+        assert await store.remove("prod") and store.get("prod") is None
+        assert not await store.remove("prod")
+
+    asyncio.run(body())
 
 
 def test_pki_creates_once_and_reissues_for_new_hosts(tmp_path):

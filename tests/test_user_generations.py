@@ -40,7 +40,7 @@ NS = "generations"
 
 def test_the_old_identity_of_a_name_is_refused(tmp_path):
     clusters, _, issuer, verifier, users, access = _relay_parts(tmp_path)
-    clusters.add("dev")
+    asyncio.run(clusters.add("dev"))
     access.grant("dev", Entry("user", "dave"))
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
     old, code, _ = users.add("dave", ["old-team"])

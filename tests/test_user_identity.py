@@ -41,7 +41,9 @@ from clusterconnect import credentials as tokens
 from clusterconnect.oidc import AuthenticationConfig, IssuerKeys, Verifier
 from clusterconnect.relay.storage import clusters as cluster_storage
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.kv import SqliteKV
 from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
 from clusterconnect.relay.user_identity.issuer import CLOCK_SKEW, MAX_ACCESS_TOKEN_LIFETIME, Issuer, SigningKeys
 from clusterconnect.relay.user_identity.users import UserError, UserStore
@@ -58,7 +60,7 @@ LIFETIME = 4  # seconds: the e2e relay's access token lifetime
 
 def _relay_parts(tmp_path, lifetime=60, skew=1.0):
     db = tmp_path / "relay.db"
-    clusters = ClusterStore(db)
+    clusters = asyncio.run(ClusterStore.open(asyncio.run(Store.open(SqliteKV(db)))))  # stores-branch adapter
     keys = SigningKeys(db, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
     issuer = Issuer("https://relay.example:8444", "https://relay.example:8444", keys, lifetime)
     config = builtin_issuer_config(issuer.url, issuer.audience, None)
@@ -150,7 +152,7 @@ def test_a_retired_key_is_published_until_every_token_it_signed_expired(tmp_path
 
 def test_access_rule(tmp_path, monkeypatch):
     clusters, keys, issuer, verifier, users, access = _relay_parts(tmp_path, skew=0.0)
-    clusters.add("dev")
+    asyncio.run(clusters.add("dev"))
     alice_user = users.add("alice", ["dev"])[0]
     bob_user = users.add("bob", ["ops"])[0]
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
@@ -182,10 +184,10 @@ def test_access_rule(tmp_path, monkeypatch):
     # a cluster removed and registered again (a second later: created_unix counts seconds) does not
     # inherit the old grants
     assert access.entries("dev") == [Entry("group", "dev")]
-    clusters.remove("dev")
+    asyncio.run(clusters.remove("dev"))
     later = time.time() + 1
     monkeypatch.setattr(cluster_storage, "time", SimpleNamespace(time=lambda: later))
-    clusters.add("dev")
+    asyncio.run(clusters.add("dev"))
     assert access.entries("dev") == []
 
 

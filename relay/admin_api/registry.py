@@ -44,11 +44,11 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
                          context: UnaryContext) -> tunnel_pb2.AddClusterResponse:
         await self._admin.require(context)
         try:
-            record = self.store.add(request.name)
-        except ClusterConnectError as exc:  # InvalidName, AlreadyExists
+            record = await self.store.add(request.name)
+            log.info("cluster added", cluster=record.name)
+            token, expires, ca_hash = await self.agent_enrollment.new_join_token(record.name)
+        except ClusterConnectError as exc:  # InvalidName, AlreadyExists; Unavailable (etcd unreachable)
             await abort_with(context, exc)
-        log.info("cluster added", cluster=record.name)
-        token, expires, ca_hash = self.agent_enrollment.new_join_token(record.name)
         return tunnel_pb2.AddClusterResponse(
             cluster=self._status(record), join_token=token, join_token_expires_unix=expires, relay_ca_hash=ca_hash
         )
@@ -68,9 +68,16 @@ class Registry(tunnel_pb2_grpc.RegistryServicer):
     async def RemoveCluster(self, request: tunnel_pb2.RemoveClusterRequest,
                             context: UnaryContext) -> tunnel_pb2.RemoveClusterResponse:
         await self._admin.require(context)
-        if not self.store.remove(request.name):
+        try:
+            removed = await self.store.remove(request.name)
+        except ClusterConnectError as exc:  # Unavailable (etcd unreachable): nothing removed
+            await abort_with(context, exc)
+        if not removed:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"cluster {request.name} is not registered")
-        self.agent_enrollment.revoke(request.name)
+        try:
+            await self.agent_enrollment.revoke(request.name)
+        except ClusterConnectError as exc:  # its certificates are refused anyway: the cluster is gone
+            log.warning("certificates of a removed cluster not forgotten", cluster=request.name, reason=str(exc))
         self.sessions.end(request.name, EndReason.CLUSTER_REMOVED)
         log.info("cluster removed", cluster=request.name)
         return tunnel_pb2.RemoveClusterResponse()

@@ -1,16 +1,20 @@
 """Agent enrollment at the relay: join tokens, agent certificates, and who an agent is.
 
-State lives in two tables of relay.db (next to the cluster registry):
-- ``agent_join_tokens``: SHA-256 of each one-time join token, its cluster, expiry and when it was used.
-  Tokens are 256-bit random secrets, so a plain hash is enough.
-- ``agent_certificates``: per cluster, the serial of the current certificate and of the one that
-  renewed into it, with their expiry. These are the only certificates of the cluster the relay
-  accepts: an agent keeps using the previous one on connections opened before a renewal. Removing
-  the cluster deletes the row, so both stop working at once, even though they are still within
-  their validity.
+Records on the Store (relay/storage/store.py), next to the cluster registry:
+- ``join-tokens/<sha256 of the token>`` → {"cluster", "expires_unix", "used_unix"}: each one-time
+  join token. Tokens are 256-bit random secrets, so a plain hash is enough. Using one is a
+  compare-and-swap on its revision, so a token works once whichever replica it reaches.
+- ``agent-certificates/<cluster>`` → {"current_serial", "current_not_after_unix", "previous_serial",
+  "previous_not_after_unix"}: the serial of the cluster's current certificate and of the one that
+  renewed into it. These are the only certificates of the cluster the relay accepts: an agent keeps
+  using the previous one on connections opened before a renewal. Removing the cluster deletes the
+  record, so both stop working at once (at every replica), even though they are still within their validity.
+
+Earlier versions kept both in SQLite tables (agent_join_tokens, agent_certificates): imported once.
 
 ``AgentAuthenticator`` turns the client certificate of a call (the relay's agent port requires one,
-and the TLS handshake already verified it against the agent CA) into a cluster name.
+and the TLS handshake already verified it against the agent CA) into a cluster name; it reads the
+Store's memory, never etcd.
 """
 
 from __future__ import annotations
@@ -37,89 +41,119 @@ from clusterconnect.relay.agent_identity import pki as agent_pki
 from clusterconnect.relay.agent_identity.pki import AgentIdentity, CsrRefused
 from clusterconnect.relay.rpc import UnaryContext, abort_with
 from clusterconnect.relay.storage.clusters import ClusterStore
-from clusterconnect.relay.storage.sqlite import open_db
+from clusterconnect.relay.storage.kv import Change
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store, decode, encode
 from clusterconnect.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = get_logger(__name__)
 
 JOIN_TOKEN_LIFETIME = 24 * 3600
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS agent_join_tokens (
-    token_sha256 TEXT PRIMARY KEY,
-    cluster TEXT NOT NULL,
-    expires_unix INTEGER NOT NULL,
-    used_unix INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS agent_certificates (
-    cluster TEXT PRIMARY KEY,
-    current_serial TEXT NOT NULL,
-    current_not_after_unix INTEGER NOT NULL,
-    previous_serial TEXT NOT NULL DEFAULT '',
-    previous_not_after_unix INTEGER NOT NULL DEFAULT 0
-);
-"""
+TOKENS = "join-tokens/"
+CERTIFICATES = "agent-certificates/"
+# Expired tokens are swept when a cluster's tokens are; at most this many per commit (etcd's --max-txn-ops is 128).
+_SWEEP_LIMIT = 64
 
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _int(document: dict[str, Any], name: str) -> int:
+    value = document.get(name, 0)
+    return value if isinstance(value, int) else 0
+
+
+def _legacy_tokens(rows: list[dict[str, object]]) -> dict[str, bytes]:
+    return {TOKENS + str(row["token_sha256"]): encode({
+        "cluster": str(row["cluster"]), "expires_unix": int(str(row["expires_unix"])),
+        "used_unix": int(str(row.get("used_unix") or 0))}) for row in rows}
+
+
+def _legacy_certificates(rows: list[dict[str, object]]) -> dict[str, bytes]:
+    return {CERTIFICATES + str(row["cluster"]): encode({
+        "current_serial": str(row["current_serial"]),
+        "current_not_after_unix": int(str(row["current_not_after_unix"])),
+        "previous_serial": str(row.get("previous_serial") or ""),
+        "previous_not_after_unix": int(str(row.get("previous_not_after_unix") or 0))}) for row in rows}
+
+
 class EnrollmentStore:
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self._db = open_db(path, _SCHEMA)
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
         self._clock = clock  # tests pass their own to expire join tokens and certificates without waiting
 
-    def close(self) -> None:
-        self._db.close()
+    @classmethod
+    async def open(cls, store: Store, clock: Callable[[], float] = time.time) -> EnrollmentStore:
+        """The records on ``store``; an earlier version's tables are imported on the first start."""
+        tokens = await store.import_once("agent_join_tokens", _legacy_tokens)
+        certificates = await store.import_once("agent_certificates", _legacy_certificates)
+        if tokens or certificates:
+            log.info("enrollment imported from the earlier tables", join_tokens=tokens, certificates=certificates)
+        return cls(store, clock)
 
-    def create_join_token(self, cluster: str, lifetime: int = JOIN_TOKEN_LIFETIME) -> tuple[str, int]:
+    async def create_join_token(self, cluster: str, lifetime: int = JOIN_TOKEN_LIFETIME) -> tuple[str, int]:
         """A new one-time token for ``cluster`` (shown once). Certificates of an earlier cluster of the
-        same name are forgotten."""
+        same name are forgotten, in the same commit."""
         token = secrets.token_urlsafe(32)
         expires = int(self._clock()) + lifetime
-        self.revoke(cluster)
-        self._db.execute(
-            "INSERT INTO agent_join_tokens (token_sha256, cluster, expires_unix) VALUES (?, ?, ?)",
-            (_digest(token), cluster, expires),
-        )
+        record = encode({"cluster": cluster, "expires_unix": expires, "used_unix": 0})
+        await self.store.commit(Change(delete=self._revocation(cluster), put={TOKENS + _digest(token): record}))
         return token, expires
 
-    def consume_join_token(self, cluster: str, token: str) -> bool:
-        """True exactly once per valid token: marking it used is one atomic UPDATE."""
+    async def consume_join_token(self, cluster: str, token: str) -> bool:
+        """True exactly once per valid token, at whichever replica: marking it used is a compare-and-swap."""
         now = int(self._clock())
-        return self._db.execute(
-            "UPDATE agent_join_tokens SET used_unix = ?"
-            " WHERE token_sha256 = ? AND cluster = ? AND used_unix = 0 AND expires_unix > ?",
-            (now, _digest(token), cluster, now),
-        ).rowcount == 1
+        key = TOKENS + _digest(token)
+        # Read from the KV, not the mirror: the token may have been made at another replica a moment ago.
+        current = await self.store.read(key)
+        if current is None:
+            return False
+        document = decode(current.value)
+        if (document is None or document.get("cluster") != cluster or _int(document, "used_unix")
+                or _int(document, "expires_unix") <= now):
+            return False
+        used = encode({**document, "used_unix": now})
+        return await self.store.commit(Change(expect={key: current.revision}, put={key: used}))
 
-    def record_certificate(self, cluster: str, serial: int, not_after_unix: int,
-                           previous: AgentIdentity | None = None) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO agent_certificates"
-            " (cluster, current_serial, current_not_after_unix, previous_serial, previous_not_after_unix)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (cluster, format(serial, "x"), not_after_unix,
-             format(previous.serial, "x") if previous else "", previous.not_after_unix if previous else 0),
-        )
+    async def record_certificate(self, cluster: str, serial: int, not_after_unix: int,
+                                 previous: AgentIdentity | None = None) -> None:
+        await self.store.put(CERTIFICATES + cluster, encode({
+            "current_serial": format(serial, "x"), "current_not_after_unix": not_after_unix,
+            "previous_serial": format(previous.serial, "x") if previous else "",
+            "previous_not_after_unix": previous.not_after_unix if previous else 0,
+        }))
 
     def accepts(self, identity: AgentIdentity, now: float | None = None) -> bool:
         """Is this the cluster's current certificate, or the one it renewed from, and not expired?"""
         now = self._clock() if now is None else now
         if identity.not_after_unix <= now:
             return False
-        row = self._db.execute(
-            "SELECT current_serial, previous_serial FROM agent_certificates WHERE cluster = ?",
-            (identity.cluster,),
-        ).fetchone()
-        return row is not None and format(identity.serial, "x") in row
+        document = self.store.get_json(CERTIFICATES + identity.cluster)
+        if document is None:
+            return False
+        serial = format(identity.serial, "x")
+        return serial in (document.get("current_serial"), document.get("previous_serial"))
 
-    def revoke(self, cluster: str) -> None:
+    def _revocation(self, cluster: str) -> list[str]:
+        """The keys that revoking ``cluster`` deletes: its certificates, its tokens, and long-expired tokens."""
+        stale = int(self._clock()) - 86400
+        keys = [CERTIFICATES + cluster] if self.store.get(CERTIFICATES + cluster) else []
+        swept = 0
+        for key, _ in self.store.list(TOKENS):
+            document = self.store.get_json(key) or {}
+            if document.get("cluster") == cluster:
+                keys.append(key)
+            elif _int(document, "expires_unix") < stale and swept < _SWEEP_LIMIT:
+                keys.append(key)
+                swept += 1
+        return keys
+
+    async def revoke(self, cluster: str) -> None:
         """Forget the cluster's certificates and unused tokens (cluster removed or re-added)."""
-        self._db.execute("DELETE FROM agent_certificates WHERE cluster = ?", (cluster,))
-        self._db.execute("DELETE FROM agent_join_tokens WHERE cluster = ?", (cluster,))
-        self._db.execute("DELETE FROM agent_join_tokens WHERE expires_unix < ?", (int(self._clock()) - 86400,))
+        keys = self._revocation(cluster)
+        if keys:
+            await self.store.commit(Change(delete=keys))
 
 
 class AgentAuthenticator:
@@ -198,11 +232,14 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
         except ClusterConnectError as exc:  # CsrInvalid
             await abort_with(context, exc)
 
-    def _issue(self, csr: x509.CertificateSigningRequest, cluster: str,
-               previous: AgentIdentity | None) -> enrollment_pb2.AgentCertificate:
+    async def _issue(self, context: UnaryContext, csr: x509.CertificateSigningRequest, cluster: str,
+                     previous: AgentIdentity | None) -> enrollment_pb2.AgentCertificate:
         cert = agent_pki.issue(self.agent_ca, csr, cluster, self.lifetime)
         not_after = int(cert.not_valid_after_utc.timestamp())
-        self.enrollment.record_certificate(cluster, cert.serial_number, not_after, previous)
+        try:
+            await self.enrollment.record_certificate(cluster, cert.serial_number, not_after, previous)
+        except ClusterConnectError as exc:  # Unavailable: a certificate not recorded is not handed out
+            await abort_with(context, exc)
         log.info("agent certificate issued", cluster=cluster, serial=format(cert.serial_number, "x"),
                  not_after_unix=not_after, renewal=previous is not None)
         return enrollment_pb2.AgentCertificate(
@@ -218,7 +255,12 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
             log.debug("agent join refused", cluster=cluster, reason="rate limited", peer=context.peer())
             await abort_with(context, exc)
         csr = await self._checked_csr(context, request.csr_pem, cluster)
-        if self.clusters.get(cluster) is None or not self.enrollment.consume_join_token(cluster, request.join_token):
+        try:
+            consumed = self.clusters.get(cluster) is not None and \
+                await self.enrollment.consume_join_token(cluster, request.join_token)
+        except ClusterConnectError as exc:  # Unavailable (etcd unreachable): the token stays unused
+            await abort_with(context, exc)
+        if not consumed:
             self.join_limiter.failed(source)
             log.warning("agent join refused", cluster=cluster, peer=context.peer())
             await context.abort(
@@ -226,14 +268,14 @@ class Enrollment(enrollment_pb2_grpc.EnrollmentServicer):
                 f"join token not valid for cluster {cluster!r} (unknown, already used or expired):"
                 " get a new one from `clusterconnect clusters add`",
             )
-        certificate = self._issue(csr, cluster, None)
+        certificate = await self._issue(context, csr, cluster, None)
         log.info("agent joined", cluster=cluster, peer=context.peer())
         return enrollment_pb2.JoinResponse(certificate=certificate, agent_port=self.agent_port)
 
     async def Renew(self, request: enrollment_pb2.RenewRequest, context: UnaryContext) -> enrollment_pb2.RenewResponse:
         identity = await self.authenticator.authenticate(context, None)
         csr = await self._checked_csr(context, request.csr_pem, identity.cluster)
-        return enrollment_pb2.RenewResponse(certificate=self._issue(csr, identity.cluster, identity))
+        return enrollment_pb2.RenewResponse(certificate=await self._issue(context, csr, identity.cluster, identity))
 
 
 # -- wiring (called from relay/main.py) ---------------------------------------------------------
@@ -273,10 +315,11 @@ def serving_chain(cert_path: Path, ca_path: Path | None) -> tuple[bytes, bytes]:
 class AgentEnrollment:
     """Everything agent identity adds to the relay process."""
 
-    def __init__(self, args: argparse.Namespace, data_dir: Path, clusters: ClusterStore, relay_ca_pem: bytes) -> None:
+    def __init__(self, args: argparse.Namespace, store: EnrollmentStore, agent_ca: KeyPair, clusters: ClusterStore,
+                 relay_ca_pem: bytes) -> None:
         self.args = args
-        self.store = EnrollmentStore(data_dir / "relay.db")
-        self.agent_ca = agent_pki.ensure_agent_ca(data_dir / "pki")
+        self.store = store
+        self.agent_ca = agent_ca
         self.authenticator = AgentAuthenticator(self.store, clusters)
         self.clusters = clusters
         self.relay_ca_pem = relay_ca_pem
@@ -286,12 +329,21 @@ class AgentEnrollment:
             self.relay_ca_hash = ""
         self.agent_port = 0
 
-    def new_join_token(self, cluster: str) -> tuple[str, int, str]:
-        token, expires = self.store.create_join_token(cluster)
+    @classmethod
+    async def start(cls, args: argparse.Namespace, store: Store, sealing: SealingKey, data_dir: Path,
+                    clusters: ClusterStore, relay_ca_pem: bytes) -> AgentEnrollment:
+        """The records on ``store`` and the agent CA, made once for every replica (an existing data
+        directory's DATA_DIR/pki/agent-ca.* imported)."""
+        enrollment = await EnrollmentStore.open(store)
+        agent_ca = await agent_pki.ensure_agent_ca(store, sealing, data_dir / "pki")
+        return cls(args, enrollment, agent_ca, clusters, relay_ca_pem)
+
+    async def new_join_token(self, cluster: str) -> tuple[str, int, str]:
+        token, expires = await self.store.create_join_token(cluster)
         return token, expires, self.relay_ca_hash
 
-    def revoke(self, cluster: str) -> None:
-        self.store.revoke(cluster)
+    async def revoke(self, cluster: str) -> None:
+        await self.store.revoke(cluster)
 
     def add_to_server(self, server: grpc.aio.Server, key_pem: bytes, chain_pem: bytes) -> int:
         """Register Enrollment and bind the agent port (mutual TLS, agent CA only); returns that port."""
@@ -314,6 +366,3 @@ class AgentEnrollment:
         )
         log.info("agent endpoint", port=port, agent_cert_lifetime=self.args.agent_cert_lifetime)
         return int(port)
-
-    def close(self) -> None:
-        self.store.close()

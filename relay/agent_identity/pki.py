@@ -22,10 +22,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from clusterconnect import errors
 from clusterconnect.agentcert import CN_PREFIX, cluster_of, subject_for, uri_for
-from clusterconnect.pki import KeyPair, create_ca, write_private
+from clusterconnect.pki import KeyPair, create_ca
+from clusterconnect.relay.storage import shared
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 MAX_CSR_BYTES = 16 * 1024
+AGENT_CA_KEY = "pki/agent-ca"
 
 
 class CsrRefused(errors.PermissionDenied):
@@ -126,12 +130,8 @@ def identity_of(cert_pem: bytes) -> AgentIdentity | None:
     return AgentIdentity(cluster, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
 
 
-def ensure_agent_ca(directory: Path) -> KeyPair:
-    """Load ``agent-ca.crt``/``agent-ca.key`` from ``directory``, creating them on first start."""
-    directory.mkdir(parents=True, exist_ok=True)
-    crt, key = directory / "agent-ca.crt", directory / "agent-ca.key"
-    if not (crt.exists() and key.exists()):
-        ca = create_ca("clusterconnect agent CA")
-        write_private(key, ca.key_pem)
-        crt.write_bytes(ca.cert_pem)
-    return KeyPair(crt.read_bytes(), key.read_bytes())
+async def ensure_agent_ca(store: Store, sealing: SealingKey, legacy_dir: Path) -> KeyPair:
+    """The agent CA, made once in the store for every replica (its key sealed); a data directory of an
+    earlier version has it in ``legacy_dir``/agent-ca.crt and agent-ca.key, imported on the first start."""
+    legacy = (legacy_dir / "agent-ca.crt", legacy_dir / "agent-ca.key")
+    return await shared.key_pair(store, sealing, AGENT_CA_KEY, legacy, lambda: create_ca("clusterconnect agent CA"))

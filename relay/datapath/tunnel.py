@@ -242,6 +242,7 @@ class Tunnel:
                 f"hello names cluster {hello.cluster!r} but the certificate is for {cluster!r}",
             )
         session = AgentSession(cluster, hello.agent_version[:64], hello.kubernetes_version[:64])
+        await self.store.record_seen(cluster, int(session.last_seen), session.agent_version, session.kubernetes_version)
         self.sessions.add(session)
         log.info("agent connected", cluster=cluster, agent_version=session.agent_version,
                  kubernetes_version=session.kubernetes_version, peer=context.peer())
@@ -261,8 +262,6 @@ class Tunnel:
             self.sessions.discard(session)
             if not session.ended.is_set():  # a session replaced by a newer one keeps its connections
                 session.end(EndReason.DISCONNECTED)
-            self.store.record_seen(cluster, int(session.last_seen), session.agent_version,
-                                   session.kubernetes_version)
             reason = session.end_reason.value if session.end_reason else None
             log.info("agent disconnected", cluster=cluster, reason=reason)
         if session.end_reason is EndReason.CLUSTER_REMOVED:

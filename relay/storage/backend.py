@@ -10,6 +10,7 @@ from pathlib import Path
 from clusterconnect import cliargs
 from clusterconnect.errors import InvalidInput, StartupError
 from clusterconnect.relay.storage.etcd.client import Etcd, EtcdTLS, parse_endpoints
+from clusterconnect.relay.storage.kv import EtcdKV, SqliteKV
 
 SQLITE = "sqlite"
 ETCD = "etcd"
@@ -20,9 +21,21 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                      help="sqlite: the embedded store in DATA_DIR (one replica); etcd: shared by every replica")
     cliargs.add_flag(parser, "--etcd-endpoints", default="",
                      help="with --store etcd: https://HOST:PORT of each etcd member, comma-separated")
+    add_tls_flags(parser)
+
+
+def add_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """The etcd client's TLS files (migrate has them without --store: its target names the endpoints)."""
     cliargs.add_flag(parser, "--etcd-ca", type=Path, help="CA file that signed the etcd members' certificates")
     cliargs.add_flag(parser, "--etcd-cert", type=Path, help="client certificate the relay presents to etcd")
     cliargs.add_flag(parser, "--etcd-key", type=Path, help="key of --etcd-cert")
+
+
+def open_kv(args: argparse.Namespace, data_dir: Path) -> SqliteKV | EtcdKV:
+    """The KV that ``--store`` names: DATA_DIR/relay.db, or the etcd cluster of the etcd flags."""
+    if args.store == ETCD:
+        return EtcdKV(etcd_client(args))
+    return SqliteKV(data_dir / "relay.db")
 
 
 def etcd_client(args: argparse.Namespace) -> Etcd:

@@ -1,42 +1,39 @@
-"""The relay's cluster registry, in SQLite in the data directory (the embedded default).
+"""The relay's cluster registry, on the Store (relay/storage/store.py): SQLite or etcd.
 
-Agents authenticate with client certificates; join tokens and certificate serials live in
-relay/agent_identity/enrollment.py's tables of the same database. The ``credential_sha256`` column is a leftover
-of bearer agent credentials and stays empty.
+One record per cluster, ``clusters/<name>`` → {"uid", "created_unix", "last_seen_unix",
+"agent_version", "kubernetes_version"}. Agents authenticate with client certificates; join tokens
+and certificate serials are relay/agent_identity/enrollment.py's records.
 
 Each registration gets a random ``uid``, never reused: what belongs to one registration (its access
-list, relay/user_identity/access.py) is keyed by it and deleted with it, so a cluster registered
-again under the same name, even within the same second, starts with nothing of the old one.
+list, ``cluster-grants/<uid>/...``, relay/user_identity/access.py) is keyed by it and deleted with it
+in the same commit, so a cluster registered again under the same name, even within the same second,
+starts with nothing of the old one.
+
+Reads are from the Store's memory (the Dial path looks a cluster up on every connection); writes
+are async and visible on return. ``last_seen_unix`` and the versions are written once per agent
+session (at hello), never per heartbeat: with etcd, 10,000 agents must not mean 1,000 writes a second.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from clusterconnect import errors
-from clusterconnect.relay.storage.sqlite import add_column, open_db
+from clusterconnect.logs import get_logger
+from clusterconnect.relay.storage.kv import Change, SqliteKV
+from clusterconnect.relay.storage.sqlite import add_column, transaction
+from clusterconnect.relay.storage.store import Store, encode
+
+log = get_logger(__name__)
 
 CLUSTER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS clusters (
-    name TEXT PRIMARY KEY,
-    credential_sha256 TEXT NOT NULL,
-    created_unix INTEGER NOT NULL,
-    last_seen_unix INTEGER NOT NULL DEFAULT 0,
-    agent_version TEXT NOT NULL DEFAULT '',
-    kubernetes_version TEXT NOT NULL DEFAULT '',
-    uid TEXT NOT NULL DEFAULT ''
-);
-"""
-# After the migration in ClusterStore.__init__ (an index on a column that may have just been added).
-_UID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS clusters_uid ON clusters (uid)"
-_COLUMNS = "name, created_unix, last_seen_unix, agent_version, kubernetes_version, uid"
+PREFIX = "clusters/"
+GRANTS_PREFIX = "cluster-grants/"
+# The table of versions before the Store; imported once (Store.import_once), then left alone.
+LEGACY_TABLE = "clusters"
 
 
 class InvalidName(errors.InvalidInput):
@@ -68,52 +65,98 @@ def validate_name(name: str) -> None:
         )
 
 
+def grants_prefix(uid: str) -> str:
+    """Where the access list of one registration lives (deleted with the cluster)."""
+    return f"{GRANTS_PREFIX}{uid}/"
+
+
+def _value(record: ClusterRecord) -> bytes:
+    return encode({"uid": record.uid, "created_unix": record.created_unix, "last_seen_unix": record.last_seen_unix,
+                   "agent_version": record.agent_version, "kubernetes_version": record.kubernetes_version})
+
+
+def _legacy_records(rows: list[dict[str, object]]) -> dict[str, bytes]:
+    """Rows of the old ``clusters`` table as records; a row of a version before uids gets one now."""
+    records = {}
+    for row in rows:
+        name = str(row["name"])
+        records[PREFIX + name] = _value(ClusterRecord(
+            name, int(str(row.get("created_unix") or 0)), int(str(row.get("last_seen_unix") or 0)),
+            str(row.get("agent_version") or ""), str(row.get("kubernetes_version") or ""),
+            str(row.get("uid") or "") or _new_uid(),
+        ))
+    return records
+
+
+def _give_legacy_rows_uids(kv: SqliteKV) -> None:
+    """Rows of a version before uids get theirs in the old table first, as that version's successor did:
+    the old access lists there (cluster_access, by name) are matched to registrations by it."""
+    if kv.legacy_rows(LEGACY_TABLE) is None:
+        return
+    add_column(kv.db, LEGACY_TABLE, "uid", "TEXT NOT NULL DEFAULT ''")
+    with transaction(kv.db):
+        for (name,) in kv.db.execute("SELECT name FROM clusters WHERE uid = ''").fetchall():
+            kv.db.execute("UPDATE clusters SET uid = ? WHERE name = ?", (_new_uid(), name))
+
+
 class ClusterStore:
-    def __init__(self, path: Path) -> None:
-        self._db = open_db(path, _SCHEMA)
-        add_column(self._db, "clusters", "uid", "TEXT NOT NULL DEFAULT ''")
-        # Rows of an earlier version get their uid here, once.
-        for (name,) in self._db.execute("SELECT name FROM clusters WHERE uid = ''").fetchall():
-            self._db.execute("UPDATE clusters SET uid = ? WHERE name = ?", (_new_uid(), name))
-        self._db.execute(_UID_INDEX)
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def close(self) -> None:
-        self._db.close()
+    @classmethod
+    async def open(cls, store: Store) -> ClusterStore:
+        """The registry on ``store``; an earlier version's ``clusters`` rows are imported on the first start."""
+        if isinstance(store.kv, SqliteKV) and store.get(f"meta/imported/{LEGACY_TABLE}") is None:
+            _give_legacy_rows_uids(store.kv)
+        imported = await store.import_once(LEGACY_TABLE, _legacy_records)
+        if imported:
+            log.info("clusters imported from the earlier table", clusters=imported)
+        return cls(store)
 
-    def add(self, name: str) -> ClusterRecord:
+    async def add(self, name: str) -> ClusterRecord:
         """Register a cluster (its agent joins with a token from relay/agent_identity/enrollment.py)."""
         validate_name(name)
-        now = int(time.time())
-        uid = _new_uid()
-        try:
-            self._db.execute(
-                "INSERT INTO clusters (name, credential_sha256, created_unix, uid) VALUES (?, '', ?, ?)",
-                (name, now, uid),
-            )
-        except sqlite3.IntegrityError:
-            raise AlreadyExists(f"cluster {name} already exists") from None
-        return ClusterRecord(name, now, 0, "", "", uid)
+        record = ClusterRecord(name, int(time.time()), 0, "", "", _new_uid())
+        if not await self.store.create(PREFIX + name, _value(record)):
+            raise AlreadyExists(f"cluster {name} already exists")
+        return record
 
-    def remove(self, name: str) -> bool:
-        """Unregister; what is keyed by its uid (the access list) goes with it (ON DELETE CASCADE)."""
-        return self._db.execute("DELETE FROM clusters WHERE name = ?", (name,)).rowcount > 0
+    async def remove(self, name: str) -> bool:
+        """Unregister; the access list of this registration goes in the same commit."""
+        current = self.store.get(PREFIX + name)
+        record = self.get(name)
+        if current is None or record is None:
+            return False
+        # Expect the revision read: a concurrent re-registration (a new uid) is not removed with the old grants.
+        return await self.store.commit(Change(expect={PREFIX + name: current.revision}, delete=[PREFIX + name],
+                                              delete_prefixes=[grants_prefix(record.uid)]))
 
     def get(self, name: str) -> ClusterRecord | None:
-        row = self._db.execute(
-            f"SELECT {_COLUMNS} FROM clusters WHERE name = ?",
-            (name,),
-        ).fetchone()
-        return ClusterRecord(*row) if row else None
+        document = self.store.get_json(PREFIX + name)
+        if document is None:
+            return None
+        try:
+            return ClusterRecord(name, int(document["created_unix"]), int(document.get("last_seen_unix", 0)),
+                                 str(document.get("agent_version", "")), str(document.get("kubernetes_version", "")),
+                                 str(document["uid"]))
+        except (KeyError, TypeError, ValueError):
+            log.warning("cluster record unreadable; ignored", cluster=name)
+            return None
 
     def list(self) -> list[ClusterRecord]:
-        rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM clusters ORDER BY name"
-        ).fetchall()
-        return [ClusterRecord(*row) for row in rows]
+        records = (self.get(key[len(PREFIX):]) for key, _ in self.store.list(PREFIX))
+        return [record for record in records if record is not None]
 
-    def record_seen(self, name: str, seen_unix: int, agent_version: str, kubernetes_version: str) -> None:
-        self._db.execute(
-            "UPDATE clusters SET last_seen_unix = ?, agent_version = ?, kubernetes_version = ?"
-            " WHERE name = ?",
-            (seen_unix, agent_version, kubernetes_version, name),
-        )
+    async def record_seen(self, name: str, seen_unix: int, agent_version: str, kubernetes_version: str) -> None:
+        """Once per agent session. A store that cannot be written (etcd unreachable) costs the record,
+        never the agent's session: this replica keeps serving what it has."""
+        current = self.store.get(PREFIX + name)
+        record = self.get(name)
+        if current is None or record is None:
+            return
+        seen = ClusterRecord(name, record.created_unix, seen_unix, agent_version, kubernetes_version, record.uid)
+        try:
+            # Only this registration's record: a cluster removed meanwhile is not written back.
+            await self.store.commit(Change(expect={PREFIX + name: current.revision}, put={PREFIX + name: _value(seen)}))
+        except errors.Unavailable as exc:
+            log.warning("last seen not recorded", cluster=name, reason=str(exc))

@@ -23,6 +23,9 @@ from clusterconnect.relay.storage.etcd.api import rpc_pb2
 from clusterconnect.relay.storage.etcd.client import Etcd, delete_op, put_op
 from clusterconnect.relay.storage.sqlite import open_db
 
+# Rows of an earlier version's table, column name -> value (SqliteKV.legacy_rows).
+Rows = list[dict[str, object]]
+
 
 @dataclass(frozen=True)
 class Versioned:
@@ -131,6 +134,20 @@ class SqliteKV:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The SQLite connection, for a record store's one-time step on its earlier table (clusters.py)."""
+        return self._db
+
+    def legacy_rows(self, table: str) -> Rows | None:
+        """The rows of ``table`` as an earlier version wrote it in this file (None if there is no such
+        table): what a record store imports once into the KV (``Store.import_once``)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone():
+            return None
+        cursor = self._db.execute(f'SELECT * FROM "{table}"')
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def _upper_bound(prefix: str) -> str:

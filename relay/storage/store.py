@@ -19,12 +19,14 @@ fail with :class:`~clusterconnect.errors.Unavailable`, which the admin API repor
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
+from typing import Any
 
 from clusterconnect.errors import Unavailable
 from clusterconnect.relay.storage.etcd.cache import PrefixCache
 from clusterconnect.relay.storage.etcd.client import EtcdUnavailable
-from clusterconnect.relay.storage.kv import Change, EtcdKV, SqliteKV, Versioned
+from clusterconnect.relay.storage.kv import Change, EtcdKV, Rows, SqliteKV, Versioned
 
 # (key, value or None when deleted): told of every change, whichever replica made it.
 Listener = Callable[[str, bytes | None], None]
@@ -32,6 +34,20 @@ Listener = Callable[[str, bytes | None], None]
 # A write returns once the watch has brought it back; etcd delivers it in milliseconds. Longer than
 # this means this replica's watch is broken: the write happened, but the caller hears so.
 MIRROR_CATCH_UP_SECONDS = 10.0
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    """A record's value: compact JSON with sorted keys (the same record is the same bytes)."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode(value: bytes) -> dict[str, Any] | None:
+    """A record's JSON object (None if the bytes are not one: never trust what another writer left)."""
+    try:
+        document = json.loads(value)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 class Store:
@@ -83,6 +99,19 @@ class Store:
     def list(self, prefix: str) -> list[tuple[str, Versioned]]:
         return sorted((k, v) for k, v in self._values.items() if k.startswith(prefix))
 
+    def get_json(self, key: str) -> dict[str, Any] | None:
+        """The JSON document at ``key`` (None if absent or not a JSON object: never trust a peer's bytes)."""
+        current = self._values.get(key)
+        return None if current is None else decode(current.value)
+
+    async def read(self, key: str) -> Versioned | None:
+        """``key`` as the KV has it now (etcd: a linearizable read). For a write that must see another
+        replica's last write (consuming a join token made there a moment ago), never for the Dial path."""
+        try:
+            return await self.kv.get(key)
+        except EtcdUnavailable as exc:
+            raise Unavailable(f"the store (etcd) is unreachable: {exc}") from None
+
     def subscribe(self, prefix: str, listener: Listener) -> None:
         """Call ``listener`` for each change of a key under ``prefix``, made here or at another replica."""
         self._listeners.append((prefix, listener))
@@ -115,13 +144,28 @@ class Store:
         present = [key for key in keys if key in self._values]
         return bool(present) and await self.commit(Change(delete=present))
 
+    async def import_once(self, table: str, records: Callable[[Rows], dict[str, bytes]]) -> int:
+        """Copy an earlier version's SQLite ``table`` into the KV, once: ``records`` turns its rows into
+        keys and values, written in one commit with the marker ``meta/imported/<table>`` (expected absent),
+        so a second start (or a second replica) imports nothing. The old table is left as it was.
+        Returns how many records were written (0: nothing to import, or imported before)."""
+        marker = f"meta/imported/{table}"
+        if not isinstance(self.kv, SqliteKV) or self.get(marker) is not None:
+            return 0
+        rows = self.kv.legacy_rows(table)
+        if rows is None:
+            return 0
+        written = records(rows)
+        imported = await self.commit(Change(expect={marker: 0}, put={marker: b"{}", **written}))
+        return len(written) if imported else 0
+
     # -- feeding the mirror ------------------------------------------------------------------------------
 
     def _apply_locally(self, change: Change, revision: int) -> None:
         gone = set(change.delete)
         for prefix in change.delete_prefixes:
             gone.update(k for k in self._values if k.startswith(prefix))
-        for key in gone:
+        for key in sorted(gone):
             if self._values.pop(key, None) is not None:
                 self._tell(key, None)
         for key, value in change.put.items():

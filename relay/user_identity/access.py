@@ -83,12 +83,22 @@ class AccessStore:
     def __init__(self, path: Path, clusters: ClusterStore) -> None:
         self.clusters = clusters  # first: its table holds the uids the grants refer to
         self._db = open_db(path, _SCHEMA)
+        # Stores-branch adapter until this file moves onto the Store: clusters are no longer a table here,
+        # so grants cannot cascade from it; a removed cluster's grants are deleted when the Store says so.
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        clusters.store.subscribe("clusters/", self._forget_removed)
         legacy = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cluster_access'").fetchone()
         if legacy:
             with transaction(self._db):
                 for statement in _MIGRATE_CLUSTER_ACCESS:
                     self._db.execute(statement)
+
+    def _forget_removed(self, _key: str, value: bytes | None) -> None:
+        if value is not None:
+            return
+        uids = [record.uid for record in self.clusters.list()]
+        self._db.execute(f"DELETE FROM cluster_grants WHERE cluster_uid NOT IN ({','.join('?' * len(uids))})", uids)
 
     def close(self) -> None:
         self._db.close()

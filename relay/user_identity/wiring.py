@@ -22,6 +22,7 @@ from clusterconnect.oidc.config import PrefixedClaim
 from clusterconnect.relay.datapath.connections import ConnectionRegistry
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.storage.sealing import SealBroken, SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer
 from clusterconnect.relay.user_identity.api import AccessAdmin, IdentityProvider
 from clusterconnect.relay.user_identity.issuer import (
@@ -55,9 +56,6 @@ def add_flags(serve: argparse.ArgumentParser) -> None:
     cliargs.add_flag(serve, "--authentication-config", type=Path,
                      help="AuthenticationConfiguration (as the auth proxy's) of external issuers whose users"
                           " may be on access lists; an entry for the built-in issuer overrides its mapping")
-    cliargs.add_flag(serve, "--sealing-key-file", type=Path,
-                     help="key that seals the issuer's signing keys in the database (a file or mounted Secret,"
-                          " mode 600 or 400; default: DATA_DIR/sealing.key, created on first start)")
     cliargs.add_flag(serve, "--refresh-credential-lifetime", type=int, default=DEFAULT_CREDENTIAL_LIFETIME,
                      help="seconds a login (refresh credential) stays valid; then the user logs in again")
     cliargs.add_flag(serve, "--clock-skew-seconds", type=int, default=60,
@@ -102,9 +100,10 @@ def builtin_issuer_config(url: str, audience: str, ca_pem: str | None) -> Issuer
                         username=PrefixedClaim("sub", ""), groups=PrefixedClaim("groups", ""), uid="uid")
 
 
-async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, cert: Path, key: Path,
-                ca_pem: str | None, admin_credential: str, server: grpc.aio.Server,
+async def start(args: argparse.Namespace, data_dir: Path, _store: Store, store: ClusterStore, sealing: SealingKey,
+                cert: Path, key: Path, ca_pem: str | None, admin_credential: str, server: grpc.aio.Server,
                 connections: ConnectionRegistry) -> UserIdentity:
+    # Stores-branch adapter (the new signature; the sealing key is loaded by relay/main.py): replaced by identity's.
     external = AuthenticationConfig()
     if args.authentication_config:
         try:
@@ -118,9 +117,6 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
         raise StartupError("--refresh-credential-lifetime must be at least 1 second")
 
     db = data_dir / "relay.db"
-    # An explicit file (a mounted Secret) must exist: a new key would not open what the old one sealed.
-    sealing = SealingKey.load_or_create(args.sealing_key_file or data_dir / "sealing.key",
-                                        create=args.sealing_key_file is None)
     try:
         keys = SigningKeys(db, sealing, max_age=args.signing_key_max_age)
     except SealBroken as exc:
