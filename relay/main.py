@@ -27,6 +27,9 @@ from clusterconnect.relay.datapath.passthrough import raw_stream_handler
 from clusterconnect.relay.datapath.sessions import SessionTable
 from clusterconnect.relay.datapath.tunnel import Tunnel
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity import wiring as user_identity
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="open client connections one verified caller (issuer + subject) may have at this"
                           " relay, over all clusters (0: unlimited)")
     cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
+    cliargs.add_flag(serve, "--sealing-key-file", type=Path,
+                     help="key that seals the private keys in the store (a file or mounted Secret,"
+                          " mode 600 or 400; default: DATA_DIR/sealing.key, created on first start)")
     user_identity.add_flags(serve)
     agent_enrollment.add_flags(serve)
     return parser.parse_args(argv)
@@ -104,9 +110,13 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server(options=RELAY_SERVER_OPTIONS)
     agents = agent_enrollment.AgentEnrollment(args, data_dir, store, relay_ca_pem)
     agent_port = agents.add_to_server(server, key_pem, chain_pem)
+    # An explicit file (a mounted Secret) must exist: a new key would not open what the old one sealed.
+    sealing = SealingKey.load_or_create(args.sealing_key_file or data_dir / "sealing.key",
+                                        create=args.sealing_key_file is None)
+    kv_store = await Store.open(SqliteKV(data_dir / "relay.db"))
     identity = await user_identity.start(
-        args, data_dir, store, cert_path, key_path, None if args.tls_cert else ca_file.read_text(), admin, server,
-        connections,
+        args, data_dir, kv_store, store, sealing, cert_path, key_path, None if args.tls_cert else ca_file.read_text(),
+        admin, server, connections,
     )
     tunnel = Tunnel(store, sessions, args.heartbeat_seconds,
                     authorizer=identity.authorizer, agent_auth=agents.authenticator, connections=connections)
@@ -143,9 +153,9 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         await server.stop(grace=2)
         await identity.endpoint.close()
-        identity.close()
         agents.close()
         store.close()
+        await kv_store.close()
 
 
 def main(argv: list[str] | None = None) -> None:

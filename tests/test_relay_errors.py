@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -13,6 +14,8 @@ from clusterconnect.clientproxy.errors import describe_rpc_error, dial_refusal, 
 from clusterconnect.metadata import DialRefusal
 from clusterconnect.relay.agent_identity.pki import CsrInvalid, CsrRefused
 from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, InvalidName
+from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.access import AccessStore, ClusterNotRegistered, Entry, InvalidEntry
 from clusterconnect.relay.user_identity.users import (
     InvalidUserInput,
@@ -71,19 +74,23 @@ def test_each_reason_has_its_kubernetes_status(reason: DialRefusal, http: int, k
 
 def test_relay_domain_errors_carry_their_status(tmp_path) -> None:
     clusters = ClusterStore(tmp_path / "relay.db")
-    users = UserStore(tmp_path / "relay.db")
-    access = AccessStore(tmp_path / "relay.db", clusters)
+    store = asyncio.run(Store.open(SqliteKV(tmp_path / "relay.db")))
+    users = UserStore(store)
+    access = AccessStore(store, clusters)
     clusters.add("prod")
-    users.add("alice", [])
+    asyncio.run(users.add("alice", []))
     cases = [
         (lambda: clusters.add("Not_Valid"), InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
         (lambda: clusters.add("prod"), AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-        (lambda: users.add("system-x", []), InvalidUserInput, grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: users.add("alice", []), UserExists, grpc.StatusCode.ALREADY_EXISTS),
-        (lambda: users.new_code("bob"), NoSuchUser, grpc.StatusCode.NOT_FOUND),
-        (lambda: users.redeem_code("nope", "laptop"), LoginCodeInvalid, grpc.StatusCode.UNAUTHENTICATED),
-        (lambda: access.grant("nope", Entry("user", "alice")), ClusterNotRegistered, grpc.StatusCode.NOT_FOUND),
-        (lambda: access.grant("prod", Entry("robot", "x")), InvalidEntry, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: asyncio.run(users.add("system-x", [])), InvalidUserInput, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: asyncio.run(users.add("alice", [])), UserExists, grpc.StatusCode.ALREADY_EXISTS),
+        (lambda: asyncio.run(users.new_code("bob")), NoSuchUser, grpc.StatusCode.NOT_FOUND),
+        (lambda: asyncio.run(users.redeem_code("nope", "laptop")), LoginCodeInvalid,
+         grpc.StatusCode.UNAUTHENTICATED),
+        (lambda: asyncio.run(access.grant("nope", Entry("user", "alice"))), ClusterNotRegistered,
+         grpc.StatusCode.NOT_FOUND),
+        (lambda: asyncio.run(access.grant("prod", Entry("robot", "x"))), InvalidEntry,
+         grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for call, cls, status in cases:
         with pytest.raises(cls) as raised:

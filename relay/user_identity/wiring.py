@@ -22,6 +22,7 @@ from clusterconnect.oidc.config import PrefixedClaim
 from clusterconnect.relay.datapath.connections import ConnectionRegistry
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.storage.sealing import SealBroken, SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer
 from clusterconnect.relay.user_identity.api import AccessAdmin, IdentityProvider
 from clusterconnect.relay.user_identity.issuer import (
@@ -31,6 +32,7 @@ from clusterconnect.relay.user_identity.issuer import (
     IssuerEndpoint,
     SigningKeys,
 )
+from clusterconnect.relay.user_identity.revocation import RevocationWatch
 from clusterconnect.relay.user_identity.users import DEFAULT_CREDENTIAL_LIFETIME, UserStore
 from clusterconnect.v1 import identity_pb2_grpc
 
@@ -55,9 +57,6 @@ def add_flags(serve: argparse.ArgumentParser) -> None:
     cliargs.add_flag(serve, "--authentication-config", type=Path,
                      help="AuthenticationConfiguration (as the auth proxy's) of external issuers whose users"
                           " may be on access lists; an entry for the built-in issuer overrides its mapping")
-    cliargs.add_flag(serve, "--sealing-key-file", type=Path,
-                     help="key that seals the issuer's signing keys in the database (a file or mounted Secret,"
-                          " mode 600 or 400; default: DATA_DIR/sealing.key, created on first start)")
     cliargs.add_flag(serve, "--refresh-credential-lifetime", type=int, default=DEFAULT_CREDENTIAL_LIFETIME,
                      help="seconds a login (refresh credential) stays valid; then the user logs in again")
     cliargs.add_flag(serve, "--clock-skew-seconds", type=int, default=60,
@@ -72,11 +71,7 @@ class UserIdentity:
     access: AccessStore
     keys: SigningKeys
     authorizer: DialAuthorizer
-
-    def close(self) -> None:
-        self.users.close()
-        self.access.close()
-        self.keys.close()
+    revocations: RevocationWatch
 
 
 def _issuer_address(args: argparse.Namespace) -> tuple[str, int]:
@@ -102,9 +97,11 @@ def builtin_issuer_config(url: str, audience: str, ca_pem: str | None) -> Issuer
                         username=PrefixedClaim("sub", ""), groups=PrefixedClaim("groups", ""), uid="uid")
 
 
-async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, cert: Path, key: Path,
-                ca_pem: str | None, admin_credential: str, server: grpc.aio.Server,
-                connections: ConnectionRegistry) -> UserIdentity:
+async def start(args: argparse.Namespace, data_dir: Path, store: Store, clusters: ClusterStore,
+                sealing: SealingKey, cert: Path, key: Path, ca_pem: str | None, admin_credential: str,
+                server: grpc.aio.Server, connections: ConnectionRegistry) -> UserIdentity:
+    """Everything of user identity on ``store`` (the records of an earlier version's relay.db imported
+    once), its services added to ``server``; ``sealing`` opens the issuer's signing keys."""
     external = AuthenticationConfig()
     if args.authentication_config:
         try:
@@ -117,16 +114,13 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
     if args.refresh_credential_lifetime < 1:
         raise StartupError("--refresh-credential-lifetime must be at least 1 second")
 
-    db = data_dir / "relay.db"
-    # An explicit file (a mounted Secret) must exist: a new key would not open what the old one sealed.
-    sealing = SealingKey.load_or_create(args.sealing_key_file or data_dir / "sealing.key",
-                                        create=args.sealing_key_file is None)
+    legacy_db = data_dir / "relay.db"  # where earlier versions kept these records
     try:
-        keys = SigningKeys(db, sealing, max_age=args.signing_key_max_age)
+        keys = await SigningKeys.open(store, sealing, max_age=args.signing_key_max_age, legacy_db=legacy_db)
     except SealBroken as exc:
         raise StartupError(f"{exc} (--sealing-key-file must be the key this database was sealed with)") from None
-    users = UserStore(db, credential_lifetime=args.refresh_credential_lifetime)
-    access = AccessStore(db, store)
+    users = await UserStore.open(store, legacy_db, credential_lifetime=args.refresh_credential_lifetime)
+    access = await AccessStore.open(store, clusters, legacy_db)
     issuer = Issuer("", "", keys, args.access_token_lifetime)
     endpoint = IssuerEndpoint(issuer, cert, key)
     host, port = _issuer_address(args)
@@ -148,16 +142,12 @@ async def start(args: argparse.Namespace, data_dir: Path, store: ClusterStore, c
         for i in config.issuers
     })
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-
-    def recheck(cluster: str | None) -> None:
-        ended = connections.revoke_where(lambda c: authorizer.refusal_now(c.cluster, c.caller), cluster)
-        if ended:
-            log.info("open connections ended by revocation", cluster=cluster, connections=ended)
+    revocations = RevocationWatch(store, clusters, authorizer, connections)
     # The generated *_pb2_grpc modules have no type stubs.
     identity_pb2_grpc.add_IdentityProviderServicer_to_server(
         IdentityProvider(users, issuer), server)
     identity_pb2_grpc.add_AccessAdminServicer_to_server(
-        AccessAdmin(users, access, issuer, admin_credential, recheck), server)
+        AccessAdmin(users, access, issuer, admin_credential), server)
     log.info("issuer serving", url=issuer.url, address=f"{host}:{port}", audience=issuer.audience,
              lifetime_seconds=args.access_token_lifetime, external_issuers=[i.url for i in external.issuers])
-    return UserIdentity(issuer, endpoint, users, access, keys, authorizer)
+    return UserIdentity(issuer, endpoint, users, access, keys, authorizer, revocations)
