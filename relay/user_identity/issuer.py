@@ -143,9 +143,9 @@ class SigningKeys:
         A key that does not open with ``sealing`` stops the start (SealBroken), not the first login."""
         keys = cls(store, sealing, max_age, clock)
         await keys._import(legacy_db)
-        keys.keys()  # before adding to a keyring sealed with another key
+        keys.ring()  # before adding to a keyring sealed with another key
         await update(store, KEYRING, keys._complete)
-        keys.keys()
+        keys.ring()
         return keys
 
     async def _import(self, db: Path | None) -> None:
@@ -199,9 +199,11 @@ class SigningKeys:
             return None
         return Change(put={KEYRING: encode({"keys": after})})
 
-    def keys(self) -> list[SigningKey]:
+    def ring(self) -> list[SigningKey]:
         """The keyring of this replica's mirror, unsealed (once per change of it)."""
-        current = self.store.get(KEYRING)
+        return self._unsealed(self.store.get(KEYRING))
+
+    def _unsealed(self, current: Versioned | None) -> list[SigningKey]:
         revision = current.revision if current is not None else 0
         if self._opened[0] != revision:
             ring = sorted(self._stored(current), key=lambda k: (k["created_unix"], k["kid"]))
@@ -210,8 +212,8 @@ class SigningKeys:
                            k["activated_unix"], k["retired_unix"]) for k in ring])
         return self._opened[1]
 
-    def _signing(self) -> SigningKey | None:
-        found = [k for k in self.keys() if k.activated_unix and not k.retired_unix]
+    def _signing(self, keys: list[SigningKey] | None = None) -> SigningKey | None:
+        found = [k for k in (self.ring() if keys is None else keys) if k.activated_unix and not k.retired_unix]
         return found[-1] if found else None
 
     async def current(self) -> SigningKey:
@@ -246,17 +248,17 @@ class SigningKeys:
                     k["activated_unix"] = now
             return self._complete(current, ring)
 
-        await update(self.store, KEYRING, decide)
-        key = self._signing()
-        assert key is not None  # the keyring just written has one
-        if key.kid != kid:
+        written, settled = await update(self.store, KEYRING, decide)
+        key = self._signing(self._unsealed(settled))  # settled: perhaps newer than this replica's mirror
+        assert key is not None  # the keyring as written (here or by the replica that won) has one
+        if written and key.kid != kid:
             log.info("signing key rotated", kid=key.kid)
         return key
 
     def jwks(self) -> dict[str, Any]:
         """Every key that is next, current, or previous with tokens possibly still alive."""
         horizon = self._clock() - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
-        return {"keys": [public_jwk(k.private) for k in self.keys()
+        return {"keys": [public_jwk(k.private) for k in self.ring()
                          if not (k.retired_unix and k.retired_unix < horizon)]}
 
 

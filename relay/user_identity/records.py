@@ -43,18 +43,21 @@ async def read_through(store: Store, key: str) -> Versioned | None:
     return await store.kv.get(key)
 
 
-async def update(store: Store, key: str, decide: Callable[[Versioned | None], Change | None]) -> bool:
+async def update(store: Store, key: str,
+                 decide: Callable[[Versioned | None], Change | None]) -> tuple[bool, Versioned | None]:
     """Commit ``decide(current record)`` with the expectation that ``key`` still has the revision read;
-    ``decide`` is asked again after a lost race. False when ``decide`` returns None (nothing to do)."""
+    ``decide`` is asked again after a lost race. Returns whether it wrote (not when ``decide`` returns
+    None: nothing to do) and the record as it is now (read from the KV after a lost race: this
+    replica's mirror may not have the winner's write yet)."""
     # Absent from the mirror may mean "written at another replica a moment ago": ask the KV.
     current = store.get(key) or await read_through(store, key)
     for _ in range(ATTEMPTS):
         change = decide(current)
         if change is None:
-            return False
+            return False, current
         revision = current.revision if current is not None else 0
         if await store.commit(Change(expect={**change.expect, key: revision}, put=change.put,
                                      delete=change.delete, delete_prefixes=change.delete_prefixes)):
-            return True
+            return True, store.get(key)
         current = await read_through(store, key)
     raise Unavailable(f"{key} changed {ATTEMPTS} times while this relay tried to update it; try again")

@@ -268,7 +268,8 @@ class UserStore:
                       if user is not None and _text(decode(v) or {}, "user_uid") == user.uid]
             return Change(delete=[USERS + name, *codes, *logins])
 
-        return await update(self.store, USERS + name, decide)
+        removed, _ = await update(self.store, USERS + name, decide)
+        return removed
 
     async def redeem_code(self, code: str, device: str) -> tuple[UserRecord, str]:
         """Consume a login code (once, at whichever replica); returns the user and a new refresh credential."""
