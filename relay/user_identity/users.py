@@ -316,7 +316,7 @@ class UserStore:
                 raise CredentialInvalid(_NOT_VALID)
             used = Change(expect={key: found.revision}, put={key: encode({**document, "last_used_unix": now})})
             if await self.store.commit(used):
-                return self._counted([user])[0]
+                return user
         raise Unavailable("this refresh credential was used at several replicas at once; try again")
 
     def _credential(self, credential: str) -> tuple[str, dict[str, Any]] | None:
