@@ -204,7 +204,6 @@ async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing
     finally:
         await server.stop(grace=2)
         await identity.endpoint.close()
-        identity.close()
 
 
 def main(argv: list[str] | None = None) -> None:

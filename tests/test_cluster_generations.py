@@ -14,13 +14,13 @@ from contextlib import closing
 from types import SimpleNamespace
 
 from chain import Chain
-from test_user_identity import _relay_parts
+from test_user_identity import _relay_parts, mint
 
 from clusterconnect.relay.storage import clusters as cluster_storage
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.storage.kv import SqliteKV
 from clusterconnect.relay.storage.store import Store
-from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
+from clusterconnect.relay.user_identity.access import GRANTS, AccessStore, DialAuthorizer, Entry
 
 
 def test_a_cluster_added_again_in_the_same_second_starts_empty(tmp_path, monkeypatch):
@@ -28,22 +28,20 @@ def test_a_cluster_added_again_in_the_same_second_starts_empty(tmp_path, monkeyp
     monkeypatch.setattr(cluster_storage, "time", SimpleNamespace(time=lambda: now))  # one second for all
     clusters, _, issuer, verifier, users, access = _relay_parts(tmp_path)
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-    alice, bob = users.add("alice", [])[0], users.add("bob", [])[0]
-    alice_token, _ = issuer.mint("alice", (), alice.uid)
+    alice, bob = asyncio.run(users.add("alice", []))[0], asyncio.run(users.add("bob", []))[0]
+    alice_token = mint(issuer, "alice", (), alice.uid)
     first = asyncio.run(clusters.add("dev"))
-    access.grant("dev", Entry("user", "alice"))
+    asyncio.run(access.grant("dev", Entry("user", "alice")))
     assert asyncio.run(authorizer.check("dev", alice_token)).allowed
     asyncio.run(clusters.remove("dev"))
     second = asyncio.run(clusters.add("dev"))
     assert second.created_unix == first.created_unix and second.uid != first.uid
     assert access.entries("dev") == []
-    access.grant("dev", Entry("user", "bob"))
+    asyncio.run(access.grant("dev", Entry("user", "bob")))
     refused = asyncio.run(authorizer.check("dev", alice_token))
     assert not refused.allowed and 'user "alice" may not reach cluster dev' in refused.message
-    assert asyncio.run(authorizer.check("dev", issuer.mint("bob", (), bob.uid)[0])).allowed
-    with closing(sqlite3.connect(tmp_path / "relay.db")) as db:
-        assert db.execute("SELECT cluster_uid, kind, name FROM cluster_grants").fetchall() == \
-            [(second.uid, "user", "bob")]
+    assert asyncio.run(authorizer.check("dev", mint(issuer, "bob", (), bob.uid))).allowed
+    assert f"{GRANTS}{second.uid}/user/bob" in [key for key, _ in access.store.list(GRANTS)]
 
 
 def test_grants_of_an_earlier_version_move_to_the_cluster_they_belong_to(tmp_path):
@@ -60,15 +58,18 @@ def test_grants_of_an_earlier_version_move_to_the_cluster_they_belong_to(tmp_pat
                 ('prod', 300, 'user', 'alice');
         """)
         old.commit()
-    clusters = asyncio.run(ClusterStore.open(asyncio.run(Store.open(SqliteKV(db)))))
-    access = AccessStore(db, clusters)
+    store = asyncio.run(Store.open(SqliteKV(db)))
+    clusters = asyncio.run(ClusterStore.open(store))
+    access = asyncio.run(AccessStore.open(store, clusters, db))
     assert access.entries("dev") == [Entry("group", "dev")]  # the grant of an older registration is dropped
     assert access.entries("prod") == [Entry("user", "alice")]
     assert len({clusters.get("dev").uid, clusters.get("prod").uid}) == 2
-    asyncio.run(clusters.remove("prod"))
-    assert access._db.execute("SELECT COUNT(*) FROM cluster_grants").fetchone()[0] == 1
-    assert access._db.execute(
-        "SELECT COUNT(*) FROM sqlite_master WHERE name = 'cluster_access'").fetchone()[0] == 0
+    assert len(store.list(GRANTS)) == 2
+    # Imported once: a second start (the old table is still there) finds the marker and adds nothing.
+    asyncio.run(access.revoke("prod", Entry("user", "alice")))
+    reopened = asyncio.run(Store.open(SqliteKV(db)))
+    again = asyncio.run(AccessStore.open(reopened, asyncio.run(ClusterStore.open(reopened)), db))
+    assert again.entries("prod") == [] and again.entries("dev") == [Entry("group", "dev")]
 
 
 def test_removing_a_cluster_deletes_its_access_list(tmp_path):

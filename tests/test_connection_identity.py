@@ -44,6 +44,7 @@ from clusterconnect.aadproxy.connection_identity import FORBIDDEN
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.relay.datapath.connections import ConnectionRegistry
 from clusterconnect.relay.user_identity.access import DialAuthorizer, Entry
+from clusterconnect.relay.user_identity.revocation import RevocationWatch
 from clusterconnect.streams import GrpcClientStream, PeerGone
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -411,28 +412,25 @@ def test_the_auth_proxy_holds_each_connection_to_one_identity() -> None:
 def test_an_access_change_ends_exactly_the_connections_it_no_longer_admits(tmp_path) -> None:
     clusters, _, issuer, verifier, users, access = relay_parts(tmp_path)
     asyncio.run(clusters.add("dev"))
-    alice_record, _, _ = users.add("alice", ["dev"])
-    bob_record, _, _ = users.add("bob", ["ops"])
+    alice_record, _, _ = asyncio.run(users.add("alice", ["dev"]))
+    bob_record, _, _ = asyncio.run(users.add("bob", ["ops"]))
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
     registry = ConnectionRegistry()
-
-    def recheck() -> None:
-        registry.revoke_where(lambda c: authorizer.refusal_now(c.cluster, c.caller), "dev")
+    # The recheck follows the store: no call here, the changes below end what they no longer admit.
+    RevocationWatch(access.store, clusters, authorizer, registry)
 
     async def main() -> None:
-        alice = await verifier.verify(issuer.mint("alice", ("dev",), alice_record.uid)[0])
-        bob = await verifier.verify(issuer.mint("bob", ("ops",), bob_record.uid)[0])
+        alice = await verifier.verify((await issuer.mint("alice", ("dev",), alice_record.uid))[0])
+        bob = await verifier.verify((await issuer.mint("bob", ("ops",), bob_record.uid))[0])
         unverified = registry.open("dev", None, None)  # a ServiceAccount token on a passthrough cluster
         hers = registry.open("dev", alice, None)
         his = registry.open("dev", bob, None)
-        access.grant("dev", Entry("group", "dev"))  # the passthrough cluster becomes access-listed
-        recheck()
+        await access.grant("dev", Entry("group", "dev"))  # the passthrough cluster becomes access-listed
         revoked = "access to cluster dev was revoked at the relay"
         assert (await asyncio.wait_for(unverified.wait_revoked(), 1)) == revoked
         assert (await asyncio.wait_for(his.wait_revoked(), 1)).startswith("access to cluster dev was revoked")
         assert not hers.reason  # still admitted
-        users.remove("alice")
-        recheck()
+        await users.remove("alice")
         assert (await asyncio.wait_for(hers.wait_revoked(), 1)) == "user alice was removed from the relay"
         for connection in (unverified, hers, his):
             registry.close(connection)

@@ -73,20 +73,24 @@ def test_each_reason_has_its_kubernetes_status(reason: DialRefusal, http: int, k
 
 
 def test_relay_domain_errors_carry_their_status(tmp_path) -> None:
-    clusters = asyncio.run(ClusterStore.open(asyncio.run(Store.open(SqliteKV(tmp_path / "relay.db")))))
-    users = UserStore(tmp_path / "relay.db")
-    access = AccessStore(tmp_path / "relay.db", clusters)
+    store = asyncio.run(Store.open(SqliteKV(tmp_path / "relay.db")))
+    clusters = asyncio.run(ClusterStore.open(store))
+    users = UserStore(store)
+    access = AccessStore(store, clusters)
     asyncio.run(clusters.add("prod"))
-    users.add("alice", [])
+    asyncio.run(users.add("alice", []))
     cases = [
         (lambda: asyncio.run(clusters.add("Not_Valid")), InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
         (lambda: asyncio.run(clusters.add("prod")), AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-        (lambda: users.add("system-x", []), InvalidUserInput, grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: users.add("alice", []), UserExists, grpc.StatusCode.ALREADY_EXISTS),
-        (lambda: users.new_code("bob"), NoSuchUser, grpc.StatusCode.NOT_FOUND),
-        (lambda: users.redeem_code("nope", "laptop"), LoginCodeInvalid, grpc.StatusCode.UNAUTHENTICATED),
-        (lambda: access.grant("nope", Entry("user", "alice")), ClusterNotRegistered, grpc.StatusCode.NOT_FOUND),
-        (lambda: access.grant("prod", Entry("robot", "x")), InvalidEntry, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: asyncio.run(users.add("system-x", [])), InvalidUserInput, grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: asyncio.run(users.add("alice", [])), UserExists, grpc.StatusCode.ALREADY_EXISTS),
+        (lambda: asyncio.run(users.new_code("bob")), NoSuchUser, grpc.StatusCode.NOT_FOUND),
+        (lambda: asyncio.run(users.redeem_code("nope", "laptop")), LoginCodeInvalid,
+         grpc.StatusCode.UNAUTHENTICATED),
+        (lambda: asyncio.run(access.grant("nope", Entry("user", "alice"))), ClusterNotRegistered,
+         grpc.StatusCode.NOT_FOUND),
+        (lambda: asyncio.run(access.grant("prod", Entry("robot", "x"))), InvalidEntry,
+         grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for call, cls, status in cases:
         with pytest.raises(cls) as raised:

@@ -7,7 +7,9 @@ import json
 import ssl
 
 from clusterconnect.pki import ensure_ca_and_server_cert
+from clusterconnect.relay.storage.kv import SqliteKV
 from clusterconnect.relay.storage.sealing import SealingKey
+from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.issuer import Issuer, IssuerEndpoint, SigningKeys
 
 
@@ -15,7 +17,8 @@ def test_close_ends_open_connections(tmp_path) -> None:
     ca, cert, key = ensure_ca_and_server_cert(tmp_path / "pki", "test CA", ["127.0.0.1"])
 
     async def scenario() -> None:
-        keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
+        store = await Store.open(SqliteKV(tmp_path / "relay.db"))
+        keys = await SigningKeys.open(store, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
         issuer = Issuer("https://127.0.0.1", "aud", keys, 60)
         endpoint = IssuerEndpoint(issuer, cert, key)
         port = await endpoint.start("127.0.0.1", 0)
@@ -41,7 +44,7 @@ def test_close_ends_open_connections(tmp_path) -> None:
             assert await reader.read() == b""
         for w in (writer, silent_writer):
             w.close()
-        issuer.keys.close()
+        await store.close()
 
     asyncio.run(scenario())
 
@@ -60,7 +63,8 @@ def test_a_request_trickling_in_is_cut_at_the_deadline_while_others_are_served(t
         return head
 
     async def scenario() -> None:
-        keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
+        store = await Store.open(SqliteKV(tmp_path / "relay.db"))
+        keys = await SigningKeys.open(store, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
         issuer = Issuer("https://127.0.0.1", "aud", keys, 60)
         endpoint = IssuerEndpoint(issuer, cert, key, request_timeout=1.0)
         port = await endpoint.start("127.0.0.1", 0)
@@ -89,7 +93,7 @@ def test_a_request_trickling_in_is_cut_at_the_deadline_while_others_are_served(t
         finally:
             writer.close()
             await endpoint.close()
-            issuer.keys.close()
+            await store.close()
         elapsed = loop.time() - started
         assert sent < len(request), "the whole request went through: no deadline"
         assert 0.9 <= elapsed < 3.0, elapsed

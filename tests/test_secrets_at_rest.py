@@ -7,7 +7,9 @@ relay.db is copied as a thief would, and the copy must not let anyone sign a tok
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import os
 import sqlite3
 import subprocess
@@ -24,8 +26,10 @@ from identities import login_with_code
 from relay_dial import dial_status
 
 from clusterconnect import credentials
+from clusterconnect.relay.storage.kv import SqliteKV
 from clusterconnect.relay.storage.sealing import SealBroken, SealingKey
-from clusterconnect.relay.user_identity.issuer import SigningKeys, public_jwk
+from clusterconnect.relay.storage.store import Store
+from clusterconnect.relay.user_identity.issuer import KEYRING, SigningKeys, public_jwk
 
 # The CA keys are in the store, sealed (relay/storage/shared.py): no file holds them.
 PRIVATE_KEY_FILES = ("relay.db", "relay.db-wal", "relay.db-shm", "sealing.key", "admin.credential", "pki/tls.key")
@@ -61,6 +65,12 @@ def _stolen_copy(relay, tmp_path) -> sqlite3.Connection:
     return stolen
 
 
+def _signing_keys(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(kid, stored private key) of the issuer's keyring in the store's table of a relay.db."""
+    (value,) = db.execute("SELECT value FROM kv WHERE key = ?", (KEYRING,)).fetchone()
+    return [(k["kid"], k["private"]) for k in json.loads(value)["keys"]]
+
+
 def test_every_key_and_database_file_is_owner_only_whatever_the_umask(relay):
     data = relay.chain.relay_data
     for name in PRIVATE_KEY_FILES:
@@ -72,7 +82,7 @@ def test_every_key_and_database_file_is_owner_only_whatever_the_umask(relay):
 
 def test_a_stolen_database_holds_no_signing_key(relay, tmp_path):
     with closing(_stolen_copy(relay, tmp_path)) as stolen:
-        rows = stolen.execute("SELECT kid, private_pem FROM issuer_keys").fetchall()
+        rows = _signing_keys(stolen)
     assert len(rows) >= 2  # current and next
     data = relay.chain.relay_data
     for path in (tmp_path / "stolen.db", *data.glob("relay.db*")):
@@ -96,7 +106,7 @@ def test_tokens_signed_with_anything_from_a_stolen_database_are_refused(relay, t
     claims = jwt.decode(relay.token, options={"verify_signature": False})
     claims.update(iat=int(time.time()), nbf=int(time.time()), exp=int(time.time()) + 300)
     with closing(_stolen_copy(relay, tmp_path)) as stolen:
-        rows = stolen.execute("SELECT kid, private_pem FROM issuer_keys").fetchall()
+        rows = _signing_keys(stolen)
     forged = []
     for kid, stored in rows:
         forged.append(jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
@@ -125,17 +135,23 @@ def test_plaintext_keys_of_an_earlier_version_are_sealed_on_start(tmp_path):
         old.execute("INSERT INTO issuer_keys VALUES (?, ?, ?, ?, 0)", (kid, pem, int(time.time()), int(time.time())))
         old.commit()
     sealing = SealingKey.load_or_create(tmp_path / "sealing.key")
-    keys = SigningKeys(db, sealing, max_age=0)
-    try:
-        assert keys.current().kid == kid  # the same key signs on, sealed now
-        stored = keys._db.execute("SELECT private_pem FROM issuer_keys WHERE kid = ?", (kid,)).fetchone()[0]
-        assert stored.startswith("sealed:")
-        for path in tmp_path.glob("relay.db*"):
-            assert b"PRIVATE KEY" not in path.read_bytes(), f"plaintext left in {path.name}"
-    finally:
-        keys.close()
+
+    async def start(key: SealingKey) -> None:
+        store = await Store.open(SqliteKV(db))
+        try:
+            keys = await SigningKeys.open(store, key, max_age=0, legacy_db=db)
+            assert (await keys.current()).kid == kid  # the same key signs on, sealed now, in the store
+        finally:
+            await store.close()
+
+    asyncio.run(start(sealing))
+    with closing(sqlite3.connect(db)) as copy:
+        assert dict(_signing_keys(copy))[kid].startswith("sealed:")
+        assert copy.execute("SELECT COUNT(*) FROM issuer_keys").fetchone()[0] == 0  # wiped once imported
+    for path in tmp_path.glob("relay.db*"):
+        assert b"PRIVATE KEY" not in path.read_bytes(), f"plaintext left in {path.name}"
     with pytest.raises(SealBroken):  # and only that sealing key opens it
-        SigningKeys(db, SealingKey.load_or_create(tmp_path / "other.key"), max_age=0)
+        asyncio.run(start(SealingKey.load_or_create(tmp_path / "other.key")))
 
 
 def _serve(data_dir, *args: str) -> subprocess.CompletedProcess:

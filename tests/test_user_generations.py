@@ -28,7 +28,7 @@ from identities import (
     login_with_code,
     write_authentication_config,
 )
-from test_user_identity import _relay_parts
+from test_user_identity import _relay_parts, mint
 
 from clusterconnect import credentials
 from clusterconnect.relay.user_identity.access import DialAuthorizer, Entry
@@ -41,27 +41,27 @@ NS = "generations"
 def test_the_old_identity_of_a_name_is_refused(tmp_path):
     clusters, _, issuer, verifier, users, access = _relay_parts(tmp_path)
     asyncio.run(clusters.add("dev"))
-    access.grant("dev", Entry("user", "dave"))
+    asyncio.run(access.grant("dev", Entry("user", "dave")))
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-    old, code, _ = users.add("dave", ["old-team"])
-    _, old_credential = users.redeem_code(code, "laptop")
-    old_token, _ = issuer.mint(old.name, old.groups, old.uid)
+    old, code, _ = asyncio.run(users.add("dave", ["old-team"]))
+    _, old_credential = asyncio.run(users.redeem_code(code, "laptop"))
+    old_token = mint(issuer, old.name, old.groups, old.uid)
     assert asyncio.run(authorizer.check("dev", old_token)).allowed
-    users.remove("dave")
-    new, code, _ = users.add("dave", ["new-team"])
+    asyncio.run(users.remove("dave"))
+    new, code, _ = asyncio.run(users.add("dave", ["new-team"]))
     assert new.uid != old.uid
     refused = asyncio.run(authorizer.check("dev", old_token))
     assert not refused.allowed and refused.code == grpc.StatusCode.PERMISSION_DENIED, refused
     with pytest.raises(UserError, match="not valid"):
-        users.user_of_credential(old_credential)
-    _, new_credential = users.redeem_code(code, "laptop")
-    user = users.user_of_credential(new_credential)
+        asyncio.run(users.user_of_credential(old_credential))
+    _, new_credential = asyncio.run(users.redeem_code(code, "laptop"))
+    user = asyncio.run(users.user_of_credential(new_credential))
     assert (user.uid, user.groups) == (new.uid, ("new-team",))
-    new_token, _ = issuer.mint(user.name, user.groups, user.uid)
+    new_token = mint(issuer, user.name, user.groups, user.uid)
     admitted = asyncio.run(authorizer.check("dev", new_token))
     assert admitted.allowed and admitted.identity.groups == ("new-team",)
     # a token without the uid claim (or one of a user who never existed) is refused too
-    assert not asyncio.run(authorizer.check("dev", issuer.mint("dave", ("new-team",), "")[0])).allowed
+    assert not asyncio.run(authorizer.check("dev", mint(issuer, "dave", ("new-team",), ""))).allowed
 
 
 def test_users_of_an_earlier_version_get_an_id_and_keep_their_logins(tmp_path):
@@ -79,7 +79,7 @@ def test_users_of_an_earlier_version_get_an_id_and_keep_their_logins(tmp_path):
         """)  # the SHA-256 of "secret"
         old.commit()
     _, _, _, _, users, _ = _relay_parts(tmp_path)
-    erin = users.user_of_credential("secret")
+    erin = asyncio.run(users.user_of_credential("secret"))
     assert erin.name == "erin" and len(erin.uid) == 16
     (listed,) = users.credentials("erin")
     assert listed.id and listed.device == "old-laptop" and listed.expires_unix > listed.created_unix

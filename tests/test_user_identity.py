@@ -58,44 +58,55 @@ LIFETIME = 4  # seconds: the e2e relay's access token lifetime
 # ---- unit: the relay's code in-process ----------------------------------------------------------
 
 
+def _store(tmp_path) -> Store:
+    """The embedded store (SQLite in tmp_path/relay.db): no loop state, so each call may asyncio.run."""
+    return asyncio.run(Store.open(SqliteKV(tmp_path / "relay.db")))
+
+
 def _relay_parts(tmp_path, lifetime=60, skew=1.0):
     db = tmp_path / "relay.db"
-    clusters = asyncio.run(ClusterStore.open(asyncio.run(Store.open(SqliteKV(db)))))  # stores-branch adapter
-    keys = SigningKeys(db, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
+    store = _store(tmp_path)
+    clusters = asyncio.run(ClusterStore.open(store))
+    keys = asyncio.run(SigningKeys.open(store, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0,
+                                        legacy_db=db))
     issuer = Issuer("https://relay.example:8444", "https://relay.example:8444", keys, lifetime)
     config = builtin_issuer_config(issuer.url, issuer.audience, None)
     verifier = Verifier(AuthenticationConfig(issuers=(config,)), leeway=skew, keys={
         issuer.url: IssuerKeys(config, issuer.local_fetch(), min_refresh_interval=0.0, max_key_age=60.0)})
-    users = UserStore(db)
-    access = AccessStore(db, clusters)
+    users = asyncio.run(UserStore.open(store, db))
+    access = asyncio.run(AccessStore.open(store, clusters, db))
     return clusters, keys, issuer, verifier, users, access
+
+
+def mint(issuer: Issuer, name: str, groups: tuple[str, ...], uid: str) -> str:
+    return asyncio.run(issuer.mint(name, groups, uid))[0]
 
 
 def test_login_code_works_once_and_names_are_checked(tmp_path):
     _, _, _, _, users, _ = _relay_parts(tmp_path)
-    user, code, _ = users.add("alice", ["dev", "ops"])
+    user, code, _ = asyncio.run(users.add("alice", ["dev", "ops"]))
     assert user.groups == ("dev", "ops")
-    record, credential = users.redeem_code(code, "laptop")
-    assert record.name == "alice" and users.user_of_credential(credential).name == "alice"
+    record, credential = asyncio.run(users.redeem_code(code, "laptop"))
+    assert record.name == "alice" and asyncio.run(users.user_of_credential(credential)).name == "alice"
     with pytest.raises(UserError):
-        users.redeem_code(code, "again")
+        asyncio.run(users.redeem_code(code, "again"))
     for bad in ("Alice", "system:admin", "system-x", "", "a" * 80):
         with pytest.raises(UserError):
-            users.add(bad, [])
+            asyncio.run(users.add(bad, []))
     with pytest.raises(UserError):
-        users.add("bob", ["system:masters"])
-    users.remove("alice")
+        asyncio.run(users.add("bob", ["system:masters"]))
+    asyncio.run(users.remove("alice"))
     with pytest.raises(UserError, match="not valid"):
-        users.user_of_credential(credential)
+        asyncio.run(users.user_of_credential(credential))
 
 
 def test_rotation_keeps_tokens_of_the_previous_key_valid(tmp_path):
     _, keys, issuer, verifier, _, _ = _relay_parts(tmp_path)
-    before, _ = issuer.mint("alice", ("dev",), "uid-of-alice")
+    before = mint(issuer, "alice", ("dev",), "uid-of-alice")
     published = [k["kid"] for k in keys.jwks()["keys"]]
     assert len(published) == 2  # current + next (pre-published)
-    rotated = keys.rotate()
-    after, _ = issuer.mint("alice", ("dev",), "uid-of-alice")
+    rotated = asyncio.run(keys.rotate())
+    after = mint(issuer, "alice", ("dev",), "uid-of-alice")
     kid_before = jwt.get_unverified_header(before)["kid"]
     kid_after = jwt.get_unverified_header(after)["kid"]
     assert kid_after == rotated.kid != kid_before
@@ -112,34 +123,34 @@ def test_rotation_keeps_tokens_of_the_previous_key_valid(tmp_path):
 
 def test_login_code_expires_after_its_ttl(tmp_path):
     clock = FakeClock()
-    users = UserStore(tmp_path / "relay.db", code_ttl=600, clock=clock)
-    _, first, expires = users.add("alice", ["dev"])
-    second, _ = users.new_code("alice")
+    users = UserStore(_store(tmp_path), code_ttl=600, clock=clock)
+    _, first, expires = asyncio.run(users.add("alice", ["dev"]))
+    second, _ = asyncio.run(users.new_code("alice"))
     assert expires == clock() + 600
     clock.advance(600)
-    assert users.redeem_code(first, "laptop")[0].name == "alice"  # still valid in its last second
+    assert asyncio.run(users.redeem_code(first, "laptop"))[0].name == "alice"  # still valid in its last second
     clock.advance(1)
     with pytest.raises(UserError, match="expired"):
-        users.redeem_code(second, "phone")
+        asyncio.run(users.redeem_code(second, "phone"))
 
 
 def test_signing_key_rotates_at_its_max_age(tmp_path):
     clock = FakeClock()
-    keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=3600,
-                       clock=clock)
-    first = keys.current().kid
+    keys = asyncio.run(SigningKeys.open(_store(tmp_path), SealingKey.load_or_create(tmp_path / "sealing.key"),
+                                        max_age=3600, clock=clock))
+    first = asyncio.run(keys.current()).kid
     clock.advance(3599)
-    assert keys.current().kid == first
+    assert asyncio.run(keys.current()).kid == first
     clock.advance(1)
-    assert keys.current().kid != first
+    assert asyncio.run(keys.current()).kid != first
 
 
 def test_a_retired_key_is_published_until_every_token_it_signed_expired(tmp_path):
     clock = FakeClock()
-    keys = SigningKeys(tmp_path / "relay.db", SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0,
-                       clock=clock)
-    retired = keys.current().kid
-    keys.rotate()
+    keys = asyncio.run(SigningKeys.open(_store(tmp_path), SealingKey.load_or_create(tmp_path / "sealing.key"),
+                                        max_age=0, clock=clock))
+    retired = asyncio.run(keys.current()).kid
+    asyncio.run(keys.rotate())
 
     def published() -> list[str]:
         return [k["kid"] for k in keys.jwks()["keys"]]
@@ -148,37 +159,40 @@ def test_a_retired_key_is_published_until_every_token_it_signed_expired(tmp_path
     assert retired in published() and len(published()) == 3
     clock.advance(1)
     assert retired not in published() and len(published()) == 2  # current + next
+    asyncio.run(keys.rotate())  # a rotation drops it from the store too
+    kept = [k.kid for k in keys.ring()]
+    assert retired not in kept and len(kept) == 3
 
 
 def test_access_rule(tmp_path, monkeypatch):
     clusters, keys, issuer, verifier, users, access = _relay_parts(tmp_path, skew=0.0)
     asyncio.run(clusters.add("dev"))
-    alice_user = users.add("alice", ["dev"])[0]
-    bob_user = users.add("bob", ["ops"])[0]
+    alice_user = asyncio.run(users.add("alice", ["dev"]))[0]
+    bob_user = asyncio.run(users.add("bob", ["ops"]))[0]
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-    alice, _ = issuer.mint("alice", ("dev",), alice_user.uid)
-    bob, _ = issuer.mint("bob", ("ops",), bob_user.uid)
+    alice = mint(issuer, "alice", ("dev",), alice_user.uid)
+    bob = mint(issuer, "bob", ("ops",), bob_user.uid)
 
     def check(token):
         return asyncio.run(authorizer.check("dev", token))
 
     # empty list: passthrough, the token is not interpreted
     assert check("a-serviceaccount-token").allowed
-    access.grant("dev", Entry("group", "dev"))
+    asyncio.run(access.grant("dev", Entry("group", "dev")))
     assert check(alice).allowed
     refused = check(bob)
     assert not refused.allowed and refused.code == grpc.StatusCode.PERMISSION_DENIED and 'user "bob"' in refused.message
     assert check("a-serviceaccount-token").code == grpc.StatusCode.PERMISSION_DENIED
-    access.grant("dev", Entry("user", "bob"))
+    asyncio.run(access.grant("dev", Entry("user", "bob")))
     assert check(bob).allowed
-    access.revoke("dev", Entry("user", "bob"))
+    asyncio.run(access.revoke("dev", Entry("user", "bob")))
     assert not check(bob).allowed
-    users.remove("alice")
+    asyncio.run(users.remove("alice"))
     assert "removed" in check(alice).message
     # bob's token, but one minted 3 s ago with a lifetime of 2 s: refused as expired, not as not listed
     assert check(bob).code == grpc.StatusCode.PERMISSION_DENIED
-    stale, _ = Issuer(issuer.url, issuer.audience, keys, 2, clock=lambda: time.time() - 3).mint(
-        "bob", ("ops",), bob_user.uid)
+    stale = mint(Issuer(issuer.url, issuer.audience, keys, 2, clock=lambda: time.time() - 3), "bob", ("ops",),
+                 bob_user.uid)
     expired = check(stale)
     assert expired.code == grpc.StatusCode.UNAUTHENTICATED and "expired" in expired.message
     # a cluster removed and registered again (a second later: created_unix counts seconds) does not

@@ -1,9 +1,10 @@
 """The relay's open client connections, each with its cluster and the caller the relay verified for it.
 
 A Dial registers its connection here once it is authorized, before it asks the agent for a stream,
-and leaves when it ends. The registry is what lets revocation end what is open (docs/identity.md):
-``users remove`` and an access list change re-check the connections they concern (``revoke_where``),
-and a connection dialled with a verified token ends when the token expires. (``clusters remove``
+and leaves when it ends. The registry is what lets revocation end what is open (docs/identity.md): a
+change of a user or an access list in the store, made at this replica or another, re-checks the
+connections it concerns (``revoke_where``, from relay/user_identity/revocation.py), and a connection
+dialled with a verified token ends when the token expires. (``clusters remove``
 ends the cluster's agent session, which drops its connections: sessions.py.)
 It also enforces the per-cluster and per-identity limits of concurrent connections.
 """

@@ -17,40 +17,36 @@ The rule (docs/identity.md):
   connection is bound to that identity (docs/identity.md).
 - An unknown cluster and a cluster that does not admit the caller get the same PERMISSION_DENIED.
 
-Grants are keyed by the cluster's ``uid`` (unique per registration) and deleted with the cluster,
-so a cluster registered again under the same name starts with an empty list, even within the same second.
+Grants are keyed by the cluster's ``uid`` (unique per registration): ``cluster-grants/<uid>/<kind>/<name>``
+in the Store, deleted with the cluster (``ClusterStore.remove``, one commit), so a cluster registered
+again under the same name starts with an empty list, even within the same second. The Dial path reads
+them from an index by uid that the Store's changes keep current (whichever replica made them).
 """
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from clusterconnect import errors
+from clusterconnect.logs import get_logger
 from clusterconnect.oidc import Identity, NotAJWT, TokenError, UnknownIssuer, Verifier
 from clusterconnect.relay.storage.clusters import ClusterStore
-from clusterconnect.relay.storage.sqlite import open_db, transaction
+from clusterconnect.relay.storage.kv import Change
+from clusterconnect.relay.storage.store import Store
+from clusterconnect.relay.user_identity import legacy
+from clusterconnect.relay.user_identity.records import encode
 from clusterconnect.relay.user_identity.users import UserStore
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cluster_grants (
-    cluster_uid TEXT NOT NULL REFERENCES clusters (uid) ON DELETE CASCADE,
-    kind TEXT NOT NULL CHECK (kind IN ('user', 'group')),
-    name TEXT NOT NULL,
-    PRIMARY KEY (cluster_uid, kind, name)
-);
-"""
-# Earlier versions kept grants in cluster_access, keyed by (name, created_unix): moved once, and only
-# those of the registration that still exists.
-_MIGRATE_CLUSTER_ACCESS = (
-    "INSERT OR IGNORE INTO cluster_grants (cluster_uid, kind, name)"
-    " SELECT c.uid, a.kind, a.name FROM cluster_access a"
-    " JOIN clusters c ON c.name = a.cluster AND c.created_unix = a.cluster_created_unix",
-    "DROP TABLE cluster_access",
-)
+log = get_logger(__name__)
+
+GRANTS = "cluster-grants/"
+KINDS = ("user", "group")
+# A cluster's record (relay/storage/clusters.py): a grant is written only while it is unchanged.
+CLUSTERS = "clusters/"
 
 
 class AccessError(errors.ClusterConnectError):
@@ -79,29 +75,60 @@ class Decision:
     identity: Identity | None = None
 
 
+def _entry_of(key: str) -> tuple[str, Entry] | None:
+    """(cluster uid, entry) of a grant's key; None for a key this version does not read."""
+    uid, _, rest = key[len(GRANTS):].partition("/")
+    kind, _, name = rest.partition("/")
+    return (uid, Entry(kind, name)) if uid and kind in KINDS and name else None
+
+
+def _ordered(entries: set[Entry]) -> list[Entry]:
+    return sorted(entries, key=lambda e: (e.kind != "user", e.name))  # users first, as `clusters access` shows
+
+
 class AccessStore:
-    def __init__(self, path: Path, clusters: ClusterStore) -> None:
-        self.clusters = clusters  # first: its table holds the uids the grants refer to
-        self._db = open_db(path, _SCHEMA)
-        # Stores-branch adapter until this file moves onto the Store: clusters are no longer a table here,
-        # so grants cannot cascade from it; a removed cluster's grants are deleted when the Store says so.
-        self._db.execute("PRAGMA foreign_keys=OFF")
-        clusters.store.subscribe("clusters/", self._forget_removed)
-        legacy = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cluster_access'").fetchone()
-        if legacy:
-            with transaction(self._db):
-                for statement in _MIGRATE_CLUSTER_ACCESS:
-                    self._db.execute(statement)
+    def __init__(self, store: Store, clusters: ClusterStore) -> None:
+        self.store = store
+        self.clusters = clusters
+        # cluster uid -> its entries; fed by the Store's changes, so a Dial never scans the store.
+        self._by_uid: dict[str, set[Entry]] = {}
+        store.subscribe(GRANTS, self._changed)
+        for key, _ in store.list(GRANTS):
+            self._changed(key, b"")
 
-    def _forget_removed(self, _key: str, value: bytes | None) -> None:
-        if value is not None:
+    @classmethod
+    async def open(cls, store: Store, clusters: ClusterStore, legacy_db: Path | None = None) -> AccessStore:
+        """The access lists, after importing an earlier version's tables (``cluster_grants`` keyed by the
+        cluster's uid; the older ``cluster_access`` by name and creation time: only the grants of the
+        registration that still exists)."""
+        access = cls(store, clusters)
+        tables = legacy.pending(store, legacy_db, "cluster_grants", "cluster_access")
+        put: dict[str, bytes] = {}
+        for row in tables.get("cluster_grants", []):
+            put[access._key(row["cluster_uid"], Entry(row["kind"], row["name"]))] = b"{}"
+        for row in tables.get("cluster_access", []):
+            record = clusters.get(row["cluster"])
+            if record is not None and record.uid and record.created_unix == row["cluster_created_unix"]:
+                put[access._key(record.uid, Entry(row["kind"], row["name"]))] = b"{}"
+        if tables and await legacy.import_once(store, list(tables), put):
+            log.info("access lists of an earlier version imported", grants=len(put))
+        return access
+
+    def _changed(self, key: str, value: bytes | None) -> None:
+        found = _entry_of(key)
+        if found is None:
             return
-        uids = [record.uid for record in self.clusters.list()]
-        self._db.execute(f"DELETE FROM cluster_grants WHERE cluster_uid NOT IN ({','.join('?' * len(uids))})", uids)
+        uid, entry = found
+        if value is not None:
+            self._by_uid.setdefault(uid, set()).add(entry)
+        elif uid in self._by_uid:
+            self._by_uid[uid].discard(entry)
+            if not self._by_uid[uid]:
+                del self._by_uid[uid]
 
-    def close(self) -> None:
-        self._db.close()
+    @staticmethod
+    def _key(uid: str, entry: Entry) -> str:
+        return f"{GRANTS}{uid}/{entry.kind}/{entry.name}"
 
     def _uid(self, cluster: str) -> str:
         record = self.clusters.get(cluster)
@@ -109,28 +136,26 @@ class AccessStore:
             raise ClusterNotRegistered(f"cluster {cluster} is not registered")
         return record.uid
 
-    def grant(self, cluster: str, entry: Entry) -> list[Entry]:
-        if entry.kind not in ("user", "group") or not entry.name or len(entry.name) > 256:
+    async def grant(self, cluster: str, entry: Entry) -> list[Entry]:
+        if entry.kind not in KINDS or not entry.name or len(entry.name) > 256:
             raise InvalidEntry("grant a --user NAME or a --group NAME")
-        try:
-            self._db.execute("INSERT OR IGNORE INTO cluster_grants (cluster_uid, kind, name) VALUES (?, ?, ?)",
-                             (self._uid(cluster), entry.kind, entry.name))
-        except sqlite3.IntegrityError:  # the foreign key: removed since _uid read it
-            raise ClusterNotRegistered(f"cluster {cluster} is not registered") from None
+        key = self._key(self._uid(cluster), entry)
+        if self.store.get(key) is None:
+            # Written only while the cluster's registration is the one read: a grant racing with
+            # `clusters remove` (at any replica) fails instead of outliving the cluster.
+            registration = self.store.get(CLUSTERS + cluster)
+            expect = {CLUSTERS + cluster: registration.revision} if registration is not None else {}
+            if not await self.store.commit(Change(expect=expect, put={key: encode({})})):
+                raise ClusterNotRegistered(f"cluster {cluster} is not registered")
         return self.entries(cluster)
 
-    def revoke(self, cluster: str, entry: Entry) -> list[Entry]:
-        self._db.execute("DELETE FROM cluster_grants WHERE cluster_uid = ? AND kind = ? AND name = ?",
-                         (self._uid(cluster), entry.kind, entry.name))
+    async def revoke(self, cluster: str, entry: Entry) -> list[Entry]:
+        await self.store.delete(self._key(self._uid(cluster), entry))
         return self.entries(cluster)
 
     def entries(self, cluster: str) -> list[Entry]:
         record = self.clusters.get(cluster)
-        if record is None:
-            return []
-        rows = self._db.execute("SELECT kind, name FROM cluster_grants WHERE cluster_uid = ? ORDER BY kind DESC, name",
-                                (record.uid,)).fetchall()
-        return [Entry(kind, name) for kind, name in rows]
+        return _ordered(self._by_uid.get(record.uid, set())) if record is not None else []
 
 
 class DialAuthorizer:
@@ -167,13 +192,27 @@ class DialAuthorizer:
                        "grant`)")
         return Decision(False, grpc.StatusCode.PERMISSION_DENIED, message, identity)
 
-    def refusal_now(self, cluster: str, caller: Identity | None) -> str | None:
-        """Why an open connection of ``caller`` to ``cluster`` may no longer be open; None if it still may."""
+    def refusal_now(self, cluster: str, caller: Identity | None,
+                    entries: list[Entry] | None = None) -> str | None:
+        """Why an open connection of ``caller`` to ``cluster`` may no longer be open; None if it still may.
+        ``entries``: the cluster's access list, when the caller read it already."""
         if caller is not None and self._removed(caller):
             return f"user {caller.username} was removed from the relay"
-        if not self._admits(cluster, caller):
+        if self.access.clusters.get(cluster) is None:
+            return f"cluster {cluster} was removed from the relay"
+        if not _admitted(self.access.entries(cluster) if entries is None else entries, caller):
             return f"access to cluster {cluster} was revoked at the relay"
         return None
+
+    def refusals(self) -> Callable[[str, Identity | None], str | None]:
+        """``refusal_now`` reading each cluster's access list once, for a recheck of many connections."""
+        lists: dict[str, list[Entry]] = {}
+
+        def refusal(cluster: str, caller: Identity | None) -> str | None:
+            if cluster not in lists:
+                lists[cluster] = self.access.entries(cluster)
+            return self.refusal_now(cluster, caller, lists[cluster])
+        return refusal
 
     def expires_unix(self, caller: Identity | None) -> float | None:
         """When a connection opened with ``caller``'s token must end: the token's expiry plus the
@@ -186,11 +225,14 @@ class DialAuthorizer:
         return identity.issuer == self.builtin_issuer and not self.users.is_current(identity.username, identity.uid)
 
     def _admits(self, cluster: str, identity: Identity | None) -> bool:
-        entries = self.access.entries(cluster)
-        if not entries:
-            return True  # passthrough cluster: the cluster authenticates
-        if identity is None:
-            return False
-        users = {e.name for e in entries if e.kind == "user"}
-        groups = {e.name for e in entries if e.kind == "group"}
-        return identity.username in users or bool(groups.intersection(identity.groups))
+        return _admitted(self.access.entries(cluster), identity)
+
+
+def _admitted(entries: list[Entry], identity: Identity | None) -> bool:
+    if not entries:
+        return True  # passthrough cluster: the cluster authenticates
+    if identity is None:
+        return False
+    users = {e.name for e in entries if e.kind == "user"}
+    groups = {e.name for e in entries if e.kind == "group"}
+    return identity.username in users or bool(groups.intersection(identity.groups))

@@ -1,12 +1,15 @@
-"""gRPC services of identity.proto: IdentityProvider (users log in, get tokens) and AccessAdmin (admin)."""
+"""gRPC services of identity.proto: IdentityProvider (users log in, get tokens) and AccessAdmin (admin).
+
+A write the store cannot take (etcd unreachable from this replica) is answered UNAVAILABLE with the
+store's one-line reason. Ending open connections after a revocation is not done here: it follows
+the store, at every replica (revocation.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import grpc
 
-from clusterconnect.errors import ResourceExhausted
+from clusterconnect.errors import ResourceExhausted, Unavailable
 from clusterconnect.grpc_options import bearer_from_metadata
 from clusterconnect.logs import get_logger
 from clusterconnect.ratelimit import FailureLimiter, peer_address
@@ -36,9 +39,11 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
         source = peer_address(context.peer())
         try:
             self.login_limiter.check(source)
-            user, credential = self.users.redeem_code(request.code.strip(), request.device)
+            user, credential = await self.users.redeem_code(request.code.strip(), request.device)
         except ResourceExhausted as exc:
             log.debug("login refused", reason="rate limited", peer=context.peer())
+            await abort_with(context, exc)
+        except Unavailable as exc:
             await abort_with(context, exc)
         except UserError as exc:
             self.login_limiter.failed(source)
@@ -57,10 +62,10 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
         if credential is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential missing")
         try:
-            user = self.users.user_of_credential(credential)
-        except UserError as exc:
+            user = await self.users.user_of_credential(credential)
+            token, expires = await self.issuer.mint(user.name, user.groups, user.uid)
+        except (UserError, Unavailable) as exc:
             await abort_with(context, exc)
-        token, expires = self.issuer.mint(user.name, user.groups, user.uid)
         log.info("access token issued", user=user.name, expires_unix=expires)
         return identity_pb2.IssueTokenResponse(access_token=token, expires_unix=expires)
 
@@ -68,7 +73,10 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
         credential = bearer_from_metadata(context.invocation_metadata())
         if credential is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential missing")
-        user = self.users.revoke_own(credential)
+        try:
+            user = await self.users.revoke_own(credential)
+        except Unavailable as exc:
+            await abort_with(context, exc)
         if user is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "refresh credential is not valid (already revoked?)")
         log.info("user logged out", user=user)
@@ -76,23 +84,18 @@ class IdentityProvider(identity_pb2_grpc.IdentityProviderServicer):
 
 
 class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
-    """``recheck(cluster)`` ends the open connections (of that cluster; None: of all) whose caller
-    may no longer reach their cluster: revocation takes effect on what is open, not only on new Dials."""
-
-    def __init__(self, users: UserStore, access: AccessStore, issuer: Issuer, admin_credential: str,
-                 recheck: Callable[[str | None], None]) -> None:
+    def __init__(self, users: UserStore, access: AccessStore, issuer: Issuer, admin_credential: str) -> None:
         self.users = users
         self.access = access
         self.issuer = issuer
         self._admin = AdminCheck(admin_credential)
-        self.recheck = recheck
 
     async def AddUser(self, request: identity_pb2.AddUserRequest,
                       context: UnaryContext) -> identity_pb2.AddUserResponse:
         await self._admin.require(context)
         try:
-            record, code, expires = self.users.add(request.name, list(request.groups))
-        except UserError as exc:
+            record, code, expires = await self.users.add(request.name, list(request.groups))
+        except (UserError, Unavailable) as exc:
             await abort_with(context, exc)
         log.info("user added", user=record.name, groups=list(record.groups))
         return identity_pb2.AddUserResponse(user=_user(record), login_code=code, login_code_expires_unix=expires)
@@ -101,8 +104,8 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
                            context: UnaryContext) -> identity_pb2.AddUserResponse:
         await self._admin.require(context)
         try:
-            code, expires = self.users.new_code(request.name)
-        except UserError as exc:
+            code, expires = await self.users.new_code(request.name)
+        except (UserError, Unavailable) as exc:
             await abort_with(context, exc)
         record = self.users.get(request.name)
         if record is None:  # removed between the two lines
@@ -117,10 +120,13 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
     async def RemoveUser(self, request: identity_pb2.RemoveUserRequest,
                          context: UnaryContext) -> identity_pb2.RemoveUserResponse:
         await self._admin.require(context)
-        if not self.users.remove(request.name):
+        try:
+            removed = await self.users.remove(request.name)
+        except Unavailable as exc:
+            await abort_with(context, exc)
+        if not removed:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"user {request.name} does not exist")
         log.info("user removed", user=request.name)
-        self.recheck(None)
         return identity_pb2.RemoveUserResponse()
 
     @staticmethod
@@ -135,21 +141,19 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
     async def Grant(self, request: identity_pb2.AccessChange, context: UnaryContext) -> identity_pb2.AccessList:
         await self._admin.require(context)
         try:
-            entries = self.access.grant(request.cluster, self._entry(request.entry))
-        except AccessError as exc:
+            entries = await self.access.grant(request.cluster, self._entry(request.entry))
+        except (AccessError, Unavailable) as exc:
             await abort_with(context, exc)
         log.info("access granted", cluster=request.cluster, entry=str(self._entry(request.entry)))
-        self.recheck(request.cluster)  # a passthrough cluster's first grant ends connections it does not admit
         return self._list(request.cluster, entries)
 
     async def Revoke(self, request: identity_pb2.AccessChange, context: UnaryContext) -> identity_pb2.AccessList:
         await self._admin.require(context)
         try:
-            entries = self.access.revoke(request.cluster, self._entry(request.entry))
-        except AccessError as exc:
+            entries = await self.access.revoke(request.cluster, self._entry(request.entry))
+        except (AccessError, Unavailable) as exc:
             await abort_with(context, exc)
         log.info("access revoked", cluster=request.cluster, entry=str(self._entry(request.entry)))
-        self.recheck(request.cluster)
         return self._list(request.cluster, entries)
 
     async def GetAccess(self, request: identity_pb2.GetAccessRequest, context: UnaryContext) -> identity_pb2.AccessList:
@@ -173,9 +177,9 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
                                context: UnaryContext) -> identity_pb2.RevokeCredentialResponse:
         await self._admin.require(context)
         try:
-            if not self.users.revoke_credential(request.user, request.id):
+            if not await self.users.revoke_credential(request.user, request.id):
                 raise NoSuchUser(f"user {request.user} has no credential {request.id}")
-        except UserError as exc:
+        except (UserError, Unavailable) as exc:
             await abort_with(context, exc)
         log.info("credential revoked", user=request.user, login_id=request.id)
         return identity_pb2.RevokeCredentialResponse()
@@ -183,6 +187,9 @@ class AccessAdmin(identity_pb2_grpc.AccessAdminServicer):
     async def RotateSigningKey(self, request: identity_pb2.RotateSigningKeyRequest,
                                context: UnaryContext) -> identity_pb2.RotateSigningKeyResponse:
         await self._admin.require(context)
-        current = self.issuer.keys.rotate()
+        try:
+            current = await self.issuer.keys.rotate()
+        except Unavailable as exc:
+            await abort_with(context, exc)
         return identity_pb2.RotateSigningKeyResponse(
             kid=current.kid, published_kids=[k["kid"] for k in self.issuer.keys.jwks()["keys"]])

@@ -1,6 +1,6 @@
 """The relay's built-in OIDC issuer: ES256 signing keys that rotate, access tokens, discovery + JWKS over HTTPS.
 
-Keys (table ``issuer_keys`` in relay.db) go through three states:
+Keys (one record, ``issuer-keys/keyring`` in the Store, shared by every replica) go through three states:
 
 - *next*: published in the JWKS but not signing yet, so verifiers that fetched the JWKS after it was
   made already know it when it starts signing (no "unknown kid" window after a rotation);
@@ -11,9 +11,15 @@ Keys (table ``issuer_keys`` in relay.db) go through three states:
 A rotation (``clusterconnect keys rotate``, or automatically when the current key is older than
 ``--signing-key-max-age``) makes current previous, next current, and creates a new next.
 
+Replicas: the keyring is created if absent (two replicas starting together agree on the first one's
+keys) and changed by compare-and-swap, so two replicas rotating at once rotate once. Each replica
+signs with the current key of its mirror and publishes the mirror's keys: a key made at another
+replica is in this one's JWKS as soon as the watch brings it, before it signs (it is *next* first).
+
 Private keys are stored sealed (relay/storage/sealing.py, purpose ``issuer-key/<kid>``) with a key
-that is not in the database, so a stolen relay.db lets no one sign a token; rows an earlier version
-stored in the clear are sealed on start.
+that is not in the store, so a stolen database lets no one sign a token; the ``issuer_keys`` rows of
+an earlier version (sealed, or in the clear before that) are sealed, moved into the Store once, and
+wiped from the old table.
 
 The discovery document and JWKS are served by a small HTTPS endpoint (asyncio + h11, GET only, the
 relay's serving certificate), so the auth proxy verifies these tokens like any other issuer's.
@@ -26,9 +32,11 @@ import base64
 import hashlib
 import json
 import secrets
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +49,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import fetch_json
 from clusterconnect.oidc.keys import FetchJson
+from clusterconnect.relay.storage.kv import Change, Versioned
 from clusterconnect.relay.storage.sealing import SealingKey
-from clusterconnect.relay.storage.sqlite import open_db, transaction
+from clusterconnect.relay.storage.store import Store
+from clusterconnect.relay.user_identity import legacy
+from clusterconnect.relay.user_identity.records import decode, encode, update
 
 log = get_logger(__name__)
 
@@ -60,15 +71,7 @@ REQUEST_TIMEOUT = 10.0
 # The TLS handshake, before any of that (asyncio's default is 60 s).
 HANDSHAKE_TIMEOUT = 10.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS issuer_keys (
-    kid TEXT PRIMARY KEY,
-    private_pem TEXT NOT NULL,  -- SEALED_PREFIX + base64 of the sealed PKCS#8 PEM
-    created_unix INTEGER NOT NULL,
-    activated_unix INTEGER NOT NULL DEFAULT 0,  -- 0: next key, published but not signing yet
-    retired_unix INTEGER NOT NULL DEFAULT 0     -- >0: previous key, published until its tokens expired
-);
-"""
+KEYRING = "issuer-keys/keyring"
 
 
 def _b64(data: bytes) -> str:
@@ -97,11 +100,11 @@ def _seal(sealing: SealingKey, kid: str, pem: bytes) -> str:
 
 
 def _ec_key(sealing: SealingKey, kid: str, stored: str) -> ec.EllipticCurvePrivateKey:
-    if not stored.startswith(SEALED_PREFIX):  # only _migrate leaves nothing else behind
+    if not stored.startswith(SEALED_PREFIX):  # only _seal writes the keyring
         raise TypeError(f"issuer signing key {kid} is not sealed")
     pem = sealing.open(base64.b64decode(stored[len(SEALED_PREFIX):]), _purpose(kid))
     key = serialization.load_pem_private_key(pem, None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):  # only _insert writes this table
+    if not isinstance(key, ec.EllipticCurvePrivateKey):  # only _new_key makes keys
         raise TypeError("issuer signing keys are ECDSA")
     return key
 
@@ -115,104 +118,163 @@ class SigningKey:
     retired_unix: int
 
 
+# One key of the keyring, as stored: {"kid", "private" (sealed), "created_unix", "activated_unix",
+# "retired_unix"}; activated 0: next key; retired > 0: previous key.
+Stored = dict[str, Any]
+
+
+def _active(stored: Stored) -> bool:
+    return bool(stored["activated_unix"]) and not stored["retired_unix"]
+
+
 class SigningKeys:
-    def __init__(self, path: Path, sealing: SealingKey, max_age: float,
+    def __init__(self, store: Store, sealing: SealingKey, max_age: float,
                  clock: Callable[[], float] = time.time) -> None:
-        self._db = open_db(path, _SCHEMA)
-        # Deleted and replaced rows are overwritten with zeros, so no plaintext key of an earlier
-        # version lingers in free pages of the file.
-        self._db.execute("PRAGMA secure_delete=ON")
+        self.store = store
         self._sealing = sealing
         self.max_age = max_age
         self._clock = clock  # tests pass their own to age keys without waiting
-        self._cache: list[SigningKey] | None = None
-        self._migrate()
-        self._ensure()
-        self.keys()  # a key that does not open with this sealing key stops the start, not the first login
+        self._opened: tuple[int, list[SigningKey]] = (0, [])  # (keyring revision, its keys unsealed)
 
-    def _migrate(self) -> None:
-        """Seal rows an earlier version stored in the clear, then checkpoint so the WAL drops their pages."""
-        rows = self._db.execute("SELECT kid, private_pem FROM issuer_keys WHERE private_pem LIKE ?",
-                                (_PLAINTEXT_PREFIX + "%",)).fetchall()
-        if not rows:
-            return
-        with transaction(self._db):
-            for kid, pem in rows:
-                self._db.execute("UPDATE issuer_keys SET private_pem = ? WHERE kid = ?",
-                                 (_seal(self._sealing, kid, pem.encode()), kid))
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        log.info("issuer signing keys sealed", keys=len(rows))
+    @classmethod
+    async def open(cls, store: Store, sealing: SealingKey, max_age: float, clock: Callable[[], float] = time.time,
+                   legacy_db: Path | None = None) -> SigningKeys:
+        """The keys, after importing an earlier version's and making the first ones (if no replica has).
+        A key that does not open with ``sealing`` stops the start (SealBroken), not the first login."""
+        keys = cls(store, sealing, max_age, clock)
+        await keys._import(legacy_db)
+        keys.ring()  # before adding to a keyring sealed with another key
+        await update(store, KEYRING, keys._complete)
+        keys.ring()
+        return keys
 
-    def close(self) -> None:
-        self._db.close()
+    async def _import(self, db: Path | None) -> None:
+        tables = legacy.pending(self.store, db, "issuer_keys")
+        if tables:
+            ring = [{"kid": r["kid"], "private": self._sealed_row(r["kid"], r["private_pem"]),
+                     "created_unix": int(r["created_unix"]), "activated_unix": int(r["activated_unix"]),
+                     "retired_unix": int(r["retired_unix"])} for r in tables["issuer_keys"]]
+            # Into an empty keyring only: another replica's keys, if any, stay the ones that sign.
+            if ring and self.store.get(KEYRING) is None:
+                await self.store.commit(Change(expect={KEYRING: 0}, put={KEYRING: encode({"keys": ring})}))
+            await legacy.import_once(self.store, ["issuer_keys"], {})
+            log.info("issuer signing keys of an earlier version imported", keys=len(ring))
+        if db is not None and self.store.get(legacy.MARKER + "issuer_keys") is not None:
+            _wipe_table(db)
 
-    def _insert(self, activated: int) -> None:
+    def _sealed_row(self, kid: str, stored: str) -> str:
+        if stored.startswith(SEALED_PREFIX):
+            _ec_key(self._sealing, kid, stored)  # SealBroken now if it does not open with this key
+            return stored
+        return _seal(self._sealing, kid, stored.encode())  # what versions before sealing stored
+
+    def _new_key(self, activated: int) -> Stored:
         private = ec.generate_private_key(ec.SECP256R1())
         pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         kid = public_jwk(private)["kid"]
-        self._db.execute("INSERT INTO issuer_keys (kid, private_pem, created_unix, activated_unix) VALUES (?, ?, ?, ?)",
-                         (kid, _seal(self._sealing, kid, pem), int(self._clock()), activated))
+        return {"kid": kid, "private": _seal(self._sealing, kid, pem), "created_unix": int(self._clock()),
+                "activated_unix": activated, "retired_unix": 0}
 
-    def _ensure(self) -> None:
+    def _stored(self, current: Versioned | None) -> list[Stored]:
+        document = decode(current)
+        ring = document.get("keys") if document is not None else None
+        fields = ("kid", "private", "created_unix", "activated_unix", "retired_unix")
+        if not isinstance(ring, list) or not all(isinstance(k, dict) and all(f in k for f in fields) for k in ring):
+            return []  # absent, or not a keyring this version reads
+        return ring
+
+    def _complete(self, current: Versioned | None, ring: list[Stored] | None = None) -> Change | None:
+        """The keyring with what it lacks (a current and a next key) and without previous keys whose
+        tokens have all expired; None when it needs nothing."""
+        before = self._stored(current) if ring is None else ring
         now = int(self._clock())
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("DELETE FROM issuer_keys WHERE retired_unix > 0 AND retired_unix < ?",
-                             (now - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW,))
-            current = self._db.execute(
-                "SELECT COUNT(*) FROM issuer_keys WHERE activated_unix > 0 AND retired_unix = 0").fetchone()[0]
-            if not current:
-                self._insert(activated=now)
-            pending = self._db.execute("SELECT COUNT(*) FROM issuer_keys WHERE activated_unix = 0").fetchone()[0]
-            if not pending:
-                self._insert(activated=0)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self._cache = None
+        horizon = now - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
+        after = [k for k in before if not (k["retired_unix"] and k["retired_unix"] < horizon)]
+        if not any(_active(k) for k in after):
+            after.append(self._new_key(activated=now))
+        if not any(not k["activated_unix"] for k in after):
+            after.append(self._new_key(activated=0))
+        if after == before and ring is None:
+            return None
+        return Change(put={KEYRING: encode({"keys": after})})
 
-    def keys(self) -> list[SigningKey]:
-        if self._cache is None:
-            rows = self._db.execute(
-                "SELECT kid, private_pem, created_unix, activated_unix, retired_unix FROM issuer_keys"
-                " ORDER BY created_unix, kid").fetchall()
-            self._cache = [SigningKey(kid, _ec_key(self._sealing, kid, stored), c, a, r)
-                           for kid, stored, c, a, r in rows]
-        return self._cache
+    def ring(self) -> list[SigningKey]:
+        """The keyring of this replica's mirror, unsealed (once per change of it)."""
+        return self._unsealed(self.store.get(KEYRING))
 
-    def current(self) -> SigningKey:
-        now = self._clock()
-        found = [k for k in self.keys() if k.activated_unix and not k.retired_unix]
-        if not found or (self.max_age and now - found[-1].activated_unix >= self.max_age):
-            self.rotate()
-            found = [k for k in self.keys() if k.activated_unix and not k.retired_unix]
-        return found[-1]
+    def _unsealed(self, current: Versioned | None) -> list[SigningKey]:
+        revision = current.revision if current is not None else 0
+        if self._opened[0] != revision:
+            ring = sorted(self._stored(current), key=lambda k: (k["created_unix"], k["kid"]))
+            self._opened = (revision, [
+                SigningKey(k["kid"], _ec_key(self._sealing, k["kid"], k["private"]), k["created_unix"],
+                           k["activated_unix"], k["retired_unix"]) for k in ring])
+        return self._opened[1]
 
-    def rotate(self) -> SigningKey:
+    def _signing(self, keys: list[SigningKey] | None = None) -> SigningKey | None:
+        found = [k for k in (self.ring() if keys is None else keys) if k.activated_unix and not k.retired_unix]
+        return found[-1] if found else None
+
+    async def current(self) -> SigningKey:
+        """The key that signs; rotated first when it is older than ``max_age``."""
+        key = self._signing()
+        if key is None or (self.max_age and self._clock() - key.activated_unix >= self.max_age):
+            return await self._rotate_from(key.kid if key is not None else None, due_only=True)
+        return key
+
+    async def rotate(self) -> SigningKey:
         """current -> previous, next -> current, new next. Returns the new current key."""
-        now = int(self._clock())
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.execute("UPDATE issuer_keys SET retired_unix = ? WHERE activated_unix > 0 AND retired_unix = 0",
-                             (now,))
-            self._db.execute("UPDATE issuer_keys SET activated_unix = ? WHERE activated_unix = 0", (now,))
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        self._ensure()
-        current = [k for k in self.keys() if k.activated_unix and not k.retired_unix][-1]
-        log.info("signing key rotated", kid=current.kid)
-        return current
+        key = self._signing()
+        return await self._rotate_from(key.kid if key is not None else None, due_only=False)
+
+    async def _rotate_from(self, kid: str | None, due_only: bool) -> SigningKey:
+        """Rotate away from ``kid``, unless another replica did meanwhile (or, ``due_only``, the key
+        signing now is not due): two replicas rotating at once rotate once."""
+        def decide(current: Versioned | None) -> Change | None:
+            ring = [dict(k) for k in self._stored(current)]
+            active = [k for k in ring if _active(k)]
+            signing = max(active, key=lambda k: (k["created_unix"], k["kid"])) if active else None
+            if signing is not None and signing["kid"] != kid:
+                return self._complete(current)  # rotated elsewhere already
+            if due_only and signing is not None and not (
+                    self.max_age and self._clock() - signing["activated_unix"] >= self.max_age):
+                return self._complete(current)
+            now = int(self._clock())
+            for k in active:
+                k["retired_unix"] = now
+            for k in ring:
+                if not k["activated_unix"]:
+                    k["activated_unix"] = now
+            return self._complete(current, ring)
+
+        written, settled = await update(self.store, KEYRING, decide)
+        key = self._signing(self._unsealed(settled))  # settled: perhaps newer than this replica's mirror
+        assert key is not None  # the keyring as written (here or by the replica that won) has one
+        if written and key.kid != kid:
+            log.info("signing key rotated", kid=key.kid)
+        return key
 
     def jwks(self) -> dict[str, Any]:
         """Every key that is next, current, or previous with tokens possibly still alive."""
         horizon = self._clock() - MAX_ACCESS_TOKEN_LIFETIME - CLOCK_SKEW
-        if any(k.retired_unix and k.retired_unix < horizon for k in self.keys()):
-            self._ensure()
-        return {"keys": [public_jwk(k.private) for k in self.keys()]}
+        return {"keys": [public_jwk(k.private) for k in self.ring()
+                         if not (k.retired_unix and k.retired_unix < horizon)]}
+
+
+def _wipe_table(db: Path) -> None:
+    """Delete the old table's rows so no private key (of versions before sealing: in the clear) stays in
+    the file: secure_delete zeroes the freed pages, the checkpoint drops the WAL's copies."""
+    if not db.exists():
+        return
+    with closing(sqlite3.connect(db)) as conn:
+        table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'issuer_keys'").fetchone()
+        if not table or not conn.execute("SELECT 1 FROM issuer_keys LIMIT 1").fetchone():
+            return
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute("DELETE FROM issuer_keys")
+        conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 class Issuer:
@@ -228,10 +290,10 @@ class Issuer:
         self.lifetime = lifetime
         self._clock = clock  # tests pass their own to mint tokens that have expired
 
-    def mint(self, username: str, groups: tuple[str, ...], uid: str) -> tuple[str, int]:
+    async def mint(self, username: str, groups: tuple[str, ...], uid: str) -> tuple[str, int]:
         """A token for the user ``username`` whose current id is ``uid`` (users.py): the relay admits it
         only while that user exists under that id."""
-        key = self.keys.current()
+        key = await self.keys.current()
         now = int(self._clock())
         expires = now + self.lifetime
         claims = {"iss": self.url, "sub": username, "uid": uid, "aud": self.audience, "groups": list(groups),

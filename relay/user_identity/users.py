@@ -1,8 +1,16 @@
-"""Users of the relay's built-in issuer, their one-time login codes and refresh credentials (SQLite).
+"""Users of the relay's built-in issuer, their one-time login codes and refresh credentials (the Store).
 
-Kept in the relay's ``relay.db`` in tables of their own. Codes and refresh credentials are random
-256-bit secrets stored as SHA-256 hashes, like agent join tokens: a stolen database does not let
-anyone log in or mint tokens.
+Records: ``users/<name>`` (uid, groups, created), ``login-codes/<sha256 of the code>`` and
+``refresh-credentials/<sha256 of the credential>``. Codes and refresh credentials are random
+secrets stored as SHA-256 hashes, like agent join tokens: a stolen database (SQLite file or etcd
+snapshot) does not let anyone log in or mint tokens.
+
+Every replica sees the same records: a code made at one replica is redeemed at another, and a
+credential revoked at one is refused at all. The writes that spend or check a secret (redeeming a
+code, using a credential) read the KV itself and commit only if the record is unchanged, so a code
+works once however many replicas try it at the same moment, and a revoked credential mints nothing
+even at a replica whose mirror has not heard of the revocation yet. The Dial path reads only the
+mirror (``is_current``).
 
 Each user gets a random ``uid`` when added; access tokens carry it (claim ``uid``) and refresh
 credentials belong to it, so a user removed and added again under the same name is a new identity:
@@ -17,55 +25,30 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clusterconnect import errors
-from clusterconnect.relay.storage.sqlite import add_column, open_db, transaction
+from clusterconnect.errors import Unavailable
+from clusterconnect.logs import get_logger
+from clusterconnect.relay.storage.kv import Change, Versioned
+from clusterconnect.relay.storage.store import Store
+from clusterconnect.relay.user_identity import legacy
+from clusterconnect.relay.user_identity.records import ATTEMPTS, decode, encode, read_through, update
+
+log = get_logger(__name__)
 
 USER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9._@]{0,62}[a-z0-9])?$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9._@:/]{0,126}[A-Za-z0-9])?$")
 LOGIN_CODE_TTL = 24 * 3600
 DEFAULT_CREDENTIAL_LIFETIME = 30 * 24 * 3600
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
-    name TEXT PRIMARY KEY,
-    groups TEXT NOT NULL DEFAULT '',
-    created_unix INTEGER NOT NULL,
-    uid TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS user_login_codes (
-    code_sha256 TEXT PRIMARY KEY,
-    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-    expires_unix INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS user_credentials (
-    credential_sha256 TEXT PRIMARY KEY,
-    user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
-    device TEXT NOT NULL DEFAULT '',
-    created_unix INTEGER NOT NULL,
-    last_used_unix INTEGER NOT NULL DEFAULT 0,
-    id TEXT NOT NULL DEFAULT '',
-    user_uid TEXT NOT NULL DEFAULT '',
-    expires_unix INTEGER NOT NULL DEFAULT 0
-);
-"""
-# Columns earlier versions did not have; their rows are filled in by UserStore._migrate.
-_ADDED_COLUMNS = (
-    ("users", "uid", "TEXT NOT NULL DEFAULT ''"),
-    ("user_credentials", "id", "TEXT NOT NULL DEFAULT ''"),
-    ("user_credentials", "user_uid", "TEXT NOT NULL DEFAULT ''"),
-    ("user_credentials", "expires_unix", "INTEGER NOT NULL DEFAULT 0"),
-)
-_INDEXES = """
-CREATE UNIQUE INDEX IF NOT EXISTS users_uid ON users (uid);
-CREATE UNIQUE INDEX IF NOT EXISTS user_credentials_id ON user_credentials (id);
-"""
-
+USERS = "users/"
+CODES = "login-codes/"
+CREDENTIALS = "refresh-credentials/"
 
 class UserError(errors.ClusterConnectError):
     """A refused user operation; the message is safe to show. Its subclass says how it is reported."""
@@ -136,44 +119,87 @@ def validate_group(group: str) -> None:
         raise InvalidUserInput(f"invalid group name {group!r} (letters, digits, '-._@:/'; not system:*)")
 
 
+
+
+def _text(document: dict[str, Any], field: str) -> str:
+    value = document.get(field)
+    return value if isinstance(value, str) else ""
+
+
+def _number(document: dict[str, Any], field: str) -> int:
+    value = document.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _user(name: str, stored: Versioned | None) -> UserRecord | None:
+    document = decode(stored)
+    if document is None or not _text(document, "uid"):
+        return None  # absent, or not a record this version can read: nobody
+    groups = document.get("groups")
+    names = tuple(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else ()
+    return UserRecord(name, names, _number(document, "created_unix"), 0, _text(document, "uid"))
+
+
+def _info(document: dict[str, Any]) -> CredentialInfo:
+    return CredentialInfo(_text(document, "id"), _text(document, "device"), _number(document, "created_unix"),
+                          _number(document, "last_used_unix"), _number(document, "expires_unix"))
+
+
+_NOT_VALID = ("refresh credential is not valid (revoked, user removed or never logged in); "
+              "log in again with `clusterconnect login --code`")
+
+
 class UserStore:
-    def __init__(self, path: Path, code_ttl: int = LOGIN_CODE_TTL, clock: Callable[[], float] = time.time,
+    def __init__(self, store: Store, code_ttl: int = LOGIN_CODE_TTL, clock: Callable[[], float] = time.time,
                  credential_lifetime: int = DEFAULT_CREDENTIAL_LIFETIME) -> None:
         if credential_lifetime < 1:
             raise ValueError("refresh credential lifetime must be at least 1 second")
-        self._db = open_db(path, _SCHEMA)
+        self.store = store
         self.code_ttl = code_ttl
         self.credential_lifetime = credential_lifetime
         self._clock = clock  # tests pass their own to expire login codes and credentials without waiting
-        self._migrate()
 
-    def close(self) -> None:
-        self._db.close()
+    @classmethod
+    async def open(cls, store: Store, legacy_db: Path | None = None, **options: Any) -> UserStore:
+        """The store, after importing the users, codes and credentials of an earlier version's tables."""
+        users = cls(store, **options)
+        await users._import(legacy_db)
+        return users
 
-    def _migrate(self) -> None:
-        """Give rows of an earlier version what this one relies on: a uid per user, and an id, owner uid
+    async def _import(self, db: Path | None) -> None:
+        """Rows of earlier versions, with what this one relies on: a uid per user, and an id, owner uid
         and expiry (a full lifetime from now, so no login ends at the upgrade) per credential."""
-        for table, column, declaration in _ADDED_COLUMNS:
-            add_column(self._db, table, column, declaration)
-        with transaction(self._db):
-            for (name,) in self._db.execute("SELECT name FROM users WHERE uid = ''").fetchall():
-                self._db.execute("UPDATE users SET uid = ? WHERE name = ?", (_new_id(), name))
-            expires = int(self._clock()) + self.credential_lifetime
-            unnamed = self._db.execute("SELECT credential_sha256 FROM user_credentials WHERE id = ''").fetchall()
-            for (digest,) in unnamed:
-                self._db.execute(
-                    "UPDATE user_credentials SET id = ?, expires_unix = ?,"
-                    " user_uid = (SELECT uid FROM users WHERE name = user_credentials.user)"
-                    " WHERE credential_sha256 = ?", (_new_id(), expires, digest))
-        self._db.executescript(_INDEXES)
+        tables = legacy.pending(self.store, db, "users", "user_login_codes", "user_credentials")
+        if not tables:
+            return
+        expires = int(self._clock()) + self.credential_lifetime
+        put: dict[str, bytes] = {}
+        uids: dict[str, str] = {}
+        for row in tables.get("users", []):
+            uids[row["name"]] = uid = row.get("uid") or _new_id()
+            put[USERS + row["name"]] = encode({"uid": uid, "created_unix": int(row["created_unix"]),
+                                               "groups": [g for g in (row["groups"] or "").split("\n") if g]})
+        for row in tables.get("user_login_codes", []):
+            if row["user"] in uids:
+                put[CODES + row["code_sha256"]] = encode(
+                    {"user": row["user"], "uid": uids[row["user"]], "expires_unix": int(row["expires_unix"] or 0)})
+        for row in tables.get("user_credentials", []):
+            uid = uids.get(row["user"], "")
+            if not uid or row.get("user_uid", uid) not in ("", uid):
+                continue  # of a user removed since (earlier versions refused these too)
+            put[CREDENTIALS + row["credential_sha256"]] = encode({
+                "id": row.get("id") or _new_id(), "user": row["user"], "user_uid": uid, "device": row["device"],
+                "created_unix": int(row["created_unix"]), "last_used_unix": int(row["last_used_unix"] or 0),
+                "expires_unix": int(row.get("expires_unix") or 0) or expires})
+        if await legacy.import_once(self.store, list(tables), put):
+            log.info("users of an earlier version imported", users=len(uids))
 
-    def _record(self, row: tuple[str, str, int, str]) -> UserRecord:
-        name, groups, created, uid = row
-        count = self._db.execute("SELECT COUNT(*) FROM user_credentials WHERE user_uid = ? AND expires_unix >= ?",
-                                 (uid, int(self._clock()))).fetchone()[0]
-        return UserRecord(name, tuple(g for g in groups.split("\n") if g), created, count, uid)
+    def _code(self, name: str, uid: str) -> tuple[str, int, str, bytes]:
+        code = secrets.token_hex(24)  # hex: never starts with '-', so it is safe on a command line
+        expires = int(self._clock()) + self.code_ttl
+        return code, expires, CODES + _digest(code), encode({"user": name, "uid": uid, "expires_unix": expires})
 
-    def add(self, name: str, groups: list[str]) -> tuple[UserRecord, str, int]:
+    async def add(self, name: str, groups: list[str]) -> tuple[UserRecord, str, int]:
         """Create a user; returns it, a one-time login code and the code's expiry."""
         validate_user(name)
         for group in groups:
@@ -181,109 +207,150 @@ class UserStore:
         groups = list(dict.fromkeys(groups))
         now = int(self._clock())
         uid = _new_id()
-        try:
-            self._db.execute("INSERT INTO users (name, groups, created_unix, uid) VALUES (?, ?, ?, ?)",
-                             (name, "\n".join(groups), now, uid))
-        except sqlite3.IntegrityError:
-            raise UserExists(f"user {name} already exists") from None
-        code, expires = self.new_code(name)
+        code, expires, code_key, code_record = self._code(name, uid)
+        record = encode({"uid": uid, "groups": groups, "created_unix": now})
+        if not await self.store.commit(Change(expect={USERS + name: 0}, put={USERS + name: record,
+                                                                            code_key: code_record})):
+            raise UserExists(f"user {name} already exists")
         return UserRecord(name, tuple(groups), now, 0, uid), code, expires
 
-    def new_code(self, name: str) -> tuple[str, int]:
-        if self.get(name) is None:
-            raise NoSuchUser(f"user {name} does not exist")
-        code = secrets.token_hex(24)  # hex: never starts with '-', so it is safe on a command line
-        expires = int(self._clock()) + self.code_ttl
-        self._db.execute("DELETE FROM user_login_codes WHERE expires_unix < ?", (int(self._clock()),))
-        self._db.execute("INSERT INTO user_login_codes (code_sha256, user, expires_unix) VALUES (?, ?, ?)",
-                         (_digest(code), name, expires))
-        return code, expires
+    async def new_code(self, name: str) -> tuple[str, int]:
+        now = int(self._clock())
+        made: list[tuple[str, int]] = []
+
+        def decide(current: Versioned | None) -> Change:
+            user = _user(name, current)
+            if user is None:
+                raise NoSuchUser(f"user {name} does not exist")
+            code, expires, key, record = self._code(name, user.uid)
+            made[:] = [(code, expires)]
+            expired = [k for k, v in self.store.list(CODES) if _number(decode(v) or {}, "expires_unix") < now]
+            return Change(put={key: record}, delete=expired)
+
+        await update(self.store, USERS + name, decide)
+        return made[0]
+
+    def _lookup(self, name: str) -> UserRecord | None:
+        return _user(name, self.store.get(USERS + name))
 
     def get(self, name: str) -> UserRecord | None:
-        row = self._db.execute("SELECT name, groups, created_unix, uid FROM users WHERE name = ?", (name,)).fetchone()
-        return self._record(row) if row else None
+        user = self._lookup(name)
+        return self._counted([user])[0] if user is not None else None
+
+    def _counted(self, users: list[UserRecord]) -> list[UserRecord]:
+        """``users`` with the number of their unexpired refresh credentials (one pass over them all)."""
+        now = int(self._clock())
+        counts: dict[str, int] = {}
+        for _, stored in self.store.list(CREDENTIALS):
+            document = decode(stored) or {}
+            if _number(document, "expires_unix") >= now:
+                counts[_text(document, "user_uid")] = counts.get(_text(document, "user_uid"), 0) + 1
+        return [UserRecord(u.name, u.groups, u.created_unix, counts.get(u.uid, 0), u.uid) for u in users]
 
     def is_current(self, name: str, uid: str | None) -> bool:
         """Whether ``uid`` (from a token) is that of the user now called ``name``: False once the user was
-        removed, and for a token of an earlier user of the same name."""
-        user = self.get(name)
+        removed, and for a token of an earlier user of the same name. From the mirror (the Dial path)."""
+        user = self._lookup(name)
         return user is not None and bool(uid) and secrets.compare_digest(user.uid, uid or "")
 
     def list(self) -> list[UserRecord]:
-        rows = self._db.execute("SELECT name, groups, created_unix, uid FROM users ORDER BY name").fetchall()
-        return [self._record(row) for row in rows]
+        found = [_user(key[len(USERS):], stored) for key, stored in self.store.list(USERS)]
+        return self._counted([user for user in found if user is not None])
 
-    def remove(self, name: str) -> bool:
-        with transaction(self._db):
-            self._db.execute("DELETE FROM user_login_codes WHERE user = ?", (name,))
-            self._db.execute("DELETE FROM user_credentials WHERE user = ?", (name,))
-            return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+    async def remove(self, name: str) -> bool:
+        """Remove the user with its login codes and refresh credentials, in one commit."""
+        def decide(current: Versioned | None) -> Change | None:
+            user = _user(name, current)
+            if current is None:
+                return None
+            codes = [k for k, v in self.store.list(CODES) if _text(decode(v) or {}, "user") == name]
+            logins = [k for k, v in self.store.list(CREDENTIALS)
+                      if user is not None and _text(decode(v) or {}, "user_uid") == user.uid]
+            return Change(delete=[USERS + name, *codes, *logins])
 
-    def redeem_code(self, code: str, device: str) -> tuple[UserRecord, str]:
-        """Consume a login code (once); returns the user and a new refresh credential."""
-        digest = _digest(code)
+        removed, _ = await update(self.store, USERS + name, decide)
+        return removed
+
+    async def redeem_code(self, code: str, device: str) -> tuple[UserRecord, str]:
+        """Consume a login code (once, at whichever replica); returns the user and a new refresh credential."""
+        key = CODES + _digest(code)
+        invalid = LoginCodeInvalid("login code is not valid (unknown, already used or expired)")
+        found = await read_through(self.store, key)
+        document = decode(found)
+        if found is None or document is None or _number(document, "expires_unix") < int(self._clock()):
+            raise invalid
+        name = _text(document, "user")
+        stored_user = await read_through(self.store, USERS + name)
+        user = _user(name, stored_user)
+        if stored_user is None or user is None or user.uid != _text(document, "uid"):
+            raise invalid
+        credential = secrets.token_urlsafe(32)
         now = int(self._clock())
-        with transaction(self._db):
-            row = self._db.execute(
-                "DELETE FROM user_login_codes WHERE code_sha256 = ? RETURNING user, expires_unix", (digest,)
-            ).fetchone()
-            if row is None or row[1] < now:
-                raise LoginCodeInvalid("login code is not valid (unknown, already used or expired)")
-            credential = secrets.token_urlsafe(32)
-            self._db.execute(
-                "INSERT INTO user_credentials (credential_sha256, user, device, created_unix, id, user_uid,"
-                " expires_unix) SELECT ?, name, ?, ?, ?, uid, ? FROM users WHERE name = ?",
-                (_digest(credential), device[:128], now, _new_id(), now + self.credential_lifetime, row[0]),
-            )
-        user = self.get(row[0])
-        assert user is not None  # the code's row references the user: both were there in the transaction
+        record = encode({"id": _new_id(), "user": name, "user_uid": user.uid, "device": device[:128],
+                         "created_unix": now, "last_used_unix": 0, "expires_unix": now + self.credential_lifetime})
+        # Both unchanged since read: the code not spent meanwhile (here or elsewhere), the user not replaced.
+        spent = Change(expect={key: found.revision, USERS + name: stored_user.revision}, delete=[key],
+                       put={CREDENTIALS + _digest(credential): record})
+        if not await self.store.commit(spent):
+            raise invalid
         return user, credential
 
-    def user_of_credential(self, credential: str) -> UserRecord:
-        """The user a refresh credential belongs to; CredentialInvalid (saying why) if it is not valid now."""
-        digest = _digest(credential)
-        row = self._db.execute(
-            "SELECT c.user, c.user_uid, c.expires_unix FROM user_credentials c JOIN users u ON u.uid = c.user_uid"
-            " WHERE c.credential_sha256 = ?", (digest,)).fetchone()
-        if row is None:
-            raise CredentialInvalid("refresh credential is not valid (revoked, user removed or never logged in); "
-                                    "log in again with `clusterconnect login --code`")
-        name, _, expires = row
-        now = int(self._clock())
-        if expires < now:
-            raise CredentialInvalid(f"refresh credential expired at {_utc(expires)}; log in again with "
-                                    "`clusterconnect login --code` (an admin gives you a code: `users code`)")
-        self._db.execute("UPDATE user_credentials SET last_used_unix = ? WHERE credential_sha256 = ?", (now, digest))
-        user = self.get(name)
-        if user is None:
-            raise CredentialInvalid("refresh credential is not valid: its user was removed")
-        return user
+    async def user_of_credential(self, credential: str) -> UserRecord:
+        """The user a refresh credential belongs to; CredentialInvalid (saying why) if it is not valid now.
+        Records its use, with the expectation that the credential is still there: one revoked at another
+        replica a moment ago is refused here too (and with etcd unreachable, Unavailable: fail closed)."""
+        key = CREDENTIALS + _digest(credential)
+        for _ in range(ATTEMPTS):
+            found = await read_through(self.store, key)
+            document = decode(found)
+            if found is None or document is None:
+                raise CredentialInvalid(_NOT_VALID)
+            now = int(self._clock())
+            expires = _number(document, "expires_unix")
+            if expires < now:
+                raise CredentialInvalid(f"refresh credential expired at {_utc(expires)}; log in again with "
+                                        "`clusterconnect login --code` (an admin gives you a code: `users code`)")
+            name = _text(document, "user")
+            user = self._lookup(name) or _user(name, await read_through(self.store, USERS + name))
+            if user is None or user.uid != _text(document, "user_uid"):
+                raise CredentialInvalid(_NOT_VALID)
+            used = Change(expect={key: found.revision}, put={key: encode({**document, "last_used_unix": now})})
+            if await self.store.commit(used):
+                return user
+        raise Unavailable("this refresh credential was used at several replicas at once; try again")
+
+    def _credential(self, credential: str) -> tuple[str, dict[str, Any]] | None:
+        key = CREDENTIALS + _digest(credential)
+        document = decode(self.store.get(key))
+        return (key, document) if document is not None else None
 
     def credentials(self, name: str) -> tuple[CredentialInfo, ...]:
         """The user's refresh credentials, expired ones included (until they are revoked)."""
-        user = self.get(name)
+        user = self._lookup(name)
         if user is None:
             raise NoSuchUser(f"user {name} does not exist")
-        rows = self._db.execute(
-            "SELECT id, device, created_unix, last_used_unix, expires_unix FROM user_credentials"
-            " WHERE user_uid = ? ORDER BY created_unix, id", (user.uid,)).fetchall()
-        return tuple(CredentialInfo(*row) for row in rows)
+        found = [_info(d) for d in (decode(v) for _, v in self.store.list(CREDENTIALS))
+                 if d is not None and _text(d, "user_uid") == user.uid]
+        return tuple(sorted(found, key=lambda c: (c.created_unix, c.id)))
 
     def credential_info(self, credential: str) -> CredentialInfo | None:
-        row = self._db.execute("SELECT id, device, created_unix, last_used_unix, expires_unix FROM user_credentials"
-                               " WHERE credential_sha256 = ?", (_digest(credential),)).fetchone()
-        return CredentialInfo(*row) if row else None
+        found = self._credential(credential)
+        return _info(found[1]) if found else None
 
-    def revoke_credential(self, name: str, credential_id: str) -> bool:
+    async def revoke_credential(self, name: str, credential_id: str) -> bool:
         """An admin revokes one of the user's credentials by its id; False if the user has none of that id."""
-        user = self.get(name)
+        user = self._lookup(name)
         if user is None:
             raise NoSuchUser(f"user {name} does not exist")
-        return self._db.execute("DELETE FROM user_credentials WHERE user_uid = ? AND id = ?",
-                                (user.uid, credential_id)).rowcount > 0
+        keys = [k for k, v in self.store.list(CREDENTIALS) if (d := decode(v)) is not None
+                and _text(d, "user_uid") == user.uid and _text(d, "id") == credential_id]
+        return await self.store.delete(*keys)
 
-    def revoke_own(self, credential: str) -> str | None:
+    async def revoke_own(self, credential: str) -> str | None:
         """Its holder revokes a refresh credential (logout); returns the user's name, None if it was not valid."""
-        row = self._db.execute("DELETE FROM user_credentials WHERE credential_sha256 = ? RETURNING user",
-                               (_digest(credential),)).fetchone()
-        return str(row[0]) if row else None
+        key = CREDENTIALS + _digest(credential)
+        document = decode(self.store.get(key) or await read_through(self.store, key))
+        if document is None:
+            return None
+        await self.store.commit(Change(delete=[key]))
+        return _text(document, "user")

@@ -32,6 +32,7 @@ from clusterconnect.relay.user_identity.issuer import (
     IssuerEndpoint,
     SigningKeys,
 )
+from clusterconnect.relay.user_identity.revocation import RevocationWatch
 from clusterconnect.relay.user_identity.users import DEFAULT_CREDENTIAL_LIFETIME, UserStore
 from clusterconnect.v1 import identity_pb2_grpc
 
@@ -70,11 +71,7 @@ class UserIdentity:
     access: AccessStore
     keys: SigningKeys
     authorizer: DialAuthorizer
-
-    def close(self) -> None:
-        self.users.close()
-        self.access.close()
-        self.keys.close()
+    revocations: RevocationWatch
 
 
 def _issuer_address(args: argparse.Namespace) -> tuple[str, int]:
@@ -100,10 +97,11 @@ def builtin_issuer_config(url: str, audience: str, ca_pem: str | None) -> Issuer
                         username=PrefixedClaim("sub", ""), groups=PrefixedClaim("groups", ""), uid="uid")
 
 
-async def start(args: argparse.Namespace, data_dir: Path, _store: Store, store: ClusterStore, sealing: SealingKey,
-                cert: Path, key: Path, ca_pem: str | None, admin_credential: str, server: grpc.aio.Server,
-                connections: ConnectionRegistry) -> UserIdentity:
-    # Stores-branch adapter (the new signature; the sealing key is loaded by relay/main.py): replaced by identity's.
+async def start(args: argparse.Namespace, data_dir: Path, store: Store, clusters: ClusterStore,
+                sealing: SealingKey, cert: Path, key: Path, ca_pem: str | None, admin_credential: str,
+                server: grpc.aio.Server, connections: ConnectionRegistry) -> UserIdentity:
+    """Everything of user identity on ``store`` (the records of an earlier version's relay.db imported
+    once), its services added to ``server``; ``sealing`` opens the issuer's signing keys."""
     external = AuthenticationConfig()
     if args.authentication_config:
         try:
@@ -116,13 +114,13 @@ async def start(args: argparse.Namespace, data_dir: Path, _store: Store, store: 
     if args.refresh_credential_lifetime < 1:
         raise StartupError("--refresh-credential-lifetime must be at least 1 second")
 
-    db = data_dir / "relay.db"
+    legacy_db = data_dir / "relay.db"  # where earlier versions kept these records
     try:
-        keys = SigningKeys(db, sealing, max_age=args.signing_key_max_age)
+        keys = await SigningKeys.open(store, sealing, max_age=args.signing_key_max_age, legacy_db=legacy_db)
     except SealBroken as exc:
         raise StartupError(f"{exc} (--sealing-key-file must be the key this database was sealed with)") from None
-    users = UserStore(db, credential_lifetime=args.refresh_credential_lifetime)
-    access = AccessStore(db, store)
+    users = await UserStore.open(store, legacy_db, credential_lifetime=args.refresh_credential_lifetime)
+    access = await AccessStore.open(store, clusters, legacy_db)
     issuer = Issuer("", "", keys, args.access_token_lifetime)
     endpoint = IssuerEndpoint(issuer, cert, key)
     host, port = _issuer_address(args)
@@ -144,16 +142,12 @@ async def start(args: argparse.Namespace, data_dir: Path, _store: Store, store: 
         for i in config.issuers
     })
     authorizer = DialAuthorizer(access, verifier, users, issuer.url)
-
-    def recheck(cluster: str | None) -> None:
-        ended = connections.revoke_where(lambda c: authorizer.refusal_now(c.cluster, c.caller), cluster)
-        if ended:
-            log.info("open connections ended by revocation", cluster=cluster, connections=ended)
+    revocations = RevocationWatch(store, clusters, authorizer, connections)
     # The generated *_pb2_grpc modules have no type stubs.
     identity_pb2_grpc.add_IdentityProviderServicer_to_server(
         IdentityProvider(users, issuer), server)
     identity_pb2_grpc.add_AccessAdminServicer_to_server(
-        AccessAdmin(users, access, issuer, admin_credential, recheck), server)
+        AccessAdmin(users, access, issuer, admin_credential), server)
     log.info("issuer serving", url=issuer.url, address=f"{host}:{port}", audience=issuer.audience,
              lifetime_seconds=args.access_token_lifetime, external_issuers=[i.url for i in external.issuers])
-    return UserIdentity(issuer, endpoint, users, access, keys, authorizer)
+    return UserIdentity(issuer, endpoint, users, access, keys, authorizer, revocations)
