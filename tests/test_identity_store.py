@@ -11,11 +11,13 @@ same assertions hold.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
 
+import grpc
 import jwt
 import pytest
 from fake_clock import FakeClock
@@ -23,14 +25,17 @@ from fake_clock import FakeClock
 from clusterconnect.oidc import AuthenticationConfig, Identity, IssuerKeys, Verifier
 from clusterconnect.relay.datapath.connections import ConnectionRegistry
 from clusterconnect.relay.storage.clusters import ClusterStore
+from clusterconnect.relay.storage.etcd.client import Etcd, parse_endpoints
 from clusterconnect.relay.storage.kv import Change, EtcdKV, SqliteKV
 from clusterconnect.relay.storage.sealing import SealingKey
 from clusterconnect.relay.storage.store import Store
 from clusterconnect.relay.user_identity.access import AccessStore, DialAuthorizer, Entry
+from clusterconnect.relay.user_identity.api import AccessAdmin, IdentityProvider
 from clusterconnect.relay.user_identity.issuer import KEYRING, Issuer, SigningKeys
 from clusterconnect.relay.user_identity.revocation import RevocationWatch
 from clusterconnect.relay.user_identity.users import CredentialInvalid, LoginCodeInvalid, UserStore
 from clusterconnect.relay.user_identity.wiring import builtin_issuer_config
+from clusterconnect.v1 import identity_pb2, identity_pb2_grpc
 
 URL = "https://relay.example:8445"
 READY_SECONDS = 10.0
@@ -247,3 +252,50 @@ async def _eventually(condition, timeout: float = READY_SECONDS) -> bool:
 
 async def _converged(one: Store, two: Store) -> bool:
     return await _eventually(lambda: one.list("") == two.list(""))
+
+
+def test_with_etcd_unreachable_writes_are_answered_unavailable_in_one_line(tmp_path):
+    """A replica cut off from etcd: the admin API and logins answer UNAVAILABLE with the store's reason
+    (one line), and the relay goes on serving."""
+    with socket.socket() as probe:  # a port nobody listens on: every etcd call fails
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+    async def main() -> None:
+        clusters = ClusterStore(tmp_path / "clusters.db")
+        clusters.add("dev")
+        keys_store = await Store.open(SqliteKV(tmp_path / "relay.db"))  # the issuer's keys are not the point
+        keys = await SigningKeys.open(keys_store, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
+        issuer = Issuer(URL, URL, keys, 60)
+        store = await Store.open(EtcdKV(Etcd(parse_endpoints(dead), None, call_timeout=0.5)))
+        users, access = UserStore(store), AccessStore(store, clusters)
+        server = grpc.aio.server()
+        identity_pb2_grpc.add_AccessAdminServicer_to_server(AccessAdmin(users, access, issuer, "admin"), server)
+        identity_pb2_grpc.add_IdentityProviderServicer_to_server(IdentityProvider(users, issuer), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                admin = identity_pb2_grpc.AccessAdminStub(channel)
+                provider = identity_pb2_grpc.IdentityProviderStub(channel)
+                as_admin = (("authorization", "Bearer admin"),)
+                calls = [
+                    admin.AddUser(identity_pb2.AddUserRequest(name="alice"), metadata=as_admin),
+                    admin.Grant(identity_pb2.AccessChange(cluster="dev", entry=identity_pb2.AccessEntry(user="a")),
+                                metadata=as_admin),
+                    provider.Login(identity_pb2.LoginRequest(code="0" * 48, device="laptop")),
+                    provider.IssueToken(identity_pb2.IssueTokenRequest(),
+                                        metadata=(("authorization", "Bearer some-credential"),)),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+                    details = refused.value.details() or ""
+                    assert "etcd" in details and "\n" not in details, details
+        finally:
+            await server.stop(None)
+            await store.close()
+            await keys_store.close()
+
+    asyncio.run(main())
