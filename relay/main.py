@@ -26,6 +26,7 @@ from clusterconnect.relay.datapath.connections import (
 from clusterconnect.relay.datapath.passthrough import raw_stream_handler
 from clusterconnect.relay.datapath.sessions import SessionTable
 from clusterconnect.relay.datapath.tunnel import Tunnel
+from clusterconnect.relay.routing import wiring as routing
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.user_identity import wiring as user_identity
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
     user_identity.add_flags(serve)
     agent_enrollment.add_flags(serve)
+    routing.add_flags(serve)
     return parser.parse_args(argv)
 
 
@@ -139,7 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     host = args.listen.rsplit(":", 1)[0]
     log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir))
     try:
-        await server.wait_for_termination()
+        await routing.run_until_stopped(args, tunnel, server)
     finally:
         await server.stop(grace=2)
         await identity.endpoint.close()
