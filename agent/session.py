@@ -77,6 +77,8 @@ class Agent:
         self._welcomed = asyncio.Event()
         # Why the current session handed over to the next one (for the log).
         self._handover_reason = ""
+        # Which of --relay's relays the next session goes to (each session takes the next).
+        self._next_relay = 0
 
     def _metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         # No credential: the relay knows the agent by its client certificate.
@@ -153,9 +155,9 @@ class Agent:
         rotated = enrolled.rotated  # taken before the certificate, so no renewal goes unnoticed
         # A channel of its own (no shared subchannel): a session must really use its certificate.
         options = [*AGENT_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-        async with grpc.aio.secure_channel(
-            enrolled.agent_target, enrolled.channel_credentials(), options=options
-        ) as channel:
+        self._next_relay += 1
+        target = await enrolled.use_relay(self._next_relay - 1)
+        async with grpc.aio.secure_channel(target, enrolled.channel_credentials(), options=options) as channel:
             stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)
             hello = tunnel_pb2.AgentHello(
                 cluster=self.config.cluster,
@@ -168,7 +170,7 @@ class Agent:
                 first = await call.read()
                 if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
                     raise PeerGone("relay did not welcome the agent")
-                log.info("connected to relay", relay=enrolled.agent_target, cluster=self.config.cluster,
+                log.info("connected to relay", relay=target, cluster=self.config.cluster,
                          certificate_serial=format(enrolled.identity.serial, "x"))
                 self.connected.set()
                 previous, self._welcomed = self._welcomed, asyncio.Event()
