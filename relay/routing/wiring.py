@@ -165,7 +165,10 @@ class Replica:
                 # Owned here and cancelled once drained: the watches, the lease, the server's end.
                 background: list[asyncio.Task[object]] = [group.create_task(routing.run())]
                 try:
-                    await routing.register(advertise, __version__)
+                    try:
+                        await routing.register(advertise, __version__)
+                    except EtcdUnavailable as exc:
+                        raise StartupError(f"cannot register relay replica {self.name} in etcd: {exc}") from None
                     self.tunnel.router = PeerRouter(routing, dialer)
                     log.info("replica registered", replica=self.name, peer=advertise, lease=format(lease, "x"),
                              ttl=ttl)
