@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv lint devcluster devcluster-check oidc-provider test test-fast demo demo-down bench protos check-protos clean
+.PHONY: venv lint devcluster devcluster-check oidc-provider haproxy test test-fast demo demo-down demo-ha demo-ha-down bench protos check-protos clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -38,7 +38,12 @@ lint: venv
 	scripts/typecheck-tree
 	$(BIN)/mypy
 
-test: venv devcluster devcluster-check oidc-provider helm proto-tools konnectivity lint
+# HAProxy 2.6 (Debian's package) in TCP mode in front of the relay replicas (tests/test_relay_replicas.py, demo-ha).
+haproxy:
+	@command -v haproxy >/dev/null || { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq haproxy; }
+
+test: venv devcluster devcluster-check oidc-provider helm proto-tools konnectivity haproxy lint
 	$(BIN)/python -m pytest -q -ra
 
 # Only the tests that need no devcluster.
@@ -51,11 +56,18 @@ demo: venv devcluster
 demo-down:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python deploy/local/demo.py down --state-dir .demo; fi
 
+# 3 etcd members, 3 relay replicas behind HAProxy, the agent and a client proxy (docs/replicas.md).
+demo-ha: venv devcluster haproxy
+	$(BIN)/python deploy/local/demo_ha.py up --state-dir .demo-ha
+
+demo-ha-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python deploy/local/demo_ha.py down --state-dir .demo-ha; fi
+
 bench: venv devcluster konnectivity
 	$(BIN)/python bench/run.py
 
-clean: demo-down
-	rm -rf .demo tests/devcluster/bin
+clean: demo-down demo-ha-down
+	rm -rf .demo .demo-ha tests/devcluster/bin
 
 .PHONY: helm manifests konnectivity node-example
 

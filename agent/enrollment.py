@@ -245,6 +245,11 @@ async def renew(agent_target: str, root: bytes, identity: Identity) -> tuple[byt
     return key_pem(key), reply.certificate.certificate_pem
 
 
+def _agent_target(relay_target: str, agent_port: int) -> str:
+    host, _ = split_target(relay_target)
+    return f"[{host}]:{agent_port}" if ":" in host else f"{host}:{agent_port}"
+
+
 class Enrolled:
     """The agent's current identity and relay trust; ``rotated`` fires each time the certificate changes."""
 
@@ -253,9 +258,23 @@ class Enrolled:
         self.relay_target = relay_target
         self.root = root
         self.identity = identity
-        host, _ = split_target(relay_target)
-        self.agent_target = f"[{host}]:{agent_port}" if ":" in host else f"{host}:{agent_port}"
+        self.agent_target = _agent_target(relay_target, agent_port)
         self.rotated = asyncio.Event()
+        # --relay's list, the one enrolled with first (the agent's main sets it); each session takes
+        # the next, so one that is gone or draining is left for the next in the list.
+        self.relay_targets = [relay_target]
+        self._agent_targets = {relay_target: self.agent_target}
+
+    async def use_relay(self, index: int) -> str:
+        """The agent endpoint of relay ``index`` (rotating over ``relay_targets``), which a session
+        connects to and renewals go to; a relay's agent port is asked once (GetCA, against our CA)."""
+        relay = self.relay_targets[index % len(self.relay_targets)]
+        target = self._agent_targets.get(relay)
+        if target is None:
+            target = _agent_target(relay, (await get_ca(relay, self.root, None)).agent_port)
+            self._agent_targets[relay] = target
+        self.agent_target = target
+        return target
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(self.root, self.identity.key_pem, self.identity.cert_pem)

@@ -28,7 +28,9 @@ MAX_WARM_STREAMS = 8
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="clusterconnect-agent", description=__doc__)
     cliargs.add_version(parser)
-    cliargs.add_flag(parser, "--relay", required=True, help="relay URL, e.g. https://relay.example.com:8443")
+    cliargs.add_flag(parser, "--relay", required=True,
+                     help="relay URL, e.g. https://relay.example.com:8443; or several, comma-separated (replicas"
+                          " without a balancer): each new session tries the next")
     cliargs.add_flag(parser, "--cluster", required=True, help="this cluster's name at the relay")
     cliargs.add_flag(parser, "--state-dir", type=Path,
                      help="where the agent keeps its key, certificate and the relay CA (mode 700; a volume in a pod;"
@@ -97,17 +99,24 @@ def join_token(args: argparse.Namespace) -> str | None:
 async def run(args: argparse.Namespace) -> None:
     relay_ca = _read(args.relay_ca, "relay CA") if args.relay_ca else None
     token = join_token(args)
-    target = grpc_target(args.relay)  # InvalidInput: one line and exit code 2 (clusterconnect.service)
+    # InvalidInput: one line and exit code 2 (clusterconnect.service)
+    targets = [grpc_target(url.strip()) for url in args.relay.split(",") if url.strip()]
+    if not targets:
+        raise StartupError("--relay names no relay")
     state_dir = args.state_dir or Path.home() / ".local/state/clusterconnect" / f"agent-{args.cluster}"
     backoff = Backoff()
+    attempt = 0
     while True:
+        first = attempt % len(targets)
         try:
-            enrolled = await enroll(AgentState(state_dir), target, args.cluster, token,
+            enrolled = await enroll(AgentState(state_dir), targets[first], args.cluster, token,
                                     args.relay_ca_hash, relay_ca)
+            enrolled.relay_targets = targets[first:] + targets[:first]
             break
         except EnrollmentError as exc:
             if not exc.transient:
                 raise
+            attempt += 1
             delay = backoff.next_delay()
             log.warning("relay not reachable for enrollment; retrying", reason=str(exc), retry_in=round(delay, 2))
             await asyncio.sleep(delay)

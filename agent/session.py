@@ -15,7 +15,7 @@ from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import Enrolled
 from clusterconnect.errors import PermissionDenied, Unavailable
-from clusterconnect.grpc_options import CHANNEL_OPTIONS
+from clusterconnect.grpc_options import AGENT_CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import RPC_ENDED, GrpcClientStream, PeerGone, splice
 from clusterconnect.tasks import cancelling, race, unwrap
@@ -73,6 +73,12 @@ class Agent:
         self.open_connections = 0
         self.connected = asyncio.Event()
         self._health_failing = False
+        # Set (and replaced) each time a session is welcomed: a draining session leaves on the next one's.
+        self._welcomed = asyncio.Event()
+        # Why the current session handed over to the next one (for the log).
+        self._handover_reason = ""
+        # Which of --relay's relays the next session goes to (each session takes the next).
+        self._next_relay = 0
 
     def _metadata(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         # No credential: the relay knows the agent by its client certificate.
@@ -98,7 +104,8 @@ class Agent:
             session = tasks.create_task(self._session_to_end(next_due))
             await next_due.wait()
             if not session.done():
-                log.info("certificate renewed; reconnecting with it, connections on the old one go on")
+                log.info("handing over to a new session; connections on the old one go on",
+                         reason=self._handover_reason)
                 backoff.reset()
                 continue
             reason = session.result()  # AgentRefused: the agent's end (run_forever's TaskGroup ends with it)
@@ -147,10 +154,10 @@ class Agent:
         enrolled = self.config.enrolled
         rotated = enrolled.rotated  # taken before the certificate, so no renewal goes unnoticed
         # A channel of its own (no shared subchannel): a session must really use its certificate.
-        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-        async with grpc.aio.secure_channel(
-            enrolled.agent_target, enrolled.channel_credentials(), options=options
-        ) as channel:
+        options = [*AGENT_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        self._next_relay += 1
+        target = await enrolled.use_relay(self._next_relay - 1)
+        async with grpc.aio.secure_channel(target, enrolled.channel_credentials(), options=options) as channel:
             stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)
             hello = tunnel_pb2.AgentHello(
                 cluster=self.config.cluster,
@@ -163,17 +170,21 @@ class Agent:
                 first = await call.read()
                 if first is grpc.aio.EOF or first.WhichOneof("message") != "welcome":
                     raise PeerGone("relay did not welcome the agent")
-                log.info("connected to relay", relay=enrolled.agent_target, cluster=self.config.cluster,
+                log.info("connected to relay", relay=target, cluster=self.config.cluster,
                          certificate_serial=format(enrolled.identity.serial, "x"))
                 self.connected.set()
+                previous, self._welcomed = self._welcomed, asyncio.Event()
+                previous.set()
                 self._touch_health()
+                drained = asyncio.Event()
                 try:
                     async with asyncio.TaskGroup() as connections:
                         try:
                             await race(
                                 self._heartbeats(call, first.welcome.heartbeat_seconds or 10),
-                                self._control(call, stub, connections),
+                                self._control(call, stub, connections, drained),
                                 self._hand_over_on(rotated, handover),
+                                self._leave_after_drain(call, drained, handover),
                                 self._keep_warm(stub, connections),
                             )
                         except RPC_ENDED:
@@ -192,13 +203,26 @@ class Agent:
             finally:
                 call.cancel()
 
-    @staticmethod
-    async def _hand_over_on(rotated: asyncio.Event, handover: asyncio.Event) -> None:
+    async def _hand_over_on(self, rotated: asyncio.Event, handover: asyncio.Event) -> None:
         """Once the certificate is renewed, ask for the next session but keep serving this one."""
         await rotated.wait()
-        handover.set()
+        if not handover.is_set():
+            self._handover_reason = "certificate renewed"
+            handover.set()
         await asyncio.Future()  # until the relay ends this control stream
 
+    async def _leave_after_drain(self, call: Call, drained: asyncio.Event, handover: asyncio.Event) -> None:
+        """Make before break: once the relay asked to drain, start the next session (through the balancer,
+        on another replica) and leave this one only when that one is welcomed; this session's open
+        connections go on (the relay keeps them after a drain) until they end."""
+        await drained.wait()
+        successor = self._welcomed
+        if not handover.is_set():
+            self._handover_reason = "relay draining"
+            handover.set()
+        await successor.wait()
+        log.info("left the draining relay; its open connections go on", connections=self.open_connections)
+        await call.done_writing()  # the relay ends this session, not its connections
     async def _heartbeats(self, call: Call, interval: int) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -223,7 +247,8 @@ class Agent:
                 log.info("health file written again", path=str(self.config.health_file))
             self._health_failing = False
 
-    async def _control(self, call: Call, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
+    async def _control(self, call: Call, stub: AgentTunnel, connections: asyncio.TaskGroup,
+                       drained: asyncio.Event) -> None:
         while True:
             message = await call.read()
             if not isinstance(message, tunnel_pb2.RelayMessage):  # EOF: the relay ended the stream
@@ -233,7 +258,7 @@ class Agent:
                 connections.create_task(self._carry(stub, message.dial))
             elif kind == "drain":
                 log.info("relay asked to drain", reason=message.drain.reason)
-                return
+                drained.set()  # dials go on being answered here until the next session is up
 
     async def _carry(self, stub: AgentTunnel, dial: tunnel_pb2.DialRequest) -> None:
         """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream,

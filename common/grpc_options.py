@@ -1,7 +1,9 @@
 """gRPC channel and server settings shared by every service.
 
 Keepalive finds dead peers (DESIGN property 4): clients ping every 20 s and give up after 10 s
-without an answer; servers accept pings that often (otherwise they answer GOAWAY too_many_pings).
+without an answer; the agent's channel to the relay pings every 5 s and gives up after 5 s, so a
+silent relay (SIGSTOP, a blackholed link) is found within 10 s and the agent moves to another
+replica. Servers accept pings that often (otherwise they answer GOAWAY too_many_pings).
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.enable_retries", 0),
 ]
 
+# The agent's channel to the relay: a silent relay found within 10 s (keepalive time + timeout).
+AGENT_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    *[(key, value) for key, value in CHANNEL_OPTIONS
+      if key not in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms")],
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
 SERVER_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # At most the agent's ping interval (AGENT_CHANNEL_OPTIONS), else its pings count as strikes.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),

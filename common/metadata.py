@@ -8,6 +8,10 @@ WARM = "x-clusterconnect-warm"  # on an Accept opened ahead of need (see tunnel.
 TRACEPARENT = "traceparent"
 OPEN = "x-clusterconnect-open"  # initial metadata from the relay: the agent accepted the connection
 REASON = "clusterconnect-reason"  # trailing metadata of a Dial the relay refused: a DialRefusal
+# On RelayPeer.Forward (peer.proto): the caller the entry replica verified (a serialized Caller; gRPC
+# carries "-bin" keys as bytes) and when its token expires (unix seconds), so the owner binds and ends it.
+CALLER_BIN = "x-clusterconnect-caller-bin"
+EXPIRES = "x-clusterconnect-expires"
 
 
 class DialRefusal(enum.StrEnum):

@@ -26,6 +26,7 @@ from clusterconnect.relay.datapath.connections import (
 from clusterconnect.relay.datapath.passthrough import raw_stream_handler
 from clusterconnect.relay.datapath.sessions import EndReason, SessionTable
 from clusterconnect.relay.datapath.tunnel import Tunnel
+from clusterconnect.relay.routing import wiring as routing
 from clusterconnect.relay.storage import backend, shared
 from clusterconnect.relay.storage import migrate as store_migration
 from clusterconnect.relay.storage.clusters import PREFIX as CLUSTERS_PREFIX
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     user_identity.add_flags(serve)
     agent_enrollment.add_flags(serve)
     store_migration.add_command(commands)
+    routing.add_flags(serve)
     return parser.parse_args(argv)
 
 
@@ -200,7 +202,7 @@ async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing
     host = args.listen.rsplit(":", 1)[0]
     log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir), store=args.store)
     try:
-        await server.wait_for_termination()
+        await routing.run_until_stopped(args, tunnel, server)
     finally:
         await server.stop(grace=2)
         await identity.endpoint.close()

@@ -27,7 +27,8 @@ async def _owner(_requests: object, context: grpc.aio.ServicerContext) -> None:
     """What an owner replica does, reduced to the protocol: open, then echo upper-cased until EOF."""
     cluster = metadata_value(context.invocation_metadata(), md.CLUSTER)
     if cluster != "here":
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster {cluster} is not connected (agent never connected)")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"cluster {cluster} is not connected (agent never connected)",
+                            trailing_metadata=((md.REASON, "agent-not-connected"),))
     await context.send_initial_metadata(((md.OPEN, "1"),))
     stream = PassthroughStream(context)
     while True:
@@ -78,6 +79,7 @@ def test_the_owners_refusal_is_the_answer():
             await dialer.forward(peer, "elsewhere")
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
         assert refused.value.details == "cluster elsewhere is not connected (agent never connected)"
+        assert refused.value.reason == "agent-not-connected"
         await dialer.close()
 
     run(body)

@@ -21,9 +21,9 @@ def replicas(etcd_cluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("replicas")
     sealing = state / "sealing.key"
     SealingKey.load_or_create(sealing)
-    flags = etcd_flags(etcd_cluster, sealing)
-    one = Chain(state / "one", Path("/nonexistent"), relay_args=flags)
-    two = Chain(state / "two", Path("/nonexistent"), relay_args=flags)
+    # Each replica its own peer port and certificate (etcd_flags makes new ones per call).
+    one = Chain(state / "one", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
+    two = Chain(state / "two", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
     try:
         one.start_relay()
         two.start_relay()

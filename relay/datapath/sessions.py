@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import secrets
 import time
 
 from clusterconnect.relay.datapath.pairing import (
@@ -37,6 +38,9 @@ class EndReason(enum.Enum):
     CLUSTER_REMOVED = "cluster removed"
     REPLACED = "replaced by a newer connection of the same agent"
     DISCONNECTED = "agent disconnected"
+    # After a Drain: the agent left for its next session elsewhere; its open connections go on.
+    DRAINED = "agent moved to another relay replica after a drain"
+    RELAY_STOPPING = "relay stopping"
 
 
 class AgentSession:
@@ -54,6 +58,19 @@ class AgentSession:
         # Set to end the session from outside (cluster removed, replaced by a newer connection).
         self.ended = asyncio.Event()
         self.end_reason: EndReason | None = None
+        # Names this session in its route (relay/routing/): which of the agent's sessions a replica holds.
+        self.session_id = secrets.token_hex(8)
+        # Set once the relay sent Drain: the agent's goodbye then leaves its open connections running.
+        self.draining = False
+
+    def drain(self, reason: str) -> bool:
+        """Ask the agent to move (tunnel.proto Drain); False if its control stream is not keeping up."""
+        self.draining = True
+        try:
+            self.outbox.put_nowait(tunnel_pb2.RelayMessage(drain=tunnel_pb2.Drain(reason=reason)))
+        except asyncio.QueueFull:
+            return False
+        return True
 
     def request_dial(self, traceparent: str = "", caller: tunnel_pb2.Caller | None = None) -> PendingDial:
         """Queue a DialRequest; raises asyncio.QueueFull when the agent is not keeping up."""
@@ -119,6 +136,9 @@ class SessionTable:
 
     def get(self, cluster: str) -> AgentSession | None:
         return self._sessions.get(cluster)
+
+    def all(self) -> list[AgentSession]:
+        return list(self._sessions.values())
 
     def add(self, session: AgentSession) -> None:
         previous = self._sessions.get(session.cluster)

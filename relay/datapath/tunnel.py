@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Never, TypeAlias
+from collections.abc import Callable
+from typing import Never, Protocol, TypeAlias
 
 import grpc
 
@@ -20,12 +21,14 @@ from clusterconnect.metadata import DialRefusal
 from clusterconnect.oidc import Identity, principal
 from clusterconnect.relay.agent_identity.enrollment import AgentAuthenticator
 from clusterconnect.relay.datapath.connections import ConnectionRegistry, OpenConnection, TooManyConnections
+from clusterconnect.relay.datapath.forwarded import read_forward_metadata
 from clusterconnect.relay.datapath.pairing import AcceptedStream, StreamEnd
 from clusterconnect.relay.datapath.passthrough import ForeignPassthroughStream, PassthroughStream
 from clusterconnect.relay.datapath.sessions import AgentSession, EndReason, SessionTable
+from clusterconnect.relay.routing.peer import PeerRefused
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.user_identity.access import DialAuthorizer
-from clusterconnect.streams import PeerGone, splice
+from clusterconnect.streams import ByteStream, PeerGone, splice
 from clusterconnect.tasks import race
 from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2
@@ -41,6 +44,8 @@ ACCEPT_TIMEOUT = 5.0
 RawContext: TypeAlias = grpc.aio.ServicerContext[bytes, bytes]
 ControlContext: TypeAlias = grpc.aio.ServicerContext[tunnel_pb2.AgentMessage, tunnel_pb2.RelayMessage]
 
+_REASONS = {reason.value for reason in DialRefusal}
+
 # How a refused access check is told to the client.
 _ACCESS_REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED: DialRefusal.TOKEN_REFUSED,
@@ -50,6 +55,21 @@ _ACCESS_REFUSALS = {
 
 class _PeerLost(Exception):
     pass
+
+
+class Router(Protocol):
+    """The other relay replicas, as the data path needs them (relay/routing/wiring.py builds it)."""
+
+    def claim(self, session: AgentSession) -> None:
+        """This replica holds ``session``'s agent now (its route)."""
+
+    def release(self, cluster: str) -> None:
+        """This replica no longer holds an agent of ``cluster``."""
+
+    async def forward(self, cluster: str, traceparent: str, caller: tunnel_pb2.Caller, expires_unix: float | None,
+                      local: Callable[[], AgentSession | None], timeout: float) -> ByteStream | AgentSession | None:
+        """The replica holding ``cluster``'s agent, waited for up to ``timeout``: a Forward stream open to it,
+        the local session if one started meanwhile, or None. Raises PeerRefused with the owner's answer."""
 
 
 class _Revoked(Exception):
@@ -102,6 +122,15 @@ class Tunnel:
         # How dials found their agent stream: a warm one at hand, or a DialRequest round trip.
         self.dials_warm = 0
         self.dials_requested = 0
+        # With replicas (relay/routing/): Dials served here, forwarded to the owner, served for a peer.
+        self.router: Router | None = None
+        self.dials_local = 0
+        self.dials_forwarded = 0
+        self.dials_from_peers = 0
+        # Set while draining (the message says why): new agent sessions are refused.
+        self.draining: str | None = None
+        # Set on every connection or session that ends (shutdown waits for them on it).
+        self.quieter = asyncio.Event()
 
     # -- clients --------------------------------------------------------------------------------
 
@@ -124,10 +153,8 @@ class Tunnel:
                           decision.message)
         caller = decision.identity
         session = self.sessions.get(cluster)
-        if session is None:
-            # When the agent was last seen is for callers the relay verified and admitted only.
-            await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
-                          self._not_connected(cluster) if caller is not None else f"cluster {cluster} is not connected")
+        if session is None and self.router is None:
+            await self._refuse_not_connected(context, cluster, caller is not None)
         # Registered with no await since the authorizer's last look at users and lists: a revocation
         # either came before that look (refused above) or finds this connection (ended by it).
         try:
@@ -138,14 +165,80 @@ class Tunnel:
         try:
             incoming = metadata_value(metadata, md.TRACEPARENT)
             with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
-                await self._carry(context, session, traceparent, connection)
+                if session is None:
+                    await self._forward(context, cluster, traceparent, connection)
+                else:
+                    self.dials_local += 1
+                    await self._carry(context, session, traceparent, connection, caller_message(caller))
         finally:
             self.connections.close(connection)
 
+    async def _refuse_not_connected(self, context: RawContext, cluster: str, verified: bool) -> Never:
+        # When the agent was last seen is for callers the relay verified and admitted only.
+        await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
+                      self._not_connected(cluster) if verified else f"cluster {cluster} is not connected")
+
+    async def _forward(self, context: RawContext, cluster: str, traceparent: str,
+                       connection: OpenConnection) -> None:
+        """No agent of ``cluster`` here: the Dial goes to the replica that holds it (relay/routing/),
+        waiting for a route while the agent re-homes. The owner's refusal is the client's answer."""
+        assert self.router is not None
+        caller = caller_message(connection.caller)
+        try:
+            found = await self.router.forward(cluster, traceparent, caller, connection.expires_unix,
+                                              lambda: self.sessions.get(cluster), ACCEPT_TIMEOUT)
+        except PeerRefused as exc:
+            await _refuse(context, exc.code, DialRefusal(exc.reason) if exc.reason in _REASONS
+                          else DialRefusal.AGENT_NOT_CONNECTED, exc.details)
+        if found is None:
+            await self._refuse_not_connected(context, cluster, connection.caller is not None)
+        if isinstance(found, AgentSession):  # the agent came here meanwhile
+            self.dials_local += 1
+            await self._carry(context, found, traceparent, connection, caller)
+            return
+        self.dials_forwarded += 1
+        self.open_connections += 1
+        try:
+            await context.send_initial_metadata(((md.OPEN, "1"),))
+            await race(splice(PassthroughStream(context), found), self._revoked(connection))
+        except PeerGone as exc:
+            log.info("connection lost", cluster=cluster, reason=str(exc), forwarded=True)
+            if not context.done():
+                await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.CONNECTION_LOST,
+                              f"connection to cluster {cluster} lost")
+        except _Revoked as exc:
+            user = connection.caller.username if connection.caller else None
+            log.info("connection ended by revocation", cluster=cluster, user=user, reason=str(exc))
+            if not context.done():
+                await _refuse(context, grpc.StatusCode.PERMISSION_DENIED, DialRefusal.ACCESS_REVOKED,
+                              f"connection to cluster {cluster} ended: {exc}")
+        finally:
+            await found.close()
+            self.open_connections -= 1
+            self.quieter.set()
+
+    async def Forward(self, request_iterator: object, context: RawContext) -> None:
+        """RelayPeer.Forward (peer.proto), on the replica holding the agent: the local Dial without its
+        authorization, which the entry replica did. The caller it verified goes to the agent, and the
+        connection ends at its token's expiry. It is not in this replica's ConnectionRegistry: the
+        entry replica's holds it, counts it against the limits and ends it on revocation (which
+        ends this call); here it would be an unverified caller, which an access change ends."""
+        request = read_forward_metadata(context.invocation_metadata())
+        if isinstance(request, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request)
+        cluster = request.cluster
+        session = self.sessions.get(cluster)
+        if session is None:
+            await self._refuse_not_connected(context, cluster, bool(request.caller.subject))
+        self.dials_from_peers += 1
+        connection = OpenConnection(cluster, None, request.expires_unix)
+        with connection_span("relay.forwarded", request.traceparent or None, cluster=cluster) as traceparent:
+            await self._carry(context, session, traceparent, connection, request.caller)
+
     async def _carry(self, context: RawContext, session: AgentSession, traceparent: str,
-                     connection: OpenConnection) -> None:
+                     connection: OpenConnection, caller: tunnel_pb2.Caller) -> None:
         cluster = session.cluster
-        accepted = await self._open(session, context, traceparent, caller_message(connection.caller))
+        accepted = await self._open(session, context, traceparent, caller)
         self.open_connections += 1
         session.active.add(accepted)
         end = StreamEnd.ABANDONED
@@ -169,6 +262,24 @@ class Tunnel:
             accepted.end(end)
             session.active.discard(accepted)
             self.open_connections -= 1
+            self.quieter.set()
+
+    def end_sessions(self, reason: EndReason) -> None:
+        """End every agent session (their Connect calls return): before the server stops, so that
+        grpc does not cancel the handlers under us (it logs each as an unhandled CancelledError)."""
+        for session in self.sessions.all():
+            session.end(reason)
+
+    async def wait_quiet(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait up to ``timeout`` until ``done()`` (checked whenever a connection or a session ends)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not done():
+                    self.quieter.clear()
+                    await self.quieter.wait()
+        except TimeoutError:
+            return done()
+        return True
 
     @staticmethod
     async def _revoked(connection: OpenConnection) -> None:
@@ -232,6 +343,8 @@ class Tunnel:
 
     async def Connect(self, request_iterator: object, context: ControlContext) -> None:
         cluster = await self._authenticate_agent(context)
+        if self.draining is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.draining)
         first = await _read(context)
         if first is None or first.WhichOneof("message") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be hello")
@@ -244,6 +357,8 @@ class Tunnel:
         session = AgentSession(cluster, hello.agent_version[:64], hello.kubernetes_version[:64])
         await self.store.record_seen(cluster, int(session.last_seen), session.agent_version, session.kubernetes_version)
         self.sessions.add(session)
+        if self.router is not None:
+            self.router.claim(session)
         log.info("agent connected", cluster=cluster, agent_version=session.agent_version,
                  kubernetes_version=session.kubernetes_version, peer=context.peer())
         try:
@@ -260,6 +375,9 @@ class Tunnel:
             )
         finally:
             self.sessions.discard(session)
+            if self.router is not None and self.sessions.get(cluster) is None:
+                self.router.release(cluster)  # a newer session of this agent here keeps the route
+            self.quieter.set()
             if not session.ended.is_set():  # a session replaced by a newer one keeps its connections
                 session.end(EndReason.DISCONNECTED)
             reason = session.end_reason.value if session.end_reason else None
@@ -272,7 +390,10 @@ class Tunnel:
         while True:
             message = await _read(context)
             if message is None:
-                session.end(EndReason.AGENT_CLOSED)
+                if session.draining:  # gone to its next session: what it carries here finishes
+                    session.end(EndReason.DRAINED, drop_connections=False)
+                else:
+                    session.end(EndReason.AGENT_CLOSED)
                 return
             session.last_seen = time.time()
 

@@ -58,13 +58,37 @@ class RawClientStream(GrpcClientStream):
 
 
 class PeerRefused(ClusterConnectError):
-    """The owner ended the Forward before opening it: its status and message are the client's answer."""
+    """The owner ended the Forward before opening it: its status, message and clusterconnect-reason
+    are the client's answer."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.grpc_status = code
         self.details = details
+        self.reason = reason
+
+
+def _answer(peer: str, code: grpc.StatusCode, details: str | None, reason: str) -> Exception:
+    """What a Forward that ended unopened means. Every refusal of an owner carries its clusterconnect-reason
+    (relay/datapath/tunnel.py); UNAVAILABLE without one is the transport's: the peer is gone (a replica
+    killed before its lease ran out), and the entry replica looks for the cluster's next route."""
+    if code == grpc.StatusCode.UNAVAILABLE and not reason:
+        return PeerGone(f"relay replica {peer} unreachable: {details or 'no answer'}")
+    if code == grpc.StatusCode.OK:
+        return PeerGone(f"relay replica {peer} ended the connection before opening it")
+    return PeerRefused(code, details or "relay replica refused the connection", reason)
+
+
+def _refused(peer: str, exc: grpc.aio.AioRpcError) -> Exception:
+    return _answer(peer, exc.code(), exc.details(), _reason(exc.trailing_metadata()))
+
+
+def _reason(metadata: object) -> str:
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == md.REASON and isinstance(value, str):
+            return value
+    return ""
 
 
 class PeerDialer:
@@ -86,10 +110,15 @@ class PeerDialer:
             self._channels[peer] = channel
         return channel
 
-    async def forward(self, peer: str, cluster: str, traceparent: str = "") -> RawClientStream:
-        """Open a Forward to ``peer`` and wait until the owner says the path is open.
+    async def forward(self, peer: str, cluster: str, traceparent: str = "", caller: bytes = b"",
+                      expires_unix: float | None = None) -> RawClientStream:
+        """Open a Forward to ``peer`` and wait until the owner says the path is open. ``caller`` is the
+        serialized Caller the entry replica verified and ``expires_unix`` when its token expires: the
+        owner passes the one to the agent and ends the connection at the other.
         Raises PeerRefused with the owner's status, or PeerGone when the peer cannot be reached."""
-        metadata = [(md.CLUSTER, cluster)]
+        metadata: list[tuple[str, str | bytes]] = [(md.CLUSTER, cluster), (md.CALLER_BIN, caller)]
+        if expires_unix is not None:
+            metadata.append((md.EXPIRES, repr(float(expires_unix))))
         if traceparent:
             metadata.append((md.TRACEPARENT, traceparent))
         # No (de)serializers: bytes through.
@@ -102,22 +131,18 @@ class PeerDialer:
             call.cancel()
             raise PeerGone(f"relay replica {peer} did not open the connection within {OPEN_TIMEOUT:g}s") from None
         except grpc.aio.AioRpcError as exc:
-            raise self._refused(exc) from None
+            raise _refused(peer, exc) from None
         if not any(key == md.OPEN for key, _ in (initial or ())):
             # No "open": the owner ended the call with a status; that status is the answer.
             try:
                 code = await call.code()
                 details = await call.details()
+                trailing = await call.trailing_metadata()
             except grpc.aio.AioRpcError as exc:
-                raise self._refused(exc) from None
-            raise PeerRefused(code, details or "relay replica refused the connection")
+                raise _refused(peer, exc) from None
+            raise _answer(peer, code, details, _reason(trailing))
         return RawClientStream(call)
 
-    @staticmethod
-    def _refused(exc: grpc.aio.AioRpcError) -> Exception:
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.details():
-            return PeerGone("relay replica unreachable")
-        return PeerRefused(exc.code(), exc.details() or "")
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -98,6 +98,10 @@ class RouteIndex:
             return None
         return max(routes.values(), key=lambda route: route.revision)
 
+    def of_cluster(self, cluster: str) -> list[Route]:
+        """Every route of ``cluster``, newest first."""
+        return sorted(self._routes.get(cluster, {}).values(), key=lambda route: -route.revision)
+
     def count(self) -> int:
         return sum(len(routes) for routes in self._routes.values())
 

@@ -37,6 +37,11 @@ type RelayPeerClient interface {
 	// Request metadata:
 	//
 	//	x-clusterconnect-cluster: the cluster name (required)
+	//	x-clusterconnect-caller-bin: the serialized Caller the entry replica verified for the Dial
+	//	  (required; all fields empty if it verified none): the owner passes it to the agent, so the
+	//	  auth proxy binds the connection to that identity
+	//	x-clusterconnect-expires: when the caller's token expires, unix seconds (optional): the owner
+	//	  ends the connection then, as the entry replica does
 	//	traceparent: W3C trace context of the entry replica's span (optional)
 	//
 	// The owner answers like ClientTunnel.Dial: initial metadata x-clusterconnect-open: 1 once its agent
@@ -79,6 +84,11 @@ type RelayPeerServer interface {
 	// Request metadata:
 	//
 	//	x-clusterconnect-cluster: the cluster name (required)
+	//	x-clusterconnect-caller-bin: the serialized Caller the entry replica verified for the Dial
+	//	  (required; all fields empty if it verified none): the owner passes it to the agent, so the
+	//	  auth proxy binds the connection to that identity
+	//	x-clusterconnect-expires: when the caller's token expires, unix seconds (optional): the owner
+	//	  ends the connection then, as the entry replica does
 	//	traceparent: W3C trace context of the entry replica's span (optional)
 	//
 	// The owner answers like ClientTunnel.Dial: initial metadata x-clusterconnect-open: 1 once its agent

@@ -53,6 +53,11 @@ class RelayPeerServicer:
         authenticated and authorized the Dial: the owner does not check the caller again.
         Request metadata:
         x-clusterconnect-cluster: the cluster name (required)
+        x-clusterconnect-caller-bin: the serialized Caller the entry replica verified for the Dial
+        (required; all fields empty if it verified none): the owner passes it to the agent, so the
+        auth proxy binds the connection to that identity
+        x-clusterconnect-expires: when the caller's token expires, unix seconds (optional): the owner
+        ends the connection then, as the entry replica does
         traceparent: W3C trace context of the entry replica's span (optional)
         The owner answers like ClientTunnel.Dial: initial metadata x-clusterconnect-open: 1 once its agent
         accepted the connection, then Chunks both ways; failures end the stream with the status, the

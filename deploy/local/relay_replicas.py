@@ -1,0 +1,169 @@
+"""Relay replicas on one machine (tests, `make demo-ha`): N relays on one etcd cluster (leases, routes),
+each with a certificate of one relay-peer CA, and HAProxy in TCP mode in front of their user, agent
+and issuer ports, so that clients and agents see one relay, as behind a cloud balancer.
+
+The replicas are processes of a ``Chain`` (relay-0, relay-1, ...; haproxy), so the chain's agent, auth
+proxy and client proxy helpers work unchanged: its relay, agent and issuer ports are HAProxy's. The
+replicas share their state in etcd (``--store etcd``) and one sealing key file; each has a
+--data-dir of its own, the first one the chain's (its CA file and admin credential are every
+replica's: they are made once, in the store).
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chain import Chain, Process, _logged_since, free_port, port_open, script, wait_until
+from etcd_cluster import EtcdCluster
+
+from clusterconnect.pki import create_ca, issue_server_cert, write_private
+
+HAPROXY = "haproxy"
+
+
+@dataclass
+class Replica:
+    index: int
+    listen_port: int = field(default_factory=free_port)
+    agent_port: int = field(default_factory=free_port)
+    issuer_port: int = field(default_factory=free_port)
+    peer_port: int = field(default_factory=free_port)
+
+    @property
+    def name(self) -> str:
+        return f"relay-{self.index}"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.listen_port}"
+
+
+def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
+    """TCP mode; a replica that does not accept connections is marked down within a second and a
+    connection that cannot reach one is sent to another (redispatch)."""
+    lines = [
+        "global", "  maxconn 4000",
+        "defaults", "  mode tcp", "  timeout connect 1s", "  timeout client 1h", "  timeout server 1h",
+        "  retries 3", "  option redispatch",
+    ]
+    ports = {"users": "listen_port", "agents": "agent_port", "issuer": "issuer_port"}
+    for name, port in front.items():
+        lines += [f"frontend {name}", f"  bind 127.0.0.1:{port}", f"  default_backend {name}-replicas",
+                  f"backend {name}-replicas", "  balance roundrobin"]
+        lines += [f"  server {r.name} 127.0.0.1:{getattr(r, ports[name])} check inter 300ms fall 2 rise 1"
+                  for r in replicas]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ReplicaSet:
+    chain: Chain
+    etcd: EtcdCluster
+    count: int = 3
+    # e.g. --shutdown-grace-seconds 10; every replica gets them
+    relay_args: list[str] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)
+    front: dict[str, int] = field(default_factory=dict)  # HAProxy's ports: users, agents, issuer
+
+    def __post_init__(self) -> None:
+        self.pki = self.chain.state_dir / "peer-pki"
+        if not self.replicas:
+            self.replicas = [Replica(i) for i in range(self.count)]
+        if not self.front:
+            self.front = {"users": free_port(), "agents": free_port(), "issuer": free_port()}
+
+    def data_dir(self, replica: Replica) -> Path:
+        return self.chain.relay_data if replica is self.replicas[0] else self.chain.state_dir / replica.name
+
+    @property
+    def sealing_key(self) -> Path:
+        """The one sealing key of every replica (a mounted Secret in Kubernetes)."""
+        return self.chain.state_dir / "sealing.key"
+
+    def process(self, replica: Replica) -> Process:
+        return self.chain.processes[replica.name]
+
+    def _write_peer_pki(self) -> None:
+        self.pki.mkdir(parents=True, exist_ok=True)
+        ca = create_ca("clusterconnect relay-peer CA (test)")
+        (self.pki / "ca.crt").write_bytes(ca.cert_pem)
+        for replica in self.replicas:
+            pair = issue_server_cert(ca, ["localhost", "127.0.0.1"], client_auth=True)
+            (self.pki / f"{replica.name}.crt").write_bytes(pair.cert_pem)
+            write_private(self.pki / f"{replica.name}.key", pair.key_pem)
+
+    def start_haproxy(self) -> Process:
+        if shutil.which(HAPROXY) is None:
+            raise FileNotFoundError("haproxy is not installed (Debian: apt-get install -y haproxy; make haproxy)")
+        config = self.chain.state_dir / "haproxy.cfg"
+        config.write_text(haproxy_config(self.front, self.replicas))
+        process = self.chain.spawn("haproxy", [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)])
+        wait_until(lambda: port_open(self.front["users"]), 10, "haproxy to listen", process)
+        return process
+
+    def start_replica(self, replica: Replica) -> Process:
+        log = self.chain.state_dir / "logs" / f"{replica.name}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        process = self.chain.spawn(replica.name, [
+            script("clusterconnect-relay"), "serve", "--data-dir", str(self.data_dir(replica)),
+            "--listen", f"127.0.0.1:{replica.listen_port}", "--agent-listen", f"127.0.0.1:{replica.agent_port}",
+            "--issuer-listen", f"127.0.0.1:{replica.issuer_port}", "--log-level", self.chain.log_level,
+            # Agents and token verifiers reach every replica through the balancer.
+            "--agent-advertise-port", str(self.front["agents"]),
+            "--issuer-url", f"https://127.0.0.1:{self.front['issuer']}",
+            "--store", "etcd", "--etcd-endpoints", self.etcd.endpoints, "--etcd-ca", str(self.etcd.ca_file),
+            "--etcd-cert", str(self.etcd.client_cert), "--etcd-key", str(self.etcd.client_key),
+            "--replica-name", replica.name, "--peer-listen", f"127.0.0.1:{replica.peer_port}",
+            "--peer-ca", str(self.pki / "ca.crt"), "--peer-cert", str(self.pki / f"{replica.name}.crt"),
+            "--peer-key", str(self.pki / f"{replica.name}.key"), "--sealing-key-file", str(self.sealing_key),
+            *self.chain.relay_args, *self.relay_args,
+        ])
+        wait_until(lambda: _logged_since(log, offset, "replica registered"), 20, f"{replica.name} to register",
+                   process)
+        return process
+
+    def start(self) -> None:
+        self._write_peer_pki()
+        if not self.sealing_key.exists():
+            write_private(self.sealing_key, secrets.token_hex(32).encode())  # hex, as the relay writes its own
+        self.start_haproxy()
+        # The first one alone: it creates the CAs, keys and admin credential the others then read.
+        self.start_replica(self.replicas[0])
+        for replica in self.replicas[1:]:
+            self.start_replica(replica)
+        self.chain.relay_port = self.front["users"]
+        self.chain.agent_port = self.front["agents"]
+        self.chain.issuer_port = self.front["issuer"]
+
+    def holder(self, cluster_agents: int = 1) -> Replica:
+        """The replica whose stats show ``cluster_agents`` agent sessions (the one holding the agent)."""
+        def find() -> Replica | None:
+            for replica in self.replicas:
+                process = self.chain.processes.get(replica.name)
+                if process is not None and process.alive() and process.stats().get("agents") == cluster_agents:
+                    return replica
+            return None
+
+        return wait_until(find, 20, "a replica to hold the agent")
+
+    def kill(self, replica: Replica) -> None:
+        """kill -9: no drain, no lease revoke; its routes go when its lease runs out."""
+        process = self.process(replica)
+        process.popen.send_signal(signal.SIGKILL)
+        process.popen.wait()
+
+    def terminate(self, replica: Replica) -> None:
+        """SIGTERM without waiting: the replica drains."""
+        self.process(replica).popen.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, replica: Replica, timeout: float) -> int:
+        try:
+            return self.process(replica).popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{replica.name} still running after {timeout}s:\n"
+                                 f"{self.process(replica).tail()}") from None
