@@ -201,21 +201,29 @@ class Tunnel:
         try:
             await context.send_initial_metadata(((md.OPEN, "1"),))
             await race(splice(PassthroughStream(context), found), self._revoked(connection))
-        except PeerGone as exc:
-            log.info("connection lost", cluster=cluster, reason=str(exc), forwarded=True)
-            if not context.done():
-                await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.CONNECTION_LOST,
-                              f"connection to cluster {cluster} lost")
-        except _Revoked as exc:
-            user = connection.caller.username if connection.caller else None
-            log.info("connection ended by revocation", cluster=cluster, user=user, reason=str(exc))
-            if not context.done():
-                await _refuse(context, grpc.StatusCode.PERMISSION_DENIED, DialRefusal.ACCESS_REVOKED,
-                              f"connection to cluster {cluster} ended: {exc}")
+        except (PeerGone, _Revoked) as exc:
+            await self._ended(context, connection, exc, forwarded=True)
         finally:
             await found.close()
             self.open_connections -= 1
             self.quieter.set()
+
+    @staticmethod
+    async def _ended(context: RawContext, connection: OpenConnection, exc: Exception, **fields: object) -> None:
+        """A carried connection that broke (its peer's stream lost) or was revoked: logged, and the
+        client told why unless it is gone already (then it hears nothing more)."""
+        cluster = connection.cluster
+        if isinstance(exc, _Revoked):
+            user = connection.caller.username if connection.caller else None
+            log.info("connection ended by revocation", cluster=cluster, user=user, reason=str(exc), **fields)
+            if not context.done():
+                await _refuse(context, grpc.StatusCode.PERMISSION_DENIED, DialRefusal.ACCESS_REVOKED,
+                              f"connection to cluster {cluster} ended: {exc}")
+            return
+        log.info("connection lost", cluster=cluster, reason=str(exc), **fields)
+        if not context.done():
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.CONNECTION_LOST,
+                          f"connection to cluster {cluster} lost")
 
     async def Forward(self, request_iterator: object, context: RawContext) -> None:
         """RelayPeer.Forward (peer.proto), on the replica holding the agent: the local Dial without its
@@ -237,7 +245,6 @@ class Tunnel:
 
     async def _carry(self, context: RawContext, session: AgentSession, traceparent: str,
                      connection: OpenConnection, caller: tunnel_pb2.Caller) -> None:
-        cluster = session.cluster
         accepted = await self._open(session, context, traceparent, caller)
         self.open_connections += 1
         session.active.add(accepted)
@@ -247,17 +254,8 @@ class Tunnel:
             await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted),
                        self._revoked(connection))
             end = StreamEnd.CLEAN
-        except (_PeerLost, PeerGone) as exc:
-            log.info("connection lost", cluster=cluster, reason=str(exc))
-            if not context.done():  # else the client is gone and hears nothing more
-                await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.CONNECTION_LOST,
-                              f"connection to cluster {cluster} lost")
-        except _Revoked as exc:
-            user = connection.caller.username if connection.caller else None
-            log.info("connection ended by revocation", cluster=cluster, user=user, reason=str(exc))
-            if not context.done():
-                await _refuse(context, grpc.StatusCode.PERMISSION_DENIED, DialRefusal.ACCESS_REVOKED,
-                              f"connection to cluster {cluster} ended: {exc}")
+        except (_PeerLost, PeerGone, _Revoked) as exc:
+            await self._ended(context, connection, exc)
         finally:
             accepted.end(end)
             session.active.discard(accepted)
