@@ -102,6 +102,45 @@ def rows(results: dict) -> list[tuple[str, ...]]:
                     f"≤ 150 KiB {_mark(ok_rss)}"))
         dial_p50 = percentile(entry["dial_latencies"], 50) * MS
         out.append((f"scale {n:,} agents", "dial p50 (ms)", "", f"{dial_p50:.2f}", "", "", ""))
+    if "replicas" in s:
+        out += replica_rows(s["replicas"])
+    return out
+
+
+def replica_rows(r: dict) -> list[tuple[str, ...]]:
+    """3 replicas on etcd (issue #12): the tunnel column is the forwarded Dial (or the fleet's figure),
+    the next one what it adds over a local Dial."""
+    out = []
+    f = r["forwarding"]
+    for name, label in (("dial", "dial, connect → first byte"), ("small_get", "small GET")):
+        local, forwarded = _pool(f[name]["local"], "latencies"), _pool(f[name]["forwarded"], "latencies")
+        for q in (50, 99):
+            added = (percentile(forwarded, q) - percentile(local, q)) * MS
+            target = f"added ≤ 5 ms {_mark(added <= 5)}" if q == 50 else ""
+            out.append((f"replicas: {label}", f"forwarded p{q} (ms)", "", f"{percentile(forwarded, q) * MS:.2f}", "",
+                        f"+{added:.2f} ms over local {percentile(local, q) * MS:.2f}", target))
+    h = r["rehome"]
+    worst = max(h["seconds"])
+    out.append(("replicas: kill -9 of the agent's replica", "request works again p50 / max (s)", "",
+                f"{percentile(h['seconds'], 50):.2f} / {worst:.2f}", "",
+                f"{h['trials']} trials; its routes gone after ≤ {max(h['routes_gone_seconds']):.1f} s",
+                f"≤ 10 s each {_mark(worst <= 10)}"))
+    a = r["agents"]
+    n = a["agents"]
+    counts = a["per_replica"]
+    spread = max(abs(c - n / 3) / (n / 3) for c in counts.values())
+    out += [
+        (f"replicas: {n:,} agents on 3", "all connected (s)", "", f"{a['connect_seconds']:.1f}", "",
+         f"{sum(counts.values()):,} connected, {a['failed_attempts']} failed attempts",
+         f"≤ 120 s {_mark(a['connect_seconds'] <= 120)}"),
+        (f"replicas: {n:,} agents on 3", "agents per replica", "", " / ".join(f"{c:,}" for c in counts.values()), "",
+         f"at most {spread:.1%} off a third", f"±15 % {_mark(spread <= 0.15)}"),
+        (f"replicas: {n:,} agents on 3", "routes in etcd", "", f"{a['routes']:,}", "",
+         f"{a['routes_distinct_clusters']:,} clusters", f"= {n:,} {_mark(a['routes'] == n)}"),
+        (f"replicas: {n:,} agents on 3", "steady etcd writes/s", "", f"{a['steady_writes_per_second']:.2f}", "",
+         f"{a['steady_revisions']} revisions in {a['steady_window_seconds']:.0f} s",
+         f"≤ 5/s {_mark(a['steady_writes_per_second'] <= 5)}"),
+    ]
     return out
 
 

@@ -30,6 +30,7 @@ import yaml  # noqa: E402
 from chain import Chain, endpoint_only, process_in_group, start_devcluster  # noqa: E402
 from endpoints import Endpoint, proxy_client_files  # noqa: E402
 from konnectivity import konnectivity  # noqa: E402
+from replicas import replicas_scenario  # noqa: E402
 from report import write_report  # noqa: E402
 from scale import scale  # noqa: E402
 from scenarios import (  # noqa: E402
@@ -46,7 +47,7 @@ from scenarios import (  # noqa: E402
     watches,
 )
 
-SCENARIOS = ["small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale"]
+SCENARIOS = ["small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale", "replicas"]
 
 
 def tunnel_endpoint(kubeconfig: Path, token: str, proxy_state: Path) -> Endpoint:
@@ -161,6 +162,13 @@ def run(args: argparse.Namespace) -> Path:
                 except Exception as exc:  # keep the figures of everything else
                     print(f"[scale] {n} agents failed: {exc}", flush=True)
                     results.setdefault("errors", []).append(f"scale {n}: {exc}")
+        if "replicas" in only:
+            try:
+                results["scenarios"]["replicas"] = replicas_scenario(ctx, chain.cluster_kubeconfig, token_file,
+                                                                     rounds, args.smoke)
+            except Exception as exc:  # keep the figures of everything else
+                print(f"[replicas] failed: {exc}", flush=True)
+                results.setdefault("errors", []).append(f"replicas: {exc}")
         results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         return write_report(results, Path(args.out), stamp)

@@ -20,32 +20,41 @@ from clusterconnect.agentcert import build_csr
 from clusterconnect.relay.agent_identity import pki as agent_pki
 from clusterconnect.relay.agent_identity.enrollment import EnrollmentStore
 from clusterconnect.relay.storage.clusters import ClusterStore
-from clusterconnect.relay.storage.kv import SqliteKV
+from clusterconnect.relay.storage.kv import EtcdKV, SqliteKV
 from clusterconnect.relay.storage.sealing import SealingKey
 from clusterconnect.relay.storage.store import Store
 
 HERE = Path(__file__).resolve().parent
 SIM_PROCESSES = 4
+REGISTER_BATCH = 32
 
 
 def _register(data_dir: Path, n: int) -> Path:
     """Register N clusters and enroll their simulated agents directly in the relay's store (as a Join
     would): each gets its own key and a client certificate from the relay's agent CA."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    entries = asyncio.run(_register_in_store(data_dir, SealingKey.load_or_create(data_dir / "sealing.key"), n))
-    path = data_dir.parent / f"sim-credentials-{n}.json"
+    sealing = SealingKey.load_or_create(data_dir / "sealing.key")
+    return register(SqliteKV(data_dir / "relay.db"), sealing, data_dir / "pki", n, data_dir.parent)
+
+
+def register(kv: SqliteKV | EtcdKV, sealing: SealingKey, pki_dir: Path, n: int, out_dir: Path) -> Path:
+    """Clusters sim-00000 ... in the store ``kv`` (SQLite of a lone relay, or the replicas' etcd), each
+    with an agent certificate of the store's agent CA; their credentials in OUT_DIR/sim-credentials-N.json."""
+    entries = asyncio.run(_register_in_store(kv, sealing, pki_dir, n))
+    path = out_dir / f"sim-credentials-{n}.json"
     path.write_text(json.dumps(entries))
     return path
 
 
-async def _register_in_store(data_dir: Path, sealing: SealingKey, n: int) -> list[list[str]]:
-    store = await Store.open(SqliteKV(data_dir / "relay.db"))
+async def _register_in_store(kv: SqliteKV | EtcdKV, sealing: SealingKey, pki_dir: Path,
+                             n: int) -> list[list[str]]:
+    store = await Store.open(kv)
     try:
         clusters = await ClusterStore.open(store)
         enrollment = await EnrollmentStore.open(store)
-        agent_ca = await agent_pki.ensure_agent_ca(store, sealing, data_dir / "pki")
-        entries = []
-        for i in range(n):
+        agent_ca = await agent_pki.ensure_agent_ca(store, sealing, pki_dir)
+
+        async def one(i: int) -> list[str]:
             name = f"sim-{i:05d}"
             if clusters.get(name) is not None:
                 await clusters.remove(name)
@@ -54,12 +63,51 @@ async def _register_in_store(data_dir: Path, sealing: SealingKey, n: int) -> lis
             cert = agent_pki.issue(agent_ca, agent_pki.validate_csr(build_csr(key, name), name), name,
                                    datetime.timedelta(days=1))
             await enrollment.record_certificate(name, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
-            entries.append([name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()).decode(),
-                            cert.public_bytes(serialization.Encoding.PEM).decode()])
+            return [name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()).decode(),
+                    cert.public_bytes(serialization.Encoding.PEM).decode()]
+
+        # A few at a time: on etcd each write is a round trip (~2 ms), so one after another 10,000
+        # clusters would take minutes; SQLite serializes them anyway.
+        entries: list[list[str]] = []
+        for first in range(0, n, REGISTER_BATCH):
+            entries += await asyncio.gather(*(one(i) for i in range(first, min(n, first + REGISTER_BATCH))))
     finally:
         await store.close()
     return entries
+
+
+def start_sims(target: str, relay_ca: Path, credentials: Path, n: int, logs: Path) -> list[subprocess.Popen]:
+    """N simulated agents (bench/sim_agents.py) in SIM_PROCESSES processes, dialling ``target`` (host:port)."""
+    sims = []
+    per = -(-n // SIM_PROCESSES)
+    for first in range(0, n, per):
+        with open(logs / f"sim-{first}.log", "wb") as log:
+            sims.append(subprocess.Popen(
+                [sys.executable, str(HERE / "sim_agents.py"), "--relay", target, "--relay-ca", str(relay_ca),
+                 "--credentials", str(credentials), "--first", str(first), "--count", str(min(per, n - first))],
+                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True))
+    return sims
+
+
+def wait_sims(sims: list[subprocess.Popen], n: int, logs: Path) -> int:
+    """Until every simulated agent is welcomed; returns the failed attempts on the way."""
+    per = -(-n // SIM_PROCESSES)
+    failed_attempts = 0
+    for first, sim in zip(range(0, n, per), sims, strict=True):
+        line = sim.stdout.readline() if sim.stdout else ""
+        if not line.startswith("connected"):
+            tail = (logs / f"sim-{first}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"simulated agents failed: {line!r}\n{tail}")
+        # "connected N after K failed attempts": each failed attempt is a handshake done in vain.
+        failed_attempts += int(line.split()[3])
+    return failed_attempts
+
+
+def stop_sims(sims: list[subprocess.Popen]) -> None:
+    for sim in sims:
+        sim.kill()
+        sim.wait()
 
 
 def _agents_connected(relay) -> int:
@@ -86,22 +134,9 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
         chain.start_agent()
         rss_before = rss_mib(relay.popen.pid)
         start = time.monotonic()
-        per = -(-n // SIM_PROCESSES)
-        for first in range(0, n, per):
-            with open(chain.state_dir / "logs" / f"sim-{first}.log", "wb") as log:
-                sims.append(subprocess.Popen(
-                    [sys.executable, str(HERE / "sim_agents.py"), "--relay", f"127.0.0.1:{chain.agent_port}",
-                     "--relay-ca", str(chain.relay_ca), "--credentials", str(credentials), "--first", str(first),
-                     "--count", str(min(per, n - first))],
-                    stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True))
-        failed_attempts = 0
-        for first, sim in zip(range(0, n, per), sims, strict=True):
-            line = sim.stdout.readline()
-            if not line.startswith("connected"):
-                tail = (chain.state_dir / "logs" / f"sim-{first}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"simulated agents failed: {line!r}\n{tail}")
-            # "connected N after K failed attempts": each failed attempt is a handshake done in vain.
-            failed_attempts += int(line.split()[3])
+        logs = chain.state_dir / "logs"
+        sims = start_sims(f"127.0.0.1:{chain.agent_port}", chain.relay_ca, credentials, n, logs)
+        failed_attempts = wait_sims(sims, n, logs)
         connect_seconds = time.monotonic() - start
         connected = _agents_connected(relay)
         time.sleep(2)
@@ -120,7 +155,5 @@ def scale(ctx: Context, n: int, cluster_kubeconfig: Path, token_file: Path) -> d
             "relay_kib_per_agent": (rss_after - rss_before) * 1024 / n, "dial_latencies": dials,
         }
     finally:
-        for sim in sims:
-            sim.kill()
-            sim.wait()
+        stop_sims(sims)
         chain.stop_all()

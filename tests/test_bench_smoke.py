@@ -20,11 +20,14 @@ def _in_session(tmp_path_factory) -> dict[str, str]:
 def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factory, devcluster):
     # `devcluster` only orders this test after the cluster build; the bench starts a cluster of its own.
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=900, env=_in_session(tmp_path_factory))
+                            capture_output=True, text=True, timeout=1200, env=_in_session(tmp_path_factory))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [data] = tmp_path.glob("*.json")
-    scenarios = json.loads(data.read_text())["scenarios"]
-    assert set(scenarios) == {"small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale"}
+    results = json.loads(data.read_text())
+    scenarios = results["scenarios"]
+    assert set(scenarios) == {"small_get", "big_list", "port_forward", "dial", "watches", "head_of_line", "scale",
+                              "replicas"}, results.get("errors")
+    check_replicas(scenarios["replicas"])
     # Konnectivity, the peer, beside the tunnel wherever a client of ours can reach it (not kubectl's port-forward).
     for name in ("small_get", "big_list", "dial", "watches", "head_of_line"):
         assert scenarios[name]["konnectivity"], name
@@ -33,7 +36,28 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factor
     text = table.read_text()
     assert "| scenario | metric | direct | tunnel | Konnectivity |" in text
     assert "| small GET | p50 latency (ms) |" in text
+    assert "| replicas: dial, connect → first byte | forwarded p50 (ms) |" in text
     assert list(tmp_path.glob("*.png"))
+
+
+def check_replicas(r: dict) -> None:
+    """3 replicas on etcd (bench/replicas.py): every figure is there and the invariants hold."""
+    forwarding = r["forwarding"]
+    assert forwarding["owner"] != forwarding["entry"]
+    for name in ("dial", "small_get"):
+        assert forwarding[name]["local"] and forwarding[name]["forwarded"], name
+    # the forwarded proxy's Dials went to the owner over RelayPeer: the entry replica counted each
+    assert forwarding["dials_forwarded"] >= forwarding["dials_expected"], forwarding["dials_forwarded"]
+    rehome = r["rehome"]
+    assert rehome["trials"] == 2 and len(rehome["seconds"]) == len(rehome["routes_gone_seconds"]) == 2
+    agents = r["agents"]
+    n = agents["agents"]
+    assert n == 300
+    assert agents["routes"] == n and agents["routes_distinct_clusters"] == n  # one route per agent, in etcd
+    assert len(agents["per_replica"]) == 3 and sum(agents["per_replica"].values()) == n, agents["per_replica"]
+    # 300 agents heartbeat ~150 times in the 5 s window: had heartbeats written, this would be ~30/s
+    assert agents["steady_writes_per_second"] <= 5, agents
+    assert set(agents["steady_mvcc"]) == {"put", "delete", "txn"}
 
 
 def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(tmp_path_factory, devcluster):

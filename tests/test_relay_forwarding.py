@@ -93,13 +93,8 @@ def fleet(devcluster, etcd_cluster, admin_sa_token, tmp_path_factory):
 
 def proxy_at(fleet: Fleet, replica: Replica, name: str) -> tuple[Process, Path]:
     """A client proxy whose relay is ``replica`` itself (not the balancer)."""
-    chain = fleet.chain
-    kubeconfig = chain.state_dir / f"kubeconfig-{name}"
-    balancer, chain.relay_port = chain.relay_port, replica.listen_port
-    try:
-        process, _ = chain.start_proxy(fleet.token, kubeconfig, name=name, state_dir=chain.state_dir / name)
-    finally:
-        chain.relay_port = balancer
+    kubeconfig = fleet.chain.state_dir / f"kubeconfig-{name}"
+    process, _ = fleet.replicas.start_proxy_at(replica, fleet.token, kubeconfig, name)
     return process, kubeconfig
 
 

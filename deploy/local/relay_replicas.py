@@ -24,6 +24,7 @@ from etcd_cluster import EtcdCluster
 from clusterconnect.pki import create_ca, issue_server_cert, write_private
 
 HAPROXY = "haproxy"
+MAXCONN = 25000
 
 
 @dataclass
@@ -47,8 +48,12 @@ def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
     """TCP mode; a replica that does not accept connections is marked down within a second and a
     connection that cannot reach one is sent to another (redispatch)."""
     lines = [
-        "global", "  maxconn 4000",
-        "defaults", "  mode tcp", "  timeout connect 1s", "  timeout client 1h", "  timeout server 1h",
+        # Every agent holds one connection through the balancer for as long as it runs (the bench's
+        # 10,000 simulated agents, besides users' connections): 4,000 was too few. HAProxy raises its
+        # own descriptor limit to fit (two per connection) when it can (as root); else it says so.
+        "global", f"  maxconn {MAXCONN}",
+        "defaults", f"  maxconn {MAXCONN}", "  mode tcp", "  timeout connect 1s", "  timeout client 1h",
+        "  timeout server 1h",
         "  retries 3", "  option redispatch",
     ]
     ports = {"users": "listen_port", "agents": "agent_port", "issuer": "issuer_port"}
@@ -150,6 +155,16 @@ class ReplicaSet:
             return None
 
         return wait_until(find, 20, "a replica to hold the agent")
+
+    def start_proxy_at(self, replica: Replica, token_file: Path | None, kubeconfig: Path,
+                       name: str) -> tuple[Process, str]:
+        """A client proxy whose relay is ``replica`` itself (not the balancer), state in STATE_DIR/NAME;
+        returns the process and its `ready` line."""
+        balancer, self.chain.relay_port = self.chain.relay_port, replica.listen_port
+        try:
+            return self.chain.start_proxy(token_file, kubeconfig, name=name, state_dir=self.chain.state_dir / name)
+        finally:
+            self.chain.relay_port = balancer
 
     def kill(self, replica: Replica) -> None:
         """kill -9: no drain, no lease revoke; its routes go when its lease runs out."""
