@@ -27,7 +27,7 @@ from pathlib import Path
 from chain import Chain
 from endpoints import Endpoint, proxy_client_files
 from etcd_cluster import EtcdCluster
-from relay_replicas import Replica, ReplicaSet
+from relay_replicas import Replica, ReplicaSet, balancers_for
 from scale import register, start_sims, stop_sims, wait_sims
 from scenarios import Context, dial, small_get
 from waiting import wait_until
@@ -52,11 +52,13 @@ class ReplicaSizes:
 
 
 @contextmanager
-def fleet(work: Path, cluster_kubeconfig: Path) -> Iterator[ReplicaSet]:
-    """etcd, 3 replicas behind HAProxy, the auth proxy and the agent of cluster ``ha``; all stopped after."""
+def fleet(work: Path, cluster_kubeconfig: Path, agents: int) -> Iterator[ReplicaSet]:
+    """etcd, 3 replicas behind HAProxy (enough processes of it for ``agents``), the auth proxy and the
+    agent of cluster ``ha``; all stopped after."""
     etcd = EtcdCluster(work / "etcd")
     chain = Chain(work / "chain", cluster_kubeconfig, cluster=CLUSTER)
-    replicas = ReplicaSet(chain, etcd, relay_args=["--lease-ttl-seconds", str(LEASE_TTL)])
+    replicas = ReplicaSet(chain, etcd, relay_args=["--lease-ttl-seconds", str(LEASE_TTL)],
+                          balancers=balancers_for(agents))
     try:
         etcd.start()
         replicas.start()
@@ -181,7 +183,7 @@ def sim_agents(replicas: ReplicaSet, n: int, window: float) -> dict:
     print(f"[replicas] registering {n} clusters in etcd", flush=True)
     started = time.monotonic()
     sealing = SealingKey.load_or_create(replicas.sealing_key, create=False)
-    credentials = register(EtcdKV(replicas.etcd.client()), sealing, chain.state_dir / "no-legacy-pki", n,
+    credentials = register(lambda: EtcdKV(replicas.etcd.client()), sealing, chain.state_dir / "no-legacy-pki", n,
                            chain.state_dir)
     register_seconds = time.monotonic() - started
     logs = chain.state_dir / "logs"
@@ -218,8 +220,8 @@ def sim_agents(replicas: ReplicaSet, n: int, window: float) -> dict:
 
 def replicas_scenario(ctx: Context, cluster_kubeconfig: Path, token_file: Path, rounds: int, smoke: bool) -> dict:
     sizes = ReplicaSizes.smoke() if smoke else ReplicaSizes()
-    with fleet(ctx.work_dir / "replicas", cluster_kubeconfig) as replicas:
-        result: dict = {"sizes": asdict(sizes)}
+    with fleet(ctx.work_dir / "replicas", cluster_kubeconfig, sizes.agents) as replicas:
+        result: dict = {"sizes": asdict(sizes), "balancers": replicas.balancers}
         result["forwarding"] = forwarded_vs_local(ctx, replicas, token_file, rounds)
         balancer = proxy_endpoint(replicas, "balancer", token_file)
         result["rehome"] = rehome(replicas, balancer, sizes.rehome_trials)

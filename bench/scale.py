@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chain import Chain, wait_until
@@ -34,21 +35,23 @@ def _register(data_dir: Path, n: int) -> Path:
     would): each gets its own key and a client certificate from the relay's agent CA."""
     data_dir.mkdir(parents=True, exist_ok=True)
     sealing = SealingKey.load_or_create(data_dir / "sealing.key")
-    return register(SqliteKV(data_dir / "relay.db"), sealing, data_dir / "pki", n, data_dir.parent)
+    return register(lambda: SqliteKV(data_dir / "relay.db"), sealing, data_dir / "pki", n, data_dir.parent)
 
 
-def register(kv: SqliteKV | EtcdKV, sealing: SealingKey, pki_dir: Path, n: int, out_dir: Path) -> Path:
-    """Clusters sim-00000 ... in the store ``kv`` (SQLite of a lone relay, or the replicas' etcd), each
-    with an agent certificate of the store's agent CA; their credentials in OUT_DIR/sim-credentials-N.json."""
-    entries = asyncio.run(_register_in_store(kv, sealing, pki_dir, n))
+def register(open_kv: Callable[[], SqliteKV | EtcdKV], sealing: SealingKey, pki_dir: Path, n: int,
+             out_dir: Path) -> Path:
+    """Clusters sim-00000 ... in the store ``open_kv()`` opens (SQLite of a lone relay, or the replicas'
+    etcd: its client needs the event loop, so it is made in it), each with an agent certificate of the
+    store's agent CA; their credentials in OUT_DIR/sim-credentials-N.json."""
+    entries = asyncio.run(_register_in_store(open_kv, sealing, pki_dir, n))
     path = out_dir / f"sim-credentials-{n}.json"
     path.write_text(json.dumps(entries))
     return path
 
 
-async def _register_in_store(kv: SqliteKV | EtcdKV, sealing: SealingKey, pki_dir: Path,
+async def _register_in_store(open_kv: Callable[[], SqliteKV | EtcdKV], sealing: SealingKey, pki_dir: Path,
                              n: int) -> list[list[str]]:
-    store = await Store.open(kv)
+    store = await Store.open(open_kv())
     try:
         clusters = await ClusterStore.open(store)
         enrollment = await EnrollmentStore.open(store)

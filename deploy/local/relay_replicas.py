@@ -11,6 +11,7 @@ replica's: they are made once, in the store).
 
 from __future__ import annotations
 
+import resource
 import secrets
 import shutil
 import signal
@@ -24,7 +25,25 @@ from etcd_cluster import EtcdCluster
 from clusterconnect.pki import create_ca, issue_server_cert, write_private
 
 HAPROXY = "haproxy"
-MAXCONN = 25000
+
+
+def haproxy_maxconn() -> int:
+    """Connections one HAProxy process can hold: two descriptors each (client and server side), within
+    the hard descriptor limit it may raise itself to (it refuses to start above it), less a margin."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return min(25000, (hard - 100) // 2) if hard != resource.RLIM_INFINITY else 25000
+
+
+def balancers_for(connections: int) -> int:
+    """HAProxy processes needed for ``connections`` at once (and users' beside them)."""
+    return 1 + (connections + 1000) // haproxy_maxconn()
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on 127.0.0.1:PORT (/proc/net/tcp): how many balancer processes took the port."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return sum(1 for line in table.readlines()[1:] if line.split()[1] == local and line.split()[3] == "0A")
 
 
 @dataclass
@@ -47,12 +66,13 @@ class Replica:
 def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
     """TCP mode; a replica that does not accept connections is marked down within a second and a
     connection that cannot reach one is sent to another (redispatch)."""
+    maxconn = haproxy_maxconn()
     lines = [
         # Every agent holds one connection through the balancer for as long as it runs (the bench's
         # 10,000 simulated agents, besides users' connections): 4,000 was too few. HAProxy raises its
-        # own descriptor limit to fit (two per connection) when it can (as root); else it says so.
-        "global", f"  maxconn {MAXCONN}",
-        "defaults", f"  maxconn {MAXCONN}", "  mode tcp", "  timeout connect 1s", "  timeout client 1h",
+        # own descriptor limit to fit, up to the hard limit (ulimit -Hn); more takes a second process.
+        "global", f"  maxconn {maxconn}",
+        "defaults", f"  maxconn {maxconn}", "  mode tcp", "  timeout connect 1s", "  timeout client 1h",
         "  timeout server 1h",
         "  retries 3", "  option redispatch",
     ]
@@ -74,6 +94,9 @@ class ReplicaSet:
     relay_args: list[str] = field(default_factory=list)
     replicas: list[Replica] = field(default_factory=list)
     front: dict[str, int] = field(default_factory=dict)  # HAProxy's ports: users, agents, issuer
+    # HAProxy processes on the same ports (SO_REUSEPORT, HAProxy's default on Linux: the kernel spreads
+    # new connections over them), for more connections than one process has descriptors for.
+    balancers: int = 1
 
     def __post_init__(self) -> None:
         self.pki = self.chain.state_dir / "peer-pki"
@@ -107,9 +130,15 @@ class ReplicaSet:
             raise FileNotFoundError("haproxy is not installed (Debian: apt-get install -y haproxy; make haproxy)")
         config = self.chain.state_dir / "haproxy.cfg"
         config.write_text(haproxy_config(self.front, self.replicas))
-        process = self.chain.spawn("haproxy", [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)])
-        wait_until(lambda: port_open(self.front["users"]), 10, "haproxy to listen", process)
-        return process
+        first = None
+        for i in range(self.balancers):
+            process = self.chain.spawn("haproxy" if i == 0 else f"haproxy-{i}",
+                                       [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)])
+            first = first or process
+            wait_until(lambda n=i + 1: all(listeners(port) >= n for port in self.front.values()), 10,
+                       f"haproxy ({i + 1} of {self.balancers}) to listen", process)
+        assert first is not None and port_open(self.front["users"])
+        return first
 
     def start_replica(self, replica: Replica) -> Process:
         log = self.chain.state_dir / "logs" / f"{replica.name}.log"
