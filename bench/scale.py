@@ -53,30 +53,40 @@ async def _register_in_store(open_kv: Callable[[], SqliteKV | EtcdKV], sealing: 
                              n: int) -> list[list[str]]:
     store = await Store.open(open_kv())
     try:
-        clusters = await ClusterStore.open(store)
-        enrollment = await EnrollmentStore.open(store)
-        agent_ca = await agent_pki.ensure_agent_ca(store, sealing, pki_dir)
-
-        async def one(i: int) -> list[str]:
-            name = f"sim-{i:05d}"
-            if clusters.get(name) is not None:
-                await clusters.remove(name)
-            await clusters.add(name)
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = agent_pki.issue(agent_ca, agent_pki.validate_csr(build_csr(key, name), name), name,
-                                   datetime.timedelta(days=1))
-            await enrollment.record_certificate(name, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
-            return [name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()).decode(),
-                    cert.public_bytes(serialization.Encoding.PEM).decode()]
-
-        # A few at a time: on etcd each write is a round trip (~2 ms), so one after another 10,000
-        # clusters would take minutes; SQLite serializes them anyway.
-        entries: list[list[str]] = []
-        for first in range(0, n, REGISTER_BATCH):
-            entries += await asyncio.gather(*(one(i) for i in range(first, min(n, first + REGISTER_BATCH))))
+        async with asyncio.TaskGroup() as group:
+            mirror = group.create_task(store.run())  # etcd: the watch that feeds the store's reads
+            await store.ready(30)
+            try:
+                return await _enroll(store, sealing, pki_dir, n)
+            finally:
+                mirror.cancel()
     finally:
         await store.close()
+
+
+async def _enroll(store: Store, sealing: SealingKey, pki_dir: Path, n: int) -> list[list[str]]:
+    clusters = await ClusterStore.open(store)
+    enrollment = await EnrollmentStore.open(store)
+    agent_ca = await agent_pki.ensure_agent_ca(store, sealing, pki_dir)
+
+    async def one(i: int) -> list[str]:
+        name = f"sim-{i:05d}"
+        if clusters.get(name) is not None:
+            await clusters.remove(name)
+        await clusters.add(name)
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = agent_pki.issue(agent_ca, agent_pki.validate_csr(build_csr(key, name), name), name,
+                               datetime.timedelta(days=1))
+        await enrollment.record_certificate(name, cert.serial_number, int(cert.not_valid_after_utc.timestamp()))
+        return [name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()).decode(),
+                cert.public_bytes(serialization.Encoding.PEM).decode()]
+
+    # A few at a time: on etcd each write is a round trip (~2 ms), so one after another 10,000
+    # clusters would take minutes; SQLite serializes them anyway.
+    entries: list[list[str]] = []
+    for first in range(0, n, REGISTER_BATCH):
+        entries += await asyncio.gather(*(one(i) for i in range(first, min(n, first + REGISTER_BATCH))))
     return entries
 
 
