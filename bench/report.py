@@ -118,7 +118,7 @@ def replica_rows(r: dict) -> list[tuple[str, ...]]:
             added = (percentile(forwarded, q) - percentile(local, q)) * MS
             target = f"added ≤ 5 ms {_mark(added <= 5)}" if q == 50 else ""
             out.append((f"replicas: {label}", f"forwarded p{q} (ms)", "", f"{percentile(forwarded, q) * MS:.2f}", "",
-                        f"+{added:.2f} ms over local {percentile(local, q) * MS:.2f}", target))
+                        f"{added:+.2f} ms over local {percentile(local, q) * MS:.2f}", target))
     h = r["rehome"]
     worst = max(h["seconds"])
     out.append(("replicas: kill -9 of the agent's replica", "request works again p50 / max (s)", "",
