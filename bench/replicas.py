@@ -14,7 +14,9 @@ the devcluster:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import http.client
+import json
 import re
 import ssl
 import time
@@ -32,6 +34,7 @@ from scale import register, start_sims, stop_sims, wait_sims
 from scenarios import Context, dial, small_get
 from waiting import wait_until
 
+from clusterconnect.agent.session import HEALTHY_AFTER
 from clusterconnect.relay.routing.routes import ROUTES
 from clusterconnect.relay.storage.kv import EtcdKV
 from clusterconnect.relay.storage.sealing import SealingKey
@@ -133,11 +136,25 @@ def routes(replicas: ReplicaSet) -> list[str]:
     return asyncio.run(read())
 
 
+def agent_session_age(replicas: ReplicaSet) -> float:
+    """Seconds since the agent's newest "connected to relay" (its current session's start)."""
+    lines = [line for line in replicas.chain.processes["agent"].log.read_text(errors="replace").splitlines()
+             if '"event": "connected to relay"' in line]
+    started = datetime.datetime.fromisoformat(json.loads(lines[-1])["timestamp"].replace("Z", "+00:00"))
+    return time.time() - started.timestamp()
+
+
 def rehome(replicas: ReplicaSet, balancer: Endpoint, trials: int) -> dict:
-    seconds, routes_gone = [], []
+    seconds, routes_gone, ages = [], [], []
     for trial in range(trials):
         holder = replicas.holder()
         wait_until(lambda: request_works(balancer), 30, "a request through the balancer before the kill")
+        # A settled agent, as in a real failure: a session younger than HEALTHY_AFTER does not reset
+        # the agent's reconnect backoff, so kills every few seconds would measure its growth instead
+        # (up to 28 s in a run with trials ~10 s apart).
+        wait_until(lambda: agent_session_age(replicas) > HEALTHY_AFTER + 0.5, HEALTHY_AFTER + 30,
+                   "the agent's session to be older than HEALTHY_AFTER", interval=0.2)
+        ages.append(agent_session_age(replicas))
         print(f"[replicas] re-home trial {trial + 1}/{trials}: kill -9 {holder.name}", flush=True)
         killed = time.monotonic()
         replicas.kill(holder)
@@ -148,7 +165,7 @@ def rehome(replicas: ReplicaSet, balancer: Endpoint, trials: int) -> dict:
                    f"the routes of {holder.name} to go with its lease", interval=0.2)
         routes_gone.append(time.monotonic() - killed)
         replicas.start_replica(holder)
-    return {"trials": trials, "seconds": seconds, "routes_gone_seconds": routes_gone}
+    return {"trials": trials, "seconds": seconds, "routes_gone_seconds": routes_gone, "session_age_at_kill": ages}
 
 
 # -- 3. N simulated agents on 3 replicas ------------------------------------------------------------------
