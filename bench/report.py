@@ -110,7 +110,9 @@ def rows(results: dict) -> list[tuple[str, ...]]:
 def replica_rows(r: dict) -> list[tuple[str, ...]]:
     """3 replicas on etcd (issue #12): the tunnel column is the forwarded Dial (or the fleet's figure),
     the next one what it adds over a local Dial."""
-    out = []
+    out: list[tuple[str, ...]] = [("replicas", "failed", "", "", "", e[:200], "❌") for e in r.get("errors", [])]
+    if "forwarding" not in r:
+        return out
     f = r["forwarding"]
     for name, label in (("dial", "dial, connect → first byte"), ("small_get", "small GET")):
         local, forwarded = _pool(f[name]["local"], "latencies"), _pool(f[name]["forwarded"], "latencies")
@@ -119,12 +121,16 @@ def replica_rows(r: dict) -> list[tuple[str, ...]]:
             target = f"added ≤ 5 ms {_mark(added <= 5)}" if q == 50 else ""
             out.append((f"replicas: {label}", f"forwarded p{q} (ms)", "", f"{percentile(forwarded, q) * MS:.2f}", "",
                         f"{added:+.2f} ms over local {percentile(local, q) * MS:.2f}", target))
+    if "rehome" not in r:
+        return out
     h = r["rehome"]
     worst = max(h["seconds"])
     out.append(("replicas: kill -9 of the agent's replica", "request works again p50 / max (s)", "",
                 f"{percentile(h['seconds'], 50):.2f} / {worst:.2f}", "",
                 f"{h['trials']} trials; its routes gone after ≤ {max(h['routes_gone_seconds']):.1f} s",
                 f"≤ 10 s each {_mark(worst <= 10)}"))
+    if "agents" not in r:
+        return out
     a = r["agents"]
     n = a["agents"]
     counts = a["per_replica"]
@@ -134,7 +140,8 @@ def replica_rows(r: dict) -> list[tuple[str, ...]]:
          f"{sum(counts.values()):,} connected, {a['failed_attempts']} failed attempts",
          f"≤ 120 s {_mark(a['connect_seconds'] <= 120)}"),
         (f"replicas: {n:,} agents on 3", "agents per replica", "", " / ".join(f"{c:,}" for c in counts.values()), "",
-         f"at most {spread:.1%} off a third", f"±15 % {_mark(spread <= 0.15)}"),
+         f"at most {spread:.1%} off a third" + (f"; lease lost: {', '.join(a['lease_lost'])}" if a.get("lease_lost")
+                                                 else ""), f"±15 % {_mark(spread <= 0.15)}"),
         (f"replicas: {n:,} agents on 3", "routes in etcd", "", f"{a['routes']:,}", "",
          f"{a['routes_distinct_clusters']:,} clusters", f"= {n:,} {_mark(a['routes'] == n)}"),
         (f"replicas: {n:,} agents on 3", "steady etcd writes/s", "", f"{a['steady_writes_per_second']:.2f}", "",

@@ -42,6 +42,7 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factor
 
 def check_replicas(r: dict) -> None:
     """3 replicas on etcd (bench/replicas.py): every figure is there and the invariants hold."""
+    assert not r.get("errors"), r["errors"]
     forwarding = r["forwarding"]
     assert forwarding["owner"] != forwarding["entry"]
     for name in ("dial", "small_get"):
@@ -57,7 +58,7 @@ def check_replicas(r: dict) -> None:
     assert len(agents["per_replica"]) == 3 and sum(agents["per_replica"].values()) == n, agents["per_replica"]
     # 300 agents heartbeat ~150 times in the 5 s window: had heartbeats written, this would be ~30/s
     assert agents["steady_writes_per_second"] <= 5, agents
-    assert set(agents["steady_mvcc"]) == {"put", "delete", "txn"}
+    assert set(agents["steady_mvcc"]) == {"put", "delete", "txn"} and agents["lease_lost"] == []
 
 
 def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(tmp_path_factory, devcluster):
