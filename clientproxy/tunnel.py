@@ -188,6 +188,18 @@ class ConnectionHandler:
             # (The request could go out before the relay says "open", but a write racing the relay's
             # refusal turns grpc's status into INTERNAL and the user would not learn why.)
             failure = await self._opened(call, accepted.connected)
+            if failure is not None and _transport_failure(failure):
+                # The relay (a replica that is stopping, its connection just closed) never took this
+                # Dial up; nothing of kubectl's went out, so a second Dial on the channel, which is
+                # reconnecting (through a balancer: to another replica), is safe. Once only.
+                log.info("dial retried", reason=failure[1])
+                call.cancel()
+                try:
+                    call = self._dial(await self.target.current_token(), accepted.traceparent)
+                except LoginError as exc:
+                    await self._refuse(downstream, grpc.StatusCode.UNAUTHENTICATED, f"clusterconnect proxy: {exc}")
+                    return
+                failure = await self._opened(call, False)
             if failure is not None:
                 await self._refuse(downstream, *failure)
                 return
@@ -241,3 +253,10 @@ class ConnectionHandler:
                     pass
         except (PeerGone, TimeoutError):
             pass
+
+
+def _transport_failure(failure: tuple[grpc.StatusCode | None, str, DialRefusal | None]) -> bool:
+    """The Dial failed below the relay's own answers (no clusterconnect-reason): its connection closed
+    or went away (GOAWAY of a stopping relay) before the relay took the call up."""
+    code, _, reason = failure
+    return code == grpc.StatusCode.UNAVAILABLE and reason is None
