@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import secrets
 import signal
@@ -46,6 +47,7 @@ from test_connection_identity import Connection, audit_events
 
 from clusterconnect import credentials as tokens
 from clusterconnect import metadata as md
+from clusterconnect.agent.session import HEALTHY_AFTER
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, bearer, grpc_target
 from clusterconnect.relay.routing.routes import ROUTES
 from clusterconnect.v1 import tunnel_pb2_grpc
@@ -54,6 +56,7 @@ CLUSTER = "ha"
 NS = "replicas"
 PROXY_NS = "clusterconnect-replicas"
 LEASE_TTL = 10
+KILL_TRIALS = 10
 # Long enough for the 1 GiB port-forward of the rolling restart to finish inside a drain; a drain ends as
 # soon as its replica is idle, so the other tests do not wait for it.
 GRACE = 90
@@ -132,6 +135,14 @@ def routes_in_etcd(fleet: Fleet) -> list[str]:
             return [kv.key[len(ROUTES):].decode() for kv in values]
 
     return asyncio.run(read())
+
+
+def session_age(agent_log: Path) -> float:
+    """Seconds since the agent's last session began ("connected to relay" in its log)."""
+    stamps = [json.loads(line)["timestamp"] for line in agent_log.read_text().splitlines()
+              if '"event": "connected to relay"' in line]
+    began = datetime.datetime.fromisoformat(stamps[-1].replace("Z", "+00:00"))
+    return (datetime.datetime.now(datetime.UTC) - began).total_seconds()
 
 
 def kubectl_works(kubeconfig: Path) -> bool:
@@ -261,21 +272,42 @@ def test_the_identity_verified_at_the_entry_replica_binds_the_forwarded_connecti
 
 
 def test_kill_9_of_the_agents_replica_kubectl_works_again_within_10s_and_its_routes_go(fleet):
+    """10 trials: kill -9 of whichever replica holds the agent, kubectl through the balancer until it works,
+    the killed replica started again. Every dead replica's route goes when its lease runs out.
+
+    Each trial begins once the agent's session is HEALTHY_AFTER old: a session that ends sooner counts as a
+    failure and the agent backs off further each time (its defence against a crash-looping relay), which
+    a kill every second would measure instead of the re-home."""
     replicas = fleet.replicas
-    holder = replicas.holder()
-    assert kubectl_works(fleet.kubeconfig)
-    assert f"{CLUSTER}/{holder.name}" in routes_in_etcd(fleet)
-    killed = time.monotonic()
-    replicas.kill(holder)
-    wait_until(lambda: kubectl_works(fleet.kubeconfig), 10, "kubectl to work again after kill -9", interval=0.2)
-    recovered = time.monotonic() - killed
-    print(f"kubectl worked again {recovered:.2f}s after kill -9 of the agent's replica")
-    assert recovered < 10
-    left = LEASE_TTL + 1 - (time.monotonic() - killed)
-    wait_until(lambda: f"{CLUSTER}/{holder.name}" not in routes_in_etcd(fleet), left,
-               "the dead replica's route to go with its lease", interval=0.2)
-    assert any(key.startswith(f"{CLUSTER}/") for key in routes_in_etcd(fleet))  # the new holder's
-    replicas.start_replica(holder)  # back to 3 for the next test
+    recoveries: list[float] = []
+    killed_at: dict[str, float] = {}
+    agent_log = fleet.chain.processes["agent"].log
+    for _ in range(KILL_TRIALS):
+        wait_until(lambda: session_age(agent_log) >= HEALTHY_AFTER, HEALTHY_AFTER + 5,
+                   "the agent's session to be healthy")
+        holder = replicas.holder()
+        assert kubectl_works(fleet.kubeconfig)
+        wait_until(lambda: f"{CLUSTER}/{holder.name}" in routes_in_etcd(fleet), 10,  # noqa: B023 (called at once)
+                   f"{holder.name}'s route")
+        killed = time.monotonic()
+        replicas.kill(holder)
+        killed_at[holder.name] = killed
+        wait_until(lambda: kubectl_works(fleet.kubeconfig), 10, "kubectl to work again after kill -9", interval=0.2)
+        recoveries.append(time.monotonic() - killed)
+        replicas.start_replica(holder)  # a new process, a new lease: its old routes are not its own
+    recoveries.sort()
+    print(f"kubectl worked again after kill -9 of the agent's replica, {KILL_TRIALS} trials: "
+          f"p50 {recoveries[len(recoveries) // 2]:.2f}s, max {recoveries[-1]:.2f}s")
+    assert recoveries[-1] < 10
+    # The newest kill's route is the last to go: within the TTL of that kill (the older ones went before).
+    newest = max(killed_at.values())
+    current = replicas.holder().name
+
+    def dead_routes() -> list[str]:
+        return [key for key in routes_in_etcd(fleet) if key != f"{CLUSTER}/{current}"]
+
+    wait_until(lambda: not dead_routes(), LEASE_TTL + 1 - (time.monotonic() - newest),
+               "the killed replicas' routes to go with their leases", interval=0.2)
 
 
 def test_sigstop_of_the_agents_replica_kubectl_works_again_within_20s(fleet):
