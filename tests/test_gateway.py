@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -18,7 +19,7 @@ import time
 import h11
 import pytest
 import yaml
-from chain import Chain, script
+from chain import Chain, free_port, port_open, script, wait_until
 from identities import login_with_code
 from kube import LineReader, kubectl, kubectl_popen, stop
 
@@ -222,3 +223,43 @@ def test_a_user_not_on_the_access_list_is_refused_at_the_relay(gateway, tmp_path
     relay_log = chain.processes["relay"].log.read_text()
     assert '"user": "mallory"' in relay_log and "dial refused" in relay_log
 
+
+
+def test_gateways_behind_a_tcp_balancer_each_serve_alone(gateway, tmp_path):
+    """Stateless: two gateways behind HAProxy (TCP mode, as a cloud balancer); with either one stopped, the
+    other serves every request of the same kubeconfig."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("needs haproxy (make haproxy)")
+    chain, _, _ = gateway
+    front = free_port()
+    ports = {"gateway-a": free_port(), "gateway-b": free_port()}
+    gateways = {name: chain.start_gateway(name, port) for name, port in ports.items()}
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("\n".join([
+        "global", "  maxconn 1000", "defaults", "  mode tcp", "  timeout connect 1s", "  timeout client 1h",
+        "  timeout server 1h", "  retries 3", "  option redispatch",
+        "frontend gateways", f"  bind 127.0.0.1:{front}", "  default_backend gateways",
+        "backend gateways", "  balance roundrobin",
+        *[f"  server {name} 127.0.0.1:{port} check inter 300ms fall 2 rise 1" for name, port in ports.items()],
+    ]) + "\n")
+    balancer = chain.spawn("haproxy-gateways", [shutil.which("haproxy"), "-db", "-f", str(config)])
+    try:
+        wait_until(lambda: port_open(front), 10, "haproxy to listen", balancer)
+        kubeconfig = tmp_path / "balanced.kubeconfig"
+        written = subprocess.run([script("clusterconnect"), "kubeconfig", chain.cluster, "--gateway",
+                                  f"https://127.0.0.1:{front}", "--cluster-domain", chain.cluster_domain,
+                                  "--gateway-ca", str(chain.gateway_ca), "--token-file",
+                                  yaml.safe_load((chain.state_dir / "kubeconfig").read_text())["users"][0]["user"]
+                                  ["tokenFile"], "--kubeconfig-out", str(kubeconfig)],
+                                 capture_output=True, text=True, timeout=30)
+        assert written.returncode == 0, written.stderr
+        for stopped, serving in (("gateway-a", "gateway-b"), ("gateway-b", "gateway-a")):
+            gateways[stopped].stop()
+            for _ in range(5):  # roundrobin would send every other connection to the stopped one
+                assert kubectl(kubeconfig, "get", "namespace", NS, "-o", "name").stdout.strip() == f"namespace/{NS}"
+            assert gateways[serving].alive()
+            gateways[stopped] = chain.start_gateway(stopped, ports[stopped])
+    finally:
+        balancer.stop()
+        for process in gateways.values():
+            process.stop()

@@ -273,19 +273,20 @@ class Chain:
     def gateway_ca(self) -> Path:
         return self.state_dir / "gateway" / "ca.crt"
 
-    def start_gateway(self, name: str = "gateway") -> Process:
+    def start_gateway(self, name: str = "gateway", port: int | None = None) -> Process:
         """`clusterconnect-gateway` in front of this relay, with a certificate for *.CLUSTER_DOMAIN from a
-        CA of its own (STATE_DIR/gateway/ca.crt)."""
+        CA of its own (STATE_DIR/gateway/ca.crt; every gateway of the chain shares it). ``port``: one of
+        several gateways (behind a balancer); by default the chain's ``gateway_port``."""
         from clusterconnect.pki import ensure_ca_and_server_cert
 
         _, cert, key = ensure_ca_and_server_cert(self.state_dir / "gateway", "clusterconnect test gateway CA",
                                                  [f"*.{self.cluster_domain}"])
-        if not self.gateway_port:
-            self.gateway_port = free_port()
+        if port is None:
+            self.gateway_port = port = self.gateway_port or free_port()
         log = self.state_dir / "logs" / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
         process = self.spawn(name, [
-            script("clusterconnect-gateway"), "--listen", f"127.0.0.1:{self.gateway_port}",
+            script("clusterconnect-gateway"), "--listen", f"127.0.0.1:{port}",
             "--relay", self.relay_url, "--relay-ca", str(self.relay_ca), "--cluster-domain", self.cluster_domain,
             "--tls-cert", str(cert), "--tls-key", str(key), "--log-level", self.log_level,
         ])
