@@ -171,7 +171,7 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
 
 
 def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
-    table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", box=None, header_style="bold")
+    table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", "REPLICA", box=None, header_style="bold")
     now = time.time()
     for cluster in clusters:
         status = "Connected" if cluster.connected else "Disconnected"
@@ -179,7 +179,8 @@ def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
             seen = "now"
         else:
             seen = ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never"
-        table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-")
+        table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-",
+                      cluster.replica or "-")
     Console(width=120).print(table)
 
 

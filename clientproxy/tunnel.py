@@ -182,6 +182,19 @@ class ConnectionHandler:
             # refusal turns grpc's status into INTERNAL and the user would not learn why.)
             timeout = DIAL_TIMEOUT_CONNECTED if accepted.connected else DIAL_TIMEOUT
             failure = await wait_open(call, timeout, self.target.relay)
+            if failure is not None and failure.transport_failure:
+                # The relay (a replica that is stopping, its connection just closed) never took this
+                # Dial up; nothing of kubectl's went out, so a second Dial on the channel, which is
+                # reconnecting (through a balancer: to another replica), is safe. Once only.
+                log.info("dial retried", reason=failure.message)
+                call.cancel()
+                try:
+                    call = self._dial(await self.target.current_token(), accepted.traceparent)
+                except LoginError as exc:
+                    await self._refuse(downstream, Refused(grpc.StatusCode.UNAUTHENTICATED,
+                                                           f"clusterconnect proxy: {exc}"))
+                    return
+                failure = await wait_open(call, DIAL_TIMEOUT, self.target.relay)
             if failure is not None:
                 await self._refuse(downstream, failure)
                 return

@@ -142,6 +142,12 @@ class Refused:
     message: str
     reason: DialRefusal | None = None
 
+    @property
+    def transport_failure(self) -> bool:
+        """The Dial failed below the relay's own answers (no clusterconnect-reason): its connection closed
+        or went away (GOAWAY of a stopping relay) before the relay took the call up, so nothing was sent."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and self.reason is None
+
 
 async def wait_open(call: grpc.aio.StreamStreamCall[Any, Any], timeout: float, relay: str) -> Refused | None:
     """None once the relay says the path is open (initial metadata ``x-clusterconnect-open``), else why not.

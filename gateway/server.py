@@ -120,9 +120,17 @@ class Gateway:
                      head: bytes) -> None:
         # Not connected to the relay (yet, or any more): an unreachable relay must become an error quickly.
         connected = self.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
-        call: Call = self.stub.Dial(metadata=((md.CLUSTER, cluster), bearer(token), (md.TRACEPARENT, traceparent)))
+        metadata = ((md.CLUSTER, cluster), bearer(token), (md.TRACEPARENT, traceparent))
+        call: Call = self.stub.Dial(metadata=metadata)
         try:
             failure = await wait_open(call, DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT, self.relay)
+            if failure is not None and failure.transport_failure:
+                # As the client proxy: a relay replica going away never took this Dial up and nothing
+                # was sent, so one more Dial (the channel reconnects, through a balancer elsewhere) is safe.
+                log.info("dial retried", reason=failure.message)
+                call.cancel()
+                call = self.stub.Dial(metadata=metadata)
+                failure = await wait_open(call, DIAL_TIMEOUT, self.relay)
             if failure is not None:
                 await refuse(downstream, failure, head)
                 return
