@@ -1,5 +1,5 @@
-"""clusterconnect: reach a cluster through the relay (`proxy`), log in (`login`, `token`) and administer the relay
-(`clusters`, `users`, `keys`)."""
+"""clusterconnect: reach a cluster through the relay (`proxy`) or a gateway (`kubeconfig`), log in (`login`, `token`)
+and administer the relay (`clusters`, `users`, `keys`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from clusterconnect import cliargs, service
 from clusterconnect.cli import identity as identity_cli
+from clusterconnect.cli import kubeconfig_command
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     remove.add_argument("name")
     _admin_flags(remove)
     identity_cli.add_parsers(commands, actions, _admin_flags, _state_dir())
+    kubeconfig_command.add_parser(commands, _state_dir())
     return parser.parse_args(argv)
 
 
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "proxy":
             proxy_command(args)
+        elif args.command == "kubeconfig":
+            kubeconfig_command.kubeconfig_command(args)
         elif identity_cli.handles(args):
             identity_cli.run(args)
         else:
