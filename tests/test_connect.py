@@ -114,3 +114,32 @@ def test_connect_to_an_unreachable_cluster_is_one_line_and_registers_nothing(rel
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the cluster (kubeconfig "), result.stderr
     assert "connection refused" in lines[0]
     assert cluster_status(relay, CLUSTER) is None
+
+
+def test_connect_with_the_relay_unreachable_from_the_agent_reports_the_agent_pods_failure(
+        devcluster, relay, tmp_path):
+    helm_binary()
+    pv = state_volume(NAMESPACE, RELEASE, tmp_path / "agent-state")
+    devcluster.apply(pv)
+    values = tmp_path / "devcluster-values.yaml"
+    values.write_text(yaml.safe_dump(devcluster_values(free_port())))
+    try:
+        unreachable = f"https://127.0.0.1:{free_port()}"
+        result = clusterconnect(relay, "connect", devcluster.kubeconfig, "--values", str(values),
+                                "--agent-relay", unreachable, "--timeout", "25")
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: the agent did not connect within 25s: agent pod cc-connect-agent-"), lines
+        assert "relay not reachable for enrollment" in lines[0], lines
+        # what is left is undone by disconnect
+        gone = clusterconnect(relay, "disconnect", devcluster.kubeconfig)
+        assert gone.returncode == 0, gone.stdout + gone.stderr
+        assert cluster_status(relay, CLUSTER) is None
+        wait_until(lambda: not pod_processes(devcluster, NAMESPACE), 60, "the release's processes to end")
+    finally:
+        subprocess.run([str(HELM), "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(devcluster.kubeconfig),
+                        "--wait"], capture_output=True, check=False, timeout=180)
+        devcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False,
+                           timeout=150)
+        devcluster.kubectl("delete", "pv", pv["metadata"]["name"], "--ignore-not-found", check=False)
