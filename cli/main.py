@@ -1,5 +1,5 @@
-"""clusterconnect: reach a cluster through the relay (`proxy`) or a gateway (`kubeconfig`), log in (`login`, `token`)
-and administer the relay (`clusters`, `users`, `keys`)."""
+"""clusterconnect: reach a cluster through the relay (`proxy`) or a gateway (`kubeconfig`), log in (`login`,
+`token`), administer the relay (`clusters`, `users`, `keys`) and onboard a cluster (`connect`, `disconnect`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clusterconnect import cliargs, service
+from clusterconnect.cli import connect as connect_cli
 from clusterconnect.cli import identity as identity_cli
 from clusterconnect.cli import kubeconfig_command
 from clusterconnect.cli.usage import fail, read_file
@@ -77,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _admin_flags(remove)
     identity_cli.add_parsers(commands, actions, _admin_flags, _state_dir())
     kubeconfig_command.add_parser(commands, _state_dir())
+    connect_cli.add_parsers(commands, _admin_flags)
     return parser.parse_args(argv)
 
 
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             kubeconfig_command.kubeconfig_command(args)
         elif identity_cli.handles(args):
             identity_cli.run(args)
+        elif connect_cli.handles(args):
+            connect_cli.run(args)
         else:
             clusters_command(args)
     except ClusterConnectError as exc:

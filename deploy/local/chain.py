@@ -359,9 +359,11 @@ def start_devcluster(state_dir: Path, out: Path, timeout: float = 600) -> tuple[
     """Start tests/devcluster/run in its own process group; returns it and the admin kubeconfig once ready."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as handle:
+        # The node's containers inherit its PATH: this venv's console scripts first (chart pods run them).
+        env = {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", os.defpath)])}
         process = subprocess.Popen([str(ROOT / "tests/devcluster/run"), "--state-dir", str(state_dir)],
                                    stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
 
     def ready() -> Path | None:
         line = _line_starting(out, "ready ")
