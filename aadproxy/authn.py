@@ -41,6 +41,8 @@ class Reject:
 
     status: int
     message: str
+    # Why, for the metrics (clusterconnect_aadproxy_authentication_failures_total): a short fixed word.
+    reason: str = "credential"
 
 
 class Authenticator(Protocol):

@@ -50,6 +50,29 @@ class Process:
     name: str
     popen: subprocess.Popen
     log: Path
+    metrics_port: int = 0  # its --metrics-listen port on 127.0.0.1 (0: none)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else ""
+
+    def http_get(self, path: str, timeout: float = 5) -> tuple[int, str]:
+        """(status, body) of GET ``path`` on the service's metrics port (/metrics, /healthz, /readyz)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=timeout) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> str:
+        """The service's /metrics now (Prometheus text format)."""
+        status, body = self.http_get("/metrics")
+        if status != 200:
+            raise RuntimeError(f"{self.name}: /metrics answered {status}")
+        return body
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -160,14 +183,19 @@ class Chain:
         return self.relay_data / "admin.credential"
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stdout: int | None = None) -> Process:
+              stdout: int | None = None, metrics: bool = True) -> Process:
+        """Start a service; with ``metrics``, its metrics port on a free port (no two services of the
+        chain, or two chains, meet on the built-in defaults)."""
         log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
+        metrics_port = free_port() if metrics else 0
+        if metrics_port:
+            argv = [*argv, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             popen = subprocess.Popen(
                 argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})}, start_new_session=True,
             )
-        process = Process(name, popen, log)
+        process = Process(name, popen, log, metrics_port)
         self.processes[name] = process
         return process
 
@@ -282,6 +310,11 @@ class Chain:
     def stop_all(self) -> None:
         for process in reversed(list(self.processes.values())):
             process.stop()
+
+    def endpoints(self) -> list[dict]:
+        """Each running service's name, pid and metrics URL."""
+        return [{"name": p.name, "pid": p.popen.pid, "metrics_url": p.metrics_url}
+                for p in self.processes.values() if p.alive()]
 
     def write_pids(self) -> None:
         (self.state_dir / "pids").write_text(
