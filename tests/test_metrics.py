@@ -1,11 +1,12 @@
-"""/metrics of every service, scraped before and after a workload through the real chain: the counters
-move by exactly what the workload did (clusterconnect.metrics; README "Metrics and health")."""
+"""/metrics of every service, scraped before and after a workload through the real chain (HTTPS requests
+with kubectl's kubeconfig): the counters move by exactly what the workload did (clusterconnect.metrics;
+docs/metrics.md)."""
 
 from __future__ import annotations
 
 import pytest
 from chain import STDOUT_SUFFIX, script, wait_until
-from kube import kubectl
+from https_client import Endpoint
 
 from clusterconnect.metrics import sample
 
@@ -42,9 +43,10 @@ def test_kubectl_gets_move_every_hops_counters_by_their_number(chain):
     tunnel, kubeconfig = chain
     wait_until(lambda: _idle(tunnel), 30, "the chain to be idle")
     before = _scrape(tunnel)
+    endpoint = Endpoint(kubeconfig)  # kubectl's kubeconfig: the proxy's client certificate and the token
     for _ in range(GETS):
-        # --raw: one request on one connection (no discovery), so one Dial each.
-        kubectl(kubeconfig, "get", "--raw", "/version")
+        # One request on a connection of its own, so one Dial each (`kubectl get --raw` sends /version twice).
+        assert endpoint.one_request("/version") == 200
     wait_until(lambda: _idle(tunnel), 30, "the connections to end")
     after = _scrape(tunnel)
 
