@@ -24,7 +24,7 @@ log = get_logger(__name__)
 
 # The relay keeps at most this many warm streams per agent (relay/datapath/sessions.py MAX_WARM).
 MAX_WARM_STREAMS = 8
-# Loopback: the agent listens on nothing else; the chart opens it on the pod network for its probes.
+# Loopback: the agent opens no other port; the chart opens this one on the pod network for its probes.
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9444"
 
 
