@@ -50,7 +50,7 @@ test: venv devcluster devcluster-check oidc-provider helm proto-tools konnectivi
 test-fast: venv lint
 	$(BIN)/python -m pytest -q -ra -m "not devcluster"
 
-demo: venv devcluster
+demo: venv devcluster helm
 	$(BIN)/python deploy/local/demo.py up --state-dir .demo
 
 demo-down:

@@ -302,7 +302,9 @@ class Agent:
         pass the binding (its caller) on to the auth proxy with our span's traceparent, then carry
         the connection."""
         accept = stub.Accept(metadata=self._metadata((md.WARM, "1")))
-        serve = self.config.authproxy.Serve(metadata=((md.WARM, "1"),))
+        # Waits for the auth proxy (instead of failing at once while it starts, e.g. in the same helm
+        # install): a warm pair whose Serve stream had already failed would fail the Dial that took it.
+        serve = self.config.authproxy.Serve(metadata=((md.WARM, "1"),), wait_for_ready=True)
         try:
             self.warm_waiting += 1
             try:

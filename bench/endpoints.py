@@ -1,5 +1,6 @@
-"""Where a benchmark client connects: directly to the apiserver, to the client proxy (the tunnel), or to
-the apiserver through Konnectivity's HTTP-CONNECT frontend (the peer)."""
+"""Where a benchmark client connects: directly to the apiserver, to the client proxy (the tunnel), to the
+gateway (the tunnel with kubectl's kubeconfig alone), or to the apiserver through Konnectivity's
+HTTP-CONNECT frontend (the peer)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import h11
 
 @dataclass
 class Endpoint:
-    name: str  # "direct", "tunnel" or "konnectivity"
+    name: str  # "direct", "tunnel", "gateway" or "konnectivity"
     host: str
     port: int
     ca_pem: str
@@ -24,6 +25,12 @@ class Endpoint:
     # Konnectivity's frontend (a Unix socket, as kube-apiserver's egress selector dials it): each
     # connection is a CONNECT to host:port through it, then TLS to the apiserver end to end.
     connect_proxy: Path | None = None
+    # The TLS server name (SNI) when it is not ``host``: the gateway's CLUSTER.<cluster-domain> on 127.0.0.1.
+    server_name: str | None = None
+
+    @property
+    def tls_name(self) -> str:
+        return self.server_name or self.host
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cadata=self.ca_pem)
@@ -54,7 +61,7 @@ class Endpoint:
 
     def connect(self, timeout: float = 60) -> http.client.HTTPSConnection:
         conn = http.client.HTTPSConnection(self.host, self.port, context=self.ssl_context(), timeout=timeout)
-        conn.sock = self.ssl_context().wrap_socket(self.open_socket(timeout), server_hostname=self.host)
+        conn.sock = self.ssl_context().wrap_socket(self.open_socket(timeout), server_hostname=self.tls_name)
         return conn
 
     def get(self, conn: http.client.HTTPSConnection, path: str) -> bytes:

@@ -20,6 +20,7 @@ def _throughput(rounds: list[dict]) -> float:
 
 
 PEER = "konnectivity"
+GATEWAY = "gateway"
 
 
 def _mark(ok: bool) -> str:
@@ -27,57 +28,77 @@ def _mark(ok: bool) -> str:
 
 
 def rows(results: dict) -> list[tuple[str, ...]]:
-    """(scenario, metric, direct, tunnel, konnectivity, tunnel vs direct, target) rows. The targets are
-    ratios against Konnectivity measured in the same run (issue #15); without it (--no-peer) none."""
+    """(scenario, metric, direct, tunnel, gateway, konnectivity, tunnel vs direct, target) rows. The targets
+    are ratios against Konnectivity measured in the same run (issue #15); without it (--no-peer) none. The
+    gateway column is the same tunnel entered through clusterconnect-gateway instead of the client proxy."""
     out = []
     s = results["scenarios"]
 
     def peer(name: str) -> list[dict] | None:
         return s[name].get(PEER) or None
 
+    def gateway(name: str) -> list[dict] | None:
+        return s[name].get(GATEWAY) or None
+
     if "small_get" in s:
         d, t = _pool(s["small_get"]["direct"], "latencies"), _pool(s["small_get"]["tunnel"], "latencies")
         k = _pool(peer("small_get"), "latencies") if peer("small_get") else None
+        g = _pool(gateway("small_get"), "latencies") if gateway("small_get") else None
         for q in (50, 99):
             added = (percentile(t, q) - percentile(d, q)) * MS
             cell, target = "", ""
+            gcell = f"{percentile(g, q) * MS:.2f} (+{(percentile(g, q) - percentile(d, q)) * MS:.2f})" if g else ""
             if k:
                 peer_added = (percentile(k, q) - percentile(d, q)) * MS
                 cell = f"{percentile(k, q) * MS:.2f} (+{peer_added:.2f})"
                 target = f"added ≤ 2× Konnectivity's {_mark(added <= 2 * max(peer_added, 0.0))}"
             out.append(("small GET", f"p{q} latency (ms)", f"{percentile(d, q) * MS:.2f}",
-                        f"{percentile(t, q) * MS:.2f}", cell, f"+{added:.2f} ms", target))
+                        f"{percentile(t, q) * MS:.2f}", gcell, cell, f"+{added:.2f} ms", target))
     for name, label in (("big_list", "LIST"), ("port_forward", "port-forward")):
         if name in s:
             d, t = _throughput(s[name]["direct"]), _throughput(s[name]["tunnel"])
             cell, target = "n/a", ""
+            gcell = f"{_throughput(gateway(name)):.0f}" if gateway(name) else ""
             if peer(name):
                 k = _throughput(peer(name))
                 cell, target = f"{k:.0f} ({k / d:.0%})", f"≥ Konnectivity's {_mark(t >= k)}"
-            out.append((label, "throughput (MB/s)", f"{d:.0f}", f"{t:.0f}", cell, f"{t / d:.0%}", target))
+            out.append((label, "throughput (MB/s)", f"{d:.0f}", f"{t:.0f}", gcell, cell, f"{t / d:.0%}", target))
     if "dial" in s:
         d, t = _pool(s["dial"]["direct"], "latencies"), _pool(s["dial"]["tunnel"], "latencies")
         added = (percentile(t, 50) - percentile(d, 50)) * MS
-        cell, target = "", ""
+        cell, target, gcell = "", "", ""
+        if gateway("dial"):
+            g = _pool(gateway("dial"), "latencies")
+            gcell = f"{percentile(g, 50) * MS:.2f} (+{(percentile(g, 50) - percentile(d, 50)) * MS:.2f})"
         if peer("dial"):
             k = _pool(peer("dial"), "latencies")
             peer_added = (percentile(k, 50) - percentile(d, 50)) * MS
             cell = f"{percentile(k, 50) * MS:.2f} (+{peer_added:.2f})"
             target = f"added ≤ 1.5× Konnectivity's {_mark(added <= 1.5 * max(peer_added, 0.0))}"
         out.append(("dial", "connect → first byte p50 (ms)", f"{percentile(d, 50) * MS:.2f}",
-                    f"{percentile(t, 50) * MS:.2f}", cell, f"+{added:.2f} ms", target))
+                    f"{percentile(t, 50) * MS:.2f}", gcell, cell, f"+{added:.2f} ms", target))
     if "watches" in s:
         d, t = _pool(s["watches"]["direct"], "latencies"), _pool(s["watches"]["tunnel"], "latencies")
         expected = s["watches"]["tunnel"][0]["expected"]
         cell = f"{percentile(_pool(peer('watches'), 'latencies'), 99) * MS:.1f}" if peer("watches") else ""
+        gcell = ""
+        if gateway("watches"):
+            g = _pool(gateway("watches"), "latencies")
+            delivered = f"{len(g) // len(gateway('watches'))}/{expected}"
+            gcell = f"{percentile(g, 99) * MS:.1f} ({delivered})" if g else f"({delivered})"
         out.append(("watches", "event delivery p99 (ms)", f"{percentile(d, 99) * MS:.1f}",
-                    f"{percentile(t, 99) * MS:.1f}", cell,
+                    f"{percentile(t, 99) * MS:.1f}", gcell, cell,
                     f"{len(t) // len(s['watches']['tunnel'])}/{expected} delivered", ""))
         rss = s["watches"]["tunnel"][-1]["rss_mib"]
         total = sum(v for k, v in rss.items() if k in ("relay", "agent", "aadproxy"))
         detail = ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
         peer_rss = sum(peer("watches")[-1]["rss_mib"].values()) if peer("watches") else None
-        out.append(("watches", "RSS relay+agent+aadproxy (MiB)", "", f"{total:.0f}",
+        gcell = ""
+        if gateway("watches"):
+            grss = gateway("watches")[-1]["rss_mib"]
+            gcell = (f"{sum(v for k, v in grss.items() if k in ('relay', 'agent', 'aadproxy')):.0f}"
+                     f" (+gateway {grss.get('gateway', 0):.0f})")
+        out.append(("watches", "RSS relay+agent+aadproxy (MiB)", "", f"{total:.0f}", gcell,
                     f"{peer_rss:.0f} (server+agent)" if peer_rss is not None else "", detail, ""))
     if "head_of_line" in s:
         def stalled_ratio(rounds: list[dict]) -> float:
@@ -87,27 +108,28 @@ def rows(results: dict) -> list[tuple[str, ...]]:
         unloaded, loaded = _pool(rounds, "unloaded"), _pool(rounds, "loaded")
         ratio = stalled_ratio(rounds)
         cell = f"{stalled_ratio(peer('head_of_line')):.2f}×" if peer("head_of_line") else ""
+        gcell = f"{stalled_ratio(gateway('head_of_line')):.2f}×" if gateway("head_of_line") else ""
         out.append(("head-of-line", "probe p99 stalled / unloaded",
-                    f"{stalled_ratio(s['head_of_line']['direct']):.2f}×", f"{ratio:.2f}×", cell,
+                    f"{stalled_ratio(s['head_of_line']['direct']):.2f}×", f"{ratio:.2f}×", gcell, cell,
                     f"{percentile(unloaded, 99) * MS:.2f} → {percentile(loaded, 99) * MS:.2f} ms",
                     f"≤ 1.5× {_mark(ratio <= 1.5)}"))
     for entry in s.get("scale", []):
         n = entry["agents"]
         ok_time = entry["connect_seconds"] <= 60
         ok_rss = entry["relay_kib_per_agent"] <= 150
-        out.append((f"scale {n:,} agents", "all connected (s)", "", f"{entry['connect_seconds']:.1f}", "",
+        out.append((f"scale {n:,} agents", "all connected (s)", "", f"{entry['connect_seconds']:.1f}", "", "",
                     f"{entry['connected']:,} connected", f"≤ 60 s {_mark(ok_time)}"))
         out.append((f"scale {n:,} agents", "relay RSS per agent (KiB)", "", f"{entry['relay_kib_per_agent']:.0f}",
-                    "", f"{entry['relay_rss_mib_before']:.0f} → {entry['relay_rss_mib_after']:.0f} MiB",
+                    "", "", f"{entry['relay_rss_mib_before']:.0f} → {entry['relay_rss_mib_after']:.0f} MiB",
                     f"≤ 150 KiB {_mark(ok_rss)}"))
         dial_p50 = percentile(entry["dial_latencies"], 50) * MS
-        out.append((f"scale {n:,} agents", "dial p50 (ms)", "", f"{dial_p50:.2f}", "", "", ""))
+        out.append((f"scale {n:,} agents", "dial p50 (ms)", "", f"{dial_p50:.2f}", "", "", "", ""))
     return out
 
 
 def markdown(results: dict, stamp: str) -> str:
-    header = ("| scenario | metric | direct | tunnel | Konnectivity | tunnel vs direct | target |\n"
-              "| --- | --- | --- | --- | --- | --- | --- |\n")
+    header = ("| scenario | metric | direct | tunnel | gateway | Konnectivity | tunnel vs direct | target |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
     body = "\n".join("| " + " | ".join(row) + " |" for row in rows(results))
     kind = "smoke run (tiny sizes; figures mean nothing)" if results["smoke"] else f"{results['rounds']} rounds"
     machine = results["machine"]
@@ -127,7 +149,7 @@ def plot(results: dict, path: Path) -> None:
         return
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for axis, (name, key) in zip(axes[0], panels, strict=True):
-        for endpoint in ("direct", "tunnel", PEER):
+        for endpoint in ("direct", "tunnel", GATEWAY, PEER):
             samples = sorted(x * MS for x in _pool(results["scenarios"][name].get(endpoint, []), key))
             if samples:
                 axis.plot(samples, [i / len(samples) for i in range(len(samples))], label=endpoint)

@@ -1,4 +1,5 @@
-"""`make bench`: every scenario direct and through the tunnel, alternating, several rounds, in one run.
+"""`make bench`: every scenario direct, through the tunnel (client proxy) and through the gateway (kubectl's
+kubeconfig alone), alternating, several rounds, in one run.
 
     run.py [--smoke] [--rounds N] [--only small_get,big_list,...] [--no-peer] [--out bench/results]
 
@@ -74,6 +75,13 @@ def token_kubeconfig(admin_kubeconfig: Path, token_file: Path, path: Path) -> Pa
 
 
 SERVICES = ("relay", "agent", "aadproxy", "proxy")
+GATEWAY_SERVICES = ("relay", "agent", "aadproxy", "gateway")
+
+
+def gateway_endpoint(chain: Chain, token: str) -> Endpoint:
+    """The gateway on 127.0.0.1, the cluster named by SNI (as tls-server-name makes kubectl send it)."""
+    return Endpoint("gateway", "127.0.0.1", chain.gateway_port, chain.gateway_ca.read_text(), token,
+                    server_name=f"{chain.cluster}.{chain.cluster_domain}")
 
 
 def peer_endpoint(direct: Endpoint, frontend: Path) -> Endpoint:
@@ -100,6 +108,8 @@ def bench_setup(sizes: Sizes, peer: bool = True) -> Iterator[tuple[Context, Chai
         chain = Chain(work / "chain", endpoint_only(admin, work / "endpoint.kubeconfig"))
         tunnel_kubeconfig = work / "tunnel.kubeconfig"
         chain.start_all(token_file, tunnel_kubeconfig)
+        chain.start_gateway()
+        gateway_kubeconfig = chain.gateway_kubeconfig(work / "gateway.kubeconfig", token_file=token_file)
         with ExitStack() as stack:
             direct = direct_endpoint(admin, token)
             peer_tunnel = stack.enter_context(konnectivity(chain, work / "konnectivity")) if peer else None
@@ -108,10 +118,12 @@ def bench_setup(sizes: Sizes, peer: bool = True) -> Iterator[tuple[Context, Chai
                 tunnel=tunnel_endpoint(tunnel_kubeconfig, token, chain.state_dir / "proxy-state"),
                 admin_kubeconfig=admin,
                 kubeconfigs={"direct": token_kubeconfig(admin, token_file, work / "direct.kubeconfig"),
-                             "tunnel": tunnel_kubeconfig},
+                             "tunnel": tunnel_kubeconfig, "gateway": gateway_kubeconfig},
                 namespace=ns, sizes=sizes, work_dir=work,
                 pids={name: chain.processes[name].popen.pid for name in SERVICES},
-                logs={name: chain.processes[name].log for name in SERVICES},
+                logs={name: chain.processes[name].log for name in {*SERVICES, *GATEWAY_SERVICES}},
+                gateway=gateway_endpoint(chain, token),
+                gateway_pids={name: chain.processes[name].popen.pid for name in GATEWAY_SERVICES},
                 apiserver_pid=process_in_group(devcluster.pid, "kube-apiserver"),
                 peer=peer_endpoint(direct, peer_tunnel.socket) if peer_tunnel else None,
                 peer_pids={"server": peer_tunnel.server.popen.pid, "agent": peer_tunnel.agent.popen.pid}

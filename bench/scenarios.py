@@ -57,13 +57,16 @@ class Context:
     apiserver_pid: int | None = None  # the devcluster's kube-apiserver, for its CPU time
     peer: Endpoint | None = None  # Konnectivity, the peer measured beside us (bench/konnectivity.py)
     peer_pids: dict[str, int] = field(default_factory=dict)  # its server and agent
+    gateway: Endpoint | None = None  # the same tunnel entered through clusterconnect-gateway (no client proxy)
+    gateway_pids: dict[str, int] = field(default_factory=dict)  # relay, agent, aadproxy and gateway
 
     def endpoints(self) -> list[Endpoint]:
-        return [self.direct, self.tunnel, *([self.peer] if self.peer else [])]
+        return [e for e in (self.direct, self.tunnel, self.gateway, self.peer) if e is not None]
 
     def pids_of(self, endpoint: Endpoint) -> dict[str, int]:
         """The processes of ``endpoint``'s tunnel (none for direct access)."""
-        return {"tunnel": self.pids, "konnectivity": self.peer_pids}.get(endpoint.name, {})
+        by_name = {"tunnel": self.pids, "gateway": self.gateway_pids, "konnectivity": self.peer_pids}
+        return by_name.get(endpoint.name, {})
 
 
 def kubectl(kubeconfig: Path, *args: str, input: str | None = None, timeout: float = 600) -> str:
@@ -202,7 +205,7 @@ def dial(ctx: Context, endpoint: Endpoint) -> dict:
     for _ in range(ctx.sizes.dials):
         start = time.perf_counter()
         with endpoint.open_socket() as raw:
-            with context.wrap_socket(raw, server_hostname=endpoint.host) as tls:
+            with context.wrap_socket(raw, server_hostname=endpoint.tls_name) as tls:
                 tls.sendall(request)
                 tls.recv(1)
                 samples.append(time.perf_counter() - start)
@@ -216,7 +219,7 @@ def dial(ctx: Context, endpoint: Endpoint) -> dict:
 async def _watch(endpoint: Endpoint, context: ssl.SSLContext, path: str, latencies: list[float],
                  established: asyncio.Event, counter: list[int], total: int, done: asyncio.Event) -> None:
     sock = await asyncio.to_thread(endpoint.open_socket)
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname=endpoint.host)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=context, server_hostname=endpoint.tls_name)
     conn = h11.Connection(h11.CLIENT)
     writer.write(conn.send(h11.Request(method="GET", target=path, headers=[
         ("Host", endpoint.host), ("Authorization", f"Bearer {endpoint.token}"), ("Accept", "application/json")])))
@@ -308,10 +311,10 @@ async def _watches(ctx: Context, endpoint: Endpoint) -> dict:
 
 def watches(ctx: Context, endpoint: Endpoint) -> dict:
     result = asyncio.run(_watches(ctx, endpoint))
-    if endpoint.name == "tunnel":
+    if endpoint.name in ("tunnel", "gateway"):
         # The next round measures its own 1,000 watches, not these too: a client that hung up leaves
         # its response up to the auth proxy's EOF grace (10 s) before the tunnel lets go.
-        wait_drained(ctx, 60)
+        wait_drained(ctx, 60, ctx.pids_of(endpoint))
     return result
 
 
@@ -323,11 +326,12 @@ def open_connections(log: Path, pid: int) -> int | None:
         return None
 
 
-def wait_drained(ctx: Context, timeout: float) -> None:
-    """Until no tunnel process has an open connection (or the timeout: then say so)."""
+def wait_drained(ctx: Context, timeout: float, pids: dict[str, int] | None = None) -> None:
+    """Until no tunnel process (of ``pids``, default the client proxy's path) has an open connection (or
+    the timeout: then say so)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        counts = {name: open_connections(ctx.logs[name], pid) for name, pid in ctx.pids.items()}
+        counts = {name: open_connections(ctx.logs[name], pid) for name, pid in (pids or ctx.pids).items()}
         if all(count == 0 for count in counts.values()):
             return
         time.sleep(0.5)  # polling the services' gauges
@@ -365,7 +369,7 @@ def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
     for _ in range(ctx.sizes.stalled_readers):
         raw = endpoint.open_socket()
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tls = context.wrap_socket(raw, server_hostname=endpoint.host)
+        tls = context.wrap_socket(raw, server_hostname=endpoint.tls_name)
         tls.sendall(request)  # the initial list of big objects fills every buffer; nobody reads it
         stalled.append(tls)
     try:

@@ -1,5 +1,5 @@
-"""clusterconnect: reach a cluster through the relay (`proxy`), log in (`login`, `token`) and administer the relay
-(`clusters`, `users`, `keys`)."""
+"""clusterconnect: reach a cluster through the relay (`proxy`) or a gateway (`kubeconfig`), log in (`login`,
+`token`), administer the relay (`clusters`, `users`, `keys`) and onboard a cluster (`connect`, `disconnect`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from clusterconnect import cliargs, service
+from clusterconnect.cli import connect as connect_cli
 from clusterconnect.cli import identity as identity_cli
+from clusterconnect.cli import kubeconfig_command
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     remove.add_argument("name")
     _admin_flags(remove)
     identity_cli.add_parsers(commands, actions, _admin_flags, _state_dir())
+    kubeconfig_command.add_parser(commands, _state_dir())
+    connect_cli.add_parsers(commands, _admin_flags)
     return parser.parse_args(argv)
 
 
@@ -172,7 +176,7 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
 
 
 def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
-    table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", box=None, header_style="bold")
+    table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", "REPLICA", box=None, header_style="bold")
     now = time.time()
     for cluster in clusters:
         status = "Connected" if cluster.connected else "Disconnected"
@@ -180,7 +184,8 @@ def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
             seen = "now"
         else:
             seen = ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never"
-        table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-")
+        table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-",
+                      cluster.replica or "-")
     Console(width=120).print(table)
 
 
@@ -189,8 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "proxy":
             proxy_command(args)
+        elif args.command == "kubeconfig":
+            kubeconfig_command.kubeconfig_command(args)
         elif identity_cli.handles(args):
             identity_cli.run(args)
+        elif connect_cli.handles(args):
+            connect_cli.run(args)
         else:
             clusters_command(args)
     except ClusterConnectError as exc:

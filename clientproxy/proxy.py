@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h11
 
 from clusterconnect import health
 from clusterconnect.clientproxy import kubeconfig
@@ -113,7 +114,8 @@ async def _wait_until_reachable(port: int, tls: LocalTls, settings: ProxySetting
             result = await probe(port, tls.client_context(), await target.current_token())
         except LoginError as exc:
             raise StartupError(str(exc)) from None
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError, h11.ProtocolError) as exc:
+            # h11: the connection closed before a whole response (e.g. the cluster's auth proxy still starting)
             reason = f"probe failed: {exc}"
         else:
             if result.status == 401:

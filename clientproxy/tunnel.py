@@ -13,12 +13,11 @@ import grpc
 from opentelemetry import trace
 
 from clusterconnect import metadata as md
-from clusterconnect.clientproxy.errors import describe_rpc_error, dial_refusal, error_response, is_discovery_request
 from clusterconnect.clientproxy.request_head import FirstRequestHead, RequestHeadTimeout, request_timeout_response
 from clusterconnect.credentials import CachedTokenSource, LoginError
+from clusterconnect.dial_refusals import DIAL_TIMEOUT, DIAL_TIMEOUT_CONNECTED, Refused, refuse, wait_open
 from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
-from clusterconnect.metadata import DialRefusal
 from clusterconnect.socket_stream import SocketStream
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
 from clusterconnect.tracing import start_connection_span
@@ -29,13 +28,6 @@ log = get_logger(__name__)
 # A Dial stream (the generated stubs are unannotated: bytes chunks of tunnel_pb2.Chunk either way).
 Call = grpc.aio.StreamStreamCall[Any, Any]
 
-# How long a Dial may take to open. With the relay connected, the relay itself answers within its
-# Accept timeout (a burst of new connections may keep the agent busy for a while); without a
-# connection to the relay, a relay that does not answer must become an error quickly.
-DIAL_TIMEOUT_CONNECTED = 6.0
-DIAL_TIMEOUT = 1.8
-# After an error response, how long kubectl may take to read it and hang up.
-LINGER = 1.0
 # A client that has not finished its TLS handshake by then is dropped (and so is its early Dial).
 HANDSHAKE_TIMEOUT = 10.0
 # A client that has not sent the head of its first request by then, counted from the end of its
@@ -183,15 +175,30 @@ class ConnectionHandler:
             try:
                 call = self._dial(await self.target.current_token(), accepted.traceparent)
             except LoginError as exc:
-                await self._refuse(downstream, grpc.StatusCode.UNAUTHENTICATED, f"clusterconnect proxy: {exc}")
+                refused = Refused(grpc.StatusCode.UNAUTHENTICATED, f"clusterconnect proxy: {exc}")
+                await self._refuse(downstream, refused)
                 await downstream.close()
                 return
         try:
             # (The request could go out before the relay says "open", but a write racing the relay's
             # refusal turns grpc's status into INTERNAL and the user would not learn why.)
-            failure = await self._opened(call, accepted.connected)
+            timeout = DIAL_TIMEOUT_CONNECTED if accepted.connected else DIAL_TIMEOUT
+            failure = await wait_open(call, timeout, self.target.relay)
+            if failure is not None and failure.transport_failure:
+                # The relay (a replica that is stopping, its connection just closed) never took this
+                # Dial up; nothing of kubectl's went out, so a second Dial on the channel, which is
+                # reconnecting (through a balancer: to another replica), is safe. Once only.
+                log.info("dial retried", reason=failure.message)
+                call.cancel()
+                try:
+                    call = self._dial(await self.target.current_token(), accepted.traceparent)
+                except LoginError as exc:
+                    await self._refuse(downstream, Refused(grpc.StatusCode.UNAUTHENTICATED,
+                                                           f"clusterconnect proxy: {exc}"))
+                    return
+                failure = await wait_open(call, DIAL_TIMEOUT, self.target.relay)
             if failure is not None:
-                await self._refuse(downstream, *failure)
+                await self._refuse(downstream, failure)
                 return
             upstream = GrpcClientStream(call)
             await splice(client, upstream)
@@ -209,37 +216,12 @@ class ConnectionHandler:
             call.cancel()
             await downstream.close()
 
-    async def _opened(
-        self, call: Call, connected: bool
-    ) -> tuple[grpc.StatusCode | None, str, DialRefusal | None] | None:
-        """None once the relay says the path is open, else (code, one-line message, the relay's reason)."""
-        timeout = DIAL_TIMEOUT_CONNECTED if connected else DIAL_TIMEOUT
-        try:
-            initial = await asyncio.wait_for(call.initial_metadata(), timeout)
-        except TimeoutError:
-            return (grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"relay {self.target.relay} did not answer within {timeout:g}s", None)
-        if any(key == md.OPEN for key, _ in initial or ()):
-            return None
-        code = await call.code()
-        reason = dial_refusal(await call.trailing_metadata())
-        return code, describe_rpc_error(code, await call.details() or "", self.target.relay, reason), reason
-
     @staticmethod
-    async def _refuse(downstream: SocketStream, code: grpc.StatusCode | None, message: str,
-                      reason: DialRefusal | None = None) -> None:
-        log.info("connection refused", reason=message)
-        try:
-            head = b""
-            try:  # the request line only decides how the error is shaped (see errors.py)
-                async with asyncio.timeout(0.2):
-                    head = await downstream.receive()
-            except TimeoutError:
-                pass
-            await downstream.send(error_response(code, message, plain=is_discovery_request(head), reason=reason))
-            # Let kubectl read the answer and hang up first, so it sees the response, not a reset.
-            async with asyncio.timeout(LINGER):
-                while await downstream.receive():
-                    pass
-        except (PeerGone, TimeoutError):
+    async def _refuse(downstream: SocketStream, refused: Refused) -> None:
+        head = b""
+        try:  # the request line only decides how the error is shaped (see dial_refusals.py)
+            async with asyncio.timeout(0.2):
+                head = await downstream.receive()
+        except (TimeoutError, PeerGone):
             pass
+        await refuse(downstream, refused, head)

@@ -191,7 +191,7 @@ async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing
             "Accept": grpc.stream_stream_rpc_method_handler(tunnel.Accept),
         }),
     ))
-    registry = Registry(clusters, sessions, admin, agents)
+    registry = Registry(clusters, sessions, admin, agents, tunnel.holder)
     tunnel_pb2_grpc.add_RegistryServicer_to_server(registry, server)
     try:
         port = server.add_secure_port(args.listen, credentials)

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from chain import LOG_SUFFIX, STDOUT_SUFFIX
 
-# Process names as Chain.spawn and the tests give them: relay, aadproxy, agent[-X], proxy[-X].
-SERVICE = re.compile(r"^(relay|aadproxy|agent|proxy)(-[\w.-]+)?$")
+# Process names as Chain.spawn and the tests give them: relay, aadproxy, agent[-X], proxy[-X], gateway[-X].
+SERVICE = re.compile(r"^(relay|aadproxy|agent|proxy|gateway)(-[\w.-]+)?$")
 SIMULATED_AGENTS = re.compile(r"^sim-\d+$")
 
 # A JWT (header.payload.signature, base64url, header starting with '{"'), a bearer value that is not

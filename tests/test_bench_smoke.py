@@ -29,10 +29,17 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factor
     for name in ("small_get", "big_list", "dial", "watches", "head_of_line"):
         assert scenarios[name]["konnectivity"], name
     assert "konnectivity" not in scenarios["port_forward"]
+    # The gateway (kubectl's kubeconfig alone, no client proxy) beside the client proxy in every scenario,
+    # kubectl's port-forward included; each watch through it saw its events.
+    for name in ("small_get", "big_list", "port_forward", "dial", "watches", "head_of_line"):
+        assert scenarios[name]["gateway"], name
+    for watched in scenarios["watches"]["gateway"]:
+        assert len(watched["latencies"]) == watched["expected"], watched
     [table] = tmp_path.glob("*.md")
     text = table.read_text()
-    assert "| scenario | metric | direct | tunnel | Konnectivity |" in text
-    assert "| small GET | p50 latency (ms) |" in text
+    assert "| scenario | metric | direct | tunnel | gateway | Konnectivity |" in text
+    small_get = next(line for line in text.splitlines() if line.startswith("| small GET | p50 latency (ms) |"))
+    assert small_get.split(" | ")[4].strip(), small_get  # the gateway's figure
     assert list(tmp_path.glob("*.png"))
 
 

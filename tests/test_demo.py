@@ -1,6 +1,8 @@
-"""`make demo` end to end: deploy/local/demo.py up starts its own devcluster and the chain, shows kubectl
-run as a built-in user through impersonation (STATE/kubeconfig) and as a ServiceAccount passed through
-(STATE/kubeconfig-sa); `down` leaves no process. The apiserver's audit log judges who each request was."""
+"""`make demo` end to end: deploy/local/demo.py up starts its own devcluster and a relay, onboards the
+devcluster with `clusterconnect connect` (agent and auth proxy as pods of the chart), shows kubectl run as a
+built-in user through impersonation (STATE/kubeconfig) and as a ServiceAccount passed through
+(STATE/kubeconfig-sa); `down` leaves no process, the pods' included. The apiserver's audit log judges who
+each request was."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from devcluster.fixture import DevCluster
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "deploy" / "local" / "demo.py"
 NAMESPACE = "clusterconnect-demo"
-AUTHPROXY_SA = f"system:serviceaccount:{NAMESPACE}:aadproxy"
+# the auth proxy of the chart `clusterconnect connect demo` installed (release and namespace clusterconnect)
+AUTHPROXY_SA = "system:serviceaccount:clusterconnect:clusterconnect-aadproxy"
 DEMO_SA = f"system:serviceaccount:{NAMESPACE}:demo-sa"
 
 pytestmark = pytest.mark.devcluster
@@ -55,18 +58,27 @@ def assert_endpoints(state: Path) -> None:
 
 
 def processes_of(state: Path) -> list[str]:
-    """Command lines of live processes that name the demo's state directory (every process of the demo does)."""
+    """Live processes of the demo: their command line names its state directory, or (the pods' processes)
+    their working directory is in it."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if str(state) in cmdline:
+        if str(state) in cmdline or cwd.startswith(str(state) + "/"):
             found.append(f"{entry}: {cmdline}")
     return found
+
+
+def chart_pods(cluster: DevCluster, namespace: str) -> dict[str, str]:
+    """component -> phase of the agent chart's pods in ``namespace``."""
+    items = cluster.get_json("pods", "-n", namespace)["items"]
+    return {p["metadata"]["labels"].get("app.kubernetes.io/component", "?"): p["status"].get("phase", "")
+            for p in items}
 
 
 def test_demo_runs_kubectl_as_the_builtin_user_and_as_the_service_account_and_down_leaves_no_process(
@@ -81,6 +93,10 @@ def test_demo_runs_kubectl_as_the_builtin_user_and_as_the_service_account_and_do
                         "--code - --state-dir", "clusterconnect clusters grant demo --group demo-viewers"):
             assert command in out, out
         assert "<one-time login code>" in out
+        # onboarded with `clusterconnect connect`: agent and auth proxy are pods the chart installed
+        for cluster_name in ("demo", "demo-sa"):
+            assert f"clusterconnect connect {cluster_name} --kubeconfig" in out, out
+            assert f"cluster {cluster_name} connected in" in out, out
         assert "Username    demo-user" in out and DEMO_SA in out, out
 
         user_kubeconfig, sa_kubeconfig = state / "kubeconfig", state / "kubeconfig-sa"
@@ -90,6 +106,11 @@ def test_demo_runs_kubectl_as_the_builtin_user_and_as_the_service_account_and_do
         assert whoami_sa.stdout == DEMO_SA, whoami_sa.stderr
 
         cluster = DevCluster(state / "devcluster")
+        for namespace in ("clusterconnect", "clusterconnect-sa"):
+            assert chart_pods(cluster, namespace) == {"agent": "Running", "auth-proxy": "Running"}
+        pod_processes = [p for p in processes_of(state)
+                         if "clusterconnect-agent" in p or "clusterconnect-aadproxy" in p]
+        assert len(pod_processes) >= 4, processes_of(state)
         canary = uuid.uuid4().hex
         assert kubectl(user_kubeconfig, "get", "pods", "-n", NAMESPACE, "-l", f"canary={canary}").returncode == 0
         event = audited_list(cluster, canary)

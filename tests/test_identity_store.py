@@ -262,9 +262,9 @@ def test_with_etcd_unreachable_writes_are_answered_unavailable_in_one_line(tmp_p
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
 
     async def main() -> None:
-        clusters = ClusterStore(tmp_path / "clusters.db")
-        clusters.add("dev")
-        keys_store = await Store.open(SqliteKV(tmp_path / "relay.db"))  # the issuer's keys are not the point
+        keys_store = await Store.open(SqliteKV(tmp_path / "relay.db"))  # the cluster and keys are not the point
+        clusters = await ClusterStore.open(keys_store)
+        await clusters.add("dev")
         keys = await SigningKeys.open(keys_store, SealingKey.load_or_create(tmp_path / "sealing.key"), max_age=0)
         issuer = Issuer(URL, URL, keys, 60)
         store = await Store.open(EtcdKV(Etcd(parse_endpoints(dead), None, call_timeout=0.5)))

@@ -10,7 +10,7 @@ import pytest
 
 from clusterconnect import errors
 from clusterconnect import metadata as md
-from clusterconnect.clientproxy.errors import describe_rpc_error, dial_refusal, error_response
+from clusterconnect.dial_refusals import describe_rpc_error, dial_refusal, error_response
 from clusterconnect.metadata import DialRefusal
 from clusterconnect.relay.agent_identity.pki import CsrInvalid, CsrRefused
 from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, InvalidName

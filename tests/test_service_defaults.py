@@ -2,7 +2,8 @@
 
 The relay: users on 8443, agents on 8444, the built-in issuer on 8445 (the issuer's default used to be the
 listen port + 1, the agents' port, and the relay exited at once). The auth proxy on 127.0.0.1:8080, where
-the agent looks for it by default (it used to require --listen); the client proxy on 127.0.0.1:47011.
+the agent looks for it by default (it used to require --listen); the client proxy on 127.0.0.1:47011; the
+gateway on 8447 (8446 is the relay's --peer-listen).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from chain import Chain, log_event, port_open, script, wait_until
 from kube import kubectl
 
 from clusterconnect.metrics import sample
+from clusterconnect.pki import ensure_ca_and_server_cert
 
 RELAY_PORTS = (8443, 8444, 8445)  # users, agents, built-in issuer
 AUTHPROXY_PORT = 8080
 CLIENT_PROXY_PORT = 47011
 # /metrics, /healthz and /readyz on loopback (the client proxy has none unless asked).
 METRICS_PORTS = {"relay": 9443, "agent": 9444, "aadproxy": 9445}
+GATEWAY_PORT = 8447
 
 
 def _free(port: int) -> bool:
@@ -62,9 +65,9 @@ def test_relay_starts_with_defaults_on_distinct_ports(tmp_path):
 
 
 def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoint_kubeconfig, admin_sa_token):
-    """Relay, auth proxy, agent and client proxy at once, each with its required flags only (so on its default
-    ports, side by side): kubectl's request goes through all four to the apiserver."""
-    ports = (*RELAY_PORTS, AUTHPROXY_PORT, CLIENT_PROXY_PORT, *METRICS_PORTS.values())
+    """Relay, auth proxy, agent, client proxy and gateway at once, each with its required flags only (so on its
+    default ports, side by side): kubectl's request goes through all of them to the apiserver, by both paths."""
+    ports = (*RELAY_PORTS, AUTHPROXY_PORT, CLIENT_PROXY_PORT, GATEWAY_PORT, *METRICS_PORTS.values())
     assert len(set(ports)) == len(ports)
     taken = [p for p in ports if not _free(p)]
     assert not taken, f"default ports {taken} are taken on this machine: stop what holds them to run this test"
@@ -110,6 +113,21 @@ def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoi
 
         got = kubectl(kubeconfig, "get", "namespace", "clusterconnect-tests", "-o", "name")
         assert got.stdout.strip() == "namespace/clusterconnect-tests"
+
+        gateway_ca, cert, key = ensure_ca_and_server_cert(tmp_path / "gateway-tls", "test CA", ["*.clusters.test"])
+        gateway = chain.spawn("gateway", [script("clusterconnect-gateway"), "--relay", chain.relay_url,
+                                          "--relay-ca", str(chain.relay_ca), "--cluster-domain", "clusters.test",
+                                          "--tls-cert", str(cert), "--tls-key", str(key)])
+        serving = wait_until(lambda: log_event(gateway.log, "serving"), 30, "gateway to serve", gateway)
+        assert serving["address"] == f"0.0.0.0:{GATEWAY_PORT}"
+        through_gateway = tmp_path / "gateway.kubeconfig"
+        written = subprocess.run([script("clusterconnect"), "kubeconfig", chain.cluster, "--gateway",
+                                  f"https://127.0.0.1:{GATEWAY_PORT}", "--cluster-domain", "clusters.test",
+                                  "--gateway-ca", str(gateway_ca), "--token-file", str(admin_sa_token),
+                                  "--kubeconfig-out", str(through_gateway)], capture_output=True, text=True, timeout=30)
+        assert written.returncode == 0, written.stderr
+        got = kubectl(through_gateway, "get", "namespace", "clusterconnect-tests", "-o", "name")
+        assert got.stdout.strip() == "namespace/clusterconnect-tests"
         for process in chain.processes.values():
             assert process.alive(), f"{process.name} exited:\n{process.tail()}"
         # Each metrics port serves on its default, the request above counted at each hop.
@@ -144,6 +162,7 @@ def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoi
     (["clusterconnect-relay", "serve"], "--metrics-listen", "127.0.0.1:9443"),
     (["clusterconnect-agent"], "--metrics-listen", "127.0.0.1:9444"),
     (["clusterconnect-aadproxy"], "--metrics-listen", "127.0.0.1:9445"),
+    (["clusterconnect-gateway"], "--listen", f"0.0.0.0:{GATEWAY_PORT}"),
 ])
 def test_help_names_the_default(argv, flag, default):
     """An operator learns each default port from --help, not from the source."""

@@ -1,7 +1,9 @@
-"""kubectl through the whole tunnel: client proxy -> relay -> agent -> auth proxy -> kube-apiserver.
+"""kubectl through the whole tunnel: client proxy -> relay -> agent -> auth proxy -> kube-apiserver, and the
+same with kubectl's kubeconfig alone: gateway -> relay -> ... (`clusterconnect kubeconfig`, no local process).
 
 Real processes from the console scripts, the real kubectl, the devcluster. Every test runs once per
-caller identity, each with a chain of its own (stopped before the next identity's starts):
+caller identity, each with a chain of its own (stopped before the next identity's starts), and in each
+chain once per path (``client-proxy``, ``gateway``):
 
 - ``serviceaccount``: a ServiceAccount token (cluster-admin) in the proxy's kubeconfig; the relay's
   access list is empty and the auth proxy passes the token through to the apiserver.
@@ -22,6 +24,7 @@ import json
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,16 +82,23 @@ IDENTITIES = [
 ]
 
 
+PATHS = ["client-proxy", "gateway"]
+
+
 @pytest.fixture(scope="module", params=IDENTITIES, ids=[i.id for i in IDENTITIES])
-def tunnel(request, devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_factory):
-    """A chain of its own for one caller identity; yields the kubeconfig kubectl uses through it."""
+def chains(request, devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp_path_factory):
+    """A chain of its own for one caller identity, with a client proxy and a gateway; yields the kubeconfig
+    kubectl uses through each (path -> kubeconfig)."""
     identity: Identity = request.param
     devcluster.create_namespace(NS)
     state = tmp_path_factory.mktemp(f"tunnel-{identity.id}")
     kubeconfig = state / "kubeconfig"
+    through_gateway = state / "gateway.kubeconfig"
     if identity.id == "serviceaccount":
-        with Chain(state, cluster_endpoint_kubeconfig).running(admin_sa_token, kubeconfig):
-            yield kubeconfig
+        with Chain(state, cluster_endpoint_kubeconfig).running(admin_sa_token, kubeconfig) as chain:
+            chain.start_gateway()
+            chain.gateway_kubeconfig(through_gateway, token_file=admin_sa_token)
+            yield {"client-proxy": kubeconfig, "gateway": through_gateway}
         return
 
     grant_role(devcluster, NS, "tunnel-e2e-user", ALICE_RULES, "tunnel-e2e-user", groups=["dev", "oidc:dev"])
@@ -120,15 +130,29 @@ def tunnel(request, devcluster, admin_sa_token, cluster_endpoint_kubeconfig, tmp
         chain.start_authproxy()
         chain.start_agent()
         chain.start_proxy(None, kubeconfig, login=login, state_dir=user_state)
-        user = yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]
-        assert set(user) == {"exec"}, f"the kubeconfig should use the exec credential plugin: {user}"
-        yield kubeconfig
+        chain.start_gateway()
+        chain.gateway_kubeconfig(through_gateway, login=login, state_dir=user_state)
+        for path in (kubeconfig, through_gateway):
+            user = yaml.safe_load(path.read_text())["users"][0]["user"]
+            assert set(user) == {"exec"}, f"the kubeconfig should use the exec credential plugin: {user}"
+        yield {"client-proxy": kubeconfig, "gateway": through_gateway}
     finally:
         chain.stop_all()
 
 
+@pytest.fixture(params=PATHS)
+def tunnel(request, chains) -> Path:
+    """The kubeconfig of one path through this identity's chain."""
+    return chains[request.param]
+
+
 @pytest.fixture
-def identity(request, tunnel) -> Identity:
+def identity(request, chains) -> Identity:
+    return request.node.callspec.params["chains"]
+
+
+@pytest.fixture
+def path(request, tunnel) -> str:
     return request.node.callspec.params["tunnel"]
 
 
@@ -177,7 +201,7 @@ def test_logs_follow_streams_lines_as_written(tunnel, devcluster):
 
 
 @pytest.fixture(scope="module")
-def shell(tunnel, devcluster):
+def shell(chains, devcluster):
     shell_pod(devcluster.kubeconfig, "shell", NS)
     return "shell"
 
@@ -197,16 +221,16 @@ def test_exec_tty(tunnel, shell):
 
 
 @pytest.mark.parametrize("websockets", [True, False], ids=["websocket", "spdy"])
-def test_port_forward_each_way(tunnel, identity, devcluster, websockets):
+def test_port_forward_each_way(tunnel, identity, path, devcluster, websockets):
     """100 MiB each way as the ServiceAccount, 20 MiB as alice."""
     port = free_port()
-    name = f"echo-{'ws' if websockets else 'spdy'}-{identity.id}"
+    name = f"echo-{'ws' if websockets else 'spdy'}-{identity.id}-{path}"
     echo_pod(devcluster.kubeconfig, name, NS, port)
     forward, local = port_forward(tunnel, NS, name, port, websockets)
     try:
         sent, received, seconds = echo_roundtrip(local, identity.port_forward_bytes)
         assert sent == received
-        print(f"port-forward {'websocket' if websockets else 'spdy'} as {identity.id}: "
+        print(f"port-forward {'websocket' if websockets else 'spdy'} as {identity.id} through {path}: "
               f"{identity.port_forward_bytes // MiB} MiB each way in {seconds:.1f}s")
     finally:
         stop(forward)

@@ -17,7 +17,7 @@ import yaml
 
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.clientproxy import kubeconfig
-from clusterconnect.clientproxy.errors import describe_rpc_error, error_response
+from clusterconnect.dial_refusals import describe_rpc_error, error_response
 from clusterconnect.grpc_options import bearer_from_metadata, grpc_target
 from clusterconnect.humanize import ago
 from clusterconnect.pki import KeyPair, ca_hash, create_ca, ensure_ca_and_server_cert

@@ -1,4 +1,5 @@
-"""Start the whole clusterconnect chain on this machine: relay, auth proxy, agent, client proxy.
+"""Start the whole clusterconnect chain on this machine: relay, auth proxy, agent, client proxy (and the
+gateway, for kubeconfig-only access).
 
 Used by `make demo`, by the end-to-end tests and by the benchmarks, so all three run the real
 console scripts the same way. Each process logs to STATE_DIR/logs/<name>.log; every wait has a
@@ -43,6 +44,15 @@ def free_port() -> int:
 def script(name: str) -> str:
     path = BIN / name
     return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+METRICS_SCRIPTS = ("clusterconnect-relay", "clusterconnect-agent", "clusterconnect-aadproxy")
+
+
+def has_metrics_port(argv: list[str]) -> bool:
+    """Whether ``argv`` starts one of the services with --metrics-listen (relay, agent, auth proxy, client proxy)."""
+    program = Path(argv[0]).name if argv else ""
+    return program in METRICS_SCRIPTS or (program == "clusterconnect" and argv[1:2] == ["proxy"])
 
 
 @dataclass
@@ -157,6 +167,8 @@ class Chain:
     issuer_port: int = 0  # the relay's built-in issuer (HTTPS discovery + JWKS)
     agent_port: int = 0  # the relay's agent endpoint (mutual TLS)
     joins: dict[str, dict] = field(default_factory=dict)  # cluster -> `clusters add --json` output
+    gateway_port: int = 0
+    cluster_domain: str = "clusters.test"  # the gateway serves CLUSTER.clusters.test (SNI)
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -183,10 +195,13 @@ class Chain:
         return self.relay_data / "admin.credential"
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stdout: int | None = None, metrics: bool = True) -> Process:
-        """Start a service; with ``metrics``, its metrics port on a free port (no two services of the
-        chain, or two chains, meet on the built-in defaults)."""
+              stdout: int | None = None, metrics: bool | None = None) -> Process:
+        """Start a process; with ``metrics`` (default: when it is one of the four services that have
+        --metrics-listen), its metrics port on a free port (no two services of the chain, or two chains,
+        meet on the built-in defaults)."""
         log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
+        if metrics is None:
+            metrics = has_metrics_port(argv)
         metrics_port = free_port() if metrics else 0
         if metrics_port:
             argv = [*argv, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
@@ -290,6 +305,49 @@ class Chain:
         ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", process)
         return process, ready
 
+    @property
+    def gateway_url(self) -> str:
+        return f"https://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def gateway_ca(self) -> Path:
+        return self.state_dir / "gateway" / "ca.crt"
+
+    def start_gateway(self, name: str = "gateway", port: int | None = None) -> Process:
+        """`clusterconnect-gateway` in front of this relay, with a certificate for *.CLUSTER_DOMAIN from a
+        CA of its own (STATE_DIR/gateway/ca.crt; every gateway of the chain shares it). ``port``: one of
+        several gateways (behind a balancer); by default the chain's ``gateway_port``."""
+        from clusterconnect.pki import ensure_ca_and_server_cert
+
+        _, cert, key = ensure_ca_and_server_cert(self.state_dir / "gateway", "clusterconnect test gateway CA",
+                                                 [f"*.{self.cluster_domain}"])
+        if port is None:
+            self.gateway_port = port = self.gateway_port or free_port()
+        log = self.state_dir / "logs" / f"{name}.log"
+        offset = log.stat().st_size if log.exists() else 0
+        process = self.spawn(name, [
+            script("clusterconnect-gateway"), "--listen", f"127.0.0.1:{port}",
+            "--relay", self.relay_url, "--relay-ca", str(self.relay_ca), "--cluster-domain", self.cluster_domain,
+            "--tls-cert", str(cert), "--tls-key", str(key), "--log-level", self.log_level,
+        ])
+        wait_until(lambda: _logged_since(log, offset, "serving"), 20, "gateway to serve", process)
+        return process
+
+    def gateway_kubeconfig(self, path: Path, token_file: Path | None = None, login: str | None = None,
+                           state_dir: Path | None = None, cluster: str | None = None) -> Path:
+        """`clusterconnect kubeconfig CLUSTER --gateway ...` into ``path``: a token file, else the login
+        (``login``, else the only one in ``state_dir``) through the exec plugin."""
+        credential = ["--token-file", str(token_file)] if token_file is not None else \
+            (["--login", login] if login else [])
+        written = subprocess.run([
+            script("clusterconnect"), "kubeconfig", cluster or self.cluster, "--gateway", self.gateway_url,
+            "--cluster-domain", self.cluster_domain, "--gateway-ca", str(self.gateway_ca), *credential,
+            "--state-dir", str(state_dir or self.state_dir / "proxy-state"), "--kubeconfig-out", str(path),
+        ], capture_output=True, text=True, timeout=30)
+        if written.returncode != 0:
+            raise StartFailed(f"clusterconnect kubeconfig failed: {written.stderr.strip()}")
+        return path
+
     def start_all(self, token_file: Path, kubeconfig: Path) -> str:
         self.start_relay()
         self.add_cluster()
@@ -346,9 +404,11 @@ def start_devcluster(state_dir: Path, out: Path, timeout: float = 600) -> tuple[
     """Start tests/devcluster/run in its own process group; returns it and the admin kubeconfig once ready."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as handle:
+        # The node's containers inherit its PATH: this venv's console scripts first (chart pods run them).
+        env = {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", os.defpath)])}
         process = subprocess.Popen([str(ROOT / "tests/devcluster/run"), "--state-dir", str(state_dir)],
                                    stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, env=env)
 
     def ready() -> Path | None:
         line = _line_starting(out, "ready ")

@@ -1,14 +1,16 @@
 """`make demo`: the whole chain on this machine, on the built-in defaults, in the background.
 
-    demo.py up --state-dir .demo     devcluster, relay, auth proxy, agents, client proxies; kubectl through them
-    demo.py down --state-dir .demo   stop all of it
+    demo.py up --state-dir .demo     devcluster, relay, the agent chart via `clusterconnect connect`, client proxies
+    demo.py down --state-dir .demo   stop all of it (the devcluster's end takes its pods' processes along)
 
-The main path (STATE/kubeconfig): a built-in user of the relay logs in with a one-time code; the auth
-proxy, in OIDC mode trusting the relay's built-in issuer, verifies the user's token and impersonates
-them, so the cluster's RBAC decides for `demo-user`. The ServiceAccount path (STATE/kubeconfig-sa):
-a ServiceAccount token that the same auth proxy passes through untouched. The relay admits a
-ServiceAccount token only to a cluster without an access list, so that path uses a second cluster
-name, `demo-sa`, with its own agent in front of the same auth proxy; `demo` has an access list.
+The main path (STATE/kubeconfig): `clusterconnect connect demo` registers the devcluster at the relay and
+installs the clusterconnect-agent chart into it, so the agent and the auth proxy run as pods; the auth
+proxy, in OIDC mode trusting the relay's built-in issuer, verifies a built-in user's token (the user logs
+in with a one-time code) and impersonates them, so the cluster's RBAC decides for `demo-user`. The
+ServiceAccount path (STATE/kubeconfig-sa): a ServiceAccount token that an auth proxy passes through
+untouched. The relay admits a ServiceAccount token only to a cluster without an access list, so that path
+uses a second cluster name, `demo-sa`, connected the same way (its own release, in its own namespace);
+`demo` has an access list.
 """
 
 from __future__ import annotations
@@ -25,16 +27,20 @@ import time
 from pathlib import Path
 
 import yaml
+from agent_chart import devcluster_values, state_volume
 from authentication import builtin_issuer, write_authentication_config
-from chain import ROOT, Chain, StartFailed, script, start_devcluster, wait_until
+from chain import ROOT, Chain, StartFailed, free_port, script, start_devcluster, wait_until
 
 KUBECTL = "/usr/bin/kubectl"
+HELM = ROOT / "tools/helm/bin/helm"  # `make helm`, which `make demo` runs
 NAMESPACE = "clusterconnect-demo"
 USER_CLUSTER = "demo"  # access-listed: only the built-in user's group may Dial it
 SA_CLUSTER = "demo-sa"  # passthrough: the relay admits any token, here the ServiceAccount's
 USER = "demo-user"
 GROUP = "demo-viewers"
 SERVICE_ACCOUNT = "demo-sa"
+# cluster -> (namespace, release) of its agent chart
+RELEASES = {USER_CLUSTER: ("clusterconnect", "clusterconnect"), SA_CLUSTER: ("clusterconnect-sa", "clusterconnect-sa")}
 
 HELLO_LOOP = "while true; do echo hello from $HOSTNAME; sleep 5; done"
 
@@ -85,27 +91,23 @@ def demo_workload(admin: Path, state: Path) -> Path:
     return write_private(state / f"{SERVICE_ACCOUNT}.token", token)
 
 
-def authproxy_identity(admin: Path, state: Path) -> Path:
-    """The auth proxy's own ServiceAccount in OIDC mode, with exactly the ClusterRole of deploy/k8s/aadproxy.yaml
-    (impersonate + SubjectAccessReviews); returns a kubeconfig for it (server and CA of ``admin``)."""
-    role = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/aadproxy.yaml").read_text())
-                if d and d["kind"] == "ClusterRole")
-    kubectl(admin, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        role,
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "aadproxy", "namespace": NAMESPACE}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "clusterconnect-demo-aadproxy"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
-         "subjects": [{"kind": "ServiceAccount", "name": "aadproxy", "namespace": NAMESPACE}]},
-    ]}))
-    token = kubectl(admin, "create", "token", "aadproxy", "-n", NAMESPACE, "--duration=24h").strip()
-    cluster = yaml.safe_load(admin.read_text())["clusters"][0]
-    return write_private(state / "aadproxy.kubeconfig", yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "clusters": [cluster],
-        "users": [{"name": "aadproxy", "user": {"token": token}}],
-        "contexts": [{"name": "aadproxy", "context": {"cluster": cluster["name"], "user": "aadproxy"}}],
-        "current-context": "aadproxy",
-    }))
+def run_streamed(argv: list[str]) -> None:
+    """Run a command as the user would type it, its output shown as it comes (connect's progress lines)."""
+    print(f"\n$ {shlex.join(argv)}", flush=True)
+    if subprocess.run(argv, timeout=600).returncode != 0:
+        raise SystemExit(f"error: {os.path.basename(argv[0])} {' '.join(argv[1:3])} failed (its error is above)")
+
+
+def connect(chain: Chain, admin: Path, state: Path, cluster: str, authentication_config: Path) -> None:
+    """`clusterconnect connect CLUSTER`, with what the devcluster needs: a hostPath volume for the agent's
+    state claim and one auth proxy on a port of its own (deploy/local/agent_chart.py)."""
+    namespace, release = RELEASES[cluster]
+    kubectl(admin, "apply", "-f", "-", input=json.dumps(state_volume(namespace, release, state / "volumes" / cluster)))
+    values = state / f"{cluster}-devcluster-values.yaml"
+    values.write_text(yaml.safe_dump(devcluster_values(free_port())))
+    run_streamed([script("clusterconnect"), "connect", cluster, "--kubeconfig", str(admin), *admin_flags(chain),
+                  "--namespace", namespace, "--release", release, "--authentication-config", str(authentication_config),
+                  "--values", str(values), "--helm", str(HELM), "--kubectl", KUBECTL])
 
 
 def admin_flags(chain: Chain) -> list[str]:
@@ -138,23 +140,21 @@ def up(state: Path) -> None:
     write_pids(state, devcluster, None)
     sa_token = demo_workload(admin, state)
     authentication_config = state / "authentication.yaml"
-    chain = Chain(state, authproxy_identity(admin, state), cluster=USER_CLUSTER,
-                  authproxy_args=["--authentication-config", str(authentication_config)])
+    chain = Chain(state, Path("/nonexistent"), cluster=USER_CLUSTER)  # the agents and auth proxies are pods
     user_state = state / "user"
     kubeconfig, kubeconfig_sa = state / "kubeconfig", state / "kubeconfig-sa"
     clusterconnect = script("clusterconnect")
-    print("starting the relay, the auth proxy (OIDC mode) and an agent for each of clusters "
-          f"{USER_CLUSTER} and {SA_CLUSTER} ...", flush=True)
+    print("starting the relay ...", flush=True)
     try:
         chain.start_relay()
-        chain.add_cluster(USER_CLUSTER)
-        chain.add_cluster(SA_CLUSTER)
-        # the auth proxy trusts the relay's built-in issuer like any OIDC issuer; ServiceAccount tokens pass through
-        write_authentication_config(authentication_config, builtin_issuer(chain))
-        chain.start_authproxy()
-        chain.start_agent(cluster=USER_CLUSTER)
-        chain.start_agent(name="agent-sa", cluster=SA_CLUSTER)
         write_pids(state, devcluster, chain)
+        # the auth proxies trust the relay's built-in issuer like any OIDC issuer; ServiceAccount tokens pass through
+        write_authentication_config(authentication_config, builtin_issuer(chain))
+        print(f"\nConnecting the devcluster as {USER_CLUSTER} and as {SA_CLUSTER}: each registers it at the relay"
+              " and installs the agent chart (agent + auth proxy pods) with helm:", flush=True)
+        connect(chain, admin, state, USER_CLUSTER, authentication_config)
+        connect(chain, admin, state, SA_CLUSTER, authentication_config)
+        run_shown([KUBECTL, "--kubeconfig", str(admin), "get", "pods", "-n", RELEASES[USER_CLUSTER][0]])
 
         print(f"\nA built-in user of the relay, {USER} (group {GROUP}), who may reach cluster {USER_CLUSTER}:",
               flush=True)
@@ -192,8 +192,10 @@ def up(state: Path) -> None:
         print(f"\n$ KUBECONFIG={kubeconfig_sa} kubectl {shlex.join(args)}    # as the ServiceAccount",
               flush=True)
         print(kubectl(kubeconfig_sa, *args).rstrip(), flush=True)
+    release_list = "releases " + ", ".join(f"{ns}/{r}" for ns, r in RELEASES.values())
     print(f"""
-The chain runs in the background (logs in {state}/logs).
+The relay and the client proxies run in the background (logs in {state}/logs); the agents and auth proxies
+are pods of the devcluster, installed by `clusterconnect connect` ({release_list}).
 {kubeconfig}: {USER}, a built-in user (kubectl gets its tokens from `clusterconnect token`); the relay
   admits it to cluster {USER_CLUSTER} (access list: group {GROUP}) and the auth proxy impersonates it, so
   RBAC lets it view namespace {NAMESPACE} and nothing else.
@@ -206,6 +208,7 @@ Try:
   kubectl logs -f -n {NAMESPACE} deploy/hello
   kubectl get pods -A    # Forbidden: {USER} may view {NAMESPACE} only
   KUBECONFIG={kubeconfig_sa} kubectl exec -it -n {NAMESPACE} deploy/hello -- sh
+  KUBECONFIG={kubeconfig_sa} kubectl get pods -n {RELEASES[USER_CLUSTER][0]}    # the agent and auth proxy pods
   {shlex.join([clusterconnect, "clusters", "list", *admin_flags(chain)])}
 Stop everything with: make demo-down""")
 

@@ -33,6 +33,8 @@ class Replica:
     agent_port: int = field(default_factory=free_port)
     issuer_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
+    # --etcd-endpoints of this replica alone (e.g. through blackhole.Link's, to cut it off); else the cluster's
+    etcd_endpoints: str | None = None
 
     @property
     def name(self) -> str:
@@ -44,19 +46,28 @@ class Replica:
 
 
 def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
-    """TCP mode; a replica that does not accept connections is marked down within a second and a
-    connection that cannot reach one is sent to another (redispatch)."""
+    """TCP mode, one health check per replica: its issuer's discovery document over TLS, so a replica
+    that is stopped (SIGSTOP) or hung fails it even though its kernel still accepts TCP connections (a
+    plain TCP check passed for a stopped relay). Two failures 500 ms apart mark it down, and then its
+    sessions are cut (on-marked-down shutdown-sessions): agents and client proxies find a hung relay
+    within about a second instead of after their keepalive (10 s, 30 s). A connection that cannot reach
+    a replica is sent to another (redispatch). The agent and issuer backends track the users' check."""
     lines = [
         "global", "  maxconn 4000",
         "defaults", "  mode tcp", "  timeout connect 1s", "  timeout client 1h", "  timeout server 1h",
-        "  retries 3", "  option redispatch",
+        "  timeout check 1s", "  retries 3", "  option redispatch",
     ]
     ports = {"users": "listen_port", "agents": "agent_port", "issuer": "issuer_port"}
     for name, port in front.items():
         lines += [f"frontend {name}", f"  bind 127.0.0.1:{port}", f"  default_backend {name}-replicas",
                   f"backend {name}-replicas", "  balance roundrobin"]
-        lines += [f"  server {r.name} 127.0.0.1:{getattr(r, ports[name])} check inter 300ms fall 2 rise 1"
-                  for r in replicas]
+        if name == "users":
+            lines += ["  option httpchk GET /.well-known/openid-configuration"]
+        for r in replicas:
+            check = (f"check port {r.issuer_port} check-ssl verify none inter 500ms fall 2 rise 1"
+                     if name == "users" else f"track users-replicas/{r.name}")
+            lines += [f"  server {r.name} 127.0.0.1:{getattr(r, ports[name])} {check} "
+                      "on-marked-down shutdown-sessions"]
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +128,8 @@ class ReplicaSet:
             # Agents and token verifiers reach every replica through the balancer.
             "--agent-advertise-port", str(self.front["agents"]),
             "--issuer-url", f"https://127.0.0.1:{self.front['issuer']}",
-            "--store", "etcd", "--etcd-endpoints", self.etcd.endpoints, "--etcd-ca", str(self.etcd.ca_file),
+            "--store", "etcd", "--etcd-endpoints", replica.etcd_endpoints or self.etcd.endpoints,
+            "--etcd-ca", str(self.etcd.ca_file),
             "--etcd-cert", str(self.etcd.client_cert), "--etcd-key", str(self.etcd.client_key),
             "--replica-name", replica.name, "--peer-listen", f"127.0.0.1:{replica.peer_port}",
             "--peer-ca", str(self.pki / "ca.crt"), "--peer-cert", str(self.pki / f"{replica.name}.crt"),

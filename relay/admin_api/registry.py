@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from clusterconnect.errors import ClusterConnectError
@@ -18,24 +20,28 @@ log = get_logger(__name__)
 
 class Registry(tunnel_pb2_grpc.RegistryServicer):
     def __init__(self, store: ClusterStore, sessions: SessionTable, admin_credential: str,
-                 agent_enrollment: AgentEnrollment) -> None:
+                 agent_enrollment: AgentEnrollment, holder: Callable[[str], str]) -> None:
         self.store = store
         self.sessions = sessions
+        # cluster -> the relay replica holding its agent ("" with a single relay): Tunnel.holder
+        self.holder = holder
         self._admin = AdminCheck(admin_credential)
         # Join tokens for new clusters; a removed cluster's certificates stop working.
         self.agent_enrollment = agent_enrollment
 
     def _status(self, record: ClusterRecord) -> tunnel_pb2.Cluster:
         session = self.sessions.get(record.name)
+        replica = self.holder(record.name)
         if session is not None:
             return tunnel_pb2.Cluster(
                 name=record.name, connected=True, last_seen_unix=int(session.last_seen),
                 agent_version=session.agent_version, kubernetes_version=session.kubernetes_version,
-                created_unix=record.created_unix,
+                created_unix=record.created_unix, replica=replica,
             )
+        # Held by another replica (its route), or by none.
         last_seen = self.sessions.last_seen.get(record.name, record.last_seen_unix)
         return tunnel_pb2.Cluster(
-            name=record.name, connected=False, last_seen_unix=int(last_seen),
+            name=record.name, connected=bool(replica), replica=replica, last_seen_unix=int(last_seen),
             agent_version=record.agent_version, kubernetes_version=record.kubernetes_version,
             created_unix=record.created_unix,
         )

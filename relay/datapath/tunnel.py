@@ -67,6 +67,10 @@ class Router(Protocol):
     def release(self, cluster: str) -> None:
         """This replica no longer holds an agent of ``cluster``."""
 
+    def holder(self, cluster: str, here: bool) -> str:
+        """The replica that holds ``cluster``'s agent: this one if ``here``, else the owner of its newest
+        route; "" if none."""
+
     async def forward(self, cluster: str, traceparent: str, caller: tunnel_pb2.Caller, expires_unix: float | None,
                       local: Callable[[], AgentSession | None], timeout: float) -> ByteStream | AgentSession | None:
         """The replica holding ``cluster``'s agent, waited for up to ``timeout``: a Forward stream open to it,
@@ -268,6 +272,12 @@ class Tunnel:
             session.active.discard(accepted)
             self.open_connections -= 1
             self.quieter.set()
+
+    def holder(self, cluster: str) -> str:
+        """The replica holding ``cluster``'s agent ("" with a single relay, or nowhere)."""
+        if self.router is None:
+            return ""
+        return self.router.holder(cluster, here=self.sessions.get(cluster) is not None)
 
     def end_sessions(self, reason: EndReason) -> None:
         """End every agent session (their Connect calls return): before the server stops, so that

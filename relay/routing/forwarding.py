@@ -28,6 +28,13 @@ class PeerRouter:
     def release(self, cluster: str) -> None:
         self.routing.release(cluster)
 
+    def holder(self, cluster: str, here: bool) -> str:
+        if here:
+            return self.routing.replica
+        # Our own route without a local session is one being released (as in _owner).
+        others = (r.replica for r in self.routing.routes.of_cluster(cluster) if r.replica != self.routing.replica)
+        return next(others, "")
+
     def _owner(self, cluster: str, failed: set[tuple[str, int]]) -> tuple[Route, str] | None:
         """The newest route of another replica that we can dial (its registration gives the address),
         leaving out the routes whose owner did not answer. Our own route without a local session is

@@ -3,7 +3,7 @@ registers itself, claims the routes of its agents, serves RelayPeer.Forward on t
 forwards Dials for agents held elsewhere; SIGTERM (or a lost lease) drains it. With ``--store sqlite``
 it is the one relay: it only ends its agents' sessions in order when it stops.
 
-serve() calls ``add_flags`` and ``run_until_stopped`` (in place of ``server.wait_for_termination()``);
+serve() calls ``add_flags`` and ``run_until_stopped`` (where it would wait for its server's termination);
 everything else is here, so that main.py keeps no replica logic.
 """
 
@@ -54,6 +54,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     cliargs.add_flag(parser, "--peer-cert", type=Path,
                      help="this replica's certificate of the relay-peer CA (server and client auth)")
     cliargs.add_flag(parser, "--peer-key", type=Path, help="key of --peer-cert")
+    cliargs.add_flag(parser, "--peer-server-name", default="",
+                     help="the name every replica's peer certificate carries, checked instead of the peer's address"
+                          " (for replicas that share one certificate, e.g. pods whose IPs are not known in advance;"
+                          " the relay-peer CA signs only replicas' certificates)")
     cliargs.add_flag(parser, "--lease-ttl-seconds", type=int, default=10,
                      help="TTL of the replica's etcd lease: a replica that dies loses its routes this long after")
     cliargs.add_flag(parser, "--drain-seconds", type=float, default=5.0,
@@ -95,10 +99,15 @@ async def _end_sessions(tunnel: Tunnel) -> None:
 
 async def run_until_stopped(args: argparse.Namespace, tunnel: Tunnel, server: grpc.aio.Server) -> None:
     """Serve until cancelled (SIGTERM, SIGINT), then end the agents' sessions in order; with --store etcd,
-    as a replica of the fleet (``Replica``)."""
+    as a replica of the fleet (``Replica``), which stops ``server`` once drained (the caller stops it
+    otherwise).
+
+    Never ``await server.wait_for_termination()`` here: cancelling a task that awaits it cancels the
+    server's own shutdown future, and the caller's ``server.stop(grace)`` then raises CancelledError at
+    once instead of waiting out the grace."""
     if getattr(args, "store", backend.SQLITE) != backend.ETCD:
         try:
-            await server.wait_for_termination()
+            await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
             _uncancel()
             await _end_sessions(tunnel)
@@ -109,9 +118,13 @@ async def run_until_stopped(args: argparse.Namespace, tunnel: Tunnel, server: gr
     tls = _peer_tls(args)
     etcd = backend.etcd_client(args)
     try:
-        await Replica(args, tunnel, etcd, tls).run(server)
+        await Replica(args, tunnel, etcd, tls, server).run()
     finally:
         await etcd.close()
+
+
+# After a drain, how long the calls still open may go on once the server stops (as serve() gives them).
+LAST_CALLS_GRACE = 2.0
 
 
 def _uncancel() -> bool:
@@ -127,12 +140,13 @@ class Replica:
     tunnel: Tunnel
     etcd: Etcd
     tls: PeerTLS
+    server: grpc.aio.Server  # the user and agent ports
 
     @property
     def name(self) -> str:
         return str(self.args.replica_name)
 
-    async def run(self, server: grpc.aio.Server) -> None:
+    async def run(self) -> None:
         ttl = self.args.lease_ttl_seconds
         try:
             lease = await self.etcd.grant(ttl)
@@ -148,7 +162,7 @@ class Replica:
             raise StartupError(f"cannot listen on {self.args.peer_listen} (--peer-listen): {exc}") from None
         if port == 0:
             raise StartupError(f"cannot listen on {self.args.peer_listen} (--peer-listen): address in use")
-        dialer = PeerDialer(self.tls)
+        dialer = PeerDialer(self.tls, self.args.peer_server_name or None)
         advertise = _advertised(self.args, port)
         service.register_gauge("routes", routing.routes.count)
         service.register_gauge("route_txns", lambda: routing.txns)
@@ -167,17 +181,21 @@ class Replica:
                     log.info("replica registered", replica=self.name, peer=advertise, lease=format(lease, "x"),
                              ttl=ttl)
                     keep_alive = group.create_task(self._keep_alive(lease, ttl))
-                    termination = group.create_task(server.wait_for_termination())
-                    background += [keep_alive, termination]
-                    await asyncio.wait((keep_alive, termination), return_when=asyncio.FIRST_COMPLETED)
-                    if keep_alive.done():
-                        lost = True
-                        log.error("etcd lease lost; draining", replica=self.name, reason=str(keep_alive.result()))
+                    background.append(keep_alive)
+                    # Until the lease is lost or SIGTERM cancels us (see run_until_stopped).
+                    await asyncio.wait((keep_alive,))
+                    lost = True
+                    log.error("etcd lease lost; draining", replica=self.name, reason=str(keep_alive.result()))
                 except asyncio.CancelledError:
                     stopped = _uncancel()
                     if not stopped:
                         raise
                 await self._drain(routing, advertise, "lease lost" if lost else "relay replica stopping", lost)
+                # Still a replica that forwards: stop taking Dials first. The server's GOAWAY sends client
+                # proxies to reconnect (through the balancer: to another replica; one whose Dial raced it
+                # retries it there). Dials that reached us until now were forwarded, not refused as
+                # "not connected" by a relay that had already left the fleet.
+                await self.server.stop(LAST_CALLS_GRACE)
                 for task in background:
                     task.cancel()
         finally:

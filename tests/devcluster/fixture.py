@@ -14,6 +14,7 @@ import os
 import selectors
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -256,6 +257,14 @@ def _kill_procs_under(directory: Path) -> None:
                 pass
 
 
+def node_environment() -> dict[str, str]:
+    """The launcher's environment, whose PATH the node's containers inherit: this venv's bin first, so a
+    chart's `command: [clusterconnect-agent]` runs this checkout's console script (images are ignored)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+    return env
+
+
 def _killpg(popen: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(popen.pid, sig)
@@ -279,6 +288,7 @@ def start_devcluster(
             stdout=subprocess.PIPE,
             stderr=launcher_log,
             start_new_session=True,
+            env=node_environment(),
         )
     ok = False
     try:

@@ -783,7 +783,8 @@ type Cluster struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique name, used in x-clusterconnect-cluster metadata.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	// An agent of the cluster has a Connect stream open to this relay now.
+	// An agent of the cluster has a Connect stream open to this relay now (with several relay
+	// replicas: to any of them; `replica` names which).
 	Connected bool `protobuf:"varint,2,opt,name=connected,proto3" json:"connected,omitempty"`
 	// Unix seconds of the last message from the agent; 0 if never seen.
 	LastSeenUnix int64 `protobuf:"varint,3,opt,name=last_seen_unix,json=lastSeenUnix,proto3" json:"last_seen_unix,omitempty"`
@@ -792,7 +793,11 @@ type Cluster struct {
 	// AgentHello.kubernetes_version of the last agent seen; empty if unknown.
 	KubernetesVersion string `protobuf:"bytes,5,opt,name=kubernetes_version,json=kubernetesVersion,proto3" json:"kubernetes_version,omitempty"`
 	// Unix seconds when the cluster was registered.
-	CreatedUnix   int64 `protobuf:"varint,6,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	CreatedUnix int64 `protobuf:"varint,6,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	// The relay replica that holds the agent's session (its --replica-name), with --store etcd; empty
+	// when the cluster is not connected or the relay is a single one (--store sqlite). With a replica
+	// other than the one answering, last_seen_unix and the versions are those the store last recorded.
+	Replica       string `protobuf:"bytes,7,opt,name=replica,proto3" json:"replica,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -867,6 +872,13 @@ func (x *Cluster) GetCreatedUnix() int64 {
 		return x.CreatedUnix
 	}
 	return 0
+}
+
+func (x *Cluster) GetReplica() string {
+	if x != nil {
+		return x.Replica
+	}
+	return ""
 }
 
 // Registers a cluster.
@@ -1246,14 +1258,15 @@ const file_clusterconnect_v1_tunnel_proto_rawDesc = "" +
 	"\vInfoRequest\"k\n" +
 	"\fInfoResponse\x12-\n" +
 	"\x12kubernetes_version\x18\x01 \x01(\tR\x11kubernetesVersion\x12,\n" +
-	"\x12auth_proxy_version\x18\x02 \x01(\tR\x10authProxyVersion\"\xd8\x01\n" +
+	"\x12auth_proxy_version\x18\x02 \x01(\tR\x10authProxyVersion\"\xf2\x01\n" +
 	"\aCluster\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12$\n" +
 	"\x0elast_seen_unix\x18\x03 \x01(\x03R\flastSeenUnix\x12#\n" +
 	"\ragent_version\x18\x04 \x01(\tR\fagentVersion\x12-\n" +
 	"\x12kubernetes_version\x18\x05 \x01(\tR\x11kubernetesVersion\x12!\n" +
-	"\fcreated_unix\x18\x06 \x01(\x03R\vcreatedUnix\"'\n" +
+	"\fcreated_unix\x18\x06 \x01(\x03R\vcreatedUnix\x12\x18\n" +
+	"\areplica\x18\a \x01(\tR\areplica\"'\n" +
 	"\x11AddClusterRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\xdc\x01\n" +
 	"\x12AddClusterResponse\x124\n" +

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lusterconnect/v1/tunnel.proto\x12\x11\x63lusterconnect.v1\"K\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x02 \x01(\x08\x12\'\n\x05\x62ound\x18\x03 \x01(\x0b\x32\x18.clusterconnect.v1.Bound\"G\n\x05\x42ound\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12)\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x19.clusterconnect.v1.Caller\"6\n\x06\x43\x61ller\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\"P\n\nAgentHello\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x1a\n\x12kubernetes_version\x18\x03 \x01(\t\" \n\tHeartbeat\x12\x13\n\x0bunix_millis\x18\x01 \x01(\x03\"|\n\x0c\x41gentMessage\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.clusterconnect.v1.AgentHelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.clusterconnect.v1.HeartbeatH\x00\x42\t\n\x07message\"^\n\x0b\x44ialRequest\x12\x0f\n\x07\x64ial_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12)\n\x06\x63\x61ller\x18\x03 \x01(\x0b\x32\x19.clusterconnect.v1.Caller\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"$\n\x07Welcome\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\r\"\xa3\x01\n\x0cRelayMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.clusterconnect.v1.WelcomeH\x00\x12.\n\x04\x64ial\x18\x02 \x01(\x0b\x32\x1e.clusterconnect.v1.DialRequestH\x00\x12)\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x18.clusterconnect.v1.DrainH\x00\x42\t\n\x07message\"\r\n\x0bInfoRequest\"F\n\x0cInfoResponse\x12\x1a\n\x12kubernetes_version\x18\x01 \x01(\t\x12\x1a\n\x12\x61uth_proxy_version\x18\x02 \x01(\t\"\x8b\x01\n\x07\x43luster\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x03\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x1a\n\x12kubernetes_version\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\"!\n\x11\x41\x64\x64\x43lusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa5\x01\n\x12\x41\x64\x64\x43lusterResponse\x12+\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x1a.clusterconnect.v1.Cluster\x12\x12\n\njoin_token\x18\x03 \x01(\t\x12\x1f\n\x17join_token_expires_unix\x18\x04 \x01(\x03\x12\x15\n\rrelay_ca_hash\x18\x05 \x01(\tJ\x04\x08\x02\x10\x03R\x10\x61gent_credential\"\x15\n\x13ListClustersRequest\"D\n\x14ListClustersResponse\x12,\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x1a.clusterconnect.v1.Cluster\"!\n\x11GetClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14RemoveClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15RemoveClusterResponse2N\n\x0c\x43lientTunnel\x12>\n\x04\x44ial\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x32\xa0\x01\n\x0b\x41gentTunnel\x12O\n\x07\x43onnect\x12\x1f.clusterconnect.v1.AgentMessage\x1a\x1f.clusterconnect.v1.RelayMessage(\x01\x30\x01\x12@\n\x06\x41\x63\x63\x65pt\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x32\x95\x01\n\tAuthProxy\x12?\n\x05Serve\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x12G\n\x04Info\x12\x1e.clusterconnect.v1.InfoRequest\x1a\x1f.clusterconnect.v1.InfoResponse2\xfa\x02\n\x08Registry\x12Y\n\nAddCluster\x12$.clusterconnect.v1.AddClusterRequest\x1a%.clusterconnect.v1.AddClusterResponse\x12_\n\x0cListClusters\x12&.clusterconnect.v1.ListClustersRequest\x1a\'.clusterconnect.v1.ListClustersResponse\x12N\n\nGetCluster\x12$.clusterconnect.v1.GetClusterRequest\x1a\x1a.clusterconnect.v1.Cluster\x12\x62\n\rRemoveCluster\x12\'.clusterconnect.v1.RemoveClusterRequest\x1a(.clusterconnect.v1.RemoveClusterResponseB\xc6\x01\n\x1bio.github.clusterconnect.v1B\x0bTunnelProtoP\x01ZUgithub.com/clusterconnect/clusterconnect/clients/go/clusterconnectv1;clusterconnectv1\xa2\x02\x03\x43\x43X\xaa\x02\x11\x43lusterConnect.V1\xca\x02\x11\x43lusterConnect\\V1\xea\x02\x12\x43lusterConnect::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63lusterconnect/v1/tunnel.proto\x12\x11\x63lusterconnect.v1\"K\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x02 \x01(\x08\x12\'\n\x05\x62ound\x18\x03 \x01(\x0b\x32\x18.clusterconnect.v1.Bound\"G\n\x05\x42ound\x12\x13\n\x0btraceparent\x18\x01 \x01(\t\x12)\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x19.clusterconnect.v1.Caller\"6\n\x06\x43\x61ller\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\"P\n\nAgentHello\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x1a\n\x12kubernetes_version\x18\x03 \x01(\t\" \n\tHeartbeat\x12\x13\n\x0bunix_millis\x18\x01 \x01(\x03\"|\n\x0c\x41gentMessage\x12.\n\x05hello\x18\x01 \x01(\x0b\x32\x1d.clusterconnect.v1.AgentHelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.clusterconnect.v1.HeartbeatH\x00\x42\t\n\x07message\"^\n\x0b\x44ialRequest\x12\x0f\n\x07\x64ial_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12)\n\x06\x63\x61ller\x18\x03 \x01(\x0b\x32\x19.clusterconnect.v1.Caller\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"$\n\x07Welcome\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\r\"\xa3\x01\n\x0cRelayMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.clusterconnect.v1.WelcomeH\x00\x12.\n\x04\x64ial\x18\x02 \x01(\x0b\x32\x1e.clusterconnect.v1.DialRequestH\x00\x12)\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x18.clusterconnect.v1.DrainH\x00\x42\t\n\x07message\"\r\n\x0bInfoRequest\"F\n\x0cInfoResponse\x12\x1a\n\x12kubernetes_version\x18\x01 \x01(\t\x12\x1a\n\x12\x61uth_proxy_version\x18\x02 \x01(\t\"\x9c\x01\n\x07\x43luster\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x03\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x1a\n\x12kubernetes_version\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x03\x12\x0f\n\x07replica\x18\x07 \x01(\t\"!\n\x11\x41\x64\x64\x43lusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa5\x01\n\x12\x41\x64\x64\x43lusterResponse\x12+\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x1a.clusterconnect.v1.Cluster\x12\x12\n\njoin_token\x18\x03 \x01(\t\x12\x1f\n\x17join_token_expires_unix\x18\x04 \x01(\x03\x12\x15\n\rrelay_ca_hash\x18\x05 \x01(\tJ\x04\x08\x02\x10\x03R\x10\x61gent_credential\"\x15\n\x13ListClustersRequest\"D\n\x14ListClustersResponse\x12,\n\x08\x63lusters\x18\x01 \x03(\x0b\x32\x1a.clusterconnect.v1.Cluster\"!\n\x11GetClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14RemoveClusterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15RemoveClusterResponse2N\n\x0c\x43lientTunnel\x12>\n\x04\x44ial\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x32\xa0\x01\n\x0b\x41gentTunnel\x12O\n\x07\x43onnect\x12\x1f.clusterconnect.v1.AgentMessage\x1a\x1f.clusterconnect.v1.RelayMessage(\x01\x30\x01\x12@\n\x06\x41\x63\x63\x65pt\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x32\x95\x01\n\tAuthProxy\x12?\n\x05Serve\x12\x18.clusterconnect.v1.Chunk\x1a\x18.clusterconnect.v1.Chunk(\x01\x30\x01\x12G\n\x04Info\x12\x1e.clusterconnect.v1.InfoRequest\x1a\x1f.clusterconnect.v1.InfoResponse2\xfa\x02\n\x08Registry\x12Y\n\nAddCluster\x12$.clusterconnect.v1.AddClusterRequest\x1a%.clusterconnect.v1.AddClusterResponse\x12_\n\x0cListClusters\x12&.clusterconnect.v1.ListClustersRequest\x1a\'.clusterconnect.v1.ListClustersResponse\x12N\n\nGetCluster\x12$.clusterconnect.v1.GetClusterRequest\x1a\x1a.clusterconnect.v1.Cluster\x12\x62\n\rRemoveCluster\x12\'.clusterconnect.v1.RemoveClusterRequest\x1a(.clusterconnect.v1.RemoveClusterResponseB\xc6\x01\n\x1bio.github.clusterconnect.v1B\x0bTunnelProtoP\x01ZUgithub.com/clusterconnect/clusterconnect/clients/go/clusterconnectv1;clusterconnectv1\xa2\x02\x03\x43\x43X\xaa\x02\x11\x43lusterConnect.V1\xca\x02\x11\x43lusterConnect\\V1\xea\x02\x12\x43lusterConnect::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,27 +57,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE']._serialized_start=841
   _globals['_INFORESPONSE']._serialized_end=911
   _globals['_CLUSTER']._serialized_start=914
-  _globals['_CLUSTER']._serialized_end=1053
-  _globals['_ADDCLUSTERREQUEST']._serialized_start=1055
-  _globals['_ADDCLUSTERREQUEST']._serialized_end=1088
-  _globals['_ADDCLUSTERRESPONSE']._serialized_start=1091
-  _globals['_ADDCLUSTERRESPONSE']._serialized_end=1256
-  _globals['_LISTCLUSTERSREQUEST']._serialized_start=1258
-  _globals['_LISTCLUSTERSREQUEST']._serialized_end=1279
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=1281
-  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=1349
-  _globals['_GETCLUSTERREQUEST']._serialized_start=1351
-  _globals['_GETCLUSTERREQUEST']._serialized_end=1384
-  _globals['_REMOVECLUSTERREQUEST']._serialized_start=1386
-  _globals['_REMOVECLUSTERREQUEST']._serialized_end=1422
-  _globals['_REMOVECLUSTERRESPONSE']._serialized_start=1424
-  _globals['_REMOVECLUSTERRESPONSE']._serialized_end=1447
-  _globals['_CLIENTTUNNEL']._serialized_start=1449
-  _globals['_CLIENTTUNNEL']._serialized_end=1527
-  _globals['_AGENTTUNNEL']._serialized_start=1530
-  _globals['_AGENTTUNNEL']._serialized_end=1690
-  _globals['_AUTHPROXY']._serialized_start=1693
-  _globals['_AUTHPROXY']._serialized_end=1842
-  _globals['_REGISTRY']._serialized_start=1845
-  _globals['_REGISTRY']._serialized_end=2223
+  _globals['_CLUSTER']._serialized_end=1070
+  _globals['_ADDCLUSTERREQUEST']._serialized_start=1072
+  _globals['_ADDCLUSTERREQUEST']._serialized_end=1105
+  _globals['_ADDCLUSTERRESPONSE']._serialized_start=1108
+  _globals['_ADDCLUSTERRESPONSE']._serialized_end=1273
+  _globals['_LISTCLUSTERSREQUEST']._serialized_start=1275
+  _globals['_LISTCLUSTERSREQUEST']._serialized_end=1296
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_start=1298
+  _globals['_LISTCLUSTERSRESPONSE']._serialized_end=1366
+  _globals['_GETCLUSTERREQUEST']._serialized_start=1368
+  _globals['_GETCLUSTERREQUEST']._serialized_end=1401
+  _globals['_REMOVECLUSTERREQUEST']._serialized_start=1403
+  _globals['_REMOVECLUSTERREQUEST']._serialized_end=1439
+  _globals['_REMOVECLUSTERRESPONSE']._serialized_start=1441
+  _globals['_REMOVECLUSTERRESPONSE']._serialized_end=1464
+  _globals['_CLIENTTUNNEL']._serialized_start=1466
+  _globals['_CLIENTTUNNEL']._serialized_end=1544
+  _globals['_AGENTTUNNEL']._serialized_start=1547
+  _globals['_AGENTTUNNEL']._serialized_end=1707
+  _globals['_AUTHPROXY']._serialized_start=1710
+  _globals['_AUTHPROXY']._serialized_end=1859
+  _globals['_REGISTRY']._serialized_start=1862
+  _globals['_REGISTRY']._serialized_end=2240
 # @@protoc_insertion_point(module_scope)

@@ -103,20 +103,22 @@ class InfoResponse(_message.Message):
     def __init__(self, kubernetes_version: _Optional[str] = ..., auth_proxy_version: _Optional[str] = ...) -> None: ...
 
 class Cluster(_message.Message):
-    __slots__ = ("name", "connected", "last_seen_unix", "agent_version", "kubernetes_version", "created_unix")
+    __slots__ = ("name", "connected", "last_seen_unix", "agent_version", "kubernetes_version", "created_unix", "replica")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     KUBERNETES_VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     name: str
     connected: bool
     last_seen_unix: int
     agent_version: str
     kubernetes_version: str
     created_unix: int
-    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix: _Optional[int] = ..., agent_version: _Optional[str] = ..., kubernetes_version: _Optional[str] = ..., created_unix: _Optional[int] = ...) -> None: ...
+    replica: str
+    def __init__(self, name: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen_unix: _Optional[int] = ..., agent_version: _Optional[str] = ..., kubernetes_version: _Optional[str] = ..., created_unix: _Optional[int] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class AddClusterRequest(_message.Message):
     __slots__ = ("name",)

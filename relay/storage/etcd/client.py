@@ -256,7 +256,8 @@ class Etcd:
                         raise LeaseLost(f"lease {lease:x} expired")
                     renewed = time.monotonic()
                     await asyncio.sleep(interval)
-            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+                # InvalidStateError: the write found the stream already ended (its member went away).
                 log.warning("etcd lease keep-alive failed; trying the next member", member=member.target,
                             reason=_reason(exc))
             finally:

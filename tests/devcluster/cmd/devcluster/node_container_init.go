@@ -62,11 +62,24 @@ func runContainerInit(args []string) int {
 		fmt.Fprintf(os.Stderr, "container-init: make mounts private: %v\n", err)
 		return 1
 	}
-	for _, m := range mounts {
-		if err := bind(m); err != nil {
+	// Every source is opened before the first mount: a mount at a parent
+	// of the pods directory (an emptyDir at /tmp while the state dir is in
+	// /tmp) would otherwise hide the sources of the mounts after it.
+	sources := make([]openSource, len(mounts))
+	for i, m := range mounts {
+		src, err := openMountSource(m.Source)
+		if err != nil {
 			fmt.Fprintf(os.Stderr, "container-init: mount %s at %s: %v\n", m.Source, m.Target, err)
 			return 1
 		}
+		sources[i] = src
+	}
+	for i, m := range mounts {
+		if err := bind(m, sources[i]); err != nil {
+			fmt.Fprintf(os.Stderr, "container-init: mount %s at %s: %v\n", m.Source, m.Target, err)
+			return 1
+		}
+		syscall.Close(sources[i].fd)
 	}
 	path, argv := args[1], args[2:]
 	err := syscall.Exec(path, argv, os.Environ())
@@ -77,14 +90,28 @@ func runContainerInit(args []string) int {
 	return 126
 }
 
-func bind(m bindMount) error {
-	st, err := os.Stat(m.Source)
+// openSource is a mount source held open, mounted through /proc/self/fd.
+type openSource struct {
+	fd    int
+	isDir bool
+}
+
+func openMountSource(path string) (openSource, error) {
+	st, err := os.Stat(path)
 	if err != nil {
-		return err
+		return openSource{}, err
 	}
+	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return openSource{}, err
+	}
+	return openSource{fd: fd, isDir: st.IsDir()}, nil
+}
+
+func bind(m bindMount, src openSource) error {
 	// The mount point must exist; creating it changes the node's file
 	// system (an empty directory or file), as a container runtime would in the image.
-	if st.IsDir() {
+	if src.isDir {
 		if err := os.MkdirAll(m.Target, 0o755); err != nil {
 			return err
 		}
@@ -98,7 +125,7 @@ func bind(m bindMount) error {
 		}
 		f.Close()
 	}
-	if err := syscall.Mount(m.Source, m.Target, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+	if err := syscall.Mount(fmt.Sprintf("/proc/self/fd/%d", src.fd), m.Target, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
 		return err
 	}
 	if m.ReadOnly {

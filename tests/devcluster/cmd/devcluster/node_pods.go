@@ -336,6 +336,9 @@ func (pr *podRuntime) startInstance(c *containerRuntime) (*containerInstance, er
 	if err != nil {
 		return nil, err
 	}
+	if err := pr.writeHosts(); err != nil {
+		return nil, err
+	}
 	mounts, err := pr.containerMounts(&c.spec)
 	if err != nil {
 		return nil, err

@@ -187,7 +187,7 @@ func projectedFiles(src *corev1.ProjectedVolumeSource, p *corev1.Pod, objs volum
 }
 
 // volumeFiles computes the files of an API-data volume; isDir reports a
-// plain directory volume (emptyDir, hostPath) that has no files.
+// plain directory volume (emptyDir) that has no files.
 func volumeFiles(v *corev1.Volume, p *corev1.Pod, objs volumeSources) (files []volumeFile, isDir bool, err error) {
 	switch {
 	case v.EmptyDir != nil:
@@ -201,7 +201,7 @@ func volumeFiles(v *corev1.Volume, p *corev1.Pod, objs volumeSources) (files []v
 	case v.Projected != nil:
 		files, err = projectedFiles(v.Projected, p, objs)
 	default:
-		return nil, false, fmt.Errorf("volume %q: only emptyDir, secret, configMap, downwardAPI and projected volumes are supported", v.Name)
+		return nil, false, fmt.Errorf("volume %q: only emptyDir, secret, configMap, downwardAPI, projected, hostPath and persistentVolumeClaim volumes are supported", v.Name)
 	}
 	return files, false, err
 }
@@ -248,6 +248,16 @@ func (pr *podRuntime) prepareVolumes() error {
 		v := &p.Spec.Volumes[i]
 		final := filepath.Join(pr.volumesDir(), v.Name)
 		if _, err := os.Stat(final); err == nil {
+			continue
+		}
+		if dir, ok, err := hostDirectory(v, objs); ok {
+			if err != nil {
+				return fmt.Errorf("volume %q: %w", v.Name, err)
+			}
+			_ = os.Remove(final) // a dangling link from an earlier try
+			if err := os.Symlink(dir, final); err != nil {
+				return err
+			}
 			continue
 		}
 		files, isDir, err := volumeFiles(v, p, objs)
@@ -301,7 +311,7 @@ func (pr *podRuntime) containerMounts(c *corev1.Container) ([]bindMount, error) 
 	for i := range p.Spec.Volumes {
 		vols[p.Spec.Volumes[i].Name] = &p.Spec.Volumes[i]
 	}
-	var mounts []bindMount
+	mounts := []bindMount{pr.hostsMount()}
 	for _, vm := range c.VolumeMounts {
 		v, ok := vols[vm.Name]
 		if !ok {

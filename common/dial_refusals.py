@@ -1,7 +1,8 @@
 """What kubectl sees when the tunnel cannot be opened: an HTTP response with a Kubernetes Status body.
 
-The client proxy never parses HTTP; it only writes this one response, on a connection it is about
-to close, when the relay refused or could not open the path.
+Shared by the two services that Dial for kubectl, the client proxy and the gateway: both wait for
+the relay's "open" (``wait_open``) and, if the relay refused or could not open the path, write this
+one response on a connection they are about to close (``refuse``).
 
 The relay says why it refused a Dial in the trailing metadata ``clusterconnect-reason`` (a
 ``DialRefusal``), and its message is shown as it is. Without a reason, the failure came from gRPC
@@ -11,14 +12,29 @@ tells the cases apart.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import h11
 
 from clusterconnect import metadata as md
 from clusterconnect.kstatus import status_body
+from clusterconnect.logs import get_logger
 from clusterconnect.metadata import DialRefusal
+from clusterconnect.streams import ByteStream, PeerGone
+
+log = get_logger(__name__)
+
+# After an error response, how long the client may take to read it and hang up.
+LINGER = 1.0
+# How long a Dial may take to open. With the relay connected, the relay itself answers within its
+# Accept timeout (a burst of new connections may keep the agent busy for a while); without a
+# connection to the relay, a relay that does not answer must become an error quickly.
+DIAL_TIMEOUT_CONNECTED = 6.0
+DIAL_TIMEOUT = 1.8
 
 # gRPC status -> (HTTP status, Kubernetes StatusReason), for failures without a relay's reason.
 _MAPPING: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -115,3 +131,49 @@ def describe_rpc_error(code: grpc.StatusCode, details: str, relay: str, reason: 
     if "connect" in lowered or "dns" in lowered or "unreachable" in lowered or "socket" in lowered:
         return f"cannot reach relay {relay}: {text}"
     return text
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a Dial did not open: the status (None: no status, e.g. a local check), a one-line message
+    and the relay's reason, if it gave one."""
+
+    code: grpc.StatusCode | None
+    message: str
+    reason: DialRefusal | None = None
+
+    @property
+    def transport_failure(self) -> bool:
+        """The Dial failed below the relay's own answers (no clusterconnect-reason): its connection closed
+        or went away (GOAWAY of a stopping relay) before the relay took the call up, so nothing was sent."""
+        return self.code == grpc.StatusCode.UNAVAILABLE and self.reason is None
+
+
+async def wait_open(call: grpc.aio.StreamStreamCall[Any, Any], timeout: float, relay: str) -> Refused | None:
+    """None once the relay says the path is open (initial metadata ``x-clusterconnect-open``), else why not.
+
+    Nothing may be written before: a write racing the relay's refusal turns grpc's status into
+    INTERNAL, and the user would not learn why."""
+    try:
+        initial = await asyncio.wait_for(call.initial_metadata(), timeout)
+    except TimeoutError:
+        return Refused(grpc.StatusCode.DEADLINE_EXCEEDED, f"relay {relay} did not answer within {timeout:g}s")
+    if any(key == md.OPEN for key, _ in initial or ()):
+        return None
+    code = await call.code()
+    reason = dial_refusal(await call.trailing_metadata())
+    return Refused(code, describe_rpc_error(code, await call.details() or "", relay, reason), reason)
+
+
+async def refuse(downstream: ByteStream, refused: Refused, head: bytes) -> None:
+    """Answer ``refused`` as one HTTP response, shaped for the request whose start is ``head``, and
+    let the client read it and hang up first, so that it sees the response rather than a reset."""
+    log.info("connection refused", reason=refused.message)
+    try:
+        await downstream.send(error_response(refused.code, refused.message, plain=is_discovery_request(head),
+                                             reason=refused.reason))
+        async with asyncio.timeout(LINGER):
+            while await downstream.receive():
+                pass
+    except (PeerGone, TimeoutError):
+        pass

@@ -1,0 +1,1 @@
+"""clusterconnect-gateway: kubectl with only a kubeconfig reaches a cluster (no local proxy)."""
