@@ -48,9 +48,10 @@ def audited_list(cluster: DevCluster, canary: str) -> dict:
 
 
 def assert_endpoints(state: Path) -> None:
-    """STATE/endpoints.json names every service of the demo with its pid and a metrics URL that answers."""
+    """STATE/endpoints.json names every service the demo runs on this machine (the relay and the client proxies;
+    the agents and auth proxies run as the devcluster's pods) with its pid and a metrics URL that answers."""
     endpoints = json.loads((state / "endpoints.json").read_text())
-    assert sorted(e["name"] for e in endpoints) == ["aadproxy", "agent", "agent-sa", "proxy", "proxy-sa", "relay"]
+    assert sorted(e["name"] for e in endpoints) == ["proxy", "proxy-sa", "relay"]
     for endpoint in endpoints:
         assert Path(f"/proc/{endpoint['pid']}").exists(), endpoint
         with urllib.request.urlopen(endpoint["metrics_url"], timeout=10) as answer:

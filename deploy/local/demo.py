@@ -121,8 +121,9 @@ def write_pids(state: Path, devcluster: subprocess.Popen, chain: Chain | None) -
 
 
 def write_endpoints(state: Path, chain: Chain) -> Path:
-    """STATE/endpoints.json: each running service's name, pid and metrics URL (/metrics; /healthz and
-    /readyz beside it), for a scraper or a look with curl."""
+    """STATE/endpoints.json: each service running here (the relay, the client proxies), its name, pid and
+    metrics URL (/metrics; /healthz and /readyz beside it), for a scraper or a look with curl. (The agents
+    and auth proxies are pods of the devcluster: not listed yet.)"""
     path = state / "endpoints.json"
     path.write_text(json.dumps(chain.endpoints(), indent=2) + "\n")
     return path
