@@ -113,8 +113,7 @@ class ReplicaSet:
             raise FileNotFoundError("haproxy is not installed (Debian: apt-get install -y haproxy; make haproxy)")
         config = self.chain.state_dir / "haproxy.cfg"
         config.write_text(haproxy_config(self.front, self.replicas))
-        process = self.chain.spawn("haproxy", [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)],
-                                   metrics=False)
+        process = self.chain.spawn("haproxy", [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)])
         wait_until(lambda: port_open(self.front["users"]), 10, "haproxy to listen", process)
         return process
 
