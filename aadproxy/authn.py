@@ -18,7 +18,7 @@ identity carried in the TLS layer would silently replace the caller's token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from clusterconnect.aadproxy.headers import Header, values
@@ -41,6 +41,9 @@ class Reject:
 
     status: int
     message: str
+    # Why, for the metrics (clusterconnect_aadproxy_authentication_failures_total): a short fixed word;
+    # not part of the decision (two refusals with the same answer are equal).
+    reason: str = field(default="credential", compare=False)
 
 
 class Authenticator(Protocol):

@@ -53,4 +53,4 @@ class HeldToCaller:
     def _refuse() -> Reject:
         # The request's own identity stays in the request event (user), next to why it was refused.
         structlog.contextvars.bind_contextvars(auth="rejected", reason="connection-identity")
-        return Reject(403, FORBIDDEN)
+        return Reject(403, FORBIDDEN, "connection-identity")

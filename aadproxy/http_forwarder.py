@@ -37,6 +37,7 @@ from typing import NoReturn
 import h11
 
 from clusterconnect.aadproxy import headers as hdr
+from clusterconnect.aadproxy import metrics
 from clusterconnect.aadproxy.authn import Authenticator, Reject
 from clusterconnect.aadproxy.request_checks import MAX_HEAD, Rejection, check_request, parse_failure
 from clusterconnect.aadproxy.upstream import ApiserverGone, ConnectUpstream, Upstream
@@ -280,7 +281,10 @@ class _Connection:
         # h11 treats any Upgrade header as a switch proposal; so do we when deciding to close.
         proposed = upgrade is not None or bool(hdr.values(received, b"upgrade"))
         decision = await self.authenticator.authenticate(hdr.strip_hop_by_hop(received))
+        verb = metrics.verb(request.method, request.target, proposed)
         if isinstance(decision, Reject):
+            metrics.authentication_failed(decision.reason)
+            metrics.request(verb, decision.status, 0, 0)
             # The audit event: one per request (identity fields are bound by the authenticator).
             log.info("request", method=method, path=path, status=decision.status, bytes=0, request_bytes=0,
                      forwarded=False, duration_ms=round((time.monotonic() - started) * 1000, 1))
@@ -300,6 +304,7 @@ class _Connection:
             except (TimeoutError, OSError, ssl.SSLError, PeerGone) as exc:
                 message = _one_line(exc)
                 log.warning("apiserver unreachable", error=message)
+                metrics.request(verb, 502, 0, 0)
                 await self._answer(502, f"auth proxy cannot reach the apiserver: {message}")
                 return End.APISERVER_FAILED
         stream, up = upstream.stream, upstream.http
@@ -322,6 +327,7 @@ class _Connection:
                 body = group.create_task(self._pump_request_body(exchange, stream, up))
                 group.create_task(self._pump_response(exchange, body, stream, up))
         finally:
+            metrics.request(verb, exchange.status, exchange.request_bytes, exchange.response_bytes)
             log.info(
                 "request",
                 method=method,

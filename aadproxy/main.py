@@ -9,7 +9,9 @@ from pathlib import Path
 
 import grpc
 
+from clusterconnect import health, metrics
 from clusterconnect.aadproxy import apiserver as apiserver_mod
+from clusterconnect.aadproxy import metrics as aadproxy_metrics
 from clusterconnect.aadproxy.authn import ConnectionAuthenticator, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, open_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
@@ -23,12 +25,14 @@ from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.oidc import ConfigError, Verifier, load_config
-from clusterconnect.service import register_gauge, run_service
+from clusterconnect.service import run_service
 from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+# Loopback like --listen's default; the chart opens it on the pod network for its probes.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9445"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              " is disconnected")
     add_flag(parser, "--cluster", default="", help="cluster name recorded in each request's log event")
     add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_flag(parser, "--metrics-listen", default=DEFAULT_METRICS_LISTEN,
+             help='HOST:PORT for /metrics, /healthz and /readyz (plain HTTP; "" for none; in a pod, 0.0.0.0:9445'
+             " for the kubelet's probes)")
     add_version(parser)
     return parser.parse_args(argv)
 
@@ -156,9 +163,14 @@ async def serve(args: argparse.Namespace) -> None:
     if bound == 0:
         raise StartupError(f"cannot listen on {args.listen}: address in use or not available")
 
-    register_gauge("open_connections", open_connections)
-    register_gauge("open_upstream_connections", open_upstream_connections)
+    metrics.gauge("clusterconnect_aadproxy_open_connections", "Downstream connections (from the agent) being served",
+                  open_connections, stats="open_connections")
+    metrics.gauge("clusterconnect_aadproxy_open_upstream_connections", "Connections to the apiserver open now",
+                  open_upstream_connections, stats="open_upstream_connections")
+    health.check("apiserver", aadproxy_metrics.apiserver_ready(target))
+    health.add_to_server(server)
     await server.start()
+    health.serving()
     log.info("listening", address=f"{host}:{bound}", tls=credentials is not None, apiserver=target.address,
              authentication=mode)
     try:
@@ -172,7 +184,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    run_service("aadproxy", args.log_level, lambda: serve(args))
+    run_service("aadproxy", args.log_level, lambda: serve(args), args.metrics_listen)
 
 
 if __name__ == "__main__":

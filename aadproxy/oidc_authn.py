@@ -209,7 +209,7 @@ class OIDCAuthenticator:
 
     def _reject(self, status: int, message: str, reason: str) -> Reject:
         _bind_audit(auth="rejected", user=None, groups=None, reason=reason)
-        return Reject(status, message)
+        return Reject(status, message, reason)
 
     async def authenticate(self, headers: Sequence[Header]) -> Forward | Reject:
         raw = extract_token(headers)
@@ -240,7 +240,7 @@ class OIDCAuthenticator:
             denied = await self._check_impersonation(identity, requested)
             if denied is not None:
                 _bind_audit(auth="oidc", user=identity.username, groups=list(identity.groups), reason="impersonation")
-                return Reject(403, denied)
+                return Reject(403, denied, "impersonation")
             effective = requested.identity(identity.issuer)
 
         own = self.own_token()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import grpc
 
-from clusterconnect import cliargs, service
+from clusterconnect import cliargs, health, service
 from clusterconnect.addresses import is_loopback
+from clusterconnect.agent import metrics as agent_metrics
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import AgentState, EnrollmentError, enroll
 from clusterconnect.agent.session import Agent, AgentConfig
@@ -23,6 +24,8 @@ log = get_logger(__name__)
 
 # The relay keeps at most this many warm streams per agent (relay/datapath/sessions.py MAX_WARM).
 MAX_WARM_STREAMS = 8
+# Loopback: the agent opens no other port; the chart opens this one on the pod network for its probes.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9444"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="connections kept open at the relay ahead of need, so a new connection starts at once "
                           "(0: none)")
     cliargs.add_flag(parser, "--log-level", default="info", help="debug, info, warning or error")
+    cliargs.add_flag(parser, "--metrics-listen", default=DEFAULT_METRICS_LISTEN,
+                     help="HOST:PORT for /metrics, /healthz and /readyz (plain HTTP; \"\" for none; in a pod,"
+                          " 0.0.0.0:9444 for the kubelet's probes)")
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     # Warned about once logging runs (run()); the environment variable of the same flag is fine.
@@ -130,13 +136,15 @@ async def run(args: argparse.Namespace) -> None:
                 warm_streams=args.warm_streams,
             )
         )
-        service.register_gauge("open_connections", lambda: agent.open_connections)
+        agent_metrics.register(agent)
+        health.check("relay session", agent_metrics.control_stream_up(agent))
+        health.serving()
         await agent.run_forever()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    service.run_service("agent", args.log_level, lambda: run(args))
+    service.run_service("agent", args.log_level, lambda: run(args), args.metrics_listen)
 
 
 if __name__ == "__main__":

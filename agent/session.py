@@ -71,6 +71,11 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.open_connections = 0
+        # For the metrics (agent/metrics.py): sessions welcomed, connections carried by how they were
+        # opened, warm pairs waiting for a Dial.
+        self.sessions_started = 0
+        self.carried = {"warm": 0, "requested": 0}
+        self.warm_waiting = 0
         self.connected = asyncio.Event()
         self._health_failing = False
         # Set (and replaced) each time a session is welcomed: a draining session leaves on the next one's.
@@ -173,6 +178,7 @@ class Agent:
                 log.info("connected to relay", relay=target, cluster=self.config.cluster,
                          certificate_serial=format(enrolled.identity.serial, "x"))
                 self.connected.set()
+                self.sessions_started += 1
                 previous, self._welcomed = self._welcomed, asyncio.Event()
                 previous.set()
                 self._touch_health()
@@ -300,7 +306,11 @@ class Agent:
         # install): a warm pair whose Serve stream had already failed would fail the Dial that took it.
         serve = self.config.authproxy.Serve(metadata=((md.WARM, "1"),), wait_for_ready=True)
         try:
-            first = await self._binding(accept)
+            self.warm_waiting += 1
+            try:
+                first = await self._binding(accept)
+            finally:
+                self.warm_waiting -= 1
             if first is not None:
                 unbound.discard(asyncio.current_task())
                 retry.reset()
@@ -338,6 +348,7 @@ class Agent:
 
     async def _splice(self, accept: Call, serve: Call, label: str) -> None:
         self.open_connections += 1
+        self.carried["warm" if label == "warm" else "requested"] += 1
         relay_side, cluster_side = GrpcClientStream(accept), GrpcClientStream(serve)
         try:
             await splice(relay_side, cluster_side)

@@ -84,13 +84,13 @@ def konnectivity(chain: Chain, work: Path) -> Iterator[Konnectivity]:
         "--admin-bind-address=127.0.0.1", f"--admin-port={_registered_port()}",
         "--health-bind-address=127.0.0.1", f"--health-port={health_port}",
         "--server-count=1", "--delete-existing-uds-file", "--v=0",
-    ])
+    ], metrics=False)
     agent = chain.spawn("konnectivity-agent", [
         str(AGENT), "--proxy-server-host=127.0.0.1", f"--proxy-server-port={agent_port}",
         f"--ca-cert={work / 'ca.crt'}", f"--agent-cert={work / 'agent.crt'}", f"--agent-key={work / 'agent.key'}",
         "--agent-id=bench", f"--health-server-port={_registered_port()}", f"--admin-server-port={_registered_port()}",
         "--v=0",
-    ])
+    ], metrics=False)
     try:
         def ready() -> bool:
             if not agent.alive():

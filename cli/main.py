@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cliargs.add_flag(proxy, "--request-head-timeout", type=float, default=REQUEST_HEAD_TIMEOUT,
                      help="seconds a client has after its TLS handshake to send its first request's head")
     cliargs.add_flag(proxy, "--log-level", default="warning", help="debug, info, warning or error")
+    # Off by default: a user may run one proxy per cluster, and a fixed port would let only the first start.
+    cliargs.add_flag(proxy, "--metrics-listen", default="",
+                     help="HOST:PORT for /metrics, /healthz and /readyz (plain HTTP; default: none)")
 
     clusters = commands.add_parser("clusters", help="administer the clusters registered at the relay")
     actions = clusters.add_subparsers(dest="action", required=True)
@@ -123,7 +126,7 @@ def proxy_command(args: argparse.Namespace) -> None:
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
         request_head_timeout=args.request_head_timeout,
     )
-    service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings))
+    service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings), args.metrics_listen)
 
 
 async def _admin_call(args: argparse.Namespace, method: str, request: Message) -> Any:

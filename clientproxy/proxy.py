@@ -12,8 +12,9 @@ from typing import Any
 import grpc
 import h11
 
-from clusterconnect import service
+from clusterconnect import health
 from clusterconnect.clientproxy import kubeconfig
+from clusterconnect.clientproxy import metrics as clientproxy_metrics
 from clusterconnect.clientproxy.local_tls import LocalTls, local_tls
 from clusterconnect.clientproxy.probe import probe
 from clusterconnect.clientproxy.tunnel import HANDSHAKE_TIMEOUT, REQUEST_HEAD_TIMEOUT, ConnectionHandler, TunnelTarget
@@ -73,7 +74,7 @@ async def run_proxy(settings: ProxySettings) -> None:
                 ) from None
             raise StartupError(f"cannot listen on 127.0.0.1:{settings.port}: {exc.strerror}") from None
         port = server.sockets[0].getsockname()[1]
-        service.register_gauge("open_connections", lambda: handler.open_connections)
+        clientproxy_metrics.register(handler, channel)
         # Leaving: the handler cancels its connections first, then the server closes.
         async with server, handler.serving():
             exec_user = None
@@ -85,6 +86,7 @@ async def run_proxy(settings: ProxySettings) -> None:
             )
             where = _write_kubeconfig(settings.kubeconfig_out, entries)
             version = await _wait_until_reachable(port, tls, settings, handler.target)
+            health.serving()
             print(
                 f"ready https://127.0.0.1:{port} context={settings.cluster} kubeconfig={where} kubernetes={version}",
                 flush=True,

@@ -79,6 +79,7 @@ class ConnectionHandler:
         self.target = target
         self.request_head_timeout = request_head_timeout
         self.open_connections = 0
+        self.connections_served = 0
         # Owns the connections' tasks while serving() runs; None before and after (no new connection then).
         self._tasks: asyncio.TaskGroup | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -157,6 +158,7 @@ class ConnectionHandler:
 
     async def _connection(self, accepted: _Accepted, downstream: SocketStream) -> None:
         self.open_connections += 1
+        self.connections_served += 1
         try:
             with trace.use_span(accepted.span, end_on_exit=True):
                 await self._carry(downstream, accepted)

@@ -1,4 +1,5 @@
-"""Running a service process: one event loop, clean exit on SIGINT/SIGTERM, stats on SIGUSR1."""
+"""Running a service process: one event loop, clean exit on SIGINT/SIGTERM, stats on SIGUSR1, and the
+metrics port (--metrics-listen: clusterconnect.metrics_server) beside the service's own work."""
 
 from __future__ import annotations
 
@@ -16,22 +17,23 @@ from typing import Any
 
 import uvloop
 
+from clusterconnect import health, metrics
 from clusterconnect.errors import ClusterConnectError
 from clusterconnect.logs import get_logger
+from clusterconnect.metrics_server import MetricsServer
 from clusterconnect.tasks import unwrap
 
 log = get_logger(__name__)
 
-# Counters a service may register (name -> callable returning a number), reported on SIGUSR1.
-_gauges: dict[str, Callable[[], int]] = {}
-
 
 def register_gauge(name: str, read: Callable[[], int]) -> None:
-    _gauges[name] = read
+    """A number for the SIGUSR1 stats line only; clusterconnect.metrics' gauge(..., stats=NAME) puts one
+    on both the stats line and /metrics."""
+    metrics.stat(name, read)
 
 
 def stats() -> dict[str, int]:
-    values = {name: read() for name, read in _gauges.items()}
+    values = metrics.stats()
     values["tasks"] = len(asyncio.all_tasks())
     try:
         values["fds"] = len(os.listdir("/proc/self/fd"))
@@ -99,7 +101,7 @@ async def release_freed_memory(interval: float = TRIM_CHECK_INTERVAL, change: in
     while True:
         await asyncio.sleep(interval)
         # Registered by the service once it runs; a service without one never trims.
-        now = _gauges.get("open_connections", lambda: 0)()
+        now = metrics.stats_value("open_connections")
         if now == previous and abs(now - trimmed_at) >= change:
             # In a thread: the event loop goes on while glibc walks its heaps (arena by arena).
             await asyncio.to_thread(_timed, trim)
@@ -108,17 +110,19 @@ async def release_freed_memory(interval: float = TRIM_CHECK_INTERVAL, change: in
         previous = now
 
 
-def run_service(name: str, log_level: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """A service process: JSON logs and a span per connection named after ``name``, then ``run(main)``."""
+def run_service(name: str, log_level: str, main: Callable[[], Coroutine[Any, Any, None]],
+                metrics_listen: str = "") -> None:
+    """A service process: JSON logs and a span per connection named after ``name``, then ``run(main)``
+    with the metrics port on ``metrics_listen`` ("" for none)."""
     from clusterconnect.logs import configure_logging
     from clusterconnect.tracing import configure_tracing
 
     configure_logging(name, log_level)
     configure_tracing(name)
-    run(main)
+    run(main, metrics_listen)
 
 
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def run(main: Callable[[], Coroutine[Any, Any, None]], metrics_listen: str = "") -> None:
     """Run ``main()`` until it returns or the process is asked to stop."""
     raise_fd_limit()
 
@@ -141,13 +145,18 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         register_gauge("malloc_trims", lambda: _trims["count"])
         register_gauge("malloc_trim_last_ms", lambda: _trims["last_ms"])
         try:
+            # Bound before main() starts: a taken metrics port is a one-line StartupError, like any other port.
+            port = await MetricsServer.open(metrics_listen) if metrics_listen else None
             # The service's own tasks beside main(): cancelled and awaited however main() ends.
             async with asyncio.TaskGroup() as tasks:
-                trimmer = tasks.create_task(release_freed_memory())
+                beside = [tasks.create_task(release_freed_memory()), tasks.create_task(health.keep_grpc_status())]
+                if port is not None:
+                    beside.append(tasks.create_task(port.serve()))
                 try:
                     await main()
                 finally:
-                    trimmer.cancel()
+                    for companion in beside:
+                        companion.cancel()
         except asyncio.CancelledError:
             if not stopping:
                 raise

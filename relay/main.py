@@ -11,13 +11,15 @@ from pathlib import Path
 
 import grpc
 
-from clusterconnect import cliargs, service
+from clusterconnect import cliargs, health, service
 from clusterconnect.errors import ClusterConnectError, StartupError
 from clusterconnect.grpc_options import RELAY_SERVER_OPTIONS
 from clusterconnect.logs import get_logger
 from clusterconnect.pki import create_ca, ensure_server_cert, write_private
+from clusterconnect.relay import health as relay_health
 from clusterconnect.relay.admin_api.registry import Registry
 from clusterconnect.relay.agent_identity import enrollment as agent_enrollment
+from clusterconnect.relay.datapath import metrics as relay_metrics
 from clusterconnect.relay.datapath.connections import (
     DEFAULT_MAX_PER_CLUSTER,
     DEFAULT_MAX_PER_IDENTITY,
@@ -43,6 +45,8 @@ ADMIN_CREDENTIAL_KEY = "admin/credential"
 RELAY_CA_KEY = "pki/relay-ca"
 # The first full listing of an etcd store takes milliseconds; longer means etcd is not answering.
 STORE_READY_SECONDS = 30.0
+# Loopback: metrics are for the operator, not the public the relay's other ports face (README "Default ports").
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9443"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="open client connections one verified caller (issuer + subject) may have at this"
                           " relay, over all clusters (0: unlimited)")
     cliargs.add_flag(serve, "--log-level", default="info", help="debug, info, warning or error")
+    cliargs.add_flag(serve, "--metrics-listen", default=DEFAULT_METRICS_LISTEN,
+                     help="HOST:PORT for /metrics, /healthz and /readyz (plain HTTP; \"\" for none)")
     cliargs.add_flag(serve, "--sealing-key-file", type=Path,
                      help="key that seals the private keys and credentials in the store (a file or mounted"
                           " Secret, mode 600 or 400; the same file at every replica). Default: DATA_DIR/sealing.key,"
@@ -193,12 +199,10 @@ async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing
         raise StartupError(f"cannot listen on {args.listen}: {exc}") from None
     if port == 0:
         raise StartupError(f"cannot listen on {args.listen}: address in use or not available")
-    service.register_gauge("agents", lambda: len(sessions))
-    service.register_gauge("open_connections", lambda: tunnel.open_connections)
-    service.register_gauge("warm_streams", sessions.warm_streams)
-    service.register_gauge("dials_warm", lambda: tunnel.dials_warm)
-    service.register_gauge("dials_requested", lambda: tunnel.dials_requested)
+    relay_metrics.register(tunnel, sessions)
+    relay_health.register(tunnel, store, server)
     await server.start()
+    health.serving()
     host = args.listen.rsplit(":", 1)[0]
     log.info("serving", address=f"{host}:{port}", agent_port=agent_port, data_dir=str(data_dir), store=args.store)
     try:
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         print(f"copied {copied} records from {args.source} to {args.target}")
         return
-    service.run_service("relay", args.log_level, lambda: serve(args))
+    service.run_service("relay", args.log_level, lambda: serve(args), args.metrics_listen)
 
 
 if __name__ == "__main__":

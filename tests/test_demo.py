@@ -6,10 +6,12 @@ each request was."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -43,6 +45,17 @@ def audited_list(cluster: DevCluster, canary: str) -> dict:
         return next((e for e in cluster.audit_events() if f"canary%3D{canary}" in e.get("requestURI", "")
                      and e.get("stage") == "ResponseComplete"), None)
     return wait_until(find, 20, f"the audit event of {canary}")
+
+
+def assert_endpoints(state: Path) -> None:
+    """STATE/endpoints.json names every service the demo runs on this machine (the relay and the client proxies;
+    the agents and auth proxies run as the devcluster's pods) with its pid and a metrics URL that answers."""
+    endpoints = json.loads((state / "endpoints.json").read_text())
+    assert sorted(e["name"] for e in endpoints) == ["proxy", "proxy-sa", "relay"]
+    for endpoint in endpoints:
+        assert Path(f"/proc/{endpoint['pid']}").exists(), endpoint
+        with urllib.request.urlopen(endpoint["metrics_url"], timeout=10) as answer:
+            assert answer.status == 200 and b"process_resident_memory_bytes" in answer.read(), endpoint
 
 
 def processes_of(state: Path) -> list[str]:
@@ -120,6 +133,7 @@ def test_demo_runs_kubectl_as_the_builtin_user_and_as_the_service_account_and_do
         assert [line.split()[:2] for line in clusters.stdout.splitlines()[1:]] == [
             ["demo", "Connected"], ["demo-sa", "Connected"]]
         assert processes_of(state), "canary: the scan sees the running demo"
+        assert_endpoints(state)
     finally:
         down = demo("down", state)
     assert down.returncode == 0 and "demo stopped" in down.stdout, down.stderr

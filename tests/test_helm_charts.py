@@ -337,12 +337,19 @@ def test_relay_ports_are_distinct_and_match_the_service(helm):
     relay = found[("Deployment", "clusterconnect-relay")]
     args = container(relay)["args"]
     listens = {a.split("=", 1)[0]: a.rsplit(":", 1)[1] for a in args if "-listen=" in a}
-    assert listens == {"--listen": "8443", "--agent-listen": "8444", "--issuer-listen": "8445"}
+    assert listens == {"--listen": "8443", "--agent-listen": "8444", "--issuer-listen": "8445",
+                       "--metrics-listen": "9443"}
     ports = {p["name"]: p["containerPort"] for p in container(relay)["ports"]}
+    assert sorted(ports.values()) == sorted(int(p) for p in listens.values())
+    # The metrics port is the pod's, for the kubelet's probes and Prometheus; the Service (the public's) has
+    # the other three.
+    assert ports.pop("metrics") == 9443
+    probes = container(relay)
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert probes["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     service_ports = found[("Service", "clusterconnect-relay")]["spec"]["ports"]
     service = {p["name"]: (p["port"], p["targetPort"]) for p in service_ports}
     assert service == {name: (port, name) for name, port in ports.items()}
-    assert sorted(ports.values()) == sorted(int(p) for p in listens.values())
 
 
 def test_relay_optional_flags_only_when_set(helm, tmp_path):

@@ -137,9 +137,10 @@ def install_upgrade_uninstall(devcluster, admin_sa_token, chain: Chain, tmp_path
         wait_until(lambda: loop.successes_since(0) >= 3, 60, "kubectl through the tunnel before the upgrade")
         upgraded = time.monotonic()
         new_port = free_port()
-        # a new auth proxy port rolls both: the proxy's pod and, through its address, the agent's
+        # a new auth proxy port rolls both: the proxy's pod and, through its address, the agent's; and a new
+        # metrics port, since the new proxy pod starts beside the old one on the devcluster's host network
         helm(devcluster, "upgrade", RELEASE, str(CHART), "--reuse-values",
-             values={"authProxy": {"port": new_port}})
+             values={"authProxy": {"port": new_port, "metricsPort": free_port()}})
         new_agents = wait_until(lambda: (p := ready_pods(devcluster, "agent")) and p != agent_pods and p,
                                 180, "the agent pod to be replaced")
         new_proxies = wait_until(lambda: (p := ready_pods(devcluster, "auth-proxy")) and p != proxy_pods and p,

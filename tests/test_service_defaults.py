@@ -18,11 +18,14 @@ import yaml
 from chain import Chain, log_event, port_open, script, wait_until
 from kube import kubectl
 
+from clusterconnect.metrics import sample
 from clusterconnect.pki import ensure_ca_and_server_cert
 
 RELAY_PORTS = (8443, 8444, 8445)  # users, agents, built-in issuer
 AUTHPROXY_PORT = 8080
 CLIENT_PROXY_PORT = 47011
+# /metrics, /healthz and /readyz on loopback (the client proxy has none unless asked).
+METRICS_PORTS = {"relay": 9443, "agent": 9444, "aadproxy": 9445}
 GATEWAY_PORT = 8447
 
 
@@ -64,7 +67,7 @@ def test_relay_starts_with_defaults_on_distinct_ports(tmp_path):
 def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoint_kubeconfig, admin_sa_token):
     """Relay, auth proxy, agent, client proxy and gateway at once, each with its required flags only (so on its
     default ports, side by side): kubectl's request goes through all of them to the apiserver, by both paths."""
-    ports = (*RELAY_PORTS, AUTHPROXY_PORT, CLIENT_PROXY_PORT, GATEWAY_PORT)
+    ports = (*RELAY_PORTS, AUTHPROXY_PORT, CLIENT_PROXY_PORT, GATEWAY_PORT, *METRICS_PORTS.values())
     assert len(set(ports)) == len(ports)
     taken = [p for p in ports if not _free(p)]
     assert not taken, f"default ports {taken} are taken on this machine: stop what holds them to run this test"
@@ -78,19 +81,20 @@ def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoi
 
     chain = Chain(tmp_path / "chain", cluster_endpoint_kubeconfig, cluster="defaults", relay_port=RELAY_PORTS[0])
     try:
-        relay = chain.spawn("relay", [script("clusterconnect-relay"), "serve", "--data-dir", str(chain.relay_data)])
+        relay = chain.spawn("relay", [script("clusterconnect-relay"), "serve", "--data-dir", str(chain.relay_data)],
+                            metrics=False)
         wait_until(lambda: log_event(relay.log, "serving"), 30, "relay to serve", relay)
         join = chain.add_cluster()
 
         authproxy = chain.spawn("aadproxy", [script("clusterconnect-aadproxy"),
-                                             "--kubeconfig", str(cluster_endpoint_kubeconfig)])
+                                             "--kubeconfig", str(cluster_endpoint_kubeconfig)], metrics=False)
         listening = wait_until(lambda: log_event(authproxy.log, "listening"), 30, "auth proxy to listen", authproxy)
         assert listening["address"] == f"127.0.0.1:{AUTHPROXY_PORT}"
 
         # As `clusters add` prints it, less --authproxy, which is the default.
         agent = chain.spawn("agent", [script("clusterconnect-agent"), "--relay", chain.relay_url,
                                       "--cluster", chain.cluster, "--relay-ca-hash", join["relay_ca_hash"]],
-                            env={"CLUSTERCONNECT_JOIN_TOKEN": join["join_token"]})
+                            env={"CLUSTERCONNECT_JOIN_TOKEN": join["join_token"]}, metrics=False)
         wait_until(lambda: log_event(agent.log, "connected to relay"), 30, "agent to connect", agent)
         assert (home / ".local/state/clusterconnect" / f"agent-{chain.cluster}").is_dir()
 
@@ -98,7 +102,7 @@ def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoi
         with out.open("wb") as handle:
             proxy = chain.spawn("proxy", [script("clusterconnect"), "proxy", chain.cluster, "--relay", chain.relay_url,
                                           "--relay-ca", str(chain.relay_ca), "--token-file", str(admin_sa_token)],
-                                stdout=handle.fileno())
+                                stdout=handle.fileno(), metrics=False)
         ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", proxy)
         assert f"https://127.0.0.1:{CLIENT_PROXY_PORT}" in ready
 
@@ -126,6 +130,22 @@ def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoi
         assert got.stdout.strip() == "namespace/clusterconnect-tests"
         for process in chain.processes.values():
             assert process.alive(), f"{process.name} exited:\n{process.tail()}"
+        # Each metrics port serves on its default, the request above counted at each hop.
+        for name, port in METRICS_PORTS.items():
+            process = chain.processes[name]
+            process.metrics_port = port
+            prefix = f"clusterconnect_{name}_"
+            assert prefix in process.metrics(), f"{name}: no {prefix}* metrics on port {port}"
+            assert process.http_get("/readyz") == (200, "ok\n"), name
+        assert (sample(chain.processes["relay"].metrics(), "clusterconnect_relay_dials_total", outcome="ok",
+                       reason="none") or 0) >= 1
+        # README's two commands, as written there.
+        dials = subprocess.run("curl -s http://127.0.0.1:9443/metrics | grep clusterconnect_relay_dials_total",
+                               shell=True, capture_output=True, text=True, timeout=30)
+        assert 'clusterconnect_relay_dials_total{outcome="ok",reason="none"}' in dials.stdout, dials.stdout
+        readyz = subprocess.run(["curl", "-s", "http://127.0.0.1:9443/readyz"], capture_output=True, text=True,
+                                timeout=30)
+        assert readyz.stdout == "ok\n", readyz.stdout
     finally:
         chain.stop_all()
     for process in chain.processes.values():
@@ -139,6 +159,9 @@ def test_whole_chain_runs_on_defaults_only(tmp_path, monkeypatch, cluster_endpoi
     (["clusterconnect-aadproxy"], "--listen", f"127.0.0.1:{AUTHPROXY_PORT}"),
     (["clusterconnect-agent"], "--authproxy", f"127.0.0.1:{AUTHPROXY_PORT}"),
     (["clusterconnect", "proxy"], "--port", str(CLIENT_PROXY_PORT)),
+    (["clusterconnect-relay", "serve"], "--metrics-listen", "127.0.0.1:9443"),
+    (["clusterconnect-agent"], "--metrics-listen", "127.0.0.1:9444"),
+    (["clusterconnect-aadproxy"], "--metrics-listen", "127.0.0.1:9445"),
     (["clusterconnect-gateway"], "--listen", f"0.0.0.0:{GATEWAY_PORT}"),
 ])
 def test_help_names_the_default(argv, flag, default):

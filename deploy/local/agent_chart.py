@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from chain import free_port
+
 
 def devcluster_values(authproxy_port: int) -> dict:
-    return {"authProxy": {"replicas": 1, "port": authproxy_port}}
+    # The metrics ports too (probes): on the host's network, a pod rolled by an upgrade must not meet the
+    # one it replaces, nor a service of the test chain, on the chart's defaults.
+    return {"authProxy": {"replicas": 1, "port": authproxy_port, "metricsPort": free_port()},
+            "agent": {"metricsPort": free_port()}}
 
 
 def state_volume(namespace: str, release: str, directory: Path) -> dict:

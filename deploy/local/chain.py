@@ -46,11 +46,43 @@ def script(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
+METRICS_SCRIPTS = ("clusterconnect-relay", "clusterconnect-agent", "clusterconnect-aadproxy")
+
+
+def has_metrics_port(argv: list[str]) -> bool:
+    """Whether ``argv`` starts one of the services with --metrics-listen (relay, agent, auth proxy, client proxy)."""
+    program = Path(argv[0]).name if argv else ""
+    return program in METRICS_SCRIPTS or (program == "clusterconnect" and argv[1:2] == ["proxy"])
+
+
 @dataclass
 class Process:
     name: str
     popen: subprocess.Popen
     log: Path
+    metrics_port: int = 0  # its --metrics-listen port on 127.0.0.1 (0: none)
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else ""
+
+    def http_get(self, path: str, timeout: float = 5) -> tuple[int, str]:
+        """(status, body) of GET ``path`` on the service's metrics port (/metrics, /healthz, /readyz)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=timeout) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> str:
+        """The service's /metrics now (Prometheus text format)."""
+        status, body = self.http_get("/metrics")
+        if status != 200:
+            raise RuntimeError(f"{self.name}: /metrics answered {status}")
+        return body
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -163,14 +195,22 @@ class Chain:
         return self.relay_data / "admin.credential"
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stdout: int | None = None) -> Process:
+              stdout: int | None = None, metrics: bool | None = None) -> Process:
+        """Start a process; with ``metrics`` (default: when it is one of the four services that have
+        --metrics-listen), its metrics port on a free port (no two services of the chain, or two chains,
+        meet on the built-in defaults)."""
         log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
+        if metrics is None:
+            metrics = has_metrics_port(argv)
+        metrics_port = free_port() if metrics else 0
+        if metrics_port:
+            argv = [*argv, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             popen = subprocess.Popen(
                 argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})}, start_new_session=True,
             )
-        process = Process(name, popen, log)
+        process = Process(name, popen, log, metrics_port)
         self.processes[name] = process
         return process
 
@@ -328,6 +368,11 @@ class Chain:
     def stop_all(self) -> None:
         for process in reversed(list(self.processes.values())):
             process.stop()
+
+    def endpoints(self) -> list[dict]:
+        """Each running service's name, pid and metrics URL."""
+        return [{"name": p.name, "pid": p.popen.pid, "metrics_url": p.metrics_url}
+                for p in self.processes.values() if p.alive()]
 
     def write_pids(self) -> None:
         (self.state_dir / "pids").write_text(

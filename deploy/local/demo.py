@@ -120,6 +120,15 @@ def write_pids(state: Path, devcluster: subprocess.Popen, chain: Chain | None) -
     (state / "pids").write_text("\n".join([str(devcluster.pid), *(str(p.popen.pid) for p in processes)]) + "\n")
 
 
+def write_endpoints(state: Path, chain: Chain) -> Path:
+    """STATE/endpoints.json: each service running here (the relay, the client proxies), its name, pid and
+    metrics URL (/metrics; /healthz and /readyz beside it), for a scraper or a look with curl. (The agents
+    and auth proxies are pods of the devcluster: not listed yet.)"""
+    path = state / "endpoints.json"
+    path.write_text(json.dumps(chain.endpoints(), indent=2) + "\n")
+    return path
+
+
 def up(state: Path) -> None:
     if (state / "pids").exists():
         down(state, quiet=True)
@@ -173,6 +182,7 @@ def up(state: Path) -> None:
         print(f"client proxy for the ServiceAccount ({SA_CLUSTER}): {ready_sa}", flush=True)
     finally:
         write_pids(state, devcluster, chain)
+        write_endpoints(state, chain)
     wait_until(lambda: kubectl(admin, "get", "pods", "-n", NAMESPACE, "-o", "name").count("pod/") >= 2,
                60, "the demo pods")
     for args in (["auth", "whoami"], ["get", "pods", "-n", NAMESPACE]):

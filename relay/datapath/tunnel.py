@@ -20,6 +20,7 @@ from clusterconnect.logs import get_logger
 from clusterconnect.metadata import DialRefusal
 from clusterconnect.oidc import Identity, principal
 from clusterconnect.relay.agent_identity.enrollment import AgentAuthenticator
+from clusterconnect.relay.datapath import metrics
 from clusterconnect.relay.datapath.connections import ConnectionRegistry, OpenConnection, TooManyConnections
 from clusterconnect.relay.datapath.forwarded import read_forward_metadata
 from clusterconnect.relay.datapath.pairing import AcceptedStream, StreamEnd
@@ -95,6 +96,7 @@ def caller_message(identity: Identity | None) -> tunnel_pb2.Caller:
 
 async def _refuse(context: RawContext, code: grpc.StatusCode, reason: DialRefusal, message: str) -> Never:
     """End a Dial with a status, its one-line message, and the reason as trailing metadata."""
+    metrics.refused(reason)
     await context.abort(code, message, trailing_metadata=((md.REASON, reason.value),))
 
 
@@ -139,6 +141,7 @@ class Tunnel:
     # -- clients --------------------------------------------------------------------------------
 
     async def Dial(self, request_iterator: object, context: RawContext) -> None:
+        started = time.perf_counter()
         metadata = context.invocation_metadata()
         cluster = metadata_value(metadata, md.CLUSTER)
         if not cluster:
@@ -170,10 +173,10 @@ class Tunnel:
             incoming = metadata_value(metadata, md.TRACEPARENT)
             with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
                 if session is None:
-                    await self._forward(context, cluster, traceparent, connection)
+                    await self._forward(context, cluster, traceparent, connection, started)
                 else:
                     self.dials_local += 1
-                    await self._carry(context, session, traceparent, connection, caller_message(caller))
+                    await self._carry(context, session, traceparent, connection, caller_message(caller), started)
         finally:
             self.connections.close(connection)
 
@@ -183,7 +186,7 @@ class Tunnel:
                       self._not_connected(cluster) if verified else f"cluster {cluster} is not connected")
 
     async def _forward(self, context: RawContext, cluster: str, traceparent: str,
-                       connection: OpenConnection) -> None:
+                       connection: OpenConnection, started: float) -> None:
         """No agent of ``cluster`` here: the Dial goes to the replica that holds it (relay/routing/),
         waiting for a route while the agent re-homes. The owner's refusal is the client's answer."""
         assert self.router is not None
@@ -198,12 +201,13 @@ class Tunnel:
             await self._refuse_not_connected(context, cluster, connection.caller is not None)
         if isinstance(found, AgentSession):  # the agent came here meanwhile
             self.dials_local += 1
-            await self._carry(context, found, traceparent, connection, caller)
+            await self._carry(context, found, traceparent, connection, caller, started)
             return
         self.dials_forwarded += 1
         self.open_connections += 1
         try:
             await context.send_initial_metadata(((md.OPEN, "1"),))
+            metrics.opened(time.perf_counter() - started, "remote", "forwarded")
             await race(splice(PassthroughStream(context), found), self._revoked(connection))
         except (PeerGone, _Revoked) as exc:
             await self._ended(context, connection, exc, forwarded=True)
@@ -235,6 +239,7 @@ class Tunnel:
         connection ends at its token's expiry. It is not in this replica's ConnectionRegistry: the
         entry replica's holds it, counts it against the limits and ends it on revocation (which
         ends this call); here it would be an unverified caller, which an access change ends."""
+        started = time.perf_counter()
         request = read_forward_metadata(context.invocation_metadata())
         if isinstance(request, str):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request)
@@ -245,16 +250,18 @@ class Tunnel:
         self.dials_from_peers += 1
         connection = OpenConnection(cluster, None, request.expires_unix)
         with connection_span("relay.forwarded", request.traceparent or None, cluster=cluster) as traceparent:
-            await self._carry(context, session, traceparent, connection, request.caller)
+            await self._carry(context, session, traceparent, connection, request.caller, started, "from_peer")
 
     async def _carry(self, context: RawContext, session: AgentSession, traceparent: str,
-                     connection: OpenConnection, caller: tunnel_pb2.Caller) -> None:
-        accepted = await self._open(session, context, traceparent, caller)
+                     connection: OpenConnection, caller: tunnel_pb2.Caller, started: float,
+                     route: str = "local") -> None:
+        accepted, stream = await self._open(session, context, traceparent, caller)
         self.open_connections += 1
         session.active.add(accepted)
         end = StreamEnd.ABANDONED
         try:  # from here on, however this ends, the agent's stream is ended (and its Accept handler told)
             await context.send_initial_metadata(((md.OPEN, "1"),))
+            metrics.opened(time.perf_counter() - started, stream, route)
             await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted),
                        self._revoked(connection))
             end = StreamEnd.CLEAN
@@ -295,9 +302,10 @@ class Tunnel:
         raise _Revoked(await connection.wait_revoked())
 
     async def _open(self, session: AgentSession, context: RawContext, traceparent: str,
-                    caller: tunnel_pb2.Caller) -> AcceptedStream:
-        """The agent's stream for this Dial: a warm one at hand, else one the agent opens on request.
-        A stream handed over here is the caller's to end; one that is not, is ended here."""
+                    caller: tunnel_pb2.Caller) -> tuple[AcceptedStream, str]:
+        """The agent's stream for this Dial: a warm one at hand, else one the agent opens on request
+        (and which of the two: "warm" or "requested"). A stream handed over here is the caller's to
+        end; one that is not, is ended here."""
         while (warm := session.take_warm(traceparent, caller)) is not None:
             try:
                 usable = await warm.wait_bound()
@@ -306,7 +314,7 @@ class Tunnel:
                 raise
             if usable:
                 self.dials_warm += 1
-                return warm
+                return warm, "warm"
         self.dials_requested += 1
         try:
             dial = session.request_dial(traceparent, caller)
@@ -314,7 +322,7 @@ class Tunnel:
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_OVERLOADED,
                           f"agent of cluster {session.cluster} is overloaded")
         try:
-            return await dial.wait_accepted(ACCEPT_TIMEOUT)
+            return await dial.wait_accepted(ACCEPT_TIMEOUT), "requested"
         except TimeoutError:
             dial.abandon()
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_ANSWERING,
@@ -389,6 +397,8 @@ class Tunnel:
             if not session.ended.is_set():  # a session replaced by a newer one keeps its connections
                 session.end(EndReason.DISCONNECTED)
             reason = session.end_reason.value if session.end_reason else None
+            if session.end_reason is not None:
+                metrics.session_ended(session.end_reason)
             log.info("agent disconnected", cluster=cluster, reason=reason)
         if session.end_reason is EndReason.CLUSTER_REMOVED:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"cluster {cluster} was removed")

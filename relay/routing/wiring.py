@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from clusterconnect import __version__, cliargs, service
+from clusterconnect import __version__, cliargs, health, service
 from clusterconnect.errors import StartupError, Unavailable
 from clusterconnect.grpc_options import SERVER_OPTIONS
 from clusterconnect.logs import get_logger
@@ -97,12 +97,6 @@ async def _end_sessions(tunnel: Tunnel) -> None:
     await tunnel.wait_quiet(lambda: len(tunnel.sessions) == 0, SESSIONS_END_TIMEOUT)
 
 
-def _register_gauges(tunnel: Tunnel) -> None:
-    service.register_gauge("dials_local", lambda: tunnel.dials_local)
-    service.register_gauge("dials_forwarded", lambda: tunnel.dials_forwarded)
-    service.register_gauge("dials_from_peers", lambda: tunnel.dials_from_peers)
-
-
 async def run_until_stopped(args: argparse.Namespace, tunnel: Tunnel, server: grpc.aio.Server) -> None:
     """Serve until cancelled (SIGTERM, SIGINT), then end the agents' sessions in order; with --store etcd,
     as a replica of the fleet (``Replica``), which stops ``server`` once drained (the caller stops it
@@ -111,7 +105,6 @@ async def run_until_stopped(args: argparse.Namespace, tunnel: Tunnel, server: gr
     Never ``await server.wait_for_termination()`` here: cancelling a task that awaits it cancels the
     server's own shutdown future, and the caller's ``server.stop(grace)`` then raises CancelledError at
     once instead of waiting out the grace."""
-    _register_gauges(tunnel)
     if getattr(args, "store", backend.SQLITE) != backend.ETCD:
         try:
             await asyncio.get_running_loop().create_future()  # until cancelled
@@ -162,6 +155,7 @@ class Replica:
         routing = Routing(self.etcd, self.name, lease)
         peer_server = grpc.aio.server(options=SERVER_OPTIONS)
         peer_server.add_generic_rpc_handlers((raw_stream_handler(SERVICE, {"Forward": self.tunnel.Forward}),))
+        health.add_to_server(peer_server)
         try:
             port = peer_server.add_secure_port(self.args.peer_listen, self.tls.server_credentials())
         except RuntimeError as exc:
