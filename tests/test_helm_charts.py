@@ -338,12 +338,13 @@ def test_relay_ports_are_distinct_and_match_the_service(helm):
     args = container(relay)["args"]
     listens = {a.split("=", 1)[0]: a.rsplit(":", 1)[1] for a in args if "-listen=" in a}
     assert listens == {"--listen": "8443", "--agent-listen": "8444", "--issuer-listen": "8445",
-                       "--metrics-listen": "9443"}
+                       "--metrics-listen": "9443", "--peer-listen": "8446"}
     ports = {p["name"]: p["containerPort"] for p in container(relay)["ports"]}
     assert sorted(ports.values()) == sorted(int(p) for p in listens.values())
-    # The metrics port is the pod's, for the kubelet's probes and Prometheus; the Service (the public's) has
-    # the other three.
+    # The metrics port is the pod's, for the kubelet's probes and Prometheus, and the peer port is for the
+    # other replicas (pod to pod); the Service (the public's) has the other three.
     assert ports.pop("metrics") == 9443
+    assert ports.pop("peer") == 8446
     probes = container(relay)
     assert probes["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert probes["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
@@ -397,6 +398,41 @@ def test_the_relay_parses_its_deployment(helm, tmp_path, monkeypatch):
     # Inside the data volume, but not its mount point (which the relay could not chmod 700).
     mount = Path(next(m["mountPath"] for m in container(relay)["volumeMounts"] if m["name"] == "data"))
     assert args.data_dir.parent == mount
+
+
+def test_the_relay_by_default_is_3_replicas_on_etcd_that_drain_and_parse_their_flags(helm, tmp_path, monkeypatch):
+    from clusterconnect.relay.main import parse_args
+
+    found = objects(template(helm, RELAY_CHART, "relay"))
+    relay = found[("Deployment", "clusterconnect-relay")]
+    spec, pod = relay["spec"], relay["spec"]["template"]["spec"]
+    assert spec["replicas"] == 3 and spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert found[("PodDisruptionBudget", "clusterconnect-relay")]["spec"]["maxUnavailable"] == 1
+    assert ("PersistentVolumeClaim", "clusterconnect-relay") not in found  # the state is in etcd
+    args = parsed(relay, parse_args, monkeypatch)
+    assert args.store == "etcd" and args.etcd_endpoints.count("https://") == 3
+    assert (args.replica_name, args.peer_advertise) == ("$(POD_NAME)", "$(POD_IP):8446")  # kubelet expands them
+    assert args.peer_server_name == "clusterconnect-relay-peer"
+    # Every file a flag names is in a mounted Secret, the sealing key readable by the relay alone.
+    mounts = {m["mountPath"]: m["name"] for m in container(relay)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in (args.etcd_ca, args.etcd_cert, args.etcd_key, args.sealing_key_file, args.peer_ca, args.peer_cert,
+                 args.peer_key):
+        volume = volumes[mounts[str(Path(path).parent)]]
+        assert "secret" in volume and volume["secret"]["defaultMode"] == 0o400, (path, volume)
+    # Room for the preStop pause, the Drain spread and the connections' grace.
+    pre_stop = container(relay)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + args.drain_seconds + args.shutdown_grace_seconds
+    assert {"name": "peer", "containerPort": 8446} in container(relay)["ports"]
+
+
+def test_the_relay_on_sqlite_is_one_replica_on_its_volume(helm, tmp_path):
+    found = objects(template(helm, RELAY_CHART, "relay", {"store": "sqlite"}, tmp_path))
+    relay = found[("Deployment", "clusterconnect-relay")]
+    assert relay["spec"]["replicas"] == 1 and relay["spec"]["strategy"] == {"type": "Recreate"}
+    assert ("PodDisruptionBudget", "clusterconnect-relay") not in found
+    assert ("PersistentVolumeClaim", "clusterconnect-relay") in found
+    assert not any(a.startswith(("--store", "--peer", "--etcd")) for a in container(relay)["args"])
 
 
 def test_the_agent_and_auth_proxy_parse_their_deployments(helm, tmp_path, monkeypatch):

@@ -36,9 +36,12 @@ def test_a_value_opens_only_with_its_key_and_in_its_place(tmp_path):
 def test_key_files_that_fail_closed(tmp_path):
     loose = tmp_path / "loose.key"
     loose.write_text("00" * KEY_BYTES)
-    loose.chmod(0o644)
-    with pytest.raises(StartupError, match="readable by others"):
-        SealingKey.load_or_create(loose)
+    for mode in (0o644, 0o604, 0o660):  # world-readable, or writable by the group
+        loose.chmod(mode)
+        with pytest.raises(StartupError, match="readable or writable by others"):
+            SealingKey.load_or_create(loose)
+    loose.chmod(0o440)  # a Kubernetes Secret volume with an fsGroup: the pod's group may read it
+    assert SealingKey.load_or_create(loose).seal(b"x", "p")
     with pytest.raises(StartupError, match="does not exist"):
         SealingKey.load_or_create(tmp_path / "missing.key", create=False)
     short = tmp_path / "short.key"

@@ -45,9 +45,11 @@ class SealingKey:
             if not create:
                 raise StartupError(f"sealing key {path} does not exist")
             write_private(path, secrets.token_bytes(KEY_BYTES).hex().encode() + b"\n")
-        # Fail closed: a key others can read would unseal everything (a Secret volume needs defaultMode 0400).
-        if path.stat().st_mode & 0o077:
-            raise StartupError(f"sealing key {path} is readable by others: chmod 600 it")
+        # Fail closed: a key others can read would unseal everything. Group read is allowed: a Kubernetes
+        # Secret volume of a pod with an fsGroup is mode 0440 whatever its defaultMode (the group is the
+        # pod's own), and a non-root pod cannot read the file otherwise.
+        if path.stat().st_mode & 0o037:
+            raise StartupError(f"sealing key {path} is readable or writable by others: chmod 600 it")
         raw = path.read_bytes().strip()
         try:
             key = bytes.fromhex(raw.decode()) if len(raw) == 2 * KEY_BYTES else raw
