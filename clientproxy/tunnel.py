@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
 from clusterconnect.socket_stream import SocketStream
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
+from clusterconnect.tasks import ConnectionTasks
 from clusterconnect.tracing import start_connection_span
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -80,21 +80,11 @@ class ConnectionHandler:
         self.request_head_timeout = request_head_timeout
         self.open_connections = 0
         self.connections_served = 0
-        # Owns the connections' tasks while serving() runs; None before and after (no new connection then).
-        self._tasks: asyncio.TaskGroup | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionTasks()
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[None]:
+    def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
         """While this runs, accepted connections are served; when it ends they are cancelled and awaited."""
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            try:
-                yield
-            finally:
-                self._tasks = None
-                for task in self._connections:
-                    task.cancel()
+        return self._connections.serving()
 
     def protocol(self) -> SocketStream:
         accepted = self._dial_early()
@@ -148,13 +138,9 @@ class ConnectionHandler:
         if not self._claim(accepted):  # the handshake outlasted HANDSHAKE_TIMEOUT after all: the Dial is gone
             downstream.abort()
             return
-        if self._tasks is None:  # shutting down (or never started serving): nobody would own the task
+        if not self._connections.start(self._connection(accepted, downstream)):  # shutting down, or not started
             self._expire_now(accepted)
             downstream.abort()
-            return
-        task = self._tasks.create_task(self._connection(accepted, downstream))
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
 
     async def _connection(self, accepted: _Accepted, downstream: SocketStream) -> None:
         self.open_connections += 1

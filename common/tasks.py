@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any
 
 
@@ -59,3 +60,34 @@ async def gather_strict(*awaitables: Awaitable[Any]) -> list[Any]:
 
 async def _as_coro(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+class ConnectionTasks:
+    """The tasks of a listener's accepted connections, owned by one TaskGroup while ``serving()`` runs:
+    when it ends they are cancelled and awaited; before and after, ``start`` refuses (nobody would own
+    the task). The client proxy and the gateway serve their connections this way."""
+
+    def __init__(self) -> None:
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                yield
+            finally:
+                self._group = None
+                for task in self._tasks:
+                    task.cancel()
+
+    def start(self, connection: Coroutine[Any, Any, None]) -> bool:
+        """Run ``connection`` as a task of the group; False (and the coroutine closed) when not serving."""
+        if self._group is None:
+            connection.close()
+            return False
+        task = self._group.create_task(connection)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True

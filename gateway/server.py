@@ -9,9 +9,7 @@ connections: several run side by side behind a TCP balancer.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,6 +24,7 @@ from clusterconnect.grpc_options import bearer
 from clusterconnect.logs import get_logger
 from clusterconnect.socket_stream import SocketStream
 from clusterconnect.streams import GrpcClientStream, PeerGone, splice
+from clusterconnect.tasks import ConnectionTasks
 from clusterconnect.tracing import start_connection_span
 from clusterconnect.v1 import tunnel_pb2_grpc
 
@@ -51,31 +50,18 @@ class Gateway:
         self.domain = domain
         self.request_head_timeout = request_head_timeout
         self.open_connections = 0
-        self._tasks: asyncio.TaskGroup | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionTasks()
 
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[None]:
+    def serving(self) -> contextlib.AbstractAsyncContextManager[None]:
         """While this runs, accepted connections are served; when it ends they are cancelled and awaited."""
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            try:
-                yield
-            finally:
-                self._tasks = None
-                for task in self._connections:
-                    task.cancel()
+        return self._connections.serving()
 
     def protocol(self) -> SocketStream:
         return SocketStream(on_connected=self._start)
 
     def _start(self, downstream: SocketStream) -> None:
-        if self._tasks is None:  # shutting down: nobody would own the task
+        if not self._connections.start(self._connection(downstream)):  # shutting down
             downstream.abort()
-            return
-        task = self._tasks.create_task(self._connection(downstream))
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
 
     async def _connection(self, downstream: SocketStream) -> None:
         self.open_connections += 1

@@ -27,6 +27,7 @@ import yaml
 from chain import STDOUT_SUFFIX, script, wait_until
 from https_client import client_certificate, load_client_certificate
 from kube import kubectl
+from silent_stream import Blocks
 
 from clusterconnect.clientproxy.request_head import FirstRequestHead, RequestHeadTimeout
 from clusterconnect.pki import KeyPair, create_ca, issue_client_cert
@@ -238,35 +239,16 @@ def test_a_connection_that_sends_no_request_is_dropped_and_a_stalled_head_gets_4
     assert kubectl(kubeconfig, "get", "--raw", "/version", timeout=30).returncode == 0
 
 
-class _Blocks:
-    """A ByteStream that yields the given blocks, then waits for ever (a silent peer)."""
-
-    def __init__(self, *blocks: bytes) -> None:
-        self.blocks = list(blocks)
-
-    async def receive(self) -> bytes:
-        if self.blocks:
-            return self.blocks.pop(0)
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(self, data: bytes) -> None: ...
-
-    async def send_eof(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
 def test_the_deadline_ends_at_the_blank_line_even_split_across_blocks():
     async def main() -> None:
-        head = FirstRequestHead(_Blocks(b"GET / HTTP/1.1\r\nHost: x\r\n\r", b"\nbody"), timeout=0.05)
+        head = FirstRequestHead(Blocks(b"GET / HTTP/1.1\r\nHost: x\r\n\r", b"\nbody"), timeout=0.05)
         assert await head.receive() == b"GET / HTTP/1.1\r\nHost: x\r\n\r"
         assert await head.receive() == b"\nbody"
         # Silent after the head: waits past the deadline without RequestHeadTimeout.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(head.receive(), 0.3)
 
-        stalled = FirstRequestHead(_Blocks(b"GET / HTTP/1.1\r\n\r"), timeout=0.05)
+        stalled = FirstRequestHead(Blocks(b"GET / HTTP/1.1\r\n\r"), timeout=0.05)
         await stalled.receive()
         with pytest.raises(RequestHeadTimeout, match=r"within 0.05s .*\(17 bytes received\)"):
             await asyncio.wait_for(stalled.receive(), 5)

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from silent_stream import Blocks
 
 from clusterconnect.cli.kubeconfig_command import entries, server_entry
 from clusterconnect.errors import InvalidInput
@@ -60,29 +61,12 @@ def test_not_a_head_is_bad_request(data):
         HeadParser().feed(data)
 
 
-class _Feed:
-    """A ByteStream that hands out given blocks, then waits for ever."""
-
-    def __init__(self, *blocks: bytes) -> None:
-        self.blocks = list(blocks)
-
-    async def receive(self) -> bytes:
-        if self.blocks:
-            return self.blocks.pop(0)
-        await asyncio.Event().wait()
-        raise AssertionError
-
-    async def send(self, data: bytes) -> None: ...
-    async def send_eof(self) -> None: ...
-    async def close(self) -> None: ...
-
-
 def test_read_first_request_waits_for_the_whole_head_within_the_deadline():
-    first = asyncio.run(read_first_request(_Feed(HEAD[:20], HEAD[20:]), 5))
+    first = asyncio.run(read_first_request(Blocks(HEAD[:20], HEAD[20:]), 5))
     assert first is not None and first.raw == HEAD
-    assert asyncio.run(read_first_request(_Feed(b""), 5)) is None  # hung up unused
+    assert asyncio.run(read_first_request(Blocks(b""), 5)) is None  # hung up unused
     with pytest.raises(HeadTimeout, match="20 bytes received"):
-        asyncio.run(read_first_request(_Feed(HEAD[:20]), 0.1))
+        asyncio.run(read_first_request(Blocks(HEAD[:20]), 0.1))
 
 
 def test_kubeconfig_server_by_name_or_by_tls_server_name():
