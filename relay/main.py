@@ -139,20 +139,25 @@ async def serve(args: argparse.Namespace) -> None:
     sealing = sealing_key(args, data_dir)
     store = await Store.open(backend.open_kv(args, data_dir))
     try:
-        # The store's watch (etcd) beside the server: cancelled and awaited however serving ends.
+        # The store's watch (etcd) and the agents' last-seen writes beside the server: cancelled and awaited
+        # however serving ends.
         async with asyncio.TaskGroup() as tasks:
-            watch = tasks.create_task(store.run())
+            background = [tasks.create_task(store.run())]
             try:
                 await store.ready(STORE_READY_SECONDS)
-                await _serve(args, data_dir, store, sealing)
+                await shared.check_sealing_key(store, sealing)  # before anything is written
+                clusters = await ClusterStore.open(store)
+                background.append(tasks.create_task(clusters.record_seen_forever()))
+                await _serve(args, data_dir, store, sealing, clusters)
             finally:
-                watch.cancel()
+                for task in background:
+                    task.cancel()
     finally:
         await store.close()
 
 
-async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing: SealingKey) -> None:
-    await shared.check_sealing_key(store, sealing)
+async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing: SealingKey,
+                 clusters: ClusterStore) -> None:
     cert_path, key_path = await _serving_certificate(args, data_dir, store, sealing)
     ca_file = data_dir / "pki" / "ca.crt"
     # The chain includes the relay CA: agents find the CA they pinned by hash in it (agent_identity/enrollment.py).
@@ -161,7 +166,6 @@ async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing
     credentials = grpc.ssl_server_credentials([(key_pem, chain_pem)])
     admin = await admin_credential(store, sealing, data_dir)
 
-    clusters = await ClusterStore.open(store)
     sessions = SessionTable()
 
     def removed(key: str, value: bytes | None) -> None:

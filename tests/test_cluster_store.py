@@ -11,7 +11,7 @@ import pytest
 
 from clusterconnect.relay.agent_identity.enrollment import EnrollmentStore
 from clusterconnect.relay.agent_identity.pki import AgentIdentity
-from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, grants_prefix
+from clusterconnect.relay.storage.clusters import SEEN_BATCH, AlreadyExists, ClusterStore, grants_prefix
 from clusterconnect.relay.storage.kv import Change, EtcdKV, SqliteKV
 from clusterconnect.relay.storage.store import Store
 
@@ -65,13 +65,49 @@ def test_last_seen_is_recorded_and_never_brings_a_removed_cluster_back(open_kv):
     async def body(store: Store) -> None:
         clusters = await ClusterStore.open(store)
         added = await clusters.add("dev")
-        await clusters.record_seen("dev", 1234, "v1", "v1.37")
+        await clusters.record_seen([("dev", (1234, "v1", "v1.37", added.uid))])
         seen = clusters.get("dev")
         assert (seen.last_seen_unix, seen.agent_version, seen.kubernetes_version, seen.uid) == \
             (1234, "v1", "v1.37", added.uid)
         await clusters.remove("dev")
-        await clusters.record_seen("dev", 1300, "v1", "v1.37")
+        await clusters.record_seen([("dev", (1300, "v1", "v1.37", added.uid))])
         assert clusters.get("dev") is None and store.get("clusters/dev") is None
+        again = await clusters.add("dev")  # registered again: the old registration's hello is not its own
+        await clusters.record_seen([("dev", (1400, "v1", "v1.37", added.uid))])
+        assert clusters.get("dev") == again
+
+    run_store(open_kv, body)
+
+
+def test_hellos_are_written_in_batches_and_a_removed_cluster_does_not_stop_the_rest(open_kv):
+    async def body(store: Store) -> None:
+        clusters = await ClusterStore.open(store)
+        names = [f"c{i}" for i in range(SEEN_BATCH * 2 + 5)]
+        for name in names:
+            await clusters.add(name)
+        commits = []
+        real_commit = store.commit
+
+        async def counted(change):
+            if change.put:  # the hellos' writes (not the remove below)
+                commits.append(len(change.put))
+            return await real_commit(change)
+
+        store.commit = counted  # type: ignore[method-assign]
+        for name in names:
+            clusters.note_seen(name, 1000, "v2", "v1.37")
+        await clusters.remove("c3")  # after its hello was queued: it must not come back, the others go in
+        async with asyncio.TaskGroup() as group:
+            writer = group.create_task(clusters.record_seen_forever())
+            try:
+                deadline = asyncio.get_running_loop().time() + 10
+                while not all((r := clusters.get(n)) is not None and r.agent_version == "v2" for n in names[4:]):
+                    assert asyncio.get_running_loop().time() < deadline, "hellos not written"
+                    await asyncio.sleep(0.02)
+            finally:
+                writer.cancel()
+        assert clusters.get("c3") is None
+        assert commits == [SEEN_BATCH - 1, SEEN_BATCH, 5], commits  # c3 left out of the first batch
 
     run_store(open_kv, body)
 

@@ -371,7 +371,7 @@ class Tunnel:
                 f"hello names cluster {hello.cluster!r} but the certificate is for {cluster!r}",
             )
         session = AgentSession(cluster, hello.agent_version[:64], hello.kubernetes_version[:64])
-        await self.store.record_seen(cluster, int(session.last_seen), session.agent_version, session.kubernetes_version)
+        self.store.note_seen(cluster, int(session.last_seen), session.agent_version, session.kubernetes_version)
         self.sessions.add(session)
         if self.router is not None:
             self.router.claim(session)
