@@ -404,8 +404,10 @@ def start_devcluster(state_dir: Path, out: Path, timeout: float = 600) -> tuple[
     """Start tests/devcluster/run in its own process group; returns it and the admin kubeconfig once ready."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as handle:
-        # The node's containers inherit its PATH: this venv's console scripts first (chart pods run them).
-        env = {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", os.defpath)])}
+        # The node's containers inherit its PATH: this venv's console scripts first (chart pods run them);
+        # the checkout and Python stand for the image, bound again over a volume that would hide them.
+        env = {**os.environ, "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", os.defpath)]),
+               "DEVCLUSTER_IMAGE_DIRS": os.pathsep.join([str(ROOT), sys.base_prefix])}
         process = subprocess.Popen([str(ROOT / "tests/devcluster/run"), "--state-dir", str(state_dir)],
                                    stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, env=env)

@@ -262,6 +262,10 @@ def node_environment() -> dict[str, str]:
     chart's `command: [clusterconnect-agent]` runs this checkout's console script (images are ignored)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+    # What stands for the image: the node binds them again over a volume that would hide them (a
+    # checkout under /tmp and a pod's emptyDir at /tmp; node_volumes.go hiddenImageDirs).
+    checkout = Path(__file__).resolve().parents[2]
+    env["DEVCLUSTER_IMAGE_DIRS"] = os.pathsep.join([str(checkout), sys.base_prefix])
     return env
 
 

@@ -330,5 +330,30 @@ func (pr *podRuntime) containerMounts(c *corev1.Container) ([]bindMount, error) 
 	sort.SliceStable(mounts, func(i, j int) bool {
 		return strings.Count(filepath.Clean(mounts[i].Target), "/") < strings.Count(filepath.Clean(mounts[j].Target), "/")
 	})
-	return mounts, nil
+	return append(mounts, hiddenImageDirs(mounts, filepath.SplitList(os.Getenv(imageDirsEnv)))...), nil
+}
+
+// imageDirsEnv names the node's directories that stand for the containers' image: the checkout and
+// venv whose console scripts the containers run (set by the test fixture). Images are ignored here,
+// so a volume mounted over one of them (an emptyDir at /tmp, with the checkout under /tmp) would hide
+// the container's own command, which a real image never does.
+const imageDirsEnv = "DEVCLUSTER_IMAGE_DIRS"
+
+// hiddenImageDirs binds each image directory that a mount would hide back at its place, read-only,
+// after the volume mounts.
+func hiddenImageDirs(mounts []bindMount, dirs []string) []bindMount {
+	var again []bindMount
+	for _, dir := range dirs {
+		if dir == "" || !filepath.IsAbs(dir) {
+			continue
+		}
+		for _, m := range mounts {
+			rel, err := filepath.Rel(filepath.Clean(m.Target), filepath.Clean(dir))
+			if err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+				again = append(again, bindMount{Source: dir, Target: dir, ReadOnly: true})
+				break
+			}
+		}
+	}
+	return again
 }

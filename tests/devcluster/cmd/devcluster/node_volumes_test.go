@@ -83,3 +83,15 @@ func TestKubernetesServiceEnv(t *testing.T) {
 		t.Fatal("want an error")
 	}
 }
+
+func TestHiddenImageDirsAreBoundAgainReadOnly(t *testing.T) {
+	mounts := []bindMount{{Source: "/pods/p/volumes/tmp", Target: "/tmp"}, {Source: "/pods/p/volumes/d", Target: "/data"}}
+	got := hiddenImageDirs(mounts, []string{"/tmp/checkout", "/work/other", "/tmpfoo/x", "relative", ""})
+	want := []bindMount{{Source: "/tmp/checkout", Target: "/tmp/checkout", ReadOnly: true}}
+	if len(got) != len(want) || got[0] != want[0] {
+		t.Fatalf("hiddenImageDirs = %+v, want %+v", got, want)
+	}
+	if again := hiddenImageDirs(mounts, []string{"/tmp"}); len(again) != 1 {
+		t.Fatalf("a mount at the image dir itself hides it too: %+v", again)
+	}
+}
