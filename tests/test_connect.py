@@ -48,12 +48,20 @@ def release_revision(devcluster) -> str | None:
     return str(releases[0]["revision"]) if releases else None
 
 
-def test_connect_again_and_disconnect(devcluster, relay, admin_sa_token, tmp_path):
+STATE_PV = state_volume(NAMESPACE, RELEASE, Path("/unused"))["metadata"]["name"]
+
+
+def _devcluster_values(devcluster, tmp_path: Path) -> Path:
+    """The agent's state volume bound ahead, and the chart's values for the devcluster (free ports)."""
     helm_binary()
-    pv = state_volume(NAMESPACE, RELEASE, tmp_path / "agent-state")
-    devcluster.apply(pv)
+    devcluster.apply(state_volume(NAMESPACE, RELEASE, tmp_path / "agent-state"))
     values = tmp_path / "devcluster-values.yaml"
     values.write_text(yaml.safe_dump(devcluster_values(free_port())))
+    return values
+
+
+def test_connect_again_and_disconnect(devcluster, relay, admin_sa_token, tmp_path):
+    values = _devcluster_values(devcluster, tmp_path)
     try:
         first = clusterconnect(relay, "connect", devcluster.kubeconfig, "--values", str(values))
         assert first.returncode == 0, first.stdout + first.stderr
@@ -96,7 +104,7 @@ def test_connect_again_and_disconnect(devcluster, relay, admin_sa_token, tmp_pat
                         "--wait"], capture_output=True, check=False, timeout=180)
         devcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False,
                            timeout=150)
-        devcluster.kubectl("delete", "pv", pv["metadata"]["name"], "--ignore-not-found", check=False)
+        devcluster.kubectl("delete", "pv", STATE_PV, "--ignore-not-found", check=False)
 
 
 def test_connect_to_an_unreachable_cluster_is_one_line_and_registers_nothing(relay, tmp_path):
@@ -118,11 +126,7 @@ def test_connect_to_an_unreachable_cluster_is_one_line_and_registers_nothing(rel
 
 def test_connect_with_the_relay_unreachable_from_the_agent_reports_the_agent_pods_failure(
         devcluster, relay, tmp_path):
-    helm_binary()
-    pv = state_volume(NAMESPACE, RELEASE, tmp_path / "agent-state")
-    devcluster.apply(pv)
-    values = tmp_path / "devcluster-values.yaml"
-    values.write_text(yaml.safe_dump(devcluster_values(free_port())))
+    values = _devcluster_values(devcluster, tmp_path)
     try:
         unreachable = f"https://127.0.0.1:{free_port()}"
         result = clusterconnect(relay, "connect", devcluster.kubeconfig, "--values", str(values),
@@ -142,4 +146,4 @@ def test_connect_with_the_relay_unreachable_from_the_agent_reports_the_agent_pod
                         "--wait"], capture_output=True, check=False, timeout=180)
         devcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False,
                            timeout=150)
-        devcluster.kubectl("delete", "pv", pv["metadata"]["name"], "--ignore-not-found", check=False)
+        devcluster.kubectl("delete", "pv", STATE_PV, "--ignore-not-found", check=False)
