@@ -7,8 +7,12 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent_chart import state_volume
 
 ROOT = Path(__file__).resolve().parent.parent
 HELM = ROOT / "tools/helm/bin/helm"
@@ -21,6 +25,23 @@ def helm_binary() -> Path:
     """helm from its Go module (`make helm`; a no-op when up to date)."""
     subprocess.run(["make", "--no-print-directory", "-s", "-C", str(ROOT / "tools/helm")], check=True)
     return HELM
+
+
+@contextmanager
+def release_volume(devcluster, namespace: str, release: str, state_dir: Path) -> Iterator[None]:
+    """The agent's state volume of ``release`` bound ahead; afterwards the release uninstalled and its
+    namespace and volume deleted, however the test ended."""
+    pv = state_volume(namespace, release, state_dir)
+    devcluster.apply(pv)
+    try:
+        yield
+    finally:
+        subprocess.run([str(helm_binary()), "uninstall", release, "-n", namespace,
+                        "--kubeconfig", str(devcluster.kubeconfig), "--wait"],
+                       capture_output=True, check=False, timeout=180)
+        devcluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=true", "--timeout=120s",
+                           check=False, timeout=150)
+        devcluster.kubectl("delete", "pv", pv["metadata"]["name"], "--ignore-not-found", check=False)
 
 
 def pod_processes(devcluster, namespace: str) -> list[int]:

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agent_chart import devcluster_values, state_volume
-from agent_release import HELM, KUBECTL, cluster_status, helm_binary, pod_processes, release_leftovers
+from agent_chart import devcluster_values
+from agent_release import (
+    HELM,
+    KUBECTL,
+    cluster_status,
+    helm_binary,
+    pod_processes,
+    release_leftovers,
+    release_volume,
+)
 from chain import Chain, free_port, script
 from waiting import wait_until
 
@@ -48,21 +56,17 @@ def release_revision(devcluster) -> str | None:
     return str(releases[0]["revision"]) if releases else None
 
 
-STATE_PV = state_volume(NAMESPACE, RELEASE, Path("/unused"))["metadata"]["name"]
-
-
-def _devcluster_values(devcluster, tmp_path: Path) -> Path:
-    """The agent's state volume bound ahead, and the chart's values for the devcluster (free ports)."""
+def _devcluster_values(tmp_path: Path) -> Path:
+    """The chart's values for the devcluster (free ports)."""
     helm_binary()
-    devcluster.apply(state_volume(NAMESPACE, RELEASE, tmp_path / "agent-state"))
     values = tmp_path / "devcluster-values.yaml"
     values.write_text(yaml.safe_dump(devcluster_values(free_port())))
     return values
 
 
 def test_connect_again_and_disconnect(devcluster, relay, admin_sa_token, tmp_path):
-    values = _devcluster_values(devcluster, tmp_path)
-    try:
+    values = _devcluster_values(tmp_path)
+    with release_volume(devcluster, NAMESPACE, RELEASE, tmp_path / "agent-state"):
         first = clusterconnect(relay, "connect", devcluster.kubeconfig, "--values", str(values))
         assert first.returncode == 0, first.stdout + first.stderr
         for progress in ("==> checking the cluster", "==> registering cluster connect-dev at the relay",
@@ -99,12 +103,6 @@ def test_connect_again_and_disconnect(devcluster, relay, admin_sa_token, tmp_pat
         wait_until(lambda: not pod_processes(devcluster, NAMESPACE), 60, "the release's processes to end")
         wait_until(lambda: release_leftovers(devcluster, NAMESPACE, RELEASE) == [], 60,
                    "the release's objects (and the agent's state claim) to go")
-    finally:
-        subprocess.run([str(HELM), "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(devcluster.kubeconfig),
-                        "--wait"], capture_output=True, check=False, timeout=180)
-        devcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False,
-                           timeout=150)
-        devcluster.kubectl("delete", "pv", STATE_PV, "--ignore-not-found", check=False)
 
 
 def test_connect_to_an_unreachable_cluster_is_one_line_and_registers_nothing(relay, tmp_path):
@@ -126,8 +124,8 @@ def test_connect_to_an_unreachable_cluster_is_one_line_and_registers_nothing(rel
 
 def test_connect_with_the_relay_unreachable_from_the_agent_reports_the_agent_pods_failure(
         devcluster, relay, tmp_path):
-    values = _devcluster_values(devcluster, tmp_path)
-    try:
+    values = _devcluster_values(tmp_path)
+    with release_volume(devcluster, NAMESPACE, RELEASE, tmp_path / "agent-state"):
         unreachable = f"https://127.0.0.1:{free_port()}"
         result = clusterconnect(relay, "connect", devcluster.kubeconfig, "--values", str(values),
                                 "--agent-relay", unreachable, "--timeout", "25")
@@ -141,9 +139,3 @@ def test_connect_with_the_relay_unreachable_from_the_agent_reports_the_agent_pod
         assert gone.returncode == 0, gone.stdout + gone.stderr
         assert cluster_status(relay, CLUSTER) is None
         wait_until(lambda: not pod_processes(devcluster, NAMESPACE), 60, "the release's processes to end")
-    finally:
-        subprocess.run([str(HELM), "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(devcluster.kubeconfig),
-                        "--wait"], capture_output=True, check=False, timeout=180)
-        devcluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", check=False,
-                           timeout=150)
-        devcluster.kubectl("delete", "pv", STATE_PV, "--ignore-not-found", check=False)

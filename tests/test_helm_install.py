@@ -17,7 +17,7 @@ import time
 
 import pytest
 import yaml
-from agent_chart import devcluster_values, state_volume
+from agent_chart import devcluster_values
 from agent_release import (
     ROOT,
     TunnelLoop,
@@ -26,6 +26,7 @@ from agent_release import (
     helm_binary,
     pod_processes,
     release_leftovers,
+    release_volume,
 )
 from authentication import builtin_issuer
 from chain import Chain, free_port
@@ -43,17 +44,8 @@ MAX_GAP = 30.0
 def release_state(devcluster, tmp_path):
     """The namespace and the agent's state volume; removes both (and what the release left) afterwards."""
     devcluster.create_namespace(NAMESPACE)
-    pv = state_volume(NAMESPACE, RELEASE, tmp_path / "agent-state")
-    devcluster.apply(pv)
-    try:
+    with release_volume(devcluster, NAMESPACE, RELEASE, tmp_path / "agent-state"):
         yield
-    finally:
-        subprocess.run([str(helm_binary()), "uninstall", RELEASE, "-n", NAMESPACE,
-                        "--kubeconfig", str(devcluster.kubeconfig), "--wait"],
-                       capture_output=True, check=False, timeout=180)
-        devcluster.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=120s", check=False,
-                           timeout=150)
-        devcluster.kubectl("delete", "pv", pv["metadata"]["name"], "--ignore-not-found", check=False)
 
 
 def helm(devcluster, *args: str, values: dict | None = None) -> str:
