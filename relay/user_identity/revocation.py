@@ -42,6 +42,11 @@ class RevocationWatch:
             # After the commit's other changes (same turn of the loop), before anything else runs long.
             asyncio.get_running_loop().call_soon(self.recheck)
 
+    @property
+    def pending(self) -> bool:
+        """Changes have arrived whose recheck has not run yet (it runs in the loop's next turn)."""
+        return self._due
+
     def recheck(self) -> int:
         """End the open connections the changes gathered since the last recheck no longer admit."""
         users, uids, names = self._users, self._uids, self._names
