@@ -26,6 +26,14 @@ from clusterconnect.oidc import Principal
 
 
 @dataclass(frozen=True)
+class Subject:
+    """A user as the audit event names it (audit.py): the Kubernetes username and groups."""
+
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Forward:
     """Send the request upstream with exactly these end-to-end headers."""
 
@@ -33,6 +41,10 @@ class Forward:
     # The caller's principal (issuer, raw sub and uid claims) when this proxy verified the request
     # itself (OIDC mode); None when the apiserver authenticates it (token passthrough, ServiceAccount tokens).
     caller: Principal | None = None
+    # For the audit event, not part of the decision: the verified caller, and whom the proxy's own
+    # credential impersonates for it (both None when the apiserver authenticates the request).
+    user: Subject | None = field(default=None, compare=False)
+    impersonated: Subject | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,8 @@ class Reject:
     # Why, for the metrics (clusterconnect_aadproxy_authentication_failures_total): a short fixed word;
     # not part of the decision (two refusals with the same answer are equal).
     reason: str = field(default="credential", compare=False)
+    # The caller, when its token verified before the refusal (audit event; not part of the decision).
+    user: Subject | None = field(default=None, compare=False)
 
 
 class Authenticator(Protocol):

@@ -42,15 +42,15 @@ class HeldToCaller:
         if isinstance(decision, Reject):
             return decision
         if decision.caller is None:  # a ServiceAccount token, for the apiserver to authenticate
-            return decision if self.caller is None else self._refuse()
+            return decision if self.caller is None else self._refuse(decision)
         if self.caller is None:
             self.caller = decision.caller
         elif decision.caller != self.caller:
-            return self._refuse()
+            return self._refuse(decision)
         return decision
 
     @staticmethod
-    def _refuse() -> Reject:
+    def _refuse(decision: Forward) -> Reject:
         # The request's own identity stays in the request event (user), next to why it was refused.
         structlog.contextvars.bind_contextvars(auth="rejected", reason="connection-identity")
-        return Reject(403, FORBIDDEN, "connection-identity")
+        return Reject(403, FORBIDDEN, "connection-identity", user=decision.user)

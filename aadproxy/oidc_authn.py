@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote
 
 import structlog
 
-from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject, bearer_token
+from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject, Subject, bearer_token
 from clusterconnect.aadproxy.connection_identity import HeldToCaller
 from clusterconnect.aadproxy.headers import Header
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, ResourceAttributes
@@ -187,6 +187,10 @@ class ImpersonationRequest:
         )
 
 
+def subject(identity: Identity) -> Subject:
+    return Subject(identity.username, tuple(identity.groups))
+
+
 def _bind_audit(**values: object) -> None:
     """Identity fields for this request's log events (the forwarder's per-request event carries them)."""
     structlog.contextvars.bind_contextvars(**values)
@@ -240,12 +244,13 @@ class OIDCAuthenticator:
             denied = await self._check_impersonation(identity, requested)
             if denied is not None:
                 _bind_audit(auth="oidc", user=identity.username, groups=list(identity.groups), reason="impersonation")
-                return Reject(403, denied, "impersonation")
+                return Reject(403, denied, "impersonation", user=subject(identity))
             effective = requested.identity(identity.issuer)
 
         own = self.own_token()
         if not own:
-            return self._reject(503, "auth proxy has no credential of its own for the apiserver", "no-credential")
+            refused = self._reject(503, "auth proxy has no credential of its own for the apiserver", "no-credential")
+            return Reject(refused.status, refused.message, refused.reason, user=subject(identity))
         _bind_audit(
             auth="oidc",
             user=identity.username,
@@ -256,7 +261,8 @@ class OIDCAuthenticator:
         forward = without_credentials(headers)
         forward.append((b"authorization", b"Bearer " + own.encode()))
         forward += identity_headers(effective)
-        return Forward(headers=forward, caller=principal(identity))
+        return Forward(headers=forward, caller=principal(identity), user=subject(identity),
+                       impersonated=subject(effective))
 
     def bound_to(self, caller: Principal | None) -> Authenticator:
         return HeldToCaller(self, caller)
