@@ -38,7 +38,8 @@ import h11
 
 from clusterconnect.aadproxy import headers as hdr
 from clusterconnect.aadproxy import metrics
-from clusterconnect.aadproxy.authn import Authenticator, Reject
+from clusterconnect.aadproxy.audit import ConnectionAudit, RequestRecord
+from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject
 from clusterconnect.aadproxy.request_checks import MAX_HEAD, Rejection, check_request, parse_failure
 from clusterconnect.aadproxy.upstream import ApiserverGone, ConnectUpstream, Upstream
 from clusterconnect.kstatus import status_body
@@ -98,6 +99,7 @@ class _Exchange:
     request_sent: bool = False
     switched: bool = False
     close_after: bool = False
+    decision: Forward | Reject | None = None  # for the audit event
 
 
 def _never() -> bool:
@@ -110,6 +112,7 @@ async def forward_connection(
     authenticator: Authenticator,
     stopping: Callable[[], bool] = _never,
     head_timeout: float = HEAD_TIMEOUT,
+    audit: ConnectionAudit | None = None,
 ) -> None:
     """Serve one downstream connection until it ends; never raises except CancelledError.
 
@@ -122,7 +125,7 @@ async def forward_connection(
     end: End | None = None
     try:
         async with asyncio.TaskGroup() as tasks:
-            connection = _Connection(downstream, connect_upstream, authenticator, tasks, head_timeout)
+            connection = _Connection(downstream, connect_upstream, authenticator, tasks, head_timeout, audit)
             try:
                 end = await connection.run()
             finally:
@@ -174,8 +177,10 @@ class _Connection:
         authenticator: Authenticator,
         tasks: asyncio.TaskGroup,
         head_timeout: float = HEAD_TIMEOUT,
+        audit: ConnectionAudit | None = None,
     ) -> None:
         self.downstream = downstream
+        self.audit = audit
         self.head_timeout = head_timeout
         self.authenticator = authenticator
         self.down = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -273,16 +278,30 @@ class _Connection:
 
     async def _handle(self, request: h11.Request) -> End | None:
         """Answer one request; None if the connection may carry another, else why it ends."""
-        started = time.monotonic()
         method = request.method.decode("ascii", "replace")
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         received = list(request.headers)
-        upgrade = hdr.upgrade_protocol(received)
         # h11 treats any Upgrade header as a switch proposal; so do we when deciding to close.
-        proposed = upgrade is not None or bool(hdr.values(received, b"upgrade"))
+        proposed = hdr.upgrade_protocol(received) is not None or bool(hdr.values(received, b"upgrade"))
+        exchange = _Exchange(method=method, path=path, upgrade=proposed)
+        received_at = time.time()
+        try:
+            return await self._exchange(request, exchange)
+        finally:
+            # Also when cancelled (the client went away): the status is whatever it got, 0 if nothing.
+            if self.audit is not None:
+                self.audit.record(_record(request, exchange, received_at))
+
+    async def _exchange(self, request: h11.Request, exchange: _Exchange) -> End | None:
+        started = time.monotonic()
+        method, path, proposed = exchange.method, exchange.path, exchange.upgrade
+        received = list(request.headers)
+        upgrade = hdr.upgrade_protocol(received)
         decision = await self.authenticator.authenticate(hdr.strip_hop_by_hop(received))
+        exchange.decision = decision
         verb = metrics.verb(request.method, request.target, proposed)
         if isinstance(decision, Reject):
+            exchange.status = decision.status
             metrics.authentication_failed(decision.reason)
             metrics.request(verb, decision.status, 0, 0)
             # The audit event: one per request (identity fields are bound by the authenticator).
@@ -305,6 +324,7 @@ class _Connection:
                 message = _one_line(exc)
                 log.warning("apiserver unreachable", error=message)
                 metrics.request(verb, 502, 0, 0)
+                exchange.status = 502
                 await self._answer(502, f"auth proxy cannot reach the apiserver: {message}")
                 return End.APISERVER_FAILED
         stream, up = upstream.stream, upstream.http
@@ -312,16 +332,17 @@ class _Connection:
         try:
             head = up.send(h11.Request(method=request.method, target=request.target, headers=send_headers))
         except h11.LocalProtocolError:  # e.g. an HTTP/1.0 request without Host
+            exchange.status = 400
             await self._answer(400, "Bad Request: request cannot be forwarded")
             return End.REFUSED
         try:
             await stream.send(head)
         except PeerGone:
             log.warning("apiserver connection lost", error="send failed")
+            exchange.status = 502
             await self._answer(502, "auth proxy lost its connection to the apiserver")
             return End.APISERVER_FAILED
 
-        exchange = _Exchange(method=method, path=path, upgrade=proposed)
         try:
             async with asyncio.TaskGroup() as group:
                 body = group.create_task(self._pump_request_body(exchange, stream, up))
@@ -527,6 +548,21 @@ async def _send_upstream(stream: ByteStream, data: bytearray) -> bool:
     except PeerGone:
         return False
     return True
+
+
+def _record(request: h11.Request, exchange: _Exchange, received_at: float) -> RequestRecord:
+    """The audit facts of one exchange (the caller as the authenticator told it, never a header value)."""
+    decision = exchange.decision
+    if isinstance(decision, Reject):
+        user, impersonated, authentication, reason = decision.user, None, "rejected", decision.reason
+    elif decision is not None:
+        user, impersonated, reason = decision.user, decision.impersonated, None
+        authentication = "oidc" if decision.user is not None else "passthrough"
+    else:  # cancelled while authenticating
+        user, impersonated, authentication, reason = None, None, "rejected", None
+    return RequestRecord(method=exchange.method, target=request.target.decode("ascii", "replace"),
+                         code=exchange.status, received=received_at, completed=time.time(), user=user,
+                         impersonated=impersonated, authentication=authentication, reason=reason)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ import grpc
 from clusterconnect import health, metrics
 from clusterconnect.aadproxy import apiserver as apiserver_mod
 from clusterconnect.aadproxy import metrics as aadproxy_metrics
+from clusterconnect.aadproxy.audit import AuditLog
 from clusterconnect.aadproxy.authn import ConnectionAuthenticator, TokenPassthrough
 from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, open_connections
 from clusterconnect.aadproxy.kubeapi import AccessReviewer, ApiError, serviceaccount_issuer
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              help="seconds from the first byte of a request head to its end; a slower client gets 408 and"
              " is disconnected")
     add_flag(parser, "--cluster", default="", help="cluster name recorded in each request's log event")
+    add_flag(parser, "--audit-log", default="", metavar="FILE|-",
+             help='write one audit.k8s.io/v1 Event (JSON line) per request to this file (appended, created 0600),'
+             ' or "-" for standard output (default: none; docs/audit.md)')
     add_flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_flag(parser, "--metrics-listen", default=DEFAULT_METRICS_LISTEN,
              help='HOST:PORT for /metrics, /healthz and /readyz (plain HTTP; "" for none; in a pod, 0.0.0.0:9445'
@@ -140,6 +144,8 @@ async def serve(args: argparse.Namespace) -> None:
         raise StartupError(
             f"refusing to serve plaintext gRPC on non-loopback address {args.listen}; give --tls-cert and --tls-key"
         )
+    # Opened first: a path that cannot be written is the whole start's one-line error.
+    audit_log = AuditLog.open(args.audit_log) if args.audit_log else None
     target = apiserver_mod.from_kubeconfig(args.kubeconfig) if args.kubeconfig else apiserver_mod.in_cluster()
 
     authenticator, mode = await build_authenticator(args, target)
@@ -150,7 +156,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not args.request_head_timeout > 0:
         raise StartupError("--request-head-timeout must be a positive number of seconds")
     service = AuthProxyService(target, authenticator, cluster=args.cluster, connect_upstream=pool.connect,
-                               head_timeout=args.request_head_timeout)
+                               head_timeout=args.request_head_timeout, audit_log=audit_log)
     tunnel_pb2_grpc.add_AuthProxyServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -172,7 +178,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     health.serving()
     log.info("listening", address=f"{host}:{bound}", tls=credentials is not None, apiserver=target.address,
-             authentication=mode)
+             authentication=mode, audit_log=audit_log.name if audit_log else None)
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(pool.run())

@@ -12,6 +12,7 @@ import structlog
 from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.aadproxy.apiserver import ApiServer
+from clusterconnect.aadproxy.audit import AuditLog, ConnectionAudit, ConnectionFacts, peer_ip
 from clusterconnect.aadproxy.authn import ConnectionAuthenticator
 from clusterconnect.aadproxy.http_forwarder import HEAD_TIMEOUT, forward_connection
 from clusterconnect.aadproxy.kubeapi import fetch_version
@@ -30,8 +31,10 @@ VERSION_TIMEOUT = 10.0
 
 class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
     def __init__(self, apiserver: ApiServer, authenticator: ConnectionAuthenticator, cluster: str = "",
-                 connect_upstream: ConnectUpstream | None = None, head_timeout: float = HEAD_TIMEOUT) -> None:
+                 connect_upstream: ConnectUpstream | None = None, head_timeout: float = HEAD_TIMEOUT,
+                 audit_log: AuditLog | None = None) -> None:
         self.apiserver = apiserver
+        self.audit_log = audit_log
         self.head_timeout = head_timeout
         # Where forwarded connections come from (main.py passes the warm pool); default: a new one each.
         self.connect_upstream: ConnectUpstream = connect_upstream or apiserver.connect
@@ -63,12 +66,18 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
                                 "the first message must be Chunk{bound} with the connection's caller")
         traceparent = first.bound.traceparent or metadata_value(metadata, md.TRACEPARENT)
         caller = first.bound.caller
-        structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace_id(traceparent))
+        trace = trace_id(traceparent)
+        structlog.contextvars.bind_contextvars(cluster=self.cluster or None, trace_id=trace)
+        audit = None
+        if self.audit_log is not None:
+            # The peer is the agent: the client's own address stays at the relay (docs/audit.md).
+            source = peer_ip(context.peer())
+            audit = ConnectionAudit(self.audit_log, ConnectionFacts(self.cluster, trace, (source,) if source else ()))
         verified = (caller.issuer, caller.subject, caller.uid) if caller.issuer else None
         authenticator = self.authenticator.bound_to(verified)
         # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
         await forward_connection(GrpcServerStream(context), self.connect_upstream, authenticator,
-                                 stopping=self._stopping, head_timeout=self.head_timeout)
+                                 stopping=self._stopping, head_timeout=self.head_timeout, audit=audit)
 
     def _stopping(self) -> bool:
         return self.stopping
