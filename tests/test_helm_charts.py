@@ -37,6 +37,7 @@ AGENT_EVERYTHING = {
     "authProxy": {
         "tls": {"generate": True},
         "serviceAccountIssuers": ["https://kubernetes.default.svc"],
+        "auditLog": "/var/log/clusterconnect/audit.log",
         "authentication": {
             "apiVersion": "apiserver.config.k8s.io/v1",
             "kind": "AuthenticationConfiguration",
@@ -158,8 +159,10 @@ def test_lint_fails_on_a_broken_chart(helm, tmp_path):
     (RELAY_CHART, {"accessTokenLifetime": 901}, "/accessTokenLifetime"),
     (RELAY_CHART, {"issuerPort": 70000}, "/issuerPort"),
     (RELAY_CHART, {"logLevel": "verbose"}, "/logLevel"),
+    (AGENT_CHART, {"authProxy": {"auditLog": "audit.log"}}, "/authProxy/auditLog"),
+    (AGENT_CHART, {"authProxy": {"auditLog": "/audit.log"}}, "/authProxy/auditLog"),
 ], ids=["warm-streams", "typo", "cluster-name", "plain-http-relay", "empty-authn", "token-lifetime", "port",
-        "log-level"])
+        "log-level", "relative-audit-log", "audit-log-at-the-root"])
 def test_values_schema_refuses_what_the_services_would(helm, tmp_path, chart, values, complaint):
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     result = run_helm(helm, "template", "clusterconnect", str(chart), "-f", str(tmp_path / "values.yaml"))
@@ -235,6 +238,23 @@ def test_auth_proxy_rolls_when_its_oidc_configuration_changes(helm, tmp_path):
 
     assert checksum("one") != checksum("two")
     assert checksum("one") == checksum("one")
+
+
+def test_auth_proxy_audit_log_follows_the_value(helm, tmp_path):
+    def proxy(values: dict | None) -> dict:
+        return objects(template(helm, AGENT_CHART, "cc", values, tmp_path))[("Deployment", "clusterconnect-aadproxy")]
+
+    default = proxy(None)
+    assert not any(a.startswith("--audit-log") for a in container(default)["args"])
+    to_stdout = proxy({"authProxy": {"auditLog": "-"}})
+    assert "--audit-log=-" in container(to_stdout)["args"]
+    assert "audit-log" not in {v["name"] for v in to_stdout["spec"]["template"]["spec"]["volumes"]}
+    to_file = proxy(AGENT_EVERYTHING)
+    assert "--audit-log=/var/log/clusterconnect/audit.log" in container(to_file)["args"]
+    volumes = {v["name"]: v for v in to_file["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["audit-log"] == {"name": "audit-log", "emptyDir": {}}
+    mounts = {m["name"]: m["mountPath"] for m in container(to_file)["volumeMounts"]}
+    assert mounts["audit-log"] == "/var/log/clusterconnect"
 
 
 def test_token_passthrough_by_default(helm):
@@ -448,6 +468,7 @@ def test_the_agent_and_auth_proxy_parse_their_deployments(helm, tmp_path, monkey
     assert proxy.listen == "0.0.0.0:8443"
     assert proxy.serviceaccount_issuer == ["https://kubernetes.default.svc"]
     assert proxy.authentication_config == "/etc/clusterconnect/authn/config.yaml"
+    assert proxy.audit_log == "/var/log/clusterconnect/audit.log"
 
 
 # -- a real apiserver accepts the output ---------------------------------------------------------------
