@@ -54,7 +54,7 @@ class RequestRecord:
     completed: float  # wall clock when the answer ended
     user: Subject | None = None
     impersonated: Subject | None = None
-    authentication: str = "passthrough"  # oidc | passthrough | rejected
+    authentication: str = "passthrough"  # oidc | passthrough | rejected | none (gone before a decision)
     reason: str | None = None  # why it was refused (the metrics' authentication failure reason)
 
 

@@ -558,8 +558,8 @@ def _record(request: h11.Request, exchange: _Exchange, received_at: float) -> Re
     elif decision is not None:
         user, impersonated, reason = decision.user, decision.impersonated, None
         authentication = "oidc" if decision.user is not None else "passthrough"
-    else:  # cancelled while authenticating
-        user, impersonated, authentication, reason = None, None, "rejected", None
+    else:  # cancelled while authenticating (the client went away): nobody was told anything
+        user, impersonated, authentication, reason = None, None, "none", None
     return RequestRecord(method=exchange.method, target=request.target.decode("ascii", "replace"),
                          code=exchange.status, received=received_at, completed=time.time(), user=user,
                          impersonated=impersonated, authentication=authentication, reason=reason)
