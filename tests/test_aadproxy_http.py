@@ -1105,3 +1105,53 @@ def test_grpc_serve_and_info_end_to_end(tmp_path: Path) -> None:
             await server.stop(0)
 
     run(main())
+
+
+# ---- the audit log (--audit-log, docs/audit.md) --------------------------------------------------
+
+
+def test_every_request_is_one_audit_event_whatever_its_end(tmp_path: Path) -> None:
+    from clusterconnect.aadproxy.audit import AuditLog, ConnectionAudit, ConnectionFacts
+
+    path = tmp_path / "audit.log"
+    sink = AuditLog.open(str(path))
+    audit = ConnectionAudit(sink, ConnectionFacts(cluster="dev", trace_id="ab" * 16, source_ips=("10.0.0.9",)))
+
+    async def main() -> None:
+        seen: list = []
+        async with Upstream(lambda r, w: echo_apiserver(r, w, seen)) as upstream:
+            down = MemoryStream()
+            task = asyncio.create_task(forward_connection(down, upstream.connect, TokenPassthrough(), audit=audit))
+            client = Client(down)
+            client.request(b"POST", b"/api/v1/namespaces/ns/configmaps?token=tok-123", [AUTH], b"{}")
+            assert (await client.response())[0].status_code == 200
+            client.next_cycle()
+            client.request(b"DELETE", b"/api/v1/namespaces/ns/configmaps", [])  # no token: 401 here
+            assert (await client.response())[0].status_code == 401
+            await finished(task)
+        down = MemoryStream()  # unreachable apiserver: 502
+        task = asyncio.create_task(forward_connection(down, no_upstream, TokenPassthrough(), audit=audit))
+        client = Client(down)
+        client.request(b"GET", b"/version", [AUTH])
+        assert (await client.response())[0].status_code == 502
+        await finished(task)
+        no_leaks()
+
+    run(main())
+    sink.close()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["verb"], e["responseStatus"]["code"], e["annotations"]["clusterconnect.io/authentication"])
+            for e in events] == [("create", 200, "passthrough"), ("deletecollection", 401, "rejected"),
+                                 ("get", 502, "passthrough")]
+    assert events[0]["requestURI"] == "/api/v1/namespaces/ns/configmaps?token=%5Bredacted%5D"
+    assert events[1]["annotations"]["clusterconnect.io/reason"] == "credential"
+    assert all(e["user"] == {} and "impersonatedUser" not in e and e["sourceIPs"] == ["10.0.0.9"] for e in events)
+    assert "tok-123" not in path.read_text()
+
+
+def test_the_audit_log_on_standard_output() -> None:
+    code = ("from clusterconnect.aadproxy.audit import AuditLog; s = AuditLog.open('-'); s.write({'kind': 'Event'});"
+            " s.close(); print('after')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '{"kind":"Event"}\nafter\n'
