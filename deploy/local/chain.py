@@ -195,14 +195,14 @@ class Chain:
         return self.relay_data / "admin.credential"
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stdout: int | None = None, metrics: bool | None = None) -> Process:
+              stdout: int | None = None, metrics: bool | None = None, metrics_port: int = 0) -> Process:
         """Start a process; with ``metrics`` (default: when it is one of the four services that have
-        --metrics-listen), its metrics port on a free port (no two services of the chain, or two chains,
-        meet on the built-in defaults)."""
+        --metrics-listen), its metrics port on ``metrics_port`` or a free port (no two services of the
+        chain, or two chains, meet on the built-in defaults)."""
         log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
         if metrics is None:
             metrics = has_metrics_port(argv)
-        metrics_port = free_port() if metrics else 0
+        metrics_port = (metrics_port or free_port()) if metrics else 0
         if metrics_port:
             argv = [*argv, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
