@@ -85,11 +85,13 @@ class OtlpReceiver:
         with self._lock:
             return list(self._spans)
 
-    def env(self) -> dict[str, str]:
-        """The environment that points a service's exporter here, with a short batch delay (spans arrive
-        within ~100 ms of ending, not the default 5 s)."""
-        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{self.endpoint}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    def env(self, batch_delay_ms: int | None = 100) -> dict[str, str]:
+        """The environment that points a service's exporter here; by default with a short batch delay (spans
+        arrive within ~100 ms of ending), None for the SDK's own (5 s)."""
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{self.endpoint}", "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+        if batch_delay_ms is not None:
+            env["OTEL_BSP_SCHEDULE_DELAY"] = str(batch_delay_ms)
+        return env
 
 
 @contextmanager
