@@ -169,6 +169,7 @@ class Chain:
     joins: dict[str, dict] = field(default_factory=dict)  # cluster -> `clusters add --json` output
     gateway_port: int = 0
     cluster_domain: str = "clusters.test"  # the gateway serves CLUSTER.clusters.test (SNI)
+    env: dict[str, str] = field(default_factory=dict)  # for every process, e.g. OTEL_* (otlp_receiver.py)
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,7 @@ class Chain:
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             popen = subprocess.Popen(
                 argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
+                env={**os.environ, **self.env, **(env or {})}, start_new_session=True,
             )
         process = Process(name, popen, log, metrics_port)
         self.processes[name] = process
