@@ -41,11 +41,13 @@ from clusterconnect.aadproxy import metrics
 from clusterconnect.aadproxy.audit import ConnectionAudit, RequestRecord
 from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject
 from clusterconnect.aadproxy.request_checks import MAX_HEAD, Rejection, check_request, parse_failure
+from clusterconnect.aadproxy.route import route
 from clusterconnect.aadproxy.upstream import ApiserverGone, ConnectUpstream, Upstream
 from clusterconnect.kstatus import status_body
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import ByteStream, PeerGone
 from clusterconnect.tasks import cancelling
+from clusterconnect.tracing import current_span, end_request_span, request_span
 
 log = get_logger(__name__)
 
@@ -142,6 +144,7 @@ async def forward_connection(
         # Before the gauge moves: a stats line with the connection gone comes after this event.
         if end is not None:
             log.info("connection closed", reason=end.value)
+            current_span().set_attribute("clusterconnect.end_reason", end.value)
         _open[0] -= 1
 
 
@@ -189,6 +192,7 @@ class _Connection:
         # message, cancelling a Queue.get cannot. One slot: at most one block read ahead.
         self.inbox: asyncio.Queue[bytes | BaseException] = asyncio.Queue(maxsize=1)
         self.down_eof = False
+        self.answered = 0  # the status the client got for the request being handled (0: none yet)
         self.reader = tasks.create_task(self._read_downstream())
 
     async def _read_downstream(self) -> None:
@@ -221,7 +225,7 @@ class _Connection:
             request = await self._read_request_head()
             if isinstance(request, End):
                 return request
-            end = await self._handle(request)
+            end = await self._traced(request)
             if end is not None:
                 return end
             if self.down.our_state is h11.DONE and self.down.their_state is h11.DONE:
@@ -275,6 +279,17 @@ class _Connection:
         log.info("bad request", error=rejection.problem.value, status=rejection.status)
         await self._answer(rejection.status, rejection.reason)
         return End.REFUSED
+
+    async def _traced(self, request: h11.Request) -> End | None:
+        """``_handle`` in a span of its own, a child of the connection's (docs/tracing.md)."""
+        method = request.method.decode("ascii", "replace")
+        template = route(request.target.split(b"?", 1)[0].decode("ascii", "replace"))
+        span = request_span(f"{method} {template}", **{"http.request.method": method, "http.route": template})
+        self.answered = 0
+        try:
+            return await self._handle(request)
+        finally:
+            end_request_span(span, self.answered)
 
     async def _handle(self, request: h11.Request) -> End | None:
         """Answer one request; None if the connection may carry another, else why it ends."""
@@ -348,6 +363,7 @@ class _Connection:
                 body = group.create_task(self._pump_request_body(exchange, stream, up))
                 group.create_task(self._pump_response(exchange, body, stream, up))
         finally:
+            self.answered = exchange.status
             metrics.request(verb, exchange.status, exchange.request_bytes, exchange.response_bytes)
             log.info(
                 "request",
@@ -523,6 +539,7 @@ class _Connection:
             )
         except h11.LocalProtocolError:
             return
+        self.answered = status
         await self.downstream.send(data)
 
     # ---- the end ----------------------------------------------------------------------------

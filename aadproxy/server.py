@@ -20,6 +20,7 @@ from clusterconnect.aadproxy.upstream import ConnectUpstream
 from clusterconnect.grpc_options import metadata_value
 from clusterconnect.logs import get_logger
 from clusterconnect.streams import GrpcServerStream
+from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
 log = get_logger(__name__)
@@ -75,9 +76,12 @@ class AuthProxyService(tunnel_pb2_grpc.AuthProxyServicer):
             audit = ConnectionAudit(self.audit_log, ConnectionFacts(self.cluster, trace, (source,) if source else ()))
         verified = (caller.issuer, caller.subject, caller.uid) if caller.issuer else None
         authenticator = self.authenticator.bound_to(verified)
-        # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
-        await forward_connection(GrpcServerStream(context), self.connect_upstream, authenticator,
-                                 stopping=self._stopping, head_timeout=self.head_timeout, audit=audit)
+        # The last hop's span, the agent's child; each request on the connection gets one below it.
+        named = {"cluster": self.cluster} if self.cluster else {}  # (--cluster is optional here)
+        with connection_span("aadproxy.connection", traceparent or None, **named):
+            # Cancelling the RPC cancels this handler; forward_connection then drops the upstream socket.
+            await forward_connection(GrpcServerStream(context), self.connect_upstream, authenticator,
+                                     stopping=self._stopping, head_timeout=self.head_timeout, audit=audit)
 
     def _stopping(self) -> bool:
         return self.stopping

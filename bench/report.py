@@ -21,6 +21,7 @@ def _throughput(rounds: list[dict]) -> float:
 
 PEER = "konnectivity"
 GATEWAY = "gateway"
+OBSERVED_TARGET = 0.05  # issue #14: metrics and tracing cost at most 5 % of small-GET latency
 
 
 def _mark(ok: bool) -> str:
@@ -54,6 +55,16 @@ def rows(results: dict) -> list[tuple[str, ...]]:
                 target = f"added ≤ 2× Konnectivity's {_mark(added <= 2 * max(peer_added, 0.0))}"
             out.append(("small GET", f"p{q} latency (ms)", f"{percentile(d, q) * MS:.2f}",
                         f"{percentile(t, q) * MS:.2f}", gcell, cell, f"+{added:.2f} ms", target))
+    if results.get("observed_small_get"):
+        # The plain tunnel's and the observed chain's requests interleaved (bench/observed.py).
+        plain = _pool(results["observed_small_get"], "plain")
+        o = _pool(results["observed_small_get"], "observed")
+        for q in (50, 99):
+            cost = percentile(o, q) / percentile(plain, q) - 1
+            target = f"≤ +{OBSERVED_TARGET:.0%} {_mark(cost <= OBSERVED_TARGET)}" if q == 50 else ""
+            out.append(("small GET, traced + scraped", f"p{q} latency (ms)", "", f"{percentile(o, q) * MS:.2f}",
+                        "", "", f"{cost:+.1%} over the plain tunnel's {percentile(plain, q) * MS:.2f}"
+                        " (interleaved)", target))
     for name, label in (("big_list", "LIST"), ("port_forward", "port-forward")):
         if name in s:
             d, t = _throughput(s[name]["direct"]), _throughput(s[name]["tunnel"])
@@ -180,8 +191,13 @@ def markdown(results: dict, stamp: str) -> str:
     body = "\n".join("| " + " | ".join(row) + " |" for row in rows(results))
     kind = "smoke run (tiny sizes; figures mean nothing)" if results["smoke"] else f"{results['rounds']} rounds"
     machine = results["machine"]
+    observed = results.get("observed")
+    note = (f"\n\"traced + scraped\": a second chain exporting traces over OTLP ({observed['spans_received']:,} spans"
+            f" received) with every service's /metrics scraped every {observed['scrape_interval_seconds']:g} s"
+            f" ({observed['scrapes']:,} scrapes, {observed['scrape_failures']} failed); bench/observed.py.\n"
+            if observed else "")
     return (f"# Benchmark {stamp}\n\n{kind}; {machine['cores']} cores; Python {machine['python']}. "
-            f"Produced by `make bench`.\n\n{header}{body}\n")
+            f"Produced by `make bench`.\n\n{header}{body}\n{note}")
 
 
 def plot(results: dict, path: Path) -> None:

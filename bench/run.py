@@ -1,10 +1,12 @@
 """`make bench`: every scenario direct, through the tunnel (client proxy) and through the gateway (kubectl's
 kubeconfig alone), alternating, several rounds, in one run.
 
-    run.py [--smoke] [--rounds N] [--only small_get,big_list,...] [--no-peer] [--out bench/results]
+    run.py [--smoke] [--rounds N] [--only small_get,big_list,...] [--no-peer] [--no-observed] [--out bench/results]
 
 Konnectivity (bench/konnectivity.py, built from its Go module) is measured beside direct access and
-the tunnel in every scenario where it applies, unless --no-peer.
+the tunnel in every scenario where it applies, unless --no-peer. With small_get, a second chain whose
+services export traces over OTLP and are scraped every second (bench/observed.py) answers small GETs
+interleaved with the plain tunnel's, unless --no-observed: the report gives the two latencies side by side.
 
 Writes <out>/<timestamp>.json, <timestamp>.md (also latest.md) and <timestamp>.png.
 """
@@ -27,10 +29,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "deploy" / "local"))
 
+import dataclasses  # noqa: E402
+
 import yaml  # noqa: E402
 from chain import Chain, endpoint_only, process_in_group, start_devcluster  # noqa: E402
 from endpoints import Endpoint, proxy_client_files  # noqa: E402
 from konnectivity import konnectivity  # noqa: E402
+from observed import Observed, observed_chain, paired_small_get  # noqa: E402
 from replicas import replicas_scenario  # noqa: E402
 from report import write_report  # noqa: E402
 from scale import scale  # noqa: E402
@@ -91,9 +96,12 @@ def peer_endpoint(direct: Endpoint, frontend: Path) -> Endpoint:
 
 
 @contextmanager
-def bench_setup(sizes: Sizes, peer: bool = True) -> Iterator[tuple[Context, Chain, Path]]:
-    """A devcluster with a cluster-admin ServiceAccount token, the whole tunnel chain in front of it and
-    (``peer``) Konnectivity beside it; yields (context, chain, token file) and stops everything after."""
+def bench_setup(sizes: Sizes, peer: bool = True, observed: bool = True,
+                results: dict | None = None) -> Iterator[tuple[Context, Chain, Path]]:
+    """A devcluster with a cluster-admin ServiceAccount token, the whole tunnel chain in front of it,
+    (``peer``) Konnectivity beside it and (``observed``) a second chain, traced and scraped; yields
+    (context, chain, token file) and stops everything after (the observed chain's counts into
+    ``results["observed"]``)."""
     work = Path(tempfile.mkdtemp(prefix="clusterconnect-bench-"))
     devcluster, admin = start_devcluster(work / "devcluster", work / "devcluster.out")
     chain = None
@@ -114,6 +122,13 @@ def bench_setup(sizes: Sizes, peer: bool = True) -> Iterator[tuple[Context, Chai
         with ExitStack() as stack:
             direct = direct_endpoint(admin, token)
             peer_tunnel = stack.enter_context(konnectivity(chain, work / "konnectivity")) if peer else None
+            # Its counts once it stopped (its last spans are flushed then): the callback runs after its exit.
+            stopped: list[Observed] = []
+            if results is not None:
+                stack.callback(lambda: stopped and results.__setitem__("observed", stopped[0].summary()))
+            watched = stack.enter_context(observed_chain(work, chain.cluster_kubeconfig, token_file)) \
+                if observed else None
+            stopped += [watched] if watched else []
             yield Context(
                 direct=direct,
                 tunnel=tunnel_endpoint(tunnel_kubeconfig, token, chain.state_dir / "proxy-state"),
@@ -129,6 +144,11 @@ def bench_setup(sizes: Sizes, peer: bool = True) -> Iterator[tuple[Context, Chai
                 peer=peer_endpoint(direct, peer_tunnel.socket) if peer_tunnel else None,
                 peer_pids={"server": peer_tunnel.server.popen.pid, "agent": peer_tunnel.agent.popen.pid}
                 if peer_tunnel else {},
+                observed=dataclasses.replace(
+                    tunnel_endpoint(watched.kubeconfig, token, watched.chain.state_dir / "proxy-state"),
+                    name="observed") if watched else None,
+                observed_pids={name: watched.chain.processes[name].popen.pid for name in SERVICES}
+                if watched else {},
             ), chain, token_file
     finally:
         if chain is not None:
@@ -145,8 +165,9 @@ def run(args: argparse.Namespace) -> Path:
     sizes = Sizes.smoke() if args.smoke else Sizes()
     rounds = 1 if args.smoke else args.rounds
     only = args.only.split(",") if args.only else SCENARIOS
-    with bench_setup(sizes, peer=not args.no_peer) as (ctx, chain, token_file):
-        results: dict = {"rounds": rounds, "smoke": args.smoke, "sizes": vars(sizes), "scenarios": {}}
+    results: dict = {"rounds": rounds, "smoke": args.smoke, "sizes": vars(sizes), "scenarios": {}}
+    observed = not args.no_observed and "small_get" in only
+    with bench_setup(sizes, peer=not args.no_peer, observed=observed, results=results) as (ctx, chain, token_file):
         if "big_list" in only or "head_of_line" in only:
             prepare_big_list(ctx)
         sink_port = prepare_sink(ctx) if "port_forward" in only else 0
@@ -165,6 +186,11 @@ def run(args: argparse.Namespace) -> Path:
                     print(f"[{name}] round {round_number + 1}/{rounds} {endpoint.name}", flush=True)
                     data[endpoint.name].append(per_endpoint[name](ctx, endpoint))
             results["scenarios"][name] = data
+        if ctx.observed is not None:
+            results["observed_small_get"] = []
+            for round_number in range(rounds):
+                print(f"[small_get] round {round_number + 1}/{rounds} tunnel and observed, interleaved", flush=True)
+                results["observed_small_get"].append(paired_small_get(ctx, ctx.tunnel, ctx.observed))
         if "scale" in only:
             results["scenarios"]["scale"] = []
             for n in sizes.scale_agents:
@@ -182,8 +208,8 @@ def run(args: argparse.Namespace) -> Path:
                 print(f"[replicas] failed: {exc}", flush=True)
                 results.setdefault("errors", []).append(f"replicas: {exc}")
         results["machine"] = {"cores": os.cpu_count(), "python": sys.version.split()[0]}
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        return write_report(results, Path(args.out), stamp)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return write_report(results, Path(args.out), stamp)
 
 
 def main() -> None:
@@ -192,6 +218,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
     parser.add_argument("--no-peer", action="store_true", help="without Konnectivity beside the tunnel")
+    parser.add_argument("--no-observed", action="store_true",
+                        help="without the traced and scraped chain beside the tunnel in small_get")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     report = run(args)

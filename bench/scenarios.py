@@ -59,13 +59,18 @@ class Context:
     peer_pids: dict[str, int] = field(default_factory=dict)  # its server and agent
     gateway: Endpoint | None = None  # the same tunnel entered through clusterconnect-gateway (no client proxy)
     gateway_pids: dict[str, int] = field(default_factory=dict)  # relay, agent, aadproxy and gateway
+    # A second chain, traced over OTLP and scraped (bench/observed.py): small GETs alternating with the tunnel's.
+    observed: Endpoint | None = None
+    observed_pids: dict[str, int] = field(default_factory=dict)
 
     def endpoints(self) -> list[Endpoint]:
+        # Not the observed chain: it is measured against the tunnel request by request (bench/observed.py).
         return [e for e in (self.direct, self.tunnel, self.gateway, self.peer) if e is not None]
 
     def pids_of(self, endpoint: Endpoint) -> dict[str, int]:
         """The processes of ``endpoint``'s tunnel (none for direct access)."""
-        by_name = {"tunnel": self.pids, "gateway": self.gateway_pids, "konnectivity": self.peer_pids}
+        by_name = {"tunnel": self.pids, "gateway": self.gateway_pids, "konnectivity": self.peer_pids,
+                   "observed": self.observed_pids}
         return by_name.get(endpoint.name, {})
 
 
@@ -108,15 +113,18 @@ def rss_mib(pid: int) -> float:
 
 # -- 1. small GET latency on a keep-alive connection ------------------------------------------------
 
+SMALL_GET_PATH = "/api/v1/namespaces/default"
+
+
 def small_get(ctx: Context, endpoint: Endpoint) -> dict:
     conn = endpoint.connect()
     try:
         for _ in range(20):
-            endpoint.get(conn, "/api/v1/namespaces/default")
+            endpoint.get(conn, SMALL_GET_PATH)
         samples = []
         for _ in range(ctx.sizes.get_requests):
             start = time.perf_counter()
-            endpoint.get(conn, "/api/v1/namespaces/default")
+            endpoint.get(conn, SMALL_GET_PATH)
             samples.append(time.perf_counter() - start)
     finally:
         conn.close()

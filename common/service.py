@@ -115,11 +115,19 @@ def run_service(name: str, log_level: str, main: Callable[[], Coroutine[Any, Any
     """A service process: JSON logs and a span per connection named after ``name``, then ``run(main)``
     with the metrics port on ``metrics_listen`` ("" for none)."""
     from clusterconnect.logs import configure_logging
-    from clusterconnect.tracing import configure_tracing
+    from clusterconnect.tracing import configure_tracing, shutdown_tracing
 
     configure_logging(name, log_level)
-    configure_tracing(name)
-    run(main, metrics_listen)
+    try:
+        configure_tracing(name)
+    except ClusterConnectError as exc:  # an OTEL_* variable we cannot honour: one line, like a bad flag
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    try:
+        run(main, metrics_listen)
+    finally:
+        # However main() ended (a stop signal above all): the spans still queued leave, within a bound.
+        shutdown_tracing()
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]], metrics_listen: str = "") -> None:

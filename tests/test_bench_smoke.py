@@ -38,8 +38,14 @@ def test_bench_smoke_run_writes_json_markdown_and_plot(tmp_path, tmp_path_factor
         assert scenarios[name]["gateway"], name
     for watched in scenarios["watches"]["gateway"]:
         assert len(watched["latencies"]) == watched["expected"], watched
+    # The traced and scraped chain, its small GETs interleaved with the plain tunnel's (bench/observed.py): it
+    # exported spans and was scraped while it ran.
+    [paired] = results["observed_small_get"]
+    assert len(paired["plain"]) == len(paired["observed"]) == results["sizes"]["get_requests"]
+    assert results["observed"]["spans_received"] > 0 and results["observed"]["scrapes"] > 0, results["observed"]
     [table] = tmp_path.glob("*.md")
     text = table.read_text()
+    assert "| small GET, traced + scraped | p50 latency (ms) |" in text
     assert "| scenario | metric | direct | tunnel | gateway | Konnectivity |" in text
     small_get = next(line for line in text.splitlines() if line.startswith("| small GET | p50 latency (ms) |"))
     assert small_get.split(" | ")[4].strip(), small_get  # the gateway's figure

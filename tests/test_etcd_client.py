@@ -7,6 +7,7 @@ import asyncio
 import filecmp
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from clusterconnect.relay.storage.etcd.client import (
     put_op,
     unchanged_since,
 )
+from clusterconnect.relay.storage.etcd.lease_keeper import keep_alive
 
 ROOT = Path(__file__).resolve().parent.parent
+
 
 def run_with(cluster: EtcdCluster, body: Callable[[Etcd], Awaitable[Any]]) -> Any:
     async def main() -> Any:
@@ -91,7 +94,7 @@ def test_lease_keeps_keys_while_renewed_and_they_go_when_it_stops(etcd_cluster):
             watching = group.create_task(cache.run())
             lease = await etcd.grant(2)
             await etcd.put(b"/lease/kept", b"v", lease)
-            keeper = group.create_task(etcd.keep_alive(lease, 2))
+            keeper = group.create_task(keep_alive(etcd, lease, 2))
             # Renewed: still there after two TTLs (the cache's revision moving past that point is the canary).
             canary_revision = 0
             for i in range(5):
@@ -109,10 +112,42 @@ def test_lease_keeps_keys_while_renewed_and_they_go_when_it_stops(etcd_cluster):
             assert await cache.wait_for(lambda c: c.get(b"/lease/revoked") is None, 5)
             # Keep-alive of a lease that is gone says so.
             with pytest.raises(LeaseLost):
-                await etcd.keep_alive(other, 1)
+                await keep_alive(etcd, other, 1)
             watching.cancel()
 
     run_with(etcd_cluster, body)
+
+
+def test_lease_outlives_a_stalled_event_loop_but_not_a_hung_one(etcd_cluster):
+    """The keeper renews from its own thread: a loop blocked for 1.5 TTL (a connect storm's stall) keeps
+    the lease, which a keep-alive on the loop lost; a loop blocked past 2 TTL (hung) loses it."""
+    async def body(etcd: Etcd) -> None:
+        lease = await etcd.grant(2)
+        await etcd.put(b"/stall/kept", b"v", lease)
+        keeper = asyncio.create_task(keep_alive(etcd, lease, 2))
+        try:
+            await asyncio.sleep(0)  # the keeper task starts its thread
+            # The stimulus, not a wait: nothing on this loop runs for 1.5 TTL.
+            time.sleep(3.0)  # noqa: ASYNC251
+            assert not keeper.done()
+            assert await etcd.get(b"/stall/kept") is not None, "the lease expired while the loop stalled"
+            time.sleep(5.0)  # noqa: ASYNC251 -- past 2 TTL: the keeper leaves the lease to expire
+            with pytest.raises(LeaseLost, match="event loop unresponsive"):
+                await asyncio.wait_for(keeper, 5)
+            assert await wait_for_absent(etcd, b"/stall/kept", 8), "a hung loop's lease did not expire"
+        finally:
+            keeper.cancel()
+
+    run_with(etcd_cluster, body)
+
+
+async def wait_for_absent(etcd: Etcd, key: bytes, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await etcd.get(key) is None:
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 def test_cache_lists_again_after_compaction_and_misses_no_delete(etcd_cluster):

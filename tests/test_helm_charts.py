@@ -25,6 +25,11 @@ DEPLOY = ROOT / "deploy" / "k8s"
 AGENT_CHART = CHARTS / "clusterconnect-agent"
 RELAY_CHART = CHARTS / "clusterconnect-relay"
 
+# Traces to a collector, with one more OTEL_* variable (docs/tracing.md).
+TRACING = {"otlpEndpoint": "http://otel-collector.observability:4317",
+           "env": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}}
+TRACING_ENV = {"OTEL_EXPORTER_OTLP_ENDPOINT": TRACING["otlpEndpoint"], **TRACING["env"]}
+
 # Values that switch on every optional part of the agent chart.
 AGENT_EVERYTHING = {
     "cluster": "prod-eu",
@@ -45,6 +50,7 @@ AGENT_EVERYTHING = {
                      "claimMappings": {"username": {"claim": "sub", "prefix": "idp:"}}}],
         },
     },
+    "tracing": TRACING,
 }
 RELAY_EVERYTHING = {
     "hostnames": ["relay.test", "10.9.8.7"],
@@ -58,6 +64,7 @@ RELAY_EVERYTHING = {
                                 "claimMappings": {"username": {"claim": "sub", "prefix": "idp:"}}}]},
     "persistence": {"enabled": False},
     "service": {"type": "ClusterIP"},
+    "tracing": TRACING,
 }
 
 
@@ -161,8 +168,11 @@ def test_lint_fails_on_a_broken_chart(helm, tmp_path):
     (RELAY_CHART, {"logLevel": "verbose"}, "/logLevel"),
     (AGENT_CHART, {"authProxy": {"auditLog": "audit.log"}}, "/authProxy/auditLog"),
     (AGENT_CHART, {"authProxy": {"auditLog": "/audit.log"}}, "/authProxy/auditLog"),
+    (AGENT_CHART, {"tracing": {"otlpEndpoint": "otel-collector:4317"}}, "/tracing/otlpEndpoint"),
+    (RELAY_CHART, {"tracing": {"env": {"PATH": "/tmp"}}}, "invalid propertyName 'PATH'"),
 ], ids=["warm-streams", "typo", "cluster-name", "plain-http-relay", "empty-authn", "token-lifetime", "port",
-        "log-level", "relative-audit-log", "audit-log-at-the-root"])
+        "log-level", "relative-audit-log", "audit-log-at-the-root", "otlp-endpoint-without-scheme",
+        "not-an-otel-variable"])
 def test_values_schema_refuses_what_the_services_would(helm, tmp_path, chart, values, complaint):
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     result = run_helm(helm, "template", "clusterconnect", str(chart), "-f", str(tmp_path / "values.yaml"))
@@ -390,6 +400,22 @@ def test_relay_optional_flags_only_when_set(helm, tmp_path):
     assert volumes["tls"]["secret"]["secretName"] == "relay-serving"
     assert yaml.safe_load(found[("ConfigMap", "clusterconnect-relay-authn")]["data"]["config.yaml"]) == \
         RELAY_EVERYTHING["authentication"]
+
+
+def test_tracing_variables_reach_every_container_only_when_set(helm, tmp_path):
+    def otel(deployment: dict) -> dict[str, str]:
+        return {name: v["value"] for name, v in env(deployment).items() if name.startswith("OTEL_")}
+
+    agent_defaults = objects(template(helm, AGENT_CHART, "cc"))
+    relay_defaults = objects(template(helm, RELAY_CHART, "relay"))
+    for deployment in [o for o in (*agent_defaults.values(), *relay_defaults.values()) if o["kind"] == "Deployment"]:
+        assert otel(deployment) == {}, deployment["metadata"]["name"]
+    agent = objects(template(helm, AGENT_CHART, "cc", {"tracing": TRACING}, tmp_path))
+    assert otel(agent[("Deployment", "clusterconnect-agent")]) == TRACING_ENV
+    assert otel(agent[("Deployment", "clusterconnect-aadproxy")]) == TRACING_ENV
+    for store in ("etcd", "sqlite"):  # with etcd the relay has variables of its own beside them
+        relay = objects(template(helm, RELAY_CHART, "relay", {"store": store, "tracing": TRACING}, tmp_path))
+        assert otel(relay[("Deployment", "clusterconnect-relay")]) == TRACING_ENV, store
 
 
 # -- the services take what the charts give them ------------------------------------------------------

@@ -305,9 +305,19 @@ def test_kill_9_of_the_agents_replica_kubectl_works_again_within_10s_and_its_rou
                "the killed replicas' routes to go with their leases", interval=0.2)
 
 
+def version_answers(kubeconfig: Path) -> bool:
+    """One bounded try of `kubectl get --raw /version`; a try that hangs (on a stopped replica not yet
+    marked down: kubectl's --request-timeout does not bound its dial and TLS handshake) is "not yet"."""
+    try:
+        return kubectl(kubeconfig, "get", "--raw", "/version", "--request-timeout=3s", check=False,
+                       timeout=5).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def test_sigstop_of_the_agents_replica_kubectl_works_again_within_20s(fleet):
     """A silent hang, not a crash: the stopped replica's kernel still accepts TCP connections, so only
-    a check that needs the process (the balancer's TLS+HTTP check) and keepalive find it."""
+    a check that needs the process (the balancer's HTTP check of /healthz) and keepalive find it."""
     replicas = fleet.replicas
     holder = replicas.holder()
     assert kubectl_works(fleet.kubeconfig)
@@ -316,9 +326,8 @@ def test_sigstop_of_the_agents_replica_kubectl_works_again_within_20s(fleet):
     process.popen.send_signal(signal.SIGSTOP)
     try:
         # Each try bounded well below the 20 s, so a kubectl hung on the stopped replica cannot hide a recovery.
-        wait_until(lambda: kubectl(fleet.kubeconfig, "get", "--raw", "/version", "--request-timeout=3s",
-                                   check=False, timeout=5).returncode == 0,
-                   20, "kubectl to work again after SIGSTOP", interval=0.2)
+        wait_until(lambda: version_answers(fleet.kubeconfig), 20, "kubectl to work again after SIGSTOP",
+                   interval=0.2)
         recovered = time.monotonic() - stopped
         print(f"kubectl worked again {recovered:.2f}s after SIGSTOP of the agent's replica")
         assert recovered < 20

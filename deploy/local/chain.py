@@ -169,6 +169,7 @@ class Chain:
     joins: dict[str, dict] = field(default_factory=dict)  # cluster -> `clusters add --json` output
     gateway_port: int = 0
     cluster_domain: str = "clusters.test"  # the gateway serves CLUSTER.clusters.test (SNI)
+    env: dict[str, str] = field(default_factory=dict)  # for every process, e.g. OTEL_* (otlp_receiver.py)
 
     def __post_init__(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -195,20 +196,20 @@ class Chain:
         return self.relay_data / "admin.credential"
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
-              stdout: int | None = None, metrics: bool | None = None) -> Process:
+              stdout: int | None = None, metrics: bool | None = None, metrics_port: int = 0) -> Process:
         """Start a process; with ``metrics`` (default: when it is one of the four services that have
-        --metrics-listen), its metrics port on a free port (no two services of the chain, or two chains,
-        meet on the built-in defaults)."""
+        --metrics-listen), its metrics port on ``metrics_port`` or a free port (no two services of the
+        chain, or two chains, meet on the built-in defaults)."""
         log = self.state_dir / "logs" / f"{name}{LOG_SUFFIX}"
         if metrics is None:
             metrics = has_metrics_port(argv)
-        metrics_port = free_port() if metrics else 0
+        metrics_port = (metrics_port or free_port()) if metrics else 0
         if metrics_port:
             argv = [*argv, "--metrics-listen", f"127.0.0.1:{metrics_port}"]
         with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
             popen = subprocess.Popen(
                 argv, stdout=stdout if stdout is not None else handle, stderr=handle, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
+                env={**os.environ, **self.env, **(env or {})}, start_new_session=True,
             )
         process = Process(name, popen, log, metrics_port)
         self.processes[name] = process

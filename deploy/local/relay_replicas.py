@@ -53,6 +53,8 @@ class Replica:
     agent_port: int = field(default_factory=free_port)
     issuer_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
+    # Fixed, so that a restarted replica keeps the port HAProxy checks (/healthz).
+    metrics_port: int = field(default_factory=free_port)
     # --etcd-endpoints of this replica alone (e.g. through blackhole.Link's, to cut it off); else the cluster's
     etcd_endpoints: str | None = None
 
@@ -66,12 +68,17 @@ class Replica:
 
 
 def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
-    """TCP mode, one health check per replica: its issuer's discovery document over TLS, so a replica
+    """TCP mode, one health check per replica: GET /healthz on its metrics port (plain HTTP), so a replica
     that is stopped (SIGSTOP) or hung fails it even though its kernel still accepts TCP connections (a
-    plain TCP check passed for a stopped relay). Two failures 500 ms apart mark it down, and then its
+    plain TCP check passed for a stopped relay). Three failures 1 s apart mark it down, and then its
     sessions are cut (on-marked-down shutdown-sessions): agents and client proxies find a hung relay
-    within about a second instead of after their keepalive (10 s, 30 s). A connection that cannot reach
-    a replica is sent to another (redispatch). The agent and issuer backends track the users' check."""
+    within a few seconds instead of after their keepalive (10 s, 30 s). A connection that cannot reach
+    a replica is sent to another (redispatch). The agent and issuer backends track the users' check.
+
+    Not a TLS check: in the 10,000-agent connect storm a TLS check took over 500 ms on a busy replica
+    ("Layer6 timeout"), each replica in turn was marked down and 700-1,900 agent sessions cut, and the
+    reconnect storm cost all three replicas their leases; with /healthz, no lease lost and the agents
+    split within 0.3 % of a third (docs/replicas.md, Figures)."""
     maxconn = haproxy_maxconn()
     lines = [
         # Every agent holds one connection through the balancer for as long as it runs (the bench's
@@ -80,16 +87,16 @@ def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
         "global", f"  maxconn {maxconn}",
         "defaults", f"  maxconn {maxconn}", "  mode tcp", "  timeout connect 1s", "  timeout client 1h",
         "  timeout server 1h",
-        "  timeout check 1s", "  retries 3", "  option redispatch",
+        "  timeout check 2s", "  retries 3", "  option redispatch",
     ]
     ports = {"users": "listen_port", "agents": "agent_port", "issuer": "issuer_port"}
     for name, port in front.items():
         lines += [f"frontend {name}", f"  bind 127.0.0.1:{port}", f"  default_backend {name}-replicas",
                   f"backend {name}-replicas", "  balance roundrobin"]
         if name == "users":
-            lines += ["  option httpchk GET /.well-known/openid-configuration"]
+            lines += ["  option httpchk GET /healthz"]
         for r in replicas:
-            check = (f"check port {r.issuer_port} check-ssl verify none inter 500ms fall 2 rise 1"
+            check = (f"check port {r.metrics_port} inter 1s fall 3 rise 2"
                      if name == "users" else f"track users-replicas/{r.name}")
             lines += [f"  server {r.name} 127.0.0.1:{getattr(r, ports[name])} {check} "
                       "on-marked-down shutdown-sessions"]
@@ -154,7 +161,7 @@ class ReplicaSet:
     def start_replica(self, replica: Replica) -> Process:
         log = self.chain.state_dir / "logs" / f"{replica.name}.log"
         offset = log.stat().st_size if log.exists() else 0
-        process = self.chain.spawn(replica.name, [
+        process = self.chain.spawn(replica.name, metrics_port=replica.metrics_port, argv=[
             script("clusterconnect-relay"), "serve", "--data-dir", str(self.data_dir(replica)),
             "--listen", f"127.0.0.1:{replica.listen_port}", "--agent-listen", f"127.0.0.1:{replica.agent_port}",
             "--issuer-listen", f"127.0.0.1:{replica.issuer_port}", "--log-level", self.chain.log_level,

@@ -30,6 +30,7 @@ from clusterconnect.relay.routing.peer import SERVICE, PeerDialer, PeerTLS
 from clusterconnect.relay.routing.routes import ReplicaState, Routing
 from clusterconnect.relay.storage import backend
 from clusterconnect.relay.storage.etcd.client import Etcd, EtcdUnavailable, LeaseLost
+from clusterconnect.relay.storage.etcd.lease_keeper import keep_alive
 
 log = get_logger(__name__)
 
@@ -217,7 +218,7 @@ class Replica:
         """The lease kept alive until it is lost (returned, not raised: losing it is an event to act on,
         not a failure of the TaskGroup)."""
         try:
-            await self.etcd.keep_alive(lease, ttl)
+            await keep_alive(self.etcd, lease, ttl)
         except LeaseLost as exc:
             return exc
         raise AssertionError("keep_alive returns only by raising")

@@ -8,7 +8,8 @@ Endpoints: one channel per member. Unary calls go to the current member; when it
 (UNAVAILABLE, or no answer within the call's deadline) the next one is tried, until every member
 has failed once. Watches and lease keep-alives are streams: when one breaks, its owner opens it
 again (on the next member), which :class:`~clusterconnect.relay.storage.etcd.cache.PrefixCache`
-and :meth:`Etcd.keep_alive` do.
+and :func:`~clusterconnect.relay.storage.etcd.lease_keeper.keep_alive` do
+(from a thread of its own: see there).
 
 Every stream carries ``hasleader=true`` (etcd's clientv3.WithRequireLeader): a member cut off from
 the quorum ends such streams at once instead of serving a watch that will never see a change.
@@ -16,8 +17,6 @@ the quorum ends such streams at once instead of serving a watch that will never 
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,9 +35,9 @@ log = get_logger(__name__)
 # leader makes the caller wait for its election timeout (1 s by default) before failing.
 CALL_TIMEOUT = 3.0
 _RETRY_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_REQUIRE_LEADER = (("hasleader", "true"),)
+REQUIRE_LEADER = (("hasleader", "true"),)
 # Dead members are found by gRPC keepalive on idle channels too (a watch may be quiet for hours).
-_CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -137,10 +136,10 @@ class _Member:
     def __init__(self, target: str, tls: EtcdTLS | None) -> None:
         self.target = target
         if tls is None:
-            self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            self.channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            self.channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)
@@ -152,6 +151,7 @@ class Etcd:
     def __init__(self, endpoints: Sequence[str], tls: EtcdTLS | None, call_timeout: float = CALL_TIMEOUT) -> None:
         if not endpoints:
             raise InvalidInput("no etcd endpoint")
+        self.targets, self.tls = list(endpoints), tls
         self._members = [_Member(target, tls) for target in endpoints]
         self._current = 0
         self.call_timeout = call_timeout
@@ -238,35 +238,6 @@ class Etcd:
         request = rpc_pb2.LeaseRevokeRequest(ID=lease)
         await self._call(lambda m: m.lease.LeaseRevoke(request, timeout=self.call_timeout))
 
-    async def keep_alive(self, lease: int, ttl: int) -> None:
-        """Keep ``lease`` alive until cancelled. Renews every ttl/3 s, on another member if one fails;
-        raises :class:`LeaseLost` when the lease expired or went ``ttl`` s without a renewal."""
-        renewed = time.monotonic()
-        member = self.member()
-        interval = max(ttl / 3, 0.2)
-        while True:
-            call = member.lease.LeaseKeepAlive(metadata=_REQUIRE_LEADER)
-            try:
-                while True:
-                    await call.write(rpc_pb2.LeaseKeepAliveRequest(ID=lease))
-                    answer = await asyncio.wait_for(call.read(), interval)
-                    if answer is grpc.aio.EOF:
-                        break
-                    if answer.TTL <= 0:
-                        raise LeaseLost(f"lease {lease:x} expired")
-                    renewed = time.monotonic()
-                    await asyncio.sleep(interval)
-            except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
-                # InvalidStateError: the write found the stream already ended (its member went away).
-                log.warning("etcd lease keep-alive failed; trying the next member", member=member.target,
-                            reason=_reason(exc))
-            finally:
-                call.cancel()
-            if time.monotonic() - renewed >= ttl:
-                raise LeaseLost(f"lease {lease:x} not renewed for {ttl}s")
-            member = self.next_member(member)
-            await asyncio.sleep(min(interval, 0.5))
-
     # -- watches ----------------------------------------------------------------------------------
 
     async def watch_prefix(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
@@ -274,7 +245,7 @@ class Etcd:
         (EtcdUnavailable: open a new watch from the last revision seen) or history was compacted
         (Compacted: list again). Progress notifications arrive as batches without events."""
         member = self.member()
-        call = member.watch.Watch(metadata=_REQUIRE_LEADER)
+        call = member.watch.Watch(metadata=REQUIRE_LEADER)
         create = rpc_pb2.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix), start_revision=start_revision,
                                             progress_notify=True)
         try:

@@ -50,3 +50,13 @@ allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 capabilities: {drop: [ALL]}
 {{- end -}}
+
+{{/* OTEL_* for each container (docs/tracing.md): the collector's endpoint, then any further variables. */}}
+{{- define "clusterconnect-agent.tracingEnv" -}}
+{{- with .Values.tracing.otlpEndpoint }}
+- {name: OTEL_EXPORTER_OTLP_ENDPOINT, value: {{ . | quote }}}
+{{- end }}
+{{- range $name, $value := .Values.tracing.env }}
+- {name: {{ $name }}, value: {{ $value | quote }}}
+{{- end }}
+{{- end -}}
