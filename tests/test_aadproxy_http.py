@@ -1129,8 +1129,16 @@ def test_every_request_is_one_audit_event_whatever_its_end(tmp_path: Path) -> No
             client.request(b"DELETE", b"/api/v1/namespaces/ns/configmaps", [])  # no token: 401 here
             assert (await client.response())[0].status_code == 401
             await finished(task)
-        down = MemoryStream()  # unreachable apiserver: 502
-        task = asyncio.create_task(forward_connection(down, no_upstream, TokenPassthrough(), audit=audit))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()  # nothing listens there now: the apiserver is unreachable, 502
+
+        async def unreachable() -> SocketStream:
+            return await open_socket_stream("127.0.0.1", port)
+
+        down = MemoryStream()
+        task = asyncio.create_task(forward_connection(down, unreachable, TokenPassthrough(), audit=audit))
         client = Client(down)
         client.request(b"GET", b"/version", [AUTH])
         assert (await client.response())[0].status_code == 502
