@@ -115,11 +115,19 @@ def rows(results: dict) -> list[tuple[str, ...]]:
         def stalled_ratio(rounds: list[dict]) -> float:
             return percentile(_pool(rounds, "loaded"), 99) / percentile(_pool(rounds, "unloaded"), 99)
 
+        def hol_cell(rounds: list[dict] | None) -> str:
+            if not rounds:
+                return ""
+            blocked = [r["blocked"] for r in rounds if r.get("blocked")]
+            if blocked:  # a stalled reader held up everything: no ratio to give
+                return f"blocked in {len(blocked)}/{len(rounds)} rounds: {blocked[0]}"
+            return f"{stalled_ratio(rounds):.2f}×"
+
         rounds = s["head_of_line"]["tunnel"]
         unloaded, loaded = _pool(rounds, "unloaded"), _pool(rounds, "loaded")
         ratio = stalled_ratio(rounds)
-        cell = f"{stalled_ratio(peer('head_of_line')):.2f}×" if peer("head_of_line") else ""
-        gcell = f"{stalled_ratio(gateway('head_of_line')):.2f}×" if gateway("head_of_line") else ""
+        cell = hol_cell(peer("head_of_line"))
+        gcell = hol_cell(gateway("head_of_line"))
         out.append(("head-of-line", "probe p99 stalled / unloaded",
                     f"{stalled_ratio(s['head_of_line']['direct']):.2f}×", f"{ratio:.2f}×", gcell, cell,
                     f"{percentile(unloaded, 99) * MS:.2f} → {percentile(loaded, 99) * MS:.2f} ms",
@@ -196,8 +204,9 @@ def markdown(results: dict, stamp: str) -> str:
             f" received) with every service's /metrics scraped every {observed['scrape_interval_seconds']:g} s"
             f" ({observed['scrapes']:,} scrapes, {observed['scrape_failures']} failed); bench/observed.py.\n"
             if observed else "")
+    errors = "".join(f"- failed: {error[:300]}\n" for error in results.get("errors", []))
     return (f"# Benchmark {stamp}\n\n{kind}; {machine['cores']} cores; Python {machine['python']}. "
-            f"Produced by `make bench`.\n\n{header}{body}\n{note}")
+            f"Produced by `make bench`.\n\n{header}{body}\n{note}" + (f"\n{errors}" if errors else ""))
 
 
 def plot(results: dict, path: Path) -> None:

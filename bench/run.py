@@ -184,7 +184,11 @@ def run(args: argparse.Namespace) -> Path:
                 order = endpoints if round_number % 2 == 0 else list(reversed(endpoints))
                 for endpoint in order:
                     print(f"[{name}] round {round_number + 1}/{rounds} {endpoint.name}", flush=True)
-                    data[endpoint.name].append(per_endpoint[name](ctx, endpoint))
+                    try:
+                        data[endpoint.name].append(per_endpoint[name](ctx, endpoint))
+                    except Exception as exc:  # keep the figures of everything else
+                        print(f"[{name}] {endpoint.name} failed: {exc!r}", flush=True)
+                        results.setdefault("errors", []).append(f"{name} {endpoint.name}: {exc!r}")
             results["scenarios"][name] = data
         if ctx.observed is not None:
             results["observed_small_get"] = []

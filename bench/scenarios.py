@@ -356,9 +356,14 @@ def _machine_idle(window: float = 1.0) -> bool:
     return (idle1 - idle0) >= 0.8 * (total1 - total0)
 
 
+HOL_TIMEOUT = 10.0  # s: a healthy tunnel opens a connection in ~10 ms; 1,000× that is blocked, not slow
+
+
 def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
+    """The probe's latency unloaded and with stalled readers open; ``blocked`` says where it stopped when a
+    stalled reader holds up every connection (Konnectivity's one shared stream per agent does)."""
     def probe() -> list[float]:
-        conn = endpoint.connect()
+        conn = endpoint.connect(timeout=HOL_TIMEOUT)
         samples = []
         try:
             for _ in range(ctx.sizes.hol_probe_requests):
@@ -370,17 +375,22 @@ def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
         return samples
 
     unloaded = probe()
-    stalled = []
+    stalled: list[socket.socket] = []
     request = (f"GET /api/v1/namespaces/{ctx.namespace}/configmaps?watch=1&labelSelector=bench%3Dbig&timeoutSeconds=120"
                f" HTTP/1.1\r\nHost: {endpoint.host}\r\nAuthorization: Bearer {endpoint.token}\r\n\r\n").encode()
     context = endpoint.ssl_context()
-    for _ in range(ctx.sizes.stalled_readers):
-        raw = endpoint.open_socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tls = context.wrap_socket(raw, server_hostname=endpoint.tls_name)
-        tls.sendall(request)  # the initial list of big objects fills every buffer; nobody reads it
-        stalled.append(tls)
     try:
+        for number in range(1, ctx.sizes.stalled_readers + 1):
+            try:
+                raw = endpoint.open_socket(HOL_TIMEOUT)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                tls = context.wrap_socket(raw, server_hostname=endpoint.tls_name)
+                tls.sendall(request)  # the initial list of big objects fills every buffer; nobody reads it
+            except OSError as exc:  # socket.timeout included
+                return {"unloaded": unloaded, "loaded": [],
+                        "blocked": f"stalled reader {number} of {ctx.sizes.stalled_readers} could not connect"
+                                   f" within {HOL_TIMEOUT:.0f} s ({exc or type(exc).__name__})"}
+            stalled.append(tls)
         # Probe once the stalled streams' buffers are full and the copying has stopped: while they
         # fill, the copying takes CPU from the probe on a 2-core machine (that is load, not
         # head-of-line blocking). The tunnel's processes, or the whole machine for direct access.
@@ -388,7 +398,12 @@ def head_of_line(ctx: Context, endpoint: Endpoint) -> dict:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (quiescent(pids) if pids else _machine_idle()):
             pass
-        loaded = probe()
+        try:
+            loaded = probe()
+        except OSError as exc:
+            return {"unloaded": unloaded, "loaded": [],
+                    "blocked": f"the probe got no answer within {HOL_TIMEOUT:.0f} s with"
+                               f" {len(stalled)} stalled readers ({exc or type(exc).__name__})"}
     finally:
         for tls in stalled:
             tls.close()
