@@ -53,7 +53,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser],
     cliargs.add_flag(connect, "--authentication-config", type=Path,
                      help="OIDC mode for the auth proxy: an AuthenticationConfiguration file (e.g. the relay's"
                           " built-in issuer); without it the proxy passes callers' tokens through")
-    connect.add_argument("--values", "-f", action="append", type=Path, default=[], metavar="FILE",
+    cliargs.add_flag(connect, "--values", "-f", action="append", type=Path, default=[], metavar="FILE",
                          help="more chart values (repeatable; they win over connect's own)")
     cliargs.add_flag(connect, "--chart", type=Path, default=DEFAULT_CHART, help="the clusterconnect-agent chart")
     cliargs.add_flag(connect, "--timeout", type=float, default=180.0,

@@ -17,10 +17,9 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import Message
-from rich.console import Console
-from rich.table import Table
 
 from clusterconnect import cliargs, credentials
+from clusterconnect.cli import output
 from clusterconnect.cli.secret_input import read_secret
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy.local_tls import client_credential
@@ -37,51 +36,54 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
                 admin_flags: Callable[[argparse.ArgumentParser], None], state_dir: Path) -> None:
     login = commands.add_parser("login", help="log in: at the relay (--code), an OIDC issuer, or via a command")
     how = login.add_mutually_exclusive_group(required=True)
-    how.add_argument("--code", help="one-time login code from `clusterconnect users add` (needs --relay);"
+    cliargs.add_flag(how, "--code", help="one-time login code from `clusterconnect users add` (needs --relay);"
                                     " - reads it from stdin, so it never shows in `ps`")
-    how.add_argument("--code-file", metavar="PATH", help="file holding the login code (- for stdin)")
-    how.add_argument("--issuer", help="external OIDC issuer URL (device authorization grant, or client"
+    cliargs.add_flag(how, "--code-file", metavar="PATH", help="file holding the login code (- for stdin)")
+    cliargs.add_flag(how, "--issuer", help="external OIDC issuer URL (device authorization grant, or client"
                                       " credentials with --client-secret)")
-    how.add_argument("--token-command", help="command printing a token (e.g. 'az account get-access-token"
+    cliargs.add_flag(how, "--token-command", help="command printing a token (e.g. 'az account get-access-token"
                                              " --resource ... -o json')")
-    login.add_argument("--relay", help="relay URL (with --code)")
-    login.add_argument("--relay-ca", type=Path, help="CA bundle of the relay's certificate")
-    login.add_argument("--client-id", help="OAuth client id at --issuer")
+    cliargs.add_flag(login, "--relay", help="relay URL (with --code)")
+    cliargs.add_flag(login, "--relay-ca", type=Path, help="CA bundle of the relay's certificate")
+    cliargs.add_flag(login, "--client-id", help="OAuth client id at --issuer")
     secret = login.add_mutually_exclusive_group()
-    secret.add_argument("--client-secret", help="client secret: use the client credentials grant (CI);"
+    cliargs.add_flag(secret, "--client-secret", help="client secret: use the client credentials grant (CI);"
                                                 " - reads it from stdin")
-    secret.add_argument("--client-secret-file", metavar="PATH", help="file holding the client secret (- for stdin)")
-    login.add_argument("--issuer-ca", type=Path, help="CA bundle of the issuer's certificate")
-    login.add_argument("--scope", help="scopes to ask for (default: 'openid offline_access' for people)")
-    login.add_argument("--audience", help="audience to ask for (client credentials)")
-    login.add_argument("--name", help="name of this login (default: derived from the relay or issuer)")
+    cliargs.add_flag(secret, "--client-secret-file", metavar="PATH",
+                     help="file holding the client secret (- for stdin)")
+    cliargs.add_flag(login, "--issuer-ca", type=Path, help="CA bundle of the issuer's certificate")
+    cliargs.add_flag(login, "--scope", help="scopes to ask for (default: 'openid offline_access' for people)")
+    cliargs.add_flag(login, "--audience", help="audience to ask for (client credentials)")
+    cliargs.add_flag(login, "--name", help="name of this login (default: derived from the relay or issuer)")
     cliargs.add_flag(login, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
 
     logout = commands.add_parser("logout", help="revoke this device's login at the relay and delete it here")
-    logout.add_argument("--login", help="login name (default: the only one)")
+    cliargs.add_flag(logout, "--login", help="login name (default: the only one)")
     cliargs.add_flag(logout, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
 
     token = commands.add_parser("token", help="print an ExecCredential with a fresh token (kubectl exec plugin)")
-    token.add_argument("--cluster", help="cluster the token is for (informational)")
-    token.add_argument("--login", help="login name (default: the only one)")
+    cliargs.add_flag(token, "--cluster", help="cluster the token is for (informational)")
+    cliargs.add_flag(token, "--login", help="login name (default: the only one)")
     cliargs.add_flag(token, "--state-dir", type=Path, default=state_dir, help="where credentials are kept")
 
     users = commands.add_parser("users", help="users of the relay's built-in issuer (admin)")
     actions = users.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="create a user and print a one-time login code")
     add.add_argument("name")
-    add.add_argument("--group", action="append", default=[], help="group of the user (repeatable)")
+    cliargs.add_flag(add, "--group", action="append", default=[], help="group of the user (repeatable)")
     admin_flags(add)
     code = actions.add_parser("code", help="a new one-time login code for an existing user")
     code.add_argument("name")
     admin_flags(code)
     listing = actions.add_parser("list", help="table of users")
+    output.add_flag(listing)
     admin_flags(listing)
     remove = actions.add_parser("remove", help="remove a user; their credentials stop working at once")
     remove.add_argument("name")
     admin_flags(remove)
     logins = actions.add_parser("credentials", help="a user's logins (refresh credentials): id, device, expiry")
     logins.add_argument("name")
+    output.add_flag(logins)
     admin_flags(logins)
     revoke_login = actions.add_parser("revoke-credential", help="revoke one login of a user at once")
     revoke_login.add_argument("name")
@@ -98,11 +100,12 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
         parser = cluster_actions.add_parser(action, help=text)
         parser.add_argument("name", help="cluster")
         who = parser.add_mutually_exclusive_group(required=True)
-        who.add_argument("--user")
-        who.add_argument("--group")
+        cliargs.add_flag(who, "--user", help="a user of the relay's issuer (the token's sub)")
+        cliargs.add_flag(who, "--group", help="a group (of the token's groups claim)")
         admin_flags(parser)
     access = cluster_actions.add_parser("access", help="a cluster's access list")
     access.add_argument("name", help="cluster")
+    output.add_flag(access)
     admin_flags(access)
 
 
@@ -272,27 +275,29 @@ def _show_login_code(args: argparse.Namespace, reply: Any) -> None:
 
 
 def _show_users(args: argparse.Namespace, reply: identity_pb2.ListUsersResponse) -> None:
-    table = Table("NAME", "GROUPS", "LOGINS", box=None, header_style="bold")
-    for user in reply.users:
-        table.add_row(user.name, ",".join(user.groups) or "-", str(user.credentials))
-    Console(width=120).print(table)
+    records = [{"name": user.name, "groups": list(user.groups), "created_unix": user.created_unix or None,
+                "logins": user.credentials} for user in reply.users]
+    output.emit(args, records, (("NAME", lambda r: r["name"]), ("GROUPS", lambda r: ",".join(r["groups"]) or "-"),
+                                ("LOGINS", lambda r: str(r["logins"]))))
 
 
 def _show_removed(args: argparse.Namespace, reply: Any) -> None:
     print(f"user {args.name} removed; their logins no longer work")
 
 
-def _utc(unix: int) -> str:
+def _utc(unix: int | None) -> str:
     return f"{datetime.datetime.fromtimestamp(unix, datetime.UTC):%Y-%m-%d %H:%M}" if unix else "-"
 
 
 def _show_credentials(args: argparse.Namespace, reply: identity_pb2.ListCredentialsResponse) -> None:
-    table = Table("ID", "DEVICE", "CREATED (UTC)", "LAST USED", "EXPIRES", box=None, header_style="bold")
     now = time.time()
-    for item in reply.credentials:
-        expires = _utc(item.expires_unix) + (" (expired)" if item.expires_unix < now else "")
-        table.add_row(item.id, item.device or "-", _utc(item.created_unix), _utc(item.last_used_unix), expires)
-    Console(width=140).print(table)
+    records = [{"id": item.id, "device": item.device or None, "created_unix": item.created_unix or None,
+                "last_used_unix": item.last_used_unix or None, "expires_unix": item.expires_unix or None,
+                "expired": bool(item.expires_unix) and item.expires_unix < now} for item in reply.credentials]
+    output.emit(args, records, (
+        ("ID", lambda r: r["id"]), ("DEVICE", lambda r: output.or_dash(r["device"])),
+        ("CREATED (UTC)", lambda r: _utc(r["created_unix"])), ("LAST USED", lambda r: _utc(r["last_used_unix"])),
+        ("EXPIRES", lambda r: _utc(r["expires_unix"]) + (" (expired)" if r["expired"] else ""))), width=140)
 
 
 def _show_credential_revoked(args: argparse.Namespace, reply: Any) -> None:
@@ -304,6 +309,10 @@ def _show_rotated(args: argparse.Namespace, reply: identity_pb2.RotateSigningKey
 
 
 def _show_access(args: argparse.Namespace, reply: Any) -> None:
+    if output.machine_readable(args):
+        output.dump(args, {"cluster": reply.cluster, "entries": [
+            {"user": e.user} if e.WhichOneof("subject") == "user" else {"group": e.group} for e in reply.entries]})
+        return
     entries = [f"user:{e.user}" if e.WhichOneof("subject") == "user" else f"group:{e.group}"
                for e in reply.entries]
     if entries:

@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
-from rich.console import Console
-from rich.table import Table
 
 from clusterconnect import cliargs, service
+from clusterconnect.cli import completion as completion_script
 from clusterconnect.cli import connect as connect_cli
 from clusterconnect.cli import identity as identity_cli
-from clusterconnect.cli import kubeconfig_command
+from clusterconnect.cli import kubeconfig_command, output
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
@@ -39,6 +37,10 @@ def _state_dir() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clusterconnect", description=__doc__)
     cliargs.add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,19 +72,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     actions = clusters.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="register a cluster and print the command that joins its agent")
     add.add_argument("name")
-    add.add_argument("--authproxy", default="127.0.0.1:8080", help="auth proxy address to put in the agent command")
-    add.add_argument("--json", action="store_true",
-                     help="print join_token, relay_ca_hash, expires_unix and agent_command as one JSON object")
+    cliargs.add_flag(add, "--authproxy", default="127.0.0.1:8080",
+                     help="auth proxy address to put in the agent command")
+    cliargs.add_flag(add, "--json", action="store_true", help="the same as -o json")
+    output.add_flag(add)  # json/yaml: cluster, join_token, relay_ca_hash, expires_unix, agent_command
     _admin_flags(add)
     listing = actions.add_parser("list", help="table of clusters and their connectivity")
+    output.add_flag(listing)
     _admin_flags(listing)
+    show = actions.add_parser("show", help="one cluster: its connectivity and versions")
+    show.add_argument("name")
+    output.add_flag(show)
+    _admin_flags(show)
     remove = actions.add_parser("remove", help="remove a cluster and disconnect its agent")
     remove.add_argument("name")
     _admin_flags(remove)
     identity_cli.add_parsers(commands, actions, _admin_flags, _state_dir())
     kubeconfig_command.add_parser(commands, _state_dir())
     connect_cli.add_parsers(commands, _admin_flags)
-    return parser.parse_args(argv)
+    completion = commands.add_parser("completion", help="print a shell completion script: source <(clusterconnect"
+                                     " completion bash)")
+    completion.add_argument("shell", choices=completion_script.SHELLS)
+    return parser
 
 
 def _relay_flags(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +154,10 @@ def clusters_command(args: argparse.Namespace) -> None:
     # action -> (RPC, its request, how its reply is shown)
     requests: dict[str, tuple[str, Callable[[], Message], Callable[[argparse.Namespace, Any], None]]] = {
         "add": ("AddCluster", lambda: tunnel_pb2.AddClusterRequest(name=args.name), _print_added),
-        "list": ("ListClusters", tunnel_pb2.ListClustersRequest, lambda _, reply: _print_table(reply.clusters)),
+        "list": ("ListClusters", tunnel_pb2.ListClustersRequest,
+                 lambda _, reply: _print_clusters(args, [cluster_record(c) for c in reply.clusters])),
+        "show": ("GetCluster", lambda: tunnel_pb2.GetClusterRequest(name=args.name),
+                 lambda _, reply: _print_clusters(args, cluster_record(reply))),
         "remove": ("RemoveCluster", lambda: tunnel_pb2.RemoveClusterRequest(name=args.name), _print_removed),
     }
     method, build, show = requests[args.action]
@@ -163,9 +177,11 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
     # (A shell assignment before a command is not part of any argv; /proc/PID/environ is the owner's only.)
     command = (f"CLUSTERCONNECT_JOIN_TOKEN={reply.join_token} clusterconnect-agent --relay {args.relay}"
                f" --cluster {args.name} --relay-ca-hash {reply.relay_ca_hash} --authproxy {args.authproxy}")
-    if args.json:
-        print(json.dumps({"cluster": args.name, "join_token": reply.join_token, "relay_ca_hash": reply.relay_ca_hash,
-                          "expires_unix": reply.join_token_expires_unix, "agent_command": command}))
+    if args.json or output.machine_readable(args):
+        if args.json:
+            args.output = "json"
+        output.dump(args, {"cluster": args.name, "join_token": reply.join_token, "relay_ca_hash": reply.relay_ca_hash,
+                           "expires_unix": reply.join_token_expires_unix, "agent_command": command})
         return
     expires = time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(reply.join_token_expires_unix))
     print(f"cluster {args.name} added; its agent joins once with the token below (valid until {expires},"
@@ -175,18 +191,34 @@ def _print_added(args: argparse.Namespace, reply: tunnel_pb2.AddClusterResponse)
     print(f"  {command}")
 
 
-def _print_table(clusters: Iterable[tunnel_pb2.Cluster]) -> None:
-    table = Table("NAME", "STATUS", "LAST SEEN", "AGENT", "KUBERNETES", "REPLICA", box=None, header_style="bold")
-    now = time.time()
-    for cluster in clusters:
-        status = "Connected" if cluster.connected else "Disconnected"
-        if cluster.connected:
-            seen = "now"
-        else:
-            seen = ago(now - cluster.last_seen_unix) if cluster.last_seen_unix else "never"
-        table.add_row(cluster.name, status, seen, cluster.agent_version or "-", cluster.kubernetes_version or "-",
-                      cluster.replica or "-")
-    Console(width=120).print(table)
+def cluster_record(cluster: tunnel_pb2.Cluster) -> output.Record:
+    """A cluster for -o json/yaml (and the table): stable field names, unknown values null."""
+    return {
+        "name": cluster.name,
+        "status": "Connected" if cluster.connected else "Disconnected",
+        "connected": cluster.connected,
+        "last_seen_unix": cluster.last_seen_unix or None,
+        "created_unix": cluster.created_unix or None,
+        "agent_version": cluster.agent_version or None,
+        "kubernetes_version": cluster.kubernetes_version or None,
+        "replica": cluster.replica or None,
+    }
+
+
+def _seen(record: output.Record) -> str:
+    if record["connected"]:
+        return "now"
+    return ago(time.time() - record["last_seen_unix"]) if record["last_seen_unix"] else "never"
+
+
+CLUSTER_COLUMNS = (("NAME", lambda r: r["name"]), ("STATUS", lambda r: r["status"]), ("LAST SEEN", _seen),
+                   ("AGENT", lambda r: output.or_dash(r["agent_version"])),
+                   ("KUBERNETES", lambda r: output.or_dash(r["kubernetes_version"])),
+                   ("REPLICA", lambda r: output.or_dash(r["replica"])))
+
+
+def _print_clusters(args: argparse.Namespace, records: output.Record | list[output.Record]) -> None:
+    output.emit(args, records, CLUSTER_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "proxy":
             proxy_command(args)
+        elif args.command == "completion":
+            print(completion_script.script(args.shell, build_parser()), end="")
         elif args.command == "kubeconfig":
             kubeconfig_command.kubeconfig_command(args)
         elif identity_cli.handles(args):
