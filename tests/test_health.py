@@ -174,7 +174,9 @@ def test_auth_proxy_is_ready_only_while_the_apiserver_answers(cluster_endpoint_k
     authproxy = chain.spawn("aadproxy", [script("clusterconnect-aadproxy"), "--listen", f"127.0.0.1:{listen}",
                                          "--kubeconfig", str(kubeconfig)])
     try:
-        wait_until(lambda: port_open(listen), 30, "the auth proxy to listen", authproxy)
+        # Its metrics port opens a moment after the gRPC one (refused until then: CI saw it).
+        wait_until(lambda: port_open(listen) and port_open(authproxy.metrics_port), 30, "the auth proxy to listen",
+                   authproxy)
         said = _wait_ready(authproxy, False, "the auth proxy to say it is not ready")
         assert said.startswith("not ready: apiserver: cannot reach the apiserver"), said
         with tcp_forwarder(link, (host, int(port))):

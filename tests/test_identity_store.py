@@ -226,6 +226,7 @@ def test_the_tables_of_an_earlier_version_are_imported_once_by_replicas_starting
         assert erin_here.uid == erin_there.uid  # one import: one uid made for her, not one per replica
         assert [u.name for u in first.list()] == ["erin", "frank"] and first.get("frank").uid == "uid-of-frank"
         await first.remove("erin")
+        assert await _converged(one.store, two.store)  # replica two's mirror has seen the removal
         again = await UserStore.open(two.store, db)  # a later start finds the marker: erin stays removed
         assert again.get("erin") is None
 
