@@ -132,14 +132,19 @@ def _kv(message: kv_pb2.KeyValue) -> KeyValue:
     return KeyValue(message.key, message.value, message.mod_revision, message.create_revision, message.lease)
 
 
+def open_channel(module: Any, target: str, tls: EtcdTLS | None) -> Any:
+    """A channel to one member from ``module`` (``grpc.aio`` on the event loop, ``grpc`` for the lease
+    keeper's thread), with the same credentials and options either way."""
+    if tls is None:
+        return module.insecure_channel(target, options=CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+    return module.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
 class _Member:
     def __init__(self, target: str, tls: EtcdTLS | None) -> None:
         self.target = target
-        if tls is None:
-            self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            self.channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(grpc.aio, target, tls)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)

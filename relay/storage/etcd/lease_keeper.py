@@ -26,18 +26,12 @@ import grpc
 
 from clusterconnect.logs import get_logger
 from clusterconnect.relay.storage.etcd.api import rpc_pb2, rpc_pb2_grpc
-from clusterconnect.relay.storage.etcd.client import CHANNEL_OPTIONS, REQUIRE_LEADER, Etcd, EtcdTLS, LeaseLost
+from clusterconnect.relay.storage.etcd.client import REQUIRE_LEADER, Etcd, EtcdTLS, LeaseLost, open_channel
 
 log = get_logger(__name__)
 
 # How often the event loop proves it is alive to the keeper thread.
 LOOP_TICK = 1.0
-
-
-def _channel(target: str, tls: EtcdTLS | None) -> grpc.Channel:
-    if tls is None:
-        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert), options=CHANNEL_OPTIONS)
 
 
 class LeaseKeeper:
@@ -64,7 +58,7 @@ class LeaseKeeper:
 
     def run(self) -> LeaseLost | None:
         """Until stopped (None) or the lease is lost (returned)."""
-        channels = [_channel(target, self.tls) for target in self.targets]
+        channels: list[grpc.Channel] = [open_channel(grpc, target, self.tls) for target in self.targets]
         stubs = [rpc_pb2_grpc.LeaseStub(channel) for channel in channels]
         member = 0
         renewed = time.monotonic()
