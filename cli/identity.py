@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from clusterconnect import cliargs, credentials
-from clusterconnect.cli import output
+from clusterconnect.cli import output, profile
 from clusterconnect.cli.secret_input import read_secret
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy.local_tls import client_credential
@@ -43,7 +43,8 @@ def add_parsers(commands: Subcommands, cluster_actions: Subcommands,
                                       " credentials with --client-secret)")
     cliargs.add_flag(how, "--token-command", help="command printing a token (e.g. 'az account get-access-token"
                                              " --resource ... -o json')")
-    cliargs.add_flag(login, "--relay", help="relay URL (with --code)")
+    cliargs.add_flag(login, "--relay", help="relay URL (needed with --code); remembered with --relay-ca and this"
+                     " login, so later commands need neither flag")
     cliargs.add_flag(login, "--relay-ca", type=Path, help="CA bundle of the relay's certificate")
     cliargs.add_flag(login, "--client-id", help="OAuth client id at --issuer")
     secret = login.add_mutually_exclusive_group()
@@ -134,12 +135,13 @@ def _read_text(path: Path | None, what: str) -> str | None:
 def login_command(args: argparse.Namespace) -> None:
     """Log in and save the login (a LoginError reaches main() as one line)."""
     device = f"{getpass.getuser()}@{socket.gethostname()}"
+    relay_ca = _read_text(args.relay_ca, "relay CA")  # read first: a bad path must not follow a spent code
     if args.code is not None or args.code_file is not None:
         if not args.relay:
             fail("--code needs --relay URL")
         code = read_secret(args.code, args.code_file, "login code", "--code")
         assert code is not None  # one of the two flags was given
-        builtin = credentials.login_relay(args.relay, _read_text(args.relay_ca, "relay CA"), code, device)
+        builtin = credentials.login_relay(args.relay, relay_ca, code, device)
         login: credentials.AnyLogin = builtin
         name = args.name or credentials.relay_profile(args.relay)
         who = f"{builtin.username} at relay {args.relay}"
@@ -166,7 +168,12 @@ def login_command(args: argparse.Namespace) -> None:
         who = f"command {args.token_command.split()[0]}"
     path = credentials.save(args.state_dir, name, login)
     print(f"logged in as {who}; login {name} saved in {path} (mode 600)")
-    print(f"use it with: clusterconnect proxy CLUSTER --relay URL --login {name}")
+    if args.relay:
+        profile.save(args.state_dir, args.relay, relay_ca.encode() if relay_ca else None, name)
+        print(f"relay {args.relay} and this login remembered: use them with: clusterconnect proxy CLUSTER")
+    else:
+        print(f"use it with: clusterconnect proxy CLUSTER --relay URL --login {name}"
+              " (or log in with --relay URL to remember it)")
 
 
 def _resolve_login(args: argparse.Namespace) -> str:
@@ -186,7 +193,8 @@ def logout_command(args: argparse.Namespace) -> None:
     revoked = credentials.logout(args.state_dir, name)
     at = {True: "revoked at the relay", False: "the relay no longer accepted it",
           None: "nothing to revoke at an external issuer or command"}[revoked]
-    print(f"logged out: login {name} deleted ({at})")
+    forgotten = "; the relay it remembered is forgotten" if profile.forget(args.state_dir, name) else ""
+    print(f"logged out: login {name} deleted ({at}){forgotten}")
 
 
 def token_command(args: argparse.Namespace) -> None:

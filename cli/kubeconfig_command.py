@@ -39,7 +39,7 @@ def add_parser(commands: Any, state_dir: Path) -> None:
                      " (e.g. a ServiceAccount token), instead of a login")
     cliargs.add_flag(parser, "--context", help="name of the context (default: the cluster name)")
     cliargs.add_flag(parser, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
-                     " (default: first file of KUBECONFIG, else ~/.kube/config)")
+                     " (default: the KUBECONFIG list by kubectl's rules, else ~/.kube/config)")
     cliargs.add_flag(parser, "--state-dir", type=Path, default=state_dir, help="where the logins are kept")
 
 
@@ -107,11 +107,11 @@ def kubeconfig_command(args: argparse.Namespace) -> None:
     if args.kubeconfig_out == "-":
         print(kubeconfig.render(kubeconfig.merge(None, written)), end="")
         return
-    path = Path(args.kubeconfig_out) if args.kubeconfig_out else kubeconfig.default_path()
+    paths = [Path(args.kubeconfig_out)] if args.kubeconfig_out else kubeconfig.files()
     try:
-        kubeconfig.write(path, written)
+        path = kubeconfig.write(paths, written, name_flag="--context")
     except OSError as exc:
-        raise InvalidInput(f"cannot write kubeconfig {path}: {exc.strerror}") from None
+        raise InvalidInput(f"cannot write kubeconfig {kubeconfig.default_file(paths)}: {exc.strerror}") from None
     server = written["cluster"]["cluster"]
     name = f" (tls-server-name {server['tls-server-name']})" if "tls-server-name" in server else ""
     print(f"context {written['context']['name']} written to {path}: server {server['server']}{name}")

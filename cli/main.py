@@ -17,10 +17,10 @@ import grpc
 from google.protobuf.message import Message
 
 from clusterconnect import cliargs, service
+from clusterconnect.cli import background, kubeconfig_command, output, profile
 from clusterconnect.cli import completion as completion_script
 from clusterconnect.cli import connect as connect_cli
 from clusterconnect.cli import identity as identity_cli
-from clusterconnect.cli import kubeconfig_command, output
 from clusterconnect.cli.usage import fail, read_file
 from clusterconnect.clientproxy import kubeconfig
 from clusterconnect.clientproxy.proxy import ProxySettings, run_proxy
@@ -34,6 +34,13 @@ from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 def _state_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "clusterconnect"
+
+
+def _profile_dir(args: argparse.Namespace) -> Path:
+    """Where the profile is: the command's --state-dir; for the admin commands, which have none, its
+    environment variable or the default."""
+    state_dir = getattr(args, "state_dir", None)
+    return Path(state_dir or os.environ.get(cliargs.env_name("--state-dir")) or _state_dir())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     cliargs.add_flag(tokens, "--login", help="use this login (clusterconnect login); kubectl then gets tokens from"
                      " `clusterconnect token` (default without --token/--token-file: the login at --relay)")
     cliargs.add_flag(proxy, "--kubeconfig-out", help="kubeconfig file to merge the context into, or - to print it"
-                     " (default: first file of KUBECONFIG, else ~/.kube/config)")
+                     " (default: the KUBECONFIG list by kubectl's rules, else ~/.kube/config)")
+    cliargs.add_flag(proxy, "--context-name", help="name of the kubeconfig context (default: RELAYHOST-CLUSTER);"
+                     " a context of that name that clusterconnect did not write is never overwritten")
     cliargs.add_flag(proxy, "--state-dir", type=Path, default=_state_dir(),
                      help="where the local TLS CAs and certificates and the logins are kept")
     cliargs.add_flag(proxy, "--request-head-timeout", type=float, default=REQUEST_HEAD_TIMEOUT,
@@ -67,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Off by default: a user may run one proxy per cluster, and a fixed port would let only the first start.
     cliargs.add_flag(proxy, "--metrics-listen", default="",
                      help="HOST:PORT for /metrics, /healthz and /readyz (plain HTTP; default: none)")
+    cliargs.add_flag(proxy, "--background", action="store_true",
+                     help="run in the background once ready (log in STATE_DIR/proxies/); `clusterconnect proxy"
+                     " stop [CONTEXT|CLUSTER]` stops it")
 
     clusters = commands.add_parser("clusters", help="administer the clusters registered at the relay")
     actions = clusters.add_subparsers(dest="action", required=True)
@@ -96,9 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_parser() -> argparse.ArgumentParser:
+    """`clusterconnect proxy stop [NAME]`: argparse cannot hold it under `proxy`, whose first word is the
+    cluster, so main() picks it by its first two words (a cluster named stop: `proxy -- stop`)."""
+    parser = argparse.ArgumentParser(prog="clusterconnect proxy stop",
+                                     description="stop background proxies (proxy --background)")
+    parser.add_argument("name", nargs="?", help="context or cluster of the proxy to stop (default: all of them)")
+    cliargs.add_flag(parser, "--state-dir", type=Path, default=_state_dir(), help="the proxies' --state-dir")
+    return parser
+
+
 def _relay_flags(parser: argparse.ArgumentParser) -> None:
-    cliargs.add_flag(parser, "--relay", required=True, help="relay URL, e.g. https://relay.example.com:8443")
-    cliargs.add_flag(parser, "--relay-ca", type=Path, help="CA bundle that signed the relay's certificate")
+    cliargs.add_flag(parser, "--relay", help="relay URL, e.g. https://relay.example.com:8443 (default: the relay"
+                     " of the last `clusterconnect login --relay`)")
+    cliargs.add_flag(parser, "--relay-ca", type=Path, help="CA bundle that signed the relay's certificate"
+                     " (default: the one given to that login, for its relay)")
 
 
 def _admin_flags(parser: argparse.ArgumentParser) -> None:
@@ -111,11 +135,11 @@ def _wrapped(args: argparse.Namespace) -> kubeconfig.WrappedCredential:
     """The credential of the kubeconfig user the proxy is asked to wrap (checked before anything is written)."""
     if args.kubeconfig_out == "-":
         raise InvalidInput("--kubeconfig-user reads the user from the kubeconfig file; --kubeconfig-out - has none")
-    path = Path(args.kubeconfig_out) if args.kubeconfig_out else kubeconfig.default_path()
-    return kubeconfig.wrapped_credential(path, args.kubeconfig_user)
+    paths = [Path(args.kubeconfig_out)] if args.kubeconfig_out else kubeconfig.files()
+    return kubeconfig.wrapped_credential(paths, args.kubeconfig_user)
 
 
-def proxy_command(args: argparse.Namespace) -> None:
+def proxy_command(args: argparse.Namespace, remembered: profile.Profile | None) -> None:
     if not (0 < args.request_head_timeout < math.inf):  # also refuses nan
         raise InvalidInput(f"--request-head-timeout must be a positive number of seconds: {args.request_head_timeout}")
     if args.kubeconfig_user:
@@ -125,19 +149,32 @@ def proxy_command(args: argparse.Namespace) -> None:
         token = read_file(args.token_file, "token file").decode().strip()
     else:
         token = (args.token or "").strip()
-    login = args.login or (None if token or args.token_file else identity_cli.default_login(args.relay, args.state_dir))
+    if args.login or token or args.token_file:
+        login = args.login
+    else:  # the login of this relay, else the one logged in with this relay (the profile's)
+        login = identity_cli.default_login(args.relay, args.state_dir) or (remembered.login if remembered else None)
     if not token and not login:
         fail("a token is needed: --token TOKEN or --token-file FILE (a ServiceAccount token of the cluster),"
              " or log in first (clusterconnect login --relay URL --code CODE) or give --login NAME")
+    context = args.context_name or kubeconfig.context_name(args.relay, args.cluster)
     settings = ProxySettings(
         cluster=args.cluster, relay=args.relay,
         relay_ca=read_file(args.relay_ca, "relay CA") if args.relay_ca else None,
         port=args.port, token=token, token_file=args.token_file, state_dir=args.state_dir,
-        kubeconfig_out=args.kubeconfig_out, login=login,
+        kubeconfig_out=args.kubeconfig_out, context=context,
+        login=login,
         token_command=identity_cli.token_command_argv(args.cluster, login, args.state_dir) if login else None,
         request_head_timeout=args.request_head_timeout,
     )
-    service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings), args.metrics_listen)
+    def run() -> None:
+        service.run_service("clientproxy", args.log_level, lambda: run_proxy(settings), args.metrics_listen)
+
+    if args.background:
+        if args.kubeconfig_out == "-":
+            raise InvalidInput("--background writes the context into a kubeconfig file; --kubeconfig-out - has none")
+        background.start(args.state_dir, args.cluster, context, run)
+    else:
+        run()
 
 
 async def _admin_call(args: argparse.Namespace, method: str, request: Message) -> Any:
@@ -222,12 +259,18 @@ def _print_clusters(args: argparse.Namespace, records: output.Record | list[outp
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:2] == ["proxy", "stop"]:
+            stop = stop_parser().parse_args(argv[2:])
+            background.stop(stop.state_dir, stop.name)
+            return
+        args = parse_args(argv)
+        remembered = None if args.command == "login" else profile.apply(args, _profile_dir(args))
         if args.command == "proxy":
-            proxy_command(args)
+            proxy_command(args, remembered)
         elif args.command == "completion":
-            print(completion_script.script(args.shell, build_parser()), end="")
+            print(completion_script.script(args.shell, build_parser(), {"proxy stop": stop_parser()}), end="")
         elif args.command == "kubeconfig":
             kubeconfig_command.kubeconfig_command(args)
         elif identity_cli.handles(args):

@@ -37,7 +37,8 @@ class ProxySettings:
     token: str
     token_file: Path | None
     state_dir: Path
-    kubeconfig_out: str | None  # None: default kubeconfig; "-": print; else a path
+    kubeconfig_out: str | None  # None: the KUBECONFIG list, else ~/.kube/config; "-": print; else a path
+    context: str  # the kubeconfig context's name (kubeconfig.context_name by default)
     # A login (clusterconnect login) instead of a fixed token: the Dial token comes from it, and the
     # kubeconfig user runs `clusterconnect token` (exec credential plugin).
     login: str | None = None
@@ -81,14 +82,14 @@ async def run_proxy(settings: ProxySettings) -> None:
             if settings.token_command:
                 exec_user = kubeconfig.exec_credential(settings.token_command[0], settings.token_command[1:])
             entries = kubeconfig.build_entries(
-                settings.cluster, f"https://127.0.0.1:{port}", tls.ca_pem, tls.client, settings.token,
+                settings.context, f"https://127.0.0.1:{port}", tls.ca_pem, tls.client, settings.token,
                 settings.token_file, exec_user,
             )
             where = _write_kubeconfig(settings.kubeconfig_out, entries)
             version = await _wait_until_reachable(port, tls, settings, handler.target)
             health.serving()
             print(
-                f"ready https://127.0.0.1:{port} context={settings.cluster} kubeconfig={where} kubernetes={version}",
+                f"ready https://127.0.0.1:{port} context={settings.context} kubeconfig={where} kubernetes={version}",
                 flush=True,
             )
             await server.serve_forever()
@@ -98,12 +99,13 @@ def _write_kubeconfig(out: str | None, entries: dict[str, Any]) -> str:
     if out == "-":
         print(kubeconfig.render(kubeconfig.merge(None, entries)), flush=True)
         return "-"
-    path = Path(out) if out else kubeconfig.default_path()
+    paths = [Path(out)] if out else kubeconfig.files()
     try:
-        kubeconfig.write(path, entries)
+        return str(kubeconfig.write(paths, entries))
+    except kubeconfig.NotOurs as exc:
+        raise StartupError(str(exc)) from None
     except (OSError, kubeconfig.KubeconfigInvalid) as exc:
-        raise StartupError(f"cannot write kubeconfig {path}: {exc}") from None
-    return str(path)
+        raise StartupError(f"cannot write kubeconfig {kubeconfig.default_file(paths)}: {exc}") from None
 
 
 async def _wait_until_reachable(port: int, tls: LocalTls, settings: ProxySettings, target: TunnelTarget) -> str:

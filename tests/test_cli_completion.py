@@ -32,7 +32,11 @@ def test_bash_sources_the_script_and_registers_the_function():
     (["clusters", "list", "-o", ""], ["table", "json", "yaml"]),
     (["clusters", "show", "--relay", "https://r:8443", "--out"], ["--output"]),
     (["completion", ""], ["bash", "zsh"]),
-], ids=["command", "subcommand", "choices", "flag-after-a-value", "positional-choices"])
+    (["proxy", ""], ["stop"]),
+    (["proxy", "dev", "--back"], ["--background"]),
+    (["proxy", "stop", "--st"], ["--state-dir"]),
+], ids=["command", "subcommand", "choices", "flag-after-a-value", "positional-choices", "proxy-stop",
+        "proxy-flag", "proxy-stop-flag"])
 def test_bash_completes_commands_flags_and_values(tmp_path, words, offered):
     words_text = " ".join(f"'{word}'" for word in ["clusterconnect", *words])
     out = _bash(tmp_path, f'COMP_WORDS=({words_text}); COMP_CWORD={len(words)}; _clusterconnect;'

@@ -82,13 +82,13 @@ def test_token_users_are_wrapped_with_their_token_or_token_file(tmp_path):
     out = tmp_path / "config"
     _kubeconfig(out, {"a": {"token": "tok"}, "b": {"tokenFile": "sa.token"}, "c": {"tokenFile": "/abs/sa.token"},
                       "both": {"token": "tok", "client-certificate-data": "Q0VSVA=="}})
-    assert kubeconfig.wrapped_credential(out, "a") == WrappedCredential(token="tok")
-    assert kubeconfig.wrapped_credential(out, "b") == WrappedCredential(token_file=tmp_path / "sa.token")
-    assert kubeconfig.wrapped_credential(out, "c") == WrappedCredential(token_file=Path("/abs/sa.token"))
+    assert kubeconfig.wrapped_credential([out], "a") == WrappedCredential(token="tok")
+    assert kubeconfig.wrapped_credential([out], "b") == WrappedCredential(token_file=tmp_path / "sa.token")
+    assert kubeconfig.wrapped_credential([out], "c") == WrappedCredential(token_file=Path("/abs/sa.token"))
     # kubectl sends the token as well as the certificate: the token crosses the tunnel, so it may be wrapped
-    assert kubeconfig.wrapped_credential(out, "both") == WrappedCredential(token="tok")
+    assert kubeconfig.wrapped_credential([out], "both") == WrappedCredential(token="tok")
     with pytest.raises(UserNotWrappable):
-        kubeconfig.wrapped_credential(tmp_path / "absent", "a")
+        kubeconfig.wrapped_credential([tmp_path / "absent"], "a")
 
 
 def test_a_wrapped_token_user_reaches_the_cluster_and_stays_as_it_was(chain, admin_sa_token, tmp_path):
@@ -108,11 +108,13 @@ def test_a_wrapped_token_user_reaches_the_cluster_and_stays_as_it_was(chain, adm
         # The wrapped user as it was; the context's user is our own: the same token file, plus the
         # client certificate that opens the proxy's port.
         assert config["users"][:1] == users_before
-        ours = {u["name"]: u["user"] for u in config["users"]}["clusterconnect-dev"]
+        context = kubeconfig.context_name(tunnel.relay_url, "dev")  # 127.0.0.1:PORT-dev
+        ours = {u["name"]: u["user"] for u in config["users"]}[f"clusterconnect-{context}"]
         assert ours["tokenFile"] == str(admin_sa_token.resolve())
         assert ours["client-certificate-data"] and ours["client-key-data"]
-        assert {"name": "dev", "context": {"cluster": "dev", "user": "clusterconnect-dev"}} in config["contexts"]
-        assert config["current-context"] == "dev"
+        written = {c["name"]: c["context"] for c in config["contexts"]}[context]
+        assert (written["cluster"], written["user"]) == (context, f"clusterconnect-{context}")
+        assert config["current-context"] == context and f" context={context} " in ready
         wait_until(lambda: kubectl(out, "get", "--raw", "/version", check=False, timeout=10).returncode == 0, 10,
                    "kubectl to work through the wrapped user")
     finally:

@@ -213,7 +213,7 @@ def test_50_concurrent_watches_through_the_gateway_all_see_an_event(gateway, dev
 def test_a_user_not_on_the_access_list_is_refused_at_the_relay(gateway, tmp_path):
     chain, _, mallory = gateway
     kubeconfig = chain.gateway_kubeconfig(tmp_path / "mallory.kubeconfig", state_dir=mallory, cluster="guarded")
-    assert set(yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]) == {"exec"}
+    assert set(yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]) == {"exec", "extensions"}  # no token
     refused = kubectl(kubeconfig, "get", "pods", "-n", NS, check=False)
     assert refused.returncode != 0
     assert refused.stderr.strip().count("\n") == 0, refused.stderr

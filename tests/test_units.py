@@ -102,17 +102,32 @@ def test_kubeconfig_merge_keeps_other_entries_and_mode(tmp_path):
         "contexts": [{"name": "other", "context": {"cluster": "other", "user": "o"}}],
     }))
     entries = kubeconfig.build_entries("prod", "https://127.0.0.1:47011", b"CA", KeyPair(b"CERT", b"KEY"), "tok", None)
-    kubeconfig.write(path, entries)
-    kubeconfig.write(path, entries)  # idempotent
+    assert kubeconfig.write([path], entries) == path
+    assert kubeconfig.write([path], entries) == path  # idempotent: the entries are ours now
     config = yaml.safe_load(path.read_text())
     assert [c["name"] for c in config["clusters"]] == ["other", "prod"]
     assert config["current-context"] == "prod"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-def test_kubeconfig_default_path_honours_KUBECONFIG(monkeypatch, tmp_path):
-    monkeypatch.setenv("KUBECONFIG", f"{tmp_path}/a:{tmp_path}/b")
-    assert kubeconfig.default_path() == tmp_path / "a"
+def test_kubeconfig_files_are_the_KUBECONFIG_list(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path}/a::{tmp_path}/b:{tmp_path}/a")
+    assert kubeconfig.files() == [tmp_path / "a", tmp_path / "b"]
+    assert kubeconfig.default_file(kubeconfig.files()) == tmp_path / "b"  # none exists: the last
+    (tmp_path / "b").write_text("")
+    assert kubeconfig.default_file(kubeconfig.files()) == tmp_path / "b"  # the first that exists
+    monkeypatch.delenv("KUBECONFIG")
+    assert kubeconfig.files() == [Path.home() / ".kube" / "config"]
+
+
+@pytest.mark.parametrize(("relay", "name"), [
+    ("https://relay.example.com:8443", "relay.example.com-prod"),
+    ("https://relay.example.com", "relay.example.com-prod"),
+    ("https://127.0.0.1:40123", "127.0.0.1:40123-prod"),
+    ("relay.example.com:9000", "relay.example.com:9000-prod"),
+])
+def test_the_default_context_is_named_after_the_relay_and_the_cluster(relay, name):
+    assert kubeconfig.context_name(relay, "prod") == name
 
 
 def test_store_add_get_remove(tmp_path):
