@@ -16,6 +16,8 @@ pytest_plugins = ["devcluster.fixture", "oidc_provider", "log_audit", "pytester"
 
 from chain import Chain, endpoint_only  # noqa: E402
 
+from clusterconnect.relay.storage.kv import EtcdKV, SqliteKV  # noqa: E402
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "devcluster: needs the devcluster (real kube-apiserver)")
@@ -36,6 +38,30 @@ def lone_relay(tmp_path):
         yield chain
     finally:
         chain.stop_all()
+
+
+@pytest.fixture(scope="module")
+def relay_chain(devcluster, cluster_endpoint_kubeconfig, tmp_path_factory):
+    """relay + auth proxy + agent (token passthrough), real processes; no client proxy."""
+    chain = Chain(tmp_path_factory.mktemp("relay-chain"), cluster_endpoint_kubeconfig)
+    try:
+        chain.start_relay()
+        chain.add_cluster()
+        chain.start_authproxy()
+        chain.start_agent()
+        yield chain
+    finally:
+        chain.stop_all()
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def open_kv(request, tmp_path):
+    """A function that opens a fresh, empty store of the parametrized kind inside the running loop: the
+    store tests make the same assertions on SQLite and on the real etcd."""
+    if request.param == "sqlite":
+        return lambda: SqliteKV(tmp_path / "relay.db")
+    cluster = request.getfixturevalue("etcd_cluster")
+    return lambda: EtcdKV(cluster.client())
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 test_tunnel_e2e).
 
 - the auth proxy's own ServiceAccount for OIDC mode, with exactly the ClusterRole of deploy/k8s/aadproxy.yaml;
+- a relay, an auth proxy trusting its built-in issuer and an agent (builtin_issuer_chain);
 - AuthenticationConfiguration files (auth proxy and relay) trusting the relay's built-in issuer or an
   external provider (Hydra, tests/oidc_provider.py);
 - logins: at the relay's built-in issuer with a one-time code (`users add` + `login --code`), or
@@ -12,7 +13,10 @@ test_tunnel_e2e).
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -36,6 +40,28 @@ def authproxy_kubeconfig(devcluster, namespace: str, path: Path, duration: str =
     devcluster.create_service_account(namespace, "aadproxy", cluster_role=role["metadata"]["name"])
     token = devcluster.token(namespace, "aadproxy", duration=duration)
     return Path(devcluster.write_kubeconfig(path, token)), token
+
+
+@contextmanager
+def builtin_issuer_chain(devcluster, state: Path, proxy_namespace: str, authproxy_args: tuple[str, ...] = (),
+                         agent_args: tuple[str, ...] = (), **chain_options: Any) -> Iterator[Chain]:
+    """Real processes for the chain's cluster (dev): a relay, an auth proxy in OIDC mode (its identity in
+    ``proxy_namespace``) trusting the relay's built-in issuer, and an agent; all stopped on exit.
+    ``chain_options`` are further Chain fields (relay_args, log_level ...)."""
+    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, proxy_namespace, state / "aadproxy.kubeconfig")
+    config = state / "authentication.yaml"
+    chain = Chain(state, proxy_kubeconfig, **chain_options)
+    chain.authproxy_args = ["--authentication-config", str(config), "--cluster", chain.cluster, *authproxy_args]
+    try:
+        chain.start_relay()
+        chain.add_cluster()
+        # the auth proxy trusts the relay's built-in issuer like any OIDC issuer (discovery over HTTPS)
+        write_authentication_config(config, builtin_issuer(chain))  # needs the relay's CA and issuer port
+        chain.start_authproxy()
+        chain.start_agent(extra_args=agent_args)
+        yield chain
+    finally:
+        chain.stop_all()
 
 
 def hydra_issuer(hydra, audience: str | None = None, prefix: str = "oidc:", groups: bool = True) -> dict:

@@ -1,5 +1,6 @@
 """Relay replicas on the test etcd (conftest's ``etcd_cluster``): the flags every replica of one store
-is started with, and an empty store to start from (the etcd is shared by the whole session)."""
+is started with, two such replicas, and an empty store to start from (the etcd is shared by the whole
+session)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import asyncio
 import secrets
 from pathlib import Path
 
-from chain import free_port
+from chain import Chain, free_port
 
 from clusterconnect.pki import KeyPair, create_ca, issue_server_cert, write_private
 from clusterconnect.relay.storage.kv import Change, EtcdKV
+from clusterconnect.relay.storage.sealing import SealingKey
 
 
 def etcd_flags(etcd_cluster, sealing_key: Path) -> list[str]:
@@ -19,6 +21,18 @@ def etcd_flags(etcd_cluster, sealing_key: Path) -> list[str]:
     return ["--store", "etcd", "--etcd-endpoints", etcd_cluster.endpoints, "--etcd-ca", str(etcd_cluster.ca_file),
             "--etcd-cert", str(etcd_cluster.client_cert), "--etcd-key", str(etcd_cluster.client_key),
             *peer_flags(sealing_key.parent / "peer-pki"), "--sealing-key-file", str(sealing_key)]
+
+
+def two_replicas(etcd_cluster, state: Path) -> tuple[Chain, Chain]:
+    """Two relay chains (not started) on one empty store with one sealing key, in ``state``/one and
+    ``state``/two; no cluster behind them."""
+    empty_store(etcd_cluster)
+    sealing = state / "sealing.key"
+    SealingKey.load_or_create(sealing)
+    # Each replica its own peer port and certificate (etcd_flags makes new ones per call).
+    one = Chain(state / "one", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
+    two = Chain(state / "two", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
+    return one, two
 
 
 def peer_flags(pki: Path) -> list[str]:

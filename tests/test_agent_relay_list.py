@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from chain import Chain, free_port, wait_until
-from replicas import empty_store, etcd_flags
-
-from clusterconnect.relay.storage.sealing import SealingKey
+from chain import free_port, wait_until
+from replicas import two_replicas
 
 
 def _sessions(log: Path) -> list[str]:
@@ -20,11 +18,7 @@ def _sessions(log: Path) -> list[str]:
 
 
 def test_an_agent_given_several_relays_skips_a_dead_one_and_moves_on_when_its_relay_dies(etcd_cluster, tmp_path):
-    empty_store(etcd_cluster)
-    sealing = tmp_path / "sealing.key"
-    SealingKey.load_or_create(sealing)
-    one = Chain(tmp_path / "one", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
-    two = Chain(tmp_path / "two", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
+    one, two = two_replicas(etcd_cluster, tmp_path)
     try:
         one.start_relay()
         two.start_relay()

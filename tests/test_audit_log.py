@@ -13,8 +13,8 @@ import secrets
 import stat
 
 import pytest
-from chain import Chain, wait_until
-from identities import authproxy_kubeconfig, builtin_issuer, grant_role, login_with_code, write_authentication_config
+from chain import wait_until
+from identities import builtin_issuer_chain, grant_role, login_with_code
 
 NS = "audit-log"
 PROXY_NS = "clusterconnect-audit-log"
@@ -28,27 +28,15 @@ def setup(devcluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("audit-log")
     devcluster.create_namespace(NS)
     grant_role(devcluster, NS, "audit-log-user", RULES, "audit-log-user", groups=[NS])
-    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
-    config = state / "authentication.yaml"
     audit_log = state / "audit" / "aadproxy-audit.log"
     audit_log.parent.mkdir()
-    chain = Chain(state, proxy_kubeconfig,
-                  authproxy_args=["--authentication-config", str(config), "--cluster", "dev",
-                                  "--audit-log", str(audit_log)])
-    try:
-        chain.start_relay()
-        chain.add_cluster()
-        write_authentication_config(config, builtin_issuer(chain))
-        chain.start_authproxy()
-        chain.start_agent()
+    with builtin_issuer_chain(devcluster, state, PROXY_NS, authproxy_args=("--audit-log", str(audit_log))) as chain:
         chain.cli("clusters", "grant", chain.cluster, "--group", NS)
         login_with_code(chain, "alice", [NS], state / "alice")
         kubeconfig = state / "alice.kubeconfig"
         chain.start_proxy(None, kubeconfig, name="proxy-alice", state_dir=state / "alice")
         yield type("Setup", (), {"chain": chain, "devcluster": devcluster, "kubeconfig": kubeconfig,
                                  "audit_log": audit_log})
-    finally:
-        chain.stop_all()
 
 
 def events(setup) -> list[dict]:

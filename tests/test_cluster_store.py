@@ -16,14 +16,6 @@ from clusterconnect.relay.storage.kv import Change, EtcdKV, SqliteKV
 from clusterconnect.relay.storage.store import Store
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
-def open_kv(request, tmp_path):
-    if request.param == "sqlite":
-        return lambda: SqliteKV(tmp_path / "relay.db")
-    cluster = request.getfixturevalue("etcd_cluster")
-    return lambda: EtcdKV(cluster.client())
-
-
 def run_store(open_kv, body) -> None:
     async def main() -> None:
         kv = open_kv()

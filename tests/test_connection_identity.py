@@ -24,14 +24,12 @@ import grpc
 import h11
 import jwt
 import pytest
-from chain import Chain, wait_until
+from chain import wait_until
 from identities import (
     POD_READER,
-    authproxy_kubeconfig,
-    builtin_issuer,
+    builtin_issuer_chain,
     grant_role,
     login_with_code,
-    write_authentication_config,
 )
 from test_oidc_verifier import ISSUER, FakeIssuer
 from test_oidc_verifier import authenticator as oidc_authenticator
@@ -60,20 +58,12 @@ def relay(devcluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("connection-identity")
     devcluster.create_namespace(NS)
     grant_role(devcluster, NS, "pod-reader", POD_READER, "connid-pod-reader", groups=[NS])
-    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
-    config = state / "authentication.yaml"
-    chain = Chain(state, proxy_kubeconfig, log_level="debug",
-                  relay_args=["--access-token-lifetime", str(LIFETIME), "--clock-skew-seconds", "1",
-                              "--max-connections-per-identity", str(MAX_PER_IDENTITY),
-                              "--max-connections-per-cluster", str(MAX_PER_CLUSTER)],
-                  authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
-    try:
-        chain.start_relay()
-        chain.add_cluster()
+    relay_args = ["--access-token-lifetime", str(LIFETIME), "--clock-skew-seconds", "1",
+                  "--max-connections-per-identity", str(MAX_PER_IDENTITY),
+                  "--max-connections-per-cluster", str(MAX_PER_CLUSTER)]
+    with builtin_issuer_chain(devcluster, state, PROXY_NS, agent_args=("--warm-streams", "0"), log_level="debug",
+                              relay_args=relay_args) as chain:
         chain.add_cluster("idle")  # registered, passthrough, never connected
-        write_authentication_config(config, builtin_issuer(chain))
-        chain.start_authproxy()
-        chain.start_agent(extra_args=("--warm-streams", "0"))
         chain.cli("clusters", "grant", chain.cluster, "--group", NS)
         users = {}
         for name, groups in (("alice", [NS]), ("bob", []), ("carol", [NS]), ("dave", []), ("erin", [NS]),
@@ -82,8 +72,6 @@ def relay(devcluster, tmp_path_factory):
             users[name] = state / name
         chain.cli("clusters", "grant", chain.cluster, "--user", "dave")
         yield type("Relay", (), {"chain": chain, "devcluster": devcluster, "users": users})
-    finally:
-        chain.stop_all()
 
 
 def fresh_token(relay, user: str) -> str:

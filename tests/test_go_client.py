@@ -22,20 +22,6 @@ E2E_TESTS = ["TestListPods", "TestWatch", "TestExecWebSocket", "TestPortForwardW
 
 
 @pytest.fixture(scope="module")
-def relay_chain(devcluster, cluster_endpoint_kubeconfig, tmp_path_factory):
-    """relay + auth proxy + agent (token passthrough), real processes; no client proxy."""
-    chain = Chain(tmp_path_factory.mktemp("go-client"), cluster_endpoint_kubeconfig)
-    try:
-        chain.start_relay()
-        chain.add_cluster()
-        chain.start_authproxy()
-        chain.start_agent()
-        yield chain
-    finally:
-        chain.stop_all()
-
-
-@pytest.fixture(scope="module")
 def pods(devcluster) -> int:
     """A shell pod for exec and an echo server for port-forward; returns the echo server's port."""
     devcluster.create_namespace(NS)

@@ -21,20 +21,6 @@ def built() -> Path:
     return EXAMPLE / "dist" / "get.js"
 
 
-@pytest.fixture(scope="module")
-def relay_chain(devcluster, cluster_endpoint_kubeconfig, tmp_path_factory):
-    """relay + auth proxy + agent (token passthrough), real processes; no client proxy."""
-    chain = Chain(tmp_path_factory.mktemp("node-example"), cluster_endpoint_kubeconfig)
-    try:
-        chain.start_relay()
-        chain.add_cluster()
-        chain.start_authproxy()
-        chain.start_agent()
-        yield chain
-    finally:
-        chain.stop_all()
-
-
 def _get(built: Path, chain: Chain, cluster: str, token_file: Path, path: str) -> subprocess.CompletedProcess:
     # By name, as users give it (Node warns when TLS's server name is an IP address; the relay's
     # certificate names localhost too).

@@ -10,20 +10,14 @@ from pathlib import Path
 
 import pytest
 from chain import Chain, free_port, script, wait_until
-from replicas import empty_store, etcd_flags
+from replicas import etcd_flags, two_replicas
 
 from clusterconnect.relay.storage.sealing import SealingKey
 
 
 @pytest.fixture(scope="module")
 def replicas(etcd_cluster, tmp_path_factory):
-    empty_store(etcd_cluster)
-    state = tmp_path_factory.mktemp("replicas")
-    sealing = state / "sealing.key"
-    SealingKey.load_or_create(sealing)
-    # Each replica its own peer port and certificate (etcd_flags makes new ones per call).
-    one = Chain(state / "one", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
-    two = Chain(state / "two", Path("/nonexistent"), relay_args=etcd_flags(etcd_cluster, sealing))
+    one, two = two_replicas(etcd_cluster, tmp_path_factory.mktemp("replicas"))
     try:
         one.start_relay()
         two.start_relay()

@@ -15,16 +15,6 @@ from clusterconnect.relay.storage.kv import KV, Change, EtcdKV, SqliteKV, Versio
 from clusterconnect.relay.storage.store import Store
 
 
-@pytest.fixture(params=["sqlite", "etcd"])
-def open_kv(request, tmp_path):
-    """A function that opens a fresh, empty store of the parametrized kind inside the running loop."""
-    if request.param == "sqlite":
-        return lambda: SqliteKV(tmp_path / "relay.db")
-    cluster = request.getfixturevalue("etcd_cluster")
-
-    return lambda: EtcdKV(cluster.client())
-
-
 def run(open_kv, body) -> None:
     async def main() -> None:
         kv = open_kv()

@@ -18,15 +18,13 @@ from contextlib import closing
 import grpc
 import jwt
 import pytest
-from chain import Chain, wait_until
+from chain import wait_until
 from https_client import Endpoint
 from identities import (
     POD_READER,
-    authproxy_kubeconfig,
-    builtin_issuer,
+    builtin_issuer_chain,
     grant_role,
     login_with_code,
-    write_authentication_config,
 )
 from test_user_identity import _relay_parts, mint
 
@@ -94,19 +92,9 @@ def generations(devcluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("user-generations")
     devcluster.create_namespace(NS)
     grant_role(devcluster, NS, "pod-reader", POD_READER, "generations-old-team", groups=["old-team"])
-    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
-    config = state / "authentication.yaml"
-    chain = Chain(state, proxy_kubeconfig, authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
-    try:
-        chain.start_relay()
-        chain.add_cluster()
-        write_authentication_config(config, builtin_issuer(chain))
-        chain.start_authproxy()
-        chain.start_agent()
+    with builtin_issuer_chain(devcluster, state, PROXY_NS) as chain:
         chain.cli("clusters", "grant", chain.cluster, "--user", "dave")
         yield type("Generations", (), {"chain": chain, "devcluster": devcluster})
-    finally:
-        chain.stop_all()
 
 
 def _audited(devcluster, marker: str) -> list[dict]:

@@ -30,7 +30,7 @@ from https_client import Endpoint
 from identities import (
     POD_READER,
     authproxy_kubeconfig,
-    builtin_issuer,
+    builtin_issuer_chain,
     grant_role,
     hydra_issuer,
     login_with_code,
@@ -229,28 +229,16 @@ def ident(devcluster, tmp_path_factory):
     state = tmp_path_factory.mktemp("user-identity")
     devcluster.create_namespace(DEV_NS)
     grant_role(devcluster, DEV_NS, "pod-reader", POD_READER, "builtin-dev-pod-reader", groups=[DEV_NS])
-    proxy_kubeconfig, _ = authproxy_kubeconfig(devcluster, PROXY_NS, state / "aadproxy.kubeconfig")
-    config = state / "authentication.yaml"
-    chain = Chain(state, proxy_kubeconfig, log_level="debug",
-                  relay_args=["--access-token-lifetime", str(LIFETIME), "--clock-skew-seconds", "1"],
-                  authproxy_args=["--authentication-config", str(config), "--cluster", "dev"])
     user_state = state / "alice-config"
     kubeconfig = state / "kubeconfig"
-    try:
-        chain.start_relay()
-        chain.add_cluster()
-        # the auth proxy trusts the relay's built-in issuer like any OIDC issuer (discovery over HTTPS)
-        write_authentication_config(config, builtin_issuer(chain))
-        chain.start_authproxy()
-        chain.start_agent()
+    relay_args = ["--access-token-lifetime", str(LIFETIME), "--clock-skew-seconds", "1"]
+    with builtin_issuer_chain(devcluster, state, PROXY_NS, log_level="debug", relay_args=relay_args) as chain:
         # a non-empty access list without alice
         chain.cli("clusters", "grant", chain.cluster, "--user", "bob")
         code = login_with_code(chain, "alice", [DEV_NS], user_state)
         _, ready = chain.start_proxy(None, kubeconfig, state_dir=user_state)
         yield type("Ident", (), {"chain": chain, "kubeconfig": kubeconfig, "devcluster": devcluster,
                                  "user_state": user_state, "code": code, "ready": ready})
-    finally:
-        chain.stop_all()
 
 
 def kubectl(ident, *args, check=False, timeout=60):
