@@ -265,7 +265,7 @@ def test_login_stores_a_private_credential_and_the_code_works_once(ident):
 def test_kubeconfig_user_is_the_exec_plugin(ident):
     config = yaml.safe_load(ident.kubeconfig.read_text())
     user = config["users"][0]["user"]
-    assert set(user) == {"exec"}, user
+    assert set(user) == {"exec", "extensions"}, user  # the plugin and our mark only
     assert user["exec"]["apiVersion"] == "client.authentication.k8s.io/v1"
     assert user["exec"]["args"][:3] == ["token", "--cluster", "dev"]
     out = subprocess.run([user["exec"]["command"], *user["exec"]["args"]], capture_output=True, text=True,
@@ -478,7 +478,8 @@ def _assert_proxy_sees_hydra_client(ext, state_dir: Path, login: str) -> None:
 
 def test_client_credentials_login_reaches_a_listed_cluster(external, tmp_path):
     ext = external
-    login = _login("--issuer", ext.hydra.issuer, "--client-id", ext.client_id, "--client-secret", ext.client_secret,
+    # "--client-secret=": the random secret may begin with "-", which argparse would take for a flag
+    login = _login("--issuer", ext.hydra.issuer, "--client-id", ext.client_id, f"--client-secret={ext.client_secret}",
                    "--issuer-ca", str(ext.hydra.ca_file), "--audience", RELAY_AUDIENCE, "--name", "ci",
                    "--state-dir", str(tmp_path))
     assert login.returncode == 0, login.stderr
@@ -487,7 +488,8 @@ def test_client_credentials_login_reaches_a_listed_cluster(external, tmp_path):
 
 def test_token_command_login(external, tmp_path):
     ext = external
-    login = _login("--issuer", ext.hydra.issuer, "--client-id", ext.client_id, "--client-secret", ext.client_secret,
+    # "--client-secret=": the random secret may begin with "-", which argparse would take for a flag
+    login = _login("--issuer", ext.hydra.issuer, "--client-id", ext.client_id, f"--client-secret={ext.client_secret}",
                    "--issuer-ca", str(ext.hydra.ca_file), "--audience", RELAY_AUDIENCE, "--name", "ci",
                    "--state-dir", str(tmp_path / "other"))
     assert login.returncode == 0, login.stderr
