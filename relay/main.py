@@ -205,6 +205,8 @@ async def _serve(args: argparse.Namespace, data_dir: Path, store: Store, sealing
         raise StartupError(f"cannot listen on {args.listen}: address in use or not available")
     relay_metrics.register(tunnel, sessions)
     relay_health.register(tunnel, store, server)
+    if args.store == backend.ETCD:
+        tunnel.expect_router()  # until routing.Replica registered this replica
     await server.start()
     health.serving()
     host = args.listen.rsplit(":", 1)[0]

@@ -44,12 +44,15 @@ class Endpoint:
 
     def one_request(self, path: str = "/version") -> int:
         """GET ``path`` on a connection of its own (``Connection: close``); the response status."""
+        return self.one_exchange(path)[0]
+
+    def one_exchange(self, path: str = "/version") -> tuple[int, bytes]:
+        """GET ``path`` on a connection of its own (``Connection: close``); the response status and body."""
         conn = self.connect()
         try:
             conn.request("GET", path, headers={**self.headers, "Connection": "close"})
             response = conn.getresponse()
-            response.read()
-            return response.status
+            return response.status, response.read()
         finally:
             conn.close()
 

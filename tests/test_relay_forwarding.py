@@ -477,11 +477,11 @@ def test_a_rolling_restart_fails_no_new_connection_and_a_1gib_port_forward_begun
         next_at = time.monotonic() + offset
         while not done.is_set():
             try:
-                status = endpoint.one_request("/version")
-                if status != 200:
-                    failures.append(f"status {status}")
+                status, body = endpoint.one_exchange("/version")
+                if status != 200:  # the Status message says which hop refused, and why
+                    failures.append(f"{time.monotonic() - restarted:.1f}s: status {status} {body[:300]!r}")
             except OSError as exc:
-                failures.append(repr(exc))
+                failures.append(f"{time.monotonic() - restarted:.1f}s: {exc!r}")
             opened[0] += 1
             next_at += 0.1
             done.wait(max(0.0, next_at - time.monotonic()))
@@ -498,6 +498,7 @@ def test_a_rolling_restart_fails_no_new_connection_and_a_1gib_port_forward_begun
 
     openers = [threading.Thread(target=keep_opening, args=(i * 0.05,)) for i in range(2)]
     echoing = threading.Thread(target=echo)
+    timeline: list[str] = []
     restarted = time.monotonic()
     try:
         for thread in openers:
@@ -505,9 +506,12 @@ def test_a_rolling_restart_fails_no_new_connection_and_a_1gib_port_forward_begun
         wait_until(lambda: opened[0] >= 10, 20, "connections to open through the fleet")
         echoing.start()
         for replica in replicas.replicas:
+            timeline.append(f"{time.monotonic() - restarted:.1f}s: SIGTERM {replica.name}")
             replicas.terminate(replica)
             assert replicas.wait_exit(replica, GRACE + 10) == 0
+            timeline.append(f"{time.monotonic() - restarted:.1f}s: {replica.name} exited")
             replicas.start_replica(replica)
+            timeline.append(f"{time.monotonic() - restarted:.1f}s: {replica.name} registered")
         echoing.join(GRACE)
         count = opened[0]
         wait_until(lambda: opened[0] >= count + 10, 20, "connections to go on opening after the restart")
@@ -523,4 +527,4 @@ def test_a_rolling_restart_fails_no_new_connection_and_a_1gib_port_forward_begun
     sent, received, seconds = transfer["result"]  # type: ignore[misc]
     print(f"1 GiB echo through the port-forward: {seconds:.1f}s across the drains, SHA-256 intact: {sent == received}")
     assert sent == received
-    assert failures == [], failures[:5]
+    assert failures == [], (failures[:5], timeline)

@@ -17,6 +17,7 @@ from clusterconnect.relay.datapath.pairing import (
     IllegalTransition,
     PendingDial,
     PendingDials,
+    SessionGone,
     StreamEnd,
     StreamState,
 )
@@ -249,6 +250,13 @@ def test_pending_dial_illegal_transitions() -> None:
             abandoned.abandon()
         with pytest.raises(IllegalTransition):
             await abandoned.wait_accepted(1)
+        with pytest.raises(IllegalTransition):
+            abandoned.orphan()
+        orphaned = PendingDial("c")
+        orphaned.orphan()
+        for event in (lambda: orphaned.accept(STREAM), orphaned.orphan):
+            with pytest.raises(IllegalTransition):
+                event()
 
     run(scenario())
 
@@ -320,6 +328,41 @@ def test_a_replaced_session_keeps_its_connections_and_pending_dials() -> None:
         assert accepted is not None and dial.state is DialState.ACCEPTED
         table.discard(old)  # the old Connect handler ends: the new session stays
         assert table.get("dev") is new
+
+    run(scenario())
+
+
+def test_a_session_that_ends_lets_its_waiting_dials_go_at_once() -> None:
+    """A drained agent leaves its session when its next one (on another replica) is welcomed: a Dial that asked
+    the old one hears SessionGone at once (and goes where the agent is now), not after the Accept timeout;
+    the agent's late Accept for it is refused."""
+    async def scenario() -> None:
+        session = AgentSession("dev", "v", "k")
+        dial = session.request_dial("00-abc")
+        waiting = asyncio.ensure_future(dial.wait_accepted(60))
+        await asyncio.sleep(0)
+        session.end(EndReason.DRAINED, drop_connections=False)
+        with pytest.raises(SessionGone):
+            await asyncio.wait_for(waiting, 1)
+        assert dial.state is DialState.ORPHANED
+        assert session.dials.accept(dial.dial_id, STREAM) is None
+
+    run(scenario())
+
+
+def test_a_replaced_session_that_ends_again_keeps_the_dials_it_handed_on() -> None:
+    """Its Connect handler's end (AGENT_CLOSED, DISCONNECTED) comes after REPLACED: the newer session's dials,
+    the same table, stay answerable."""
+    async def scenario() -> None:
+        table = SessionTable()
+        old = AgentSession("dev", "v1", "k")
+        table.add(old)
+        dial = old.request_dial("00-abc")
+        new = AgentSession("dev", "v2", "k")
+        table.add(new)
+        old.end(EndReason.AGENT_CLOSED)
+        assert dial.state is DialState.PENDING
+        assert new.dials.accept(dial.dial_id, STREAM) is not None
 
     run(scenario())
 

@@ -3,9 +3,13 @@ route a Dial is forwarded along (newest first; never this replica's own, never o
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import pytest
+
 from clusterconnect import metadata as md
+from clusterconnect.relay.datapath import tunnel as relay_tunnel
 from clusterconnect.relay.datapath.forwarded import ForwardRequest, read_forward_metadata
 from clusterconnect.relay.routing.forwarding import PeerRouter
 from clusterconnect.relay.routing.routes import REPLICAS, Routing, replica_key, route_key
@@ -71,3 +75,32 @@ def test_a_dial_follows_the_newest_route_of_another_replica_it_can_dial():
     assert router._owner("prod", set())[1] == "10.0.0.3:8446"
     assert [r.replica for r in routes.of_cluster("prod")] == ["relay-a", "relay-c", "relay-b"]
     assert REPLICAS in replica_key("x")
+
+
+def _tunnel() -> relay_tunnel.Tunnel:
+    return relay_tunnel.Tunnel(None, None, 5, authorizer=None, agent_auth=None,  # type: ignore[arg-type]
+                               connections=None)  # type: ignore[arg-type]  # the gate needs none of them
+
+
+def test_a_starting_replica_holds_dials_and_agents_until_it_registered(monkeypatch: pytest.MonkeyPatch):
+    """Its server listens before it is in etcd: a Dial then would be refused "not connected", an agent's session
+    would get no route. Both wait for the router; a replica that does not register in time refuses."""
+    async def scenario() -> None:
+        single = _tunnel()
+        assert await single._until_routable()  # a relay on SQLite has no router to wait for
+        replica = _tunnel()
+        replica.expect_router()
+        waiting = asyncio.create_task(replica._until_routable())
+        for _ in range(3):  # the loop went round: an open gate would have let it through on the first
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        replica.set_router(_router("relay-a"))  # type: ignore[arg-type]
+        assert await asyncio.wait_for(waiting, 1)
+        replica.set_router(None)  # stopping: drained, its server already stopped; nothing waits any more
+        assert await replica._until_routable()
+        monkeypatch.setattr(relay_tunnel, "ROUTABLE_TIMEOUT", 0.01)
+        late = _tunnel()
+        late.expect_router()
+        assert not await late._until_routable()
+
+    asyncio.run(scenario())

@@ -11,7 +11,7 @@ import time
 import pytest
 from chain import STDOUT_SUFFIX, Chain, wait_until
 from https_client import Endpoint
-from kube import kubectl
+from kube import kubectl, kubectl_popen, stop
 
 from clusterconnect.pki import create_ca
 
@@ -43,6 +43,43 @@ def test_agent_killed_gives_clear_error_within_2s_then_recovers(own_chain):
     assert result.stderr.strip().endswith("cluster dev is not connected"), result.stderr
     assert elapsed < 2.0, elapsed
     chain.start_agent()
+    assert _works(kubeconfig)
+
+
+def test_an_agent_gone_while_a_dial_waits_for_its_accept_is_reported_at_once(own_chain):
+    """No warm stream: the Dial asks the agent for one (a DialRequest) and waits for its Accept. The agent,
+    stopped (SIGSTOP) so that it cannot answer, dies: its session ends, and the waiting Dial is told so then
+    ("not connected"), not when the relay's 5 s Accept timeout runs out ("did not answer"). After a drain
+    this is what sends such a Dial on to the agent's next replica (tests/test_relay_forwarding.py)."""
+    chain, kubeconfig = own_chain
+    chain.processes["agent"].stop()
+    agent = chain.start_agent(extra_args=("--warm-streams", "0"))
+    waiting = None
+    try:
+        assert _works(kubeconfig)
+        relay = chain.processes["relay"]
+        before = relay.stats()["dials_requested"]
+        proxy_log = chain.processes["proxy"].log
+        offset = proxy_log.stat().st_size
+        agent.popen.send_signal(signal.SIGSTOP)
+        waiting = kubectl_popen(kubeconfig, "get", "--raw", "/version", stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        wait_until(lambda: relay.stats()["dials_requested"] > before, 10, "the Dial to ask the agent")
+        agent.popen.send_signal(signal.SIGKILL)
+        agent.popen.wait()
+        _, err = waiting.communicate(timeout=30)
+        assert waiting.returncode != 0
+        assert err.decode().strip().endswith("cluster dev is not connected"), err
+        # kubectl tries a 502 again: its last answer alone would not show that the first one waited 5 s.
+        refusals = [json.loads(line)["reason"] for line in proxy_log.read_text()[offset:].splitlines()
+                    if '"connection refused"' in line]
+        assert refusals and all(r == "cluster dev is not connected" for r in refusals), refusals
+    finally:
+        if waiting is not None:
+            stop(waiting)
+        agent.popen.kill()
+        agent.popen.wait()
+        chain.start_agent()
     assert _works(kubeconfig)
 
 

@@ -301,7 +301,7 @@ class Chain:
                 script("clusterconnect"), "proxy", cluster or self.cluster, "--relay", self.relay_url,
                 "--relay-ca", str(self.relay_ca), *credential,
                 "--port", str(port), "--kubeconfig-out", str(kubeconfig),
-                "--state-dir", str(state_dir or self.state_dir / "proxy-state"),
+                "--state-dir", str(state_dir or self.state_dir / "proxy-state"), "--log-level", self.log_level,
             ], stdout=handle.fileno())
         ready = wait_until(lambda: _line_starting(out, "ready "), 30, "client proxy to be ready", process)
         return process, ready

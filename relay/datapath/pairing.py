@@ -17,7 +17,9 @@ and the Dial handler, which splices it with the client's stream::
 A :class:`PendingDial` is a Dial waiting for the agent to answer its DialRequest with an Accept::
 
     PENDING ──accept(stream)──▶ ACCEPTED ──abandon()──▶ ABANDONED   (the accepted stream ends too)
-       └────────────abandon()──────────────────────────▶ ABANDONED   (an Accept arriving later is refused)
+       ├────────────abandon()──────────────────────────▶ ABANDONED   (an Accept arriving later is refused)
+       └────────────orphan()───────────────────────────▶ ORPHANED    (its session ended: the waiter hears
+                                                                      SessionGone and may Dial elsewhere)
 
 Both sides may end a stream at the same moment (the client goes away as the agent's stream breaks),
 so ``end`` of an ENDED stream is no transition: the first reason stays. Likewise ``bound`` after the
@@ -153,6 +155,12 @@ class DialState(enum.Enum):
     PENDING = "pending"
     ACCEPTED = "accepted"
     ABANDONED = "abandoned"
+    ORPHANED = "orphaned"
+
+
+class SessionGone(Exception):
+    """The agent's session ended before it answered the DialRequest (it moved to another replica after a
+    drain, or disconnected): nothing reached the client yet, so the Dial may go where the agent is now."""
 
 
 class PendingDial:
@@ -185,10 +193,20 @@ class PendingDial:
         self.state = DialState.ABANDONED
         self._answered.set()
 
+    def orphan(self) -> None:
+        """PENDING -> ORPHANED: the session it was asked of ended; the agent will not answer it there."""
+        if self.state is not DialState.PENDING:
+            raise IllegalTransition(f"orphan in state {self.state.name}")
+        self.state = DialState.ORPHANED
+        self._answered.set()
+
     async def wait_accepted(self, timeout: float) -> AcceptedStream:
-        """The agent's stream; TimeoutError if it did not come within ``timeout`` seconds."""
+        """The agent's stream; TimeoutError if it did not come within ``timeout`` seconds, SessionGone if
+        its session ended first."""
         async with asyncio.timeout(timeout):
             await self._answered.wait()
+        if self.state is DialState.ORPHANED:
+            raise SessionGone(f"dial {self.dial_id}: the agent's session ended before it answered")
         if self.accepted is None:
             raise IllegalTransition("waited on an abandoned dial")
         return self.accepted
@@ -219,3 +237,11 @@ class PendingDials:
         """The Dial is done waiting, however that went."""
         if self._dials.get(dial.dial_id) is dial:
             del self._dials[dial.dial_id]
+
+    def orphan_all(self) -> None:
+        """The session that owns this table ended (and did not hand it on): every waiting Dial hears so now,
+        rather than after the Accept timeout."""
+        dials, self._dials = self._dials, {}
+        for dial in dials.values():
+            if dial.state is DialState.PENDING:
+                dial.orphan()

@@ -110,6 +110,8 @@ class AgentSession:
         if self.end_reason is None:
             self.end_reason = reason
         self.ended.set()
+        if self.end_reason is not EndReason.REPLACED:  # a replaced session handed its dials on to the newer one
+            self.dials.orphan_all()
         # Warm streams carry nothing yet; they belong to this session's channel and end with it.
         for accepted in self.warm:
             accepted.end(StreamEnd.UNUSED)

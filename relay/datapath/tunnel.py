@@ -23,7 +23,7 @@ from clusterconnect.relay.agent_identity.enrollment import AgentAuthenticator
 from clusterconnect.relay.datapath import metrics
 from clusterconnect.relay.datapath.connections import ConnectionRegistry, OpenConnection, TooManyConnections
 from clusterconnect.relay.datapath.forwarded import read_forward_metadata
-from clusterconnect.relay.datapath.pairing import AcceptedStream, StreamEnd
+from clusterconnect.relay.datapath.pairing import AcceptedStream, SessionGone, StreamEnd
 from clusterconnect.relay.datapath.passthrough import ForeignPassthroughStream, PassthroughStream
 from clusterconnect.relay.datapath.sessions import AgentSession, EndReason, SessionTable
 from clusterconnect.relay.routing.peer import PeerRefused
@@ -40,6 +40,10 @@ log = get_logger(__name__)
 # A connected agent normally answers in milliseconds; a burst of hundreds of new connections can
 # take it a few seconds. (An agent that is not connected is reported at once.)
 ACCEPT_TIMEOUT = 5.0
+# How long a Dial or an agent session waits for a starting replica to register in etcd (a lease grant and
+# two writes: milliseconds; seconds on a busy etcd). Under the client proxy's 6 s for a Dial, so that the
+# user gets this relay's reason rather than a timeout.
+ROUTABLE_TIMEOUT = 4.0
 
 # Dial and Accept are registered raw (passthrough.py): their messages are serialized Chunks.
 RawContext: TypeAlias = grpc.aio.ServicerContext[bytes, bytes]
@@ -130,6 +134,10 @@ class Tunnel:
         self.dials_requested = 0
         # With replicas (relay/routing/): Dials served here, forwarded to the owner, served for a peer.
         self.router: Router | None = None
+        # Clear while a replica starts (expect_router): its server listens before it registered in etcd,
+        # and until then a Dial would be refused as "not connected" and an agent's session get no route.
+        self._routable = asyncio.Event()
+        self._routable.set()
         self.dials_local = 0
         self.dials_forwarded = 0
         self.dials_from_peers = 0
@@ -137,6 +145,27 @@ class Tunnel:
         self.draining: str | None = None
         # Set on every connection or session that ends (shutdown waits for them on it).
         self.quieter = asyncio.Event()
+
+    def expect_router(self) -> None:
+        """This relay is a replica: Dials and agent sessions wait for ``set_router`` (called before the
+        server starts)."""
+        self._routable.clear()
+
+    def set_router(self, router: Router | None) -> None:
+        self.router = router
+        if router is not None:
+            self._routable.set()
+
+    async def _until_routable(self) -> bool:
+        """True once Dials can be routed; False if the replica did not register in time."""
+        if self._routable.is_set():
+            return True
+        try:
+            async with asyncio.timeout(ROUTABLE_TIMEOUT):
+                await self._routable.wait()
+        except TimeoutError:
+            return False
+        return True
 
     # -- clients --------------------------------------------------------------------------------
 
@@ -159,6 +188,9 @@ class Tunnel:
             await _refuse(context, decision.code, _ACCESS_REFUSALS.get(decision.code, DialRefusal.ACCESS_DENIED),
                           decision.message)
         caller = decision.identity
+        if not await self._until_routable():
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
+                          f"relay replica starting: not registered in etcd within {ROUTABLE_TIMEOUT:g}s")
         session = self.sessions.get(cluster)
         if session is None and self.router is None:
             await self._refuse_not_connected(context, cluster, caller is not None)
@@ -172,13 +204,29 @@ class Tunnel:
         try:
             incoming = metadata_value(metadata, md.TRACEPARENT)
             with connection_span("relay.dial", incoming, cluster=cluster) as traceparent:
-                if session is None:
-                    await self._forward(context, cluster, traceparent, connection, started)
-                else:
-                    self.dials_local += 1
-                    await self._carry(context, session, traceparent, connection, caller_message(caller), started)
+                try:
+                    await self._route(context, session, cluster, traceparent, connection, started)
+                except SessionGone:
+                    # The agent left the session before it answered (drained to another replica a moment
+                    # ago, or gone): nothing reached the client, so once more, where the agent is now.
+                    session = self.sessions.get(cluster)
+                    if session is None and self.router is None:
+                        await self._refuse_not_connected(context, cluster, caller is not None)
+                    try:
+                        await self._route(context, session, cluster, traceparent, connection, started)
+                    except SessionGone:
+                        await self._refuse_not_connected(context, cluster, caller is not None)
         finally:
             self.connections.close(connection)
+
+    async def _route(self, context: RawContext, session: AgentSession | None, cluster: str, traceparent: str,
+                     connection: OpenConnection, started: float) -> None:
+        if session is None:
+            await self._forward(context, cluster, traceparent, connection, started)
+        else:
+            self.dials_local += 1
+            await self._carry(context, session, traceparent, connection, caller_message(connection.caller),
+                              started)
 
     async def _refuse_not_connected(self, context: RawContext, cluster: str, verified: bool) -> Never:
         # When the agent was last seen is for callers the relay verified and admitted only.
@@ -250,7 +298,10 @@ class Tunnel:
         self.dials_from_peers += 1
         connection = OpenConnection(cluster, None, request.expires_unix)
         with connection_span("relay.forwarded", request.traceparent or None, cluster=cluster) as traceparent:
-            await self._carry(context, session, traceparent, connection, request.caller, started, "from_peer")
+            try:
+                await self._carry(context, session, traceparent, connection, request.caller, started, "from_peer")
+            except SessionGone:  # the entry replica leaves this route out and waits for the agent's next one
+                await self._refuse_not_connected(context, cluster, bool(request.caller.subject))
 
     async def _carry(self, context: RawContext, session: AgentSession, traceparent: str,
                      connection: OpenConnection, caller: tunnel_pb2.Caller, started: float,
@@ -315,6 +366,8 @@ class Tunnel:
             if usable:
                 self.dials_warm += 1
                 return warm, "warm"
+        if session.ended.is_set() and session.end_reason is not EndReason.REPLACED:
+            raise SessionGone(f"the session of cluster {session.cluster}'s agent ended")  # nobody reads its outbox
         self.dials_requested += 1
         try:
             dial = session.request_dial(traceparent, caller)
@@ -323,6 +376,8 @@ class Tunnel:
                           f"agent of cluster {session.cluster} is overloaded")
         try:
             return await dial.wait_accepted(ACCEPT_TIMEOUT), "requested"
+        except SessionGone:
+            raise  # the session let its dials go as it ended
         except TimeoutError:
             dial.abandon()
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_ANSWERING,
@@ -361,6 +416,9 @@ class Tunnel:
         cluster = await self._authenticate_agent(context)
         if self.draining is not None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.draining)
+        if not await self._until_routable():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "relay replica starting: not registered in etcd"
+                                f" within {ROUTABLE_TIMEOUT:g}s; connect to another replica")
         first = await _read(context)
         if first is None or first.WhichOneof("message") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be hello")

@@ -178,7 +178,7 @@ class Replica:
                         await routing.register(advertise, __version__)
                     except EtcdUnavailable as exc:
                         raise StartupError(f"cannot register relay replica {self.name} in etcd: {exc}") from None
-                    self.tunnel.router = PeerRouter(routing, dialer)
+                    self.tunnel.set_router(PeerRouter(routing, dialer))
                     log.info("replica registered", replica=self.name, peer=advertise, lease=format(lease, "x"),
                              ttl=ttl)
                     keep_alive = group.create_task(self._keep_alive(lease, ttl))
@@ -200,7 +200,7 @@ class Replica:
                 for task in background:
                     task.cancel()
         finally:
-            self.tunnel.router = None
+            self.tunnel.set_router(None)
             if not lost:
                 try:  # the routes go at once, not a TTL later
                     async with asyncio.timeout(2):
