@@ -7,7 +7,7 @@ Filtering ``Connection``-named headers *before* authentication matters: CVE-2021
 client's ``Connection`` can only remove the client's own headers; the authenticator adds its
 headers afterwards, to the already filtered list.
 
-Header names are lowercase bytes (h11 lowercases what it parses).
+Header names are lowercase bytes (http_reader.py lowercases what llhttp parses).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def is_chunked(headers: Iterable[Header]) -> bool:
 def has_conflicting_framing(headers: Sequence[Header]) -> bool:
     """Both ``Content-Length`` and ``Transfer-Encoding``: request smuggling material; refuse it.
 
-    (h11 itself rejects differing Content-Length values and any coding other than chunked, but
-    accepts Content-Length together with Transfer-Encoding, as RFC 9112 permits.)
+    (llhttp refuses it itself, in requests and responses; h11, the parser before it, accepted it, as
+    RFC 9112 permits: this stays the rule whatever parses.)
     """
     names = {name for name, _ in headers}
     return b"content-length" in names and b"transfer-encoding" in names

@@ -1,9 +1,9 @@
 """HTTP/1.1 between one downstream connection (kubectl, through the tunnel) and the apiserver.
 
 One call of :func:`forward_connection` serves one downstream connection: many keep-alive requests,
-each parsed strictly by h11 (server role), checked (request_checks.py), authenticated, and re-sent
-by a second h11 state machine (client role) on this connection's own apiserver connection
-(upstream.py), which is never shared.
+each parsed strictly by llhttp (httptools; http_reader.py), checked (request_checks.py),
+authenticated, and re-sent (http_writer.py) on this connection's own apiserver connection
+(upstream.py), which is never shared; each answer is parsed by a ResponseReader of its own.
 
 Bodies stream both ways as they arrive: every parsed piece is sent on as soon as the bytes read so
 far are used up, so a watch event or a ``logs -f`` line is never held back waiting for more data,
@@ -21,7 +21,7 @@ awaited before :func:`forward_connection` returns.
 Each connection ends with one log event: ``connection closed`` with its ``reason`` (:class:`End`; a
 client hanging up is one of them, a normal end), or ``connection failed`` for an error nobody
 expected. Logs carry the method, path (without query), status and body bytes, never a header value:
-h11's error messages can quote header values, so only error *types* are logged.
+only error *types* (or the parser's fixed messages) are logged.
 """
 
 from __future__ import annotations
@@ -34,13 +34,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-import h11
-
 from clusterconnect.aadproxy import headers as hdr
+from clusterconnect.aadproxy import http_writer as wr
 from clusterconnect.aadproxy import metrics
 from clusterconnect.aadproxy.audit import ConnectionAudit, RequestRecord
 from clusterconnect.aadproxy.authn import Authenticator, Forward, Reject
-from clusterconnect.aadproxy.request_checks import MAX_HEAD, Rejection, check_request, parse_failure
+from clusterconnect.aadproxy.http_reader import (
+    CLOSED,
+    END,
+    MAX_HEAD,
+    NEED_DATA,
+    Data,
+    ParseError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+)
+from clusterconnect.aadproxy.request_checks import Rejection, check_request, parse_failure
 from clusterconnect.aadproxy.route import route
 from clusterconnect.aadproxy.upstream import ApiserverGone, ConnectUpstream, Upstream
 from clusterconnect.kstatus import status_body
@@ -99,6 +110,8 @@ class _Exchange:
     response_bytes: int = 0
     request_bytes: int = 0
     request_sent: bool = False
+    request_ended: bool = False  # the request's end is written (maybe not yet sent)
+    chunked: bool = False  # the response's body goes to the client in chunks of our own
     switched: bool = False
     close_after: bool = False
     decision: Forward | Reject | None = None  # for the audit event
@@ -186,7 +199,8 @@ class _Connection:
         self.audit = audit
         self.head_timeout = head_timeout
         self.authenticator = authenticator
-        self.down = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.down = RequestReader()
+        self.response_begun = False  # a response head went to the client for the current request
         self.upstream = Upstream(connect_upstream, tasks)
         # The only task that calls downstream.receive(): cancelling a gRPC read could lose a
         # message, cancelling a Queue.get cannot. One slot: at most one block read ahead.
@@ -228,30 +242,23 @@ class _Connection:
             end = await self._traced(request)
             if end is not None:
                 return end
-            if self.down.our_state is h11.DONE and self.down.their_state is h11.DONE:
-                self.down.start_next_cycle()
-            elif self.down.their_state is h11.MUST_CLOSE:
+            if not request.keep_alive:
                 return End.CLIENT_CLOSED  # it said Connection: close (or spoke HTTP/1.0)
-            else:
-                return End.NOT_REUSABLE
 
-    async def _read_request_head(self) -> h11.Request | End:
+    async def _read_request_head(self) -> RequestHead | End:
         """The next request's head, checked; or why the connection is over (EOF, or refused and answered)."""
         self.upstream.watch_idle()
-        # h11 silently unfolds obsolete line folding and limits only incomplete heads; we refuse
-        # both, so we keep the raw bytes of the head: whatever h11 had not processed yet, plus
-        # what we feed it, minus what is left after.
-        raw = bytearray(self.down.trailing_data[0])
+        self.response_begun = False
         loop = asyncio.get_running_loop()
         # The head's clock starts at its first byte (already here if the client pipelined it).
-        deadline = loop.time() + self.head_timeout if raw else None
+        deadline = loop.time() + self.head_timeout if self.down.in_message else None
         try:
             while True:
                 try:
                     event = self.down.next_event()
-                except h11.RemoteProtocolError as exc:
-                    return await self._refuse(parse_failure(exc.error_status_hint))
-                if event is h11.NEED_DATA:
+                except ParseError as exc:
+                    return await self._refuse(parse_failure(exc.status_hint, exc.kind))
+                if event is NEED_DATA:
                     try:
                         async with asyncio.timeout_at(deadline):  # _receive_down is cancel-safe (a Queue)
                             data = await self._receive_down()
@@ -262,16 +269,16 @@ class _Connection:
                         return End.REFUSED
                     if deadline is None and data:
                         deadline = loop.time() + self.head_timeout
-                    raw += data
                     self.down.receive_data(data)
                     continue
-                if type(event) is h11.Request:
-                    head = raw[: len(raw) - len(self.down.trailing_data[0])]
-                    rejection = check_request(head, event.method, event.target, event.headers)
+                if type(event) is RequestHead:
+                    rejection = check_request(event)
                     if rejection is not None:
                         return await self._refuse(rejection)
                     return event
-                return End.CLIENT_CLOSED  # ConnectionClosed (downstream EOF between requests)
+                if event is CLOSED:
+                    return End.CLIENT_CLOSED  # downstream EOF between requests
+                return await self._refuse(parse_failure(400))  # cannot happen: a message begins with its head
         finally:
             await self.upstream.stop_watching()
 
@@ -280,7 +287,7 @@ class _Connection:
         await self._answer(rejection.status, rejection.reason)
         return End.REFUSED
 
-    async def _traced(self, request: h11.Request) -> End | None:
+    async def _traced(self, request: RequestHead) -> End | None:
         """``_handle`` in a span of its own, a child of the connection's (docs/tracing.md)."""
         method = request.method.decode("ascii", "replace")
         template = route(request.target.split(b"?", 1)[0].decode("ascii", "replace"))
@@ -291,12 +298,12 @@ class _Connection:
         finally:
             end_request_span(span, self.answered)
 
-    async def _handle(self, request: h11.Request) -> End | None:
+    async def _handle(self, request: RequestHead) -> End | None:
         """Answer one request; None if the connection may carry another, else why it ends."""
         method = request.method.decode("ascii", "replace")
         path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
         received = list(request.headers)
-        # h11 treats any Upgrade header as a switch proposal; so do we when deciding to close.
+        # Any Upgrade header is a switch proposal when deciding to close (as h11 had it).
         proposed = hdr.upgrade_protocol(received) is not None or bool(hdr.values(received, b"upgrade"))
         exchange = _Exchange(method=method, path=path, upgrade=proposed)
         received_at = time.time()
@@ -307,7 +314,7 @@ class _Connection:
             if self.audit is not None:
                 self.audit.record(_record(request, exchange, received_at))
 
-    async def _exchange(self, request: h11.Request, exchange: _Exchange) -> End | None:
+    async def _exchange(self, request: RequestHead, exchange: _Exchange) -> End | None:
         started = time.monotonic()
         method, path, proposed = exchange.method, exchange.path, exchange.upgrade
         received = list(request.headers)
@@ -342,11 +349,12 @@ class _Connection:
                 exchange.status = 502
                 await self._answer(502, f"auth proxy cannot reach the apiserver: {message}")
                 return End.APISERVER_FAILED
-        stream, up = upstream.stream, upstream.http
-        assert stream is not None and up is not None
+        stream = upstream.stream
+        assert stream is not None
+        up = ResponseReader(head_only=request.method == b"HEAD")
         try:
-            head = up.send(h11.Request(method=request.method, target=request.target, headers=send_headers))
-        except h11.LocalProtocolError:  # e.g. an HTTP/1.0 request without Host
+            head = wr.request_head(request.method, request.target, send_headers)
+        except wr.WriteError:  # e.g. an impersonation value from a claim with a control character
             exchange.status = 400
             await self._answer(400, "Bad Request: request cannot be forwarded")
             return End.REFUSED
@@ -360,8 +368,8 @@ class _Connection:
 
         try:
             async with asyncio.TaskGroup() as group:
-                body = group.create_task(self._pump_request_body(exchange, stream, up))
-                group.create_task(self._pump_response(exchange, body, stream, up))
+                body = group.create_task(self._pump_request_body(exchange, stream, hdr.is_chunked(received)))
+                group.create_task(self._pump_response(exchange, request, body, stream, up))
         finally:
             self.answered = exchange.status
             metrics.request(verb, exchange.status, exchange.request_bytes, exchange.response_bytes)
@@ -376,38 +384,39 @@ class _Connection:
             )
 
         if exchange.switched:
-            down_rest, down_closed = self.down.trailing_data
-            await upstream.pipe(self._receive_down, self.downstream, down_rest, down_closed)
+            down = self.down
+            await upstream.pipe(self._receive_down, self.downstream, bytes(down.trailing), down.closed,
+                                bytes(up.trailing), up.closed)
             return End.UPGRADE_ENDED
-        if exchange.close_after or exchange.upgrade:
+        if exchange.close_after or exchange.upgrade or not exchange.request_ended:
             return End.NOT_REUSABLE
-        if up.our_state is h11.DONE and up.their_state is h11.DONE:
-            up.start_next_cycle()
-        else:
+        if not (up.reusable and exchange.request_sent):
             await upstream.drop()  # e.g. apiserver said Connection: close; reconnect lazily
         return None
 
     # ---- the two directions of one exchange -------------------------------------------------
 
-    async def _pump_request_body(self, exchange: _Exchange, stream: ByteStream, up: h11.Connection) -> None:
+    async def _pump_request_body(self, exchange: _Exchange, stream: ByteStream, chunked: bool) -> None:
         down = self.down
         out = bytearray()
         while True:
             try:
                 event = down.next_event()
-            except h11.RemoteProtocolError as exc:
+            except ParseError as exc:
                 log.info("bad request body", error=type(exc).__name__)
                 raise _Close(End.REFUSED) from None
-            if event is h11.NEED_DATA:
+            if event is NEED_DATA:
                 if out and not await _send_upstream(stream, out):
                     return
                 out.clear()
                 down.receive_data(await self._receive_down())
-            elif type(event) is h11.Data:
+            elif type(event) is Data:
                 exchange.request_bytes += len(event.data)
-                out += up.send(h11.Data(data=event.data))
-            elif type(event) is h11.EndOfMessage:
-                out += up.send(h11.EndOfMessage())
+                out += wr.chunk(event.data) if chunked else event.data
+            elif event is END:
+                if chunked:
+                    out += wr.LAST_CHUNK
+                exchange.request_ended = True
                 await _send_upstream(stream, out)
                 exchange.request_sent = True
                 break
@@ -416,7 +425,7 @@ class _Connection:
         if exchange.upgrade:
             return  # what follows belongs to the upgraded protocol: left for the pipe
         # Watch the client while the response streams (this task is cancelled when it ends). Early
-        # bytes of a next request go to h11's buffer, up to one head's worth; EOF starts the grace.
+        # bytes of a next request go to the parser, up to one head's worth; EOF starts the grace.
         buffered = 0
         while buffered <= MAX_HEAD:
             data = await self._receive_down()
@@ -429,16 +438,16 @@ class _Connection:
         await asyncio.Event().wait()
 
     async def _pump_response(
-        self, exchange: _Exchange, body: asyncio.Task[None], stream: ByteStream, up: h11.Connection
+        self, exchange: _Exchange, request: RequestHead, body: asyncio.Task[None], stream: ByteStream,
+        up: ResponseReader,
     ) -> None:
-        down = self.down
         out = bytearray()
         while True:
             try:
                 event = up.next_event()
-            except h11.RemoteProtocolError as exc:
-                await self._upstream_failed(exchange, out, f"malformed response ({type(exc).__name__})")
-            if event is h11.NEED_DATA:
+            except ParseError as exc:
+                await self._upstream_failed(exchange, out, f"malformed response ({exc})")
+            if event is NEED_DATA:
                 if out:
                     await self.downstream.send(bytes(out))
                     out.clear()
@@ -447,28 +456,30 @@ class _Connection:
                 except PeerGone:
                     data = b""
                 up.receive_data(data)
-            elif type(event) is h11.Data:
+            elif type(event) is Data:
                 exchange.response_bytes += len(event.data)
-                out += down.send(h11.Data(data=event.data))
-            elif type(event) is h11.Response:
-                received = list(event.headers)
-                if hdr.has_conflicting_framing(received):
+                out += wr.chunk(event.data) if exchange.chunked else event.data
+            elif type(event) is ResponseHead:
+                if event.status == 101:
+                    await self._switch(exchange, body, event, out)
+                    return
+                received = event.headers
+                if hdr.has_conflicting_framing(received):  # llhttp refuses it already
                     await self._upstream_failed(
                         exchange, out, "response with both Content-Length and Transfer-Encoding"
                     )
-                exchange.status = event.status_code
-                exchange.response_started = True
-                out += down.send(
-                    h11.Response(
-                        status_code=event.status_code,
-                        headers=hdr.strip_hop_by_hop(received),
-                        reason=event.reason,
-                    )
-                )
-            elif type(event) is h11.EndOfMessage:
-                out += down.send(h11.EndOfMessage())  # trailers are hop-by-hop: dropped
+                send = hdr.strip_hop_by_hop(received)
+                if event.status >= 200:
+                    exchange.status = event.status
+                    exchange.response_started = True
+                    self.response_begun = True
+                    send = self._final_framing(exchange, request, event, send)
+                out += wr.response_head(event.status, event.reason, send)
+            elif event is END:
+                if exchange.chunked:
+                    out += wr.LAST_CHUNK  # trailers are hop-by-hop: dropped
                 await self.downstream.send(bytes(out))
-                if not body.done() and up.our_state is h11.DONE and not exchange.request_sent:
+                if not body.done() and exchange.request_ended and not exchange.request_sent:
                     await body  # the request ended; only its last write is left
                 if exchange.request_sent:
                     body.cancel()  # it only watches the client now
@@ -478,31 +489,41 @@ class _Connection:
                     body.cancel()
                     exchange.close_after = True
                 return
-            elif type(event) is h11.InformationalResponse:
-                if event.status_code == 101:
-                    await self._switch(exchange, body, event, out)
-                    return
-                out += down.send(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=hdr.strip_hop_by_hop(event.headers),
-                        reason=event.reason,
-                    )
-                )
-            else:  # ConnectionClosed: the apiserver closed before answering
+            else:  # CLOSED: the apiserver closed before answering
                 await self._upstream_failed(exchange, out, "apiserver closed the connection")
 
+    @staticmethod
+    def _final_framing(
+        exchange: _Exchange, request: RequestHead, response: ResponseHead, send: list[hdr.Header]
+    ) -> list[hdr.Header]:
+        """The final response's headers toward the client, with the framing of its body there.
+
+        A Content-Length body passes unchanged. A chunked one (its Transfer-Encoding is hop-by-hop)
+        or one read until the apiserver closes is chunked again for an HTTP/1.1 client, and sent
+        until we close for an HTTP/1.0 one; what has no body (HEAD, 204, 304) keeps its headers.
+        """
+        names = {name for name, _ in response.headers}
+        has_body = (request.method != b"HEAD" and response.status not in (204, 304)
+                    and b"content-length" not in names)
+        if has_body and request.http_version == b"1.1":
+            exchange.chunked = True
+            send.append((b"transfer-encoding", b"chunked"))
+        if not request.keep_alive:  # always so for HTTP/1.0: the body then ends when we close
+            send.append((b"connection", b"close"))
+        return send
+
     async def _switch(
-        self, exchange: _Exchange, body: asyncio.Task[None], event: h11.InformationalResponse, out: bytearray
+        self, exchange: _Exchange, body: asyncio.Task[None], event: ResponseHead, out: bytearray
     ) -> None:
         """Pass the apiserver's 101 on; the pipe takes over once the exchange's tasks ended."""
-        # h11 accepts a 101 only for a request that proposed one, so with a conforming apiserver
-        # this holds; ours is the guarantee that nothing else switches.
-        if self.down.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]  # not in h11's __all__
+        # Only a request that llhttp read as an upgrade (Connection: Upgrade and Upgrade) may
+        # switch: its parser stopped at the head, so nothing after it was read as HTTP.
+        if not self.down.upgraded or not exchange.upgrade:
             raise _Close(End.APISERVER_FAILED)
         protocol = hdr.values(event.headers, b"upgrade")
         send = hdr.strip_hop_by_hop(event.headers) + hdr.upgrade_headers(protocol[0] if protocol else b"")
-        out += self.down.send(h11.InformationalResponse(status_code=101, headers=send, reason=event.reason))
+        out += wr.response_head(101, event.reason, send)
+        self.response_begun = True
         await self.downstream.send(bytes(out))
         exchange.status = 101
         exchange.switched = True
@@ -525,20 +546,11 @@ class _Connection:
 
     async def _answer(self, status: int, message: str) -> None:
         """A Status JSON response with ``Connection: close``, if the state still allows one."""
+        if self.response_begun:
+            return  # the client has (part of) another answer to this request
         body = status_body(status, message)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
-        try:
-            data = (
-                self.down.send(h11.Response(status_code=status, headers=headers))
-                + self.down.send(h11.Data(data=body))
-                + self.down.send(h11.EndOfMessage())
-            )
-        except h11.LocalProtocolError:
-            return
+        data = wr.complete_response(status, [(b"content-type", b"application/json"), (b"connection", b"close")], body)
+        self.response_begun = True
         self.answered = status
         await self.downstream.send(data)
 
@@ -567,7 +579,7 @@ async def _send_upstream(stream: ByteStream, data: bytearray) -> bool:
     return True
 
 
-def _record(request: h11.Request, exchange: _Exchange, received_at: float) -> RequestRecord:
+def _record(request: RequestHead, exchange: _Exchange, received_at: float) -> RequestRecord:
     """The audit facts of one exchange (the caller as the authenticator told it, never a header value)."""
     decision = exchange.decision
     if isinstance(decision, Reject):

@@ -1,28 +1,25 @@
 """Whether a request may be served at all, from its head alone (pure: no I/O, no state).
 
-h11 parses strictly, but a proxy must refuse more than a server: a request that the apiserver could
-read differently from us is request smuggling material (RFC 9112 section 11.2), since we
-authenticate what we parsed and the apiserver serves what it parses. Each rule below says why.
+llhttp parses strictly (http_reader.py), but a proxy must refuse more than a server: a request that
+the apiserver could read differently from us is request smuggling material (RFC 9112 section
+11.2), since we authenticate what we parsed and the apiserver serves what it parses. Each rule
+below says why; the parser's own refusals (obs-fold, two Content-Lengths, control characters) are
+mapped to the same answers by :func:`parse_failure`.
 A refused request is answered with its status and closes its connection (see http_forwarder.py).
 
-Every check runs on every request, so they are cheap: one set of header names, a token set only if a
+Every check runs on every request, so they are cheap: one list of header names, a token set only if a
 ``Connection`` header is present; the Rejections are constants.
 """
 
 from __future__ import annotations
 
 import enum
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from clusterconnect.aadproxy import headers as hdr
-
-# Largest request or response head (and chunk-size line) we buffer.
-MAX_HEAD = 64 * 1024
-
-# A header line starting with space or tab continues the previous one (RFC 9112 obs-fold).
-_OBS_FOLD = re.compile(rb"\n[ \t]")
+from clusterconnect.aadproxy import http_reader
+from clusterconnect.aadproxy.http_reader import MAX_HEAD as MAX_HEAD  # re-exported: the limit is the checks' too
+from clusterconnect.aadproxy.http_reader import RequestHead
 
 # Headers that frame or route the message; a hop that drops them reads a different request.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
@@ -38,6 +35,7 @@ class Problem(enum.Enum):
     CONFLICTING_FRAMING = "ContentLengthWithTransferEncoding"
     CONNECTION_NAMES_FRAMING = "ConnectionNamesFraming"
     TARGET_FORM = "TargetForm"
+    UPGRADE_WITH_BODY = "UpgradeWithBody"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +63,19 @@ CONNECTION_NAMES_FRAMING = Rejection(
     "Bad Request: Connection names Content-Length, Transfer-Encoding or Host",
 )
 TARGET_FORM = Rejection(Problem.TARGET_FORM, 400, "Bad Request: only origin-form request targets are served")
+UPGRADE_WITH_BODY = Rejection(Problem.UPGRADE_WITH_BODY, 400, "Bad Request: upgrade request with a body")
+
+_BY_KIND = {
+    http_reader.OBS_FOLD: OBSOLETE_LINE_FOLDING,
+    http_reader.CONFLICTING_FRAMING: CONFLICTING_FRAMING,
+    http_reader.HEAD_TOO_LARGE: HEAD_TOO_LARGE,
+}
 
 
-def parse_failure(status_hint: int) -> Rejection:
-    """What to answer when h11 itself refused the head (its ``error_status_hint``)."""
+def parse_failure(status_hint: int, kind: str | None = None) -> Rejection:
+    """What to answer when the parser itself refused the head (http_reader.ParseError)."""
+    if kind in _BY_KIND:
+        return _BY_KIND[kind]
     if status_hint == 431:
         return HEAD_TOO_LARGE
     if status_hint == 501:
@@ -76,27 +83,29 @@ def parse_failure(status_hint: int) -> Rejection:
     return MALFORMED
 
 
-def check_request(
-    head: bytes | bytearray, method: bytes, target: bytes, headers: Sequence[hdr.Header]
-) -> Rejection | None:
-    """None if the request may go on to authentication; else why not.
-
-    ``head`` is the request head as received (request line and header lines), ``headers`` as h11
-    parsed them (names lowercase).
-    """
-    # h11 bounds only a head still incomplete: a complete one arriving in one read can be larger.
-    if len(head) > MAX_HEAD:
+def check_request(head: RequestHead) -> Rejection | None:
+    """None if the request may go on to authentication; else why not (``head`` as http_reader parsed it)."""
+    # The parser bounds only a head still incomplete: a complete one arriving in one read can be larger.
+    if head.size > MAX_HEAD:
         return HEAD_TOO_LARGE
-    # h11 unfolds obs-fold silently; a next hop that does not would see other headers (RFC 9112
-    # section 5.2 lets a proxy refuse it, and we do).
-    if _OBS_FOLD.search(head):
-        return OBSOLETE_LINE_FOLDING
-    names = {name for name, _ in headers}
-    # h11 accepts both together (Transfer-Encoding wins); a hop that lets Content-Length win reads
-    # another body, and RFC 9112 section 6.3 says such a message "ought to be handled as an error"
-    # (the same rule as headers.has_conflicting_framing, on the names already collected).
-    if b"content-length" in names and b"transfer-encoding" in names:
-        return CONFLICTING_FRAMING
+    headers = head.headers
+    names = [name for name, _ in headers]
+    # RFC 9112 section 3.2: exactly one Host (h11 refused the others too); with two, the apiserver and
+    # an audit reader could each take another one.
+    if names.count(b"host") != 1:
+        return MALFORMED
+    if b"transfer-encoding" in names:
+        # llhttp refuses both together already; RFC 9112 section 6.3 says such a message "ought to
+        # be handled as an error": a hop that lets Content-Length win reads another body (the same
+        # rule as headers.has_conflicting_framing).
+        if b"content-length" in names:
+            return CONFLICTING_FRAMING
+        # Only plain "chunked", as h11: llhttp takes "gzip, chunked", whose body we would forward
+        # re-chunked but still gzip-coded, without saying so: another body than the one we read.
+        if names.count(b"transfer-encoding") != 1 or hdr.values(headers, b"transfer-encoding")[0].lower() != b"chunked":
+            return UNSUPPORTED_TRANSFER_CODING
+    elif names.count(b"content-length") > 1:  # llhttp refuses it already; h11 did unless equal
+        return MALFORMED
     # Connection-named headers are dropped as hop-by-hop before forwarding (headers.py). Dropping a
     # framing header makes the forwarded request another one than the parsed one: without
     # Content-Length its body is unframed, without Host it cannot be sent (issue #11 item 7).
@@ -104,6 +113,11 @@ def check_request(
         return CONNECTION_NAMES_FRAMING
     # Absolute-form and CONNECT would make the proxy choose the destination from the request;
     # ours is fixed, and the apiserver only serves origin-form.
-    if method == b"CONNECT" or not target.startswith(b"/"):
+    if head.method == b"CONNECT" or not head.target.startswith(b"/"):
         return TARGET_FORM
+    # llhttp reads no body of an upgrade request (what follows the head is the new protocol); the
+    # apiserver would read its Content-Length or chunks as a body: two readings of the same bytes
+    # (RFC 9112 section 11.2). kubectl's exec, attach and port-forward send none.
+    if head.upgrade and (b"transfer-encoding" in names or hdr.values(headers, b"content-length") not in ([], [b"0"])):
+        return UPGRADE_WITH_BODY
     return None

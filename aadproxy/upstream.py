@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import h11
-
-from clusterconnect.aadproxy.request_checks import MAX_HEAD
 from clusterconnect.errors import Unavailable
 from clusterconnect.streams import ByteStream, PeerGone
 from clusterconnect.tasks import cancelling
@@ -47,13 +44,11 @@ class Upstream:
         self._connect = connect
         self._tasks = tasks
         self.stream: ByteStream | None = None
-        self.http: h11.Connection | None = None  # client role, one per connection
         self._watcher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Connect; raises what ``connect`` raises (OSError, ssl.SSLError, TimeoutError, PeerGone)."""
         self.stream = await self._connect()
-        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         _open[0] += 1
 
     async def drop(self) -> None:
@@ -62,7 +57,6 @@ class Upstream:
         if stream is None:
             return
         self.stream = None
-        self.http = None
         _open[0] -= 1
         if cancelling():
             abort(stream)
@@ -101,16 +95,18 @@ class Upstream:
         downstream: ByteStream,
         down_rest: bytes,
         down_closed: bool,
+        up_rest: bytes,
+        up_closed: bool,
     ) -> None:
         """After a 101: raw bytes both ways until both directions ended.
 
         ``down_rest`` are client bytes read past the request (already the upgraded protocol's);
-        ``down_closed`` says the client had ended its side already. The apiserver's side breaking
+        ``down_closed`` says the client had ended its side already; ``up_rest`` and ``up_closed`` are
+        the same for the apiserver's side (bytes after its 101). The apiserver's side breaking
         raises ApiserverGone; the client's raises PeerGone.
         """
-        assert self.stream is not None and self.http is not None
+        assert self.stream is not None
         upstream = self.stream
-        up_rest, up_closed = self.http.trailing_data
 
         async def send_up(data: bytes) -> None:
             try:

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
-import h11
 import pytest
 
 from clusterconnect.aadproxy import request_checks as checks
+from clusterconnect.aadproxy.http_reader import ParseError, RequestHead, RequestReader
 from clusterconnect.aadproxy.request_checks import MAX_HEAD, Problem, check_request, parse_failure
 
 
-def head_of(raw: bytes) -> tuple[bytes, h11.Request]:
-    """The head as received and as h11 parsed it."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=10 * MAX_HEAD)
-    conn.receive_data(raw)
-    event = conn.next_event()
-    assert isinstance(event, h11.Request), event
+def head_of(raw: bytes) -> tuple[bytes, RequestHead]:
+    """The head as received and as the auth proxy's parser (http_reader.py) parsed it."""
+    reader = RequestReader()
+    reader.receive_data(raw)
+    event = reader.next_event()
+    assert isinstance(event, RequestHead), event
     return raw[: raw.index(b"\r\n\r\n") + 4], event
 
 
 def check(raw: bytes) -> checks.Rejection | None:
-    head, request = head_of(raw)
-    return check_request(head, request.method, request.target, request.headers)
+    """What the forwarder answers: the parser's refusal (mapped by parse_failure), else check_request's."""
+    try:
+        _, request = head_of(raw)
+    except ParseError as exc:
+        return parse_failure(exc.status_hint, exc.kind)
+    return check_request(request)
 
 
 GOOD = b"GET /api/v1/pods?watch=1 HTTP/1.1\r\nhost: k\r\nauthorization: Bearer t\r\n"
