@@ -145,8 +145,10 @@ class Refused:
     @property
     def transport_failure(self) -> bool:
         """The Dial failed below the relay's own answers (no clusterconnect-reason): its connection closed
-        or went away (GOAWAY of a stopping relay) before the relay took the call up, so nothing was sent."""
-        return self.code == grpc.StatusCode.UNAVAILABLE and self.reason is None
+        or went away (GOAWAY of a stopping relay) before the relay took the call up, so nothing was sent.
+        CANCELLED too: a stopping relay's grpc core cancels the calls that reached it after its shutdown
+        began and before the handler took them (two of 538 Dials in a rolling restart, 2026-12-03)."""
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and self.reason is None
 
 
 async def wait_open(call: grpc.aio.StreamStreamCall[Any, Any], timeout: float, relay: str) -> Refused | None:

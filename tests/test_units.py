@@ -17,9 +17,10 @@ import yaml
 
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.clientproxy import kubeconfig
-from clusterconnect.dial_refusals import describe_rpc_error, error_response
+from clusterconnect.dial_refusals import Refused, describe_rpc_error, error_response
 from clusterconnect.grpc_options import bearer_from_metadata, grpc_target
 from clusterconnect.humanize import ago
+from clusterconnect.metadata import DialRefusal
 from clusterconnect.pki import KeyPair, ca_hash, create_ca, ensure_ca_and_server_cert
 from clusterconnect.relay.storage.clusters import AlreadyExists, ClusterStore, InvalidName
 from clusterconnect.relay.storage.kv import SqliteKV
@@ -84,6 +85,17 @@ def test_error_response_is_valid_http_with_a_status_body():
     assert body["code"] == 502 and body["kind"] == "Status"
     assert isinstance(client.next_event(), h11.EndOfMessage)
     assert error_response(grpc.StatusCode.NOT_FOUND, "x").startswith(b"HTTP/1.1 404 ")
+
+
+def test_only_a_dial_the_relay_never_took_up_is_tried_again():
+    """No clusterconnect-reason: gRPC's own status (connection gone, GOAWAY; CANCELLED by a stopping relay's
+    core before its handler took the call). With a reason, the relay answered: that answer is the user's."""
+    assert Refused(grpc.StatusCode.UNAVAILABLE, "Stream removed").transport_failure
+    assert Refused(grpc.StatusCode.CANCELLED, "CANCELLED").transport_failure
+    assert not Refused(grpc.StatusCode.UNAVAILABLE, "not connected", DialRefusal.AGENT_NOT_CONNECTED).transport_failure
+    assert not Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "relay did not answer").transport_failure
+    assert not Refused(grpc.StatusCode.UNAUTHENTICATED, "token refused").transport_failure
+    assert not Refused(None, "no login").transport_failure
 
 
 def test_describe_rpc_error_names_tls_failures():

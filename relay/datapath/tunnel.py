@@ -191,7 +191,7 @@ class Tunnel:
         if not await self._until_routable():
             await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
                           f"relay replica starting: not registered in etcd within {ROUTABLE_TIMEOUT:g}s")
-        session = self.sessions.get(cluster)
+        session = self._live_session(cluster)
         if session is None and self.router is None:
             await self._refuse_not_connected(context, cluster, caller is not None)
         # Registered with no await since the authorizer's last look at users and lists: a revocation
@@ -209,7 +209,7 @@ class Tunnel:
                 except SessionGone:
                     # The agent left the session before it answered (drained to another replica a moment
                     # ago, or gone): nothing reached the client, so once more, where the agent is now.
-                    session = self.sessions.get(cluster)
+                    session = self._live_session(cluster)
                     if session is None and self.router is None:
                         await self._refuse_not_connected(context, cluster, caller is not None)
                     try:
@@ -228,6 +228,12 @@ class Tunnel:
             await self._carry(context, session, traceparent, connection, caller_message(connection.caller),
                               started)
 
+    def _live_session(self, cluster: str) -> AgentSession | None:
+        """The agent's session here, unless it ended (its Connect handler has yet to take it out of the table):
+        a Dial on it would hear SessionGone again."""
+        session = self.sessions.get(cluster)
+        return session if session is not None and not session.ended.is_set() else None
+
     async def _refuse_not_connected(self, context: RawContext, cluster: str, verified: bool) -> Never:
         # When the agent was last seen is for callers the relay verified and admitted only.
         await _refuse(context, grpc.StatusCode.UNAVAILABLE, DialRefusal.AGENT_NOT_CONNECTED,
@@ -241,7 +247,7 @@ class Tunnel:
         caller = caller_message(connection.caller)
         try:
             found = await self.router.forward(cluster, traceparent, caller, connection.expires_unix,
-                                              lambda: self.sessions.get(cluster), ACCEPT_TIMEOUT)
+                                              lambda: self._live_session(cluster), ACCEPT_TIMEOUT)
         except PeerRefused as exc:
             await _refuse(context, exc.code, DialRefusal(exc.reason) if exc.reason in _REASONS
                           else DialRefusal.AGENT_NOT_CONNECTED, exc.details)
@@ -292,7 +298,7 @@ class Tunnel:
         if isinstance(request, str):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request)
         cluster = request.cluster
-        session = self.sessions.get(cluster)
+        session = self._live_session(cluster)
         if session is None:
             await self._refuse_not_connected(context, cluster, bool(request.caller.subject))
         self.dials_from_peers += 1
