@@ -139,6 +139,19 @@ def log_event(log: Path, event: str) -> dict | None:
     return None
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """CalledProcessError whose message ends with the command's stderr (the one line that says why)."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {(self.stderr or '').strip()[-800:]}"
+
+
+def _checked(result: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    if check and result.returncode != 0:
+        raise CommandFailed(result.returncode, result.args, result.stdout, result.stderr)
+    return result
+
+
 def service_stats(log: Path, pid: int, timeout: float = 10) -> dict:
     """A running service's gauges: SIGUSR1 makes it log one `stats` line (clusterconnect.service);
     the new line, read from its log. Raises StartFailed if none comes within ``timeout``."""
@@ -234,19 +247,19 @@ class Chain:
         return process
 
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        return _checked(subprocess.run(
             [script("clusterconnect"), "clusters", *args, "--relay", self.relay_url,
              "--relay-ca", str(self.relay_ca), "--admin-credential", str(self.admin_credential)],
-            capture_output=True, text=True, timeout=30, check=check,
-        )
+            capture_output=True, text=True, timeout=30,
+        ), check)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`clusterconnect GROUP ACTION ...` with the admin flags (users, keys, clusters grant ...)."""
-        return subprocess.run(
+        return _checked(subprocess.run(
             [script("clusterconnect"), *args, "--relay", self.relay_url,
              "--relay-ca", str(self.relay_ca), "--admin-credential", str(self.admin_credential)],
-            capture_output=True, text=True, timeout=30, check=check,
-        )
+            capture_output=True, text=True, timeout=30,
+        ), check)
 
     def add_cluster(self, name: str | None = None) -> dict:
         """Register a cluster; returns its one-time join token, the relay CA hash and the agent command."""
