@@ -63,6 +63,12 @@ class AgentSession:
         # Set once the relay sent Drain: the agent's goodbye then leaves its open connections running.
         self.draining = False
 
+    @property
+    def gone(self) -> bool:
+        """Ended without handing its dials on (a REPLACED session hands them to the newer one): a Dial asked
+        of it would wait for nothing."""
+        return self.ended.is_set() and self.end_reason is not EndReason.REPLACED
+
     def drain(self, reason: str) -> bool:
         """Ask the agent to move (tunnel.proto Drain); False if its control stream is not keeping up."""
         self.draining = True
@@ -110,7 +116,7 @@ class AgentSession:
         if self.end_reason is None:
             self.end_reason = reason
         self.ended.set()
-        if self.end_reason is not EndReason.REPLACED:  # a replaced session handed its dials on to the newer one
+        if self.gone:
             self.dials.orphan_all()
         # Warm streams carry nothing yet; they belong to this session's channel and end with it.
         for accepted in self.warm:

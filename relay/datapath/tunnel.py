@@ -372,7 +372,7 @@ class Tunnel:
             if usable:
                 self.dials_warm += 1
                 return warm, "warm"
-        if session.ended.is_set() and session.end_reason is not EndReason.REPLACED:
+        if session.gone:
             raise SessionGone(f"the session of cluster {session.cluster}'s agent ended")  # nobody reads its outbox
         self.dials_requested += 1
         try:
