@@ -14,6 +14,7 @@ from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import Enrolled
+from clusterconnect.agent.warm_pairs import WarmPairs
 from clusterconnect.errors import PermissionDenied, Unavailable
 from clusterconnect.grpc_options import AGENT_CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
@@ -183,15 +184,16 @@ class Agent:
                 previous.set()
                 self._touch_health()
                 drained = asyncio.Event()
+                left = asyncio.Event()  # we said goodbye (done_writing): nothing more to write
                 try:
                     async with asyncio.TaskGroup() as connections:
                         try:
                             await race(
-                                self._heartbeats(call, first.welcome.heartbeat_seconds or 10),
+                                self._heartbeats(call, first.welcome.heartbeat_seconds or 10, left),
                                 self._control(call, stub, connections, drained),
                                 self._hand_over_on(rotated, handover),
-                                self._leave_after_drain(call, drained, handover),
-                                self._keep_warm(stub, connections),
+                                self._leave_after_drain(call, drained, handover, left),
+                                self._keep_warm(stub, connections, handover),
                             )
                         except RPC_ENDED:
                             if not handover.is_set():
@@ -217,7 +219,8 @@ class Agent:
             handover.set()
         await asyncio.Future()  # until the relay ends this control stream
 
-    async def _leave_after_drain(self, call: Call, drained: asyncio.Event, handover: asyncio.Event) -> None:
+    async def _leave_after_drain(self, call: Call, drained: asyncio.Event, handover: asyncio.Event,
+                                 left: asyncio.Event) -> None:
         """Make before break: once the relay asked to drain, start the next session (through the balancer,
         on another replica) and leave this one only when that one is welcomed; this session's open
         connections go on (the relay keeps them after a drain) until they end."""
@@ -228,10 +231,19 @@ class Agent:
             handover.set()
         await successor.wait()
         log.info("left the draining relay; its open connections go on", connections=self.open_connections)
+        left.set()
         await call.done_writing()  # the relay ends this session, not its connections
-    async def _heartbeats(self, call: Call, interval: int) -> None:
+        # Served until the relay ends the control stream (it ends the session first, and with it the warm
+        # streams no Dial took): a Dial there may take one until it read our goodbye. Cancelling them here
+        # raced such a Dial, whose client then saw its connection open and close unanswered (2 of 509
+        # connections in a rolling restart of 3 replicas, CI 2026-12-03).
+        await asyncio.Future()
+
+    async def _heartbeats(self, call: Call, interval: int, left: asyncio.Event) -> None:
         while True:
             await asyncio.sleep(interval)
+            if left.is_set():
+                await asyncio.Future()  # until the relay ends the stream
             await call.write(
                 tunnel_pb2.AgentMessage(heartbeat=tunnel_pb2.Heartbeat(unix_millis=int(time.time() * 1000)))
             )
@@ -278,26 +290,33 @@ class Agent:
                 pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
             await self._splice(accept, serve, dial.dial_id)
 
-    async def _keep_warm(self, stub: AgentTunnel, connections: asyncio.TaskGroup) -> None:
+    async def _keep_warm(self, stub: AgentTunnel, connections: asyncio.TaskGroup, handover: asyncio.Event) -> None:
         """Keep ``warm_streams`` pairs of Accept (at the relay) and Serve (at the auth proxy) streams
         open ahead of need; each pair given to a client is replaced at once. Unbound ones end with
-        this coroutine (session over or handed over)."""
+        this coroutine: cancelled if the session is over, left to the relay if it handed over
+        (agent/warm_pairs.py)."""
         if self.config.warm_streams == 0:
             await asyncio.Future()  # nothing to keep; ending would end the session (race)
         slots = asyncio.Semaphore(self.config.warm_streams)
-        unbound: set[asyncio.Task[None]] = set()
+        unbound = WarmPairs()
         retry = Backoff()
         try:
             while True:
                 await slots.acquire()
-                unbound.add(connections.create_task(self._warm(stub, slots, unbound, retry)))
+                if handover.is_set():  # the next session keeps its own pool; none more on this one
+                    await asyncio.Future()
+                unbound.add(connections.create_task(self._warm(stub, slots, unbound, retry, handover)))
         finally:
-            for task in unbound:
-                task.cancel()
+            if handover.is_set() and len(unbound):
+                try:
+                    connections.create_task(unbound.retire())
+                except RuntimeError:  # the TaskGroup is shutting down (a connection failed): all end now
+                    unbound.cancel_all()
+            else:
+                unbound.cancel_all()
 
-    async def _warm(
-        self, stub: AgentTunnel, slots: asyncio.Semaphore, unbound: set[asyncio.Task[None]], retry: Backoff
-    ) -> None:
+    async def _warm(self, stub: AgentTunnel, slots: asyncio.Semaphore, unbound: WarmPairs, retry: Backoff,
+                    handover: asyncio.Event) -> None:
         """One warm pair: wait until the relay binds the Accept stream to a client (Chunk{bound}),
         pass the binding (its caller) on to the auth proxy with our span's traceparent, then carry
         the connection."""
@@ -322,10 +341,13 @@ class Agent:
                     except RPC_ENDED:
                         pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
                     await self._splice(accept, serve, "warm")
-        finally:  # however it went, cancelled (handed over, session over) included, the pair ends here
+        finally:  # however it went, cancelled (session over, or the relay never ended it) included, the pair ends here
             accept.cancel()
             serve.cancel()
         if first is None:
+            if handover.is_set():  # the relay ended it with the old session: no other follows on this one
+                unbound.discard(asyncio.current_task())
+                return
             # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
             await asyncio.sleep(retry.next_delay())
             unbound.discard(asyncio.current_task())
