@@ -307,7 +307,7 @@ class Agent:
                     await asyncio.Future()
                 unbound.add(connections.create_task(self._warm(stub, slots, unbound, retry, handover)))
         finally:
-            if handover.is_set() and len(unbound):
+            if handover.is_set():
                 try:
                     connections.create_task(unbound.retire())
                 except RuntimeError:  # the TaskGroup is shutting down (a connection failed): all end now
@@ -345,11 +345,9 @@ class Agent:
             accept.cancel()
             serve.cancel()
         if first is None:
-            if handover.is_set():  # the relay ended it with the old session: no other follows on this one
-                unbound.discard(asyncio.current_task())
-                return
-            # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
-            await asyncio.sleep(retry.next_delay())
+            if not handover.is_set():  # (handed over: the relay ended it with the session; _keep_warm opens no other)
+                # Refused (e.g. a relay without warm streams) or ended: try again later, not in a loop.
+                await asyncio.sleep(retry.next_delay())
             unbound.discard(asyncio.current_task())
             slots.release()
 
