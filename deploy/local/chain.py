@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,8 +36,38 @@ LOG_SUFFIX = ".log"
 STDOUT_SUFFIX = ".out"
 
 
+# Ports handed out by free_port in this process: none twice, even before its service has bound it.
+_handed_out: set[int] = set()
+LOWEST_PORT = 10000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel gives outgoing connections and bind(0) (Linux's default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port nobody listens on, for a service to bind soon after. Below the ephemeral range: there, any
+    outgoing connection may take it between this check and the service's bind (CI: a relay's
+    --agent-listen, 'Address already in use', while its sibling connected to etcd). Random, so that
+    two processes of a run seldom pick alike, and never one handed out before by this process."""
+    low, _ = ephemeral_range()
+    for _ in range(1000 if low - LOWEST_PORT >= 1000 else 0):
+        port = random.randrange(LOWEST_PORT, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # no room below the ephemeral range: the kernel's pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

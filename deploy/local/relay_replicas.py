@@ -11,11 +11,14 @@ replica's: they are made once, in the store).
 
 from __future__ import annotations
 
+import csv
+import io
 import resource
 import secrets
 import shutil
 import signal
 import subprocess
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +70,7 @@ class Replica:
         return f"https://127.0.0.1:{self.listen_port}"
 
 
-def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
+def haproxy_config(front: dict[str, int], replicas: list[Replica], stats_port: int = 0) -> str:
     """TCP mode, one health check per replica: GET /healthz on its metrics port (plain HTTP), so a replica
     that is stopped (SIGSTOP) or hung fails it even though its kernel still accepts TCP connections (a
     plain TCP check passed for a stopped relay). Three failures 1 s apart mark it down, and then its
@@ -78,7 +81,10 @@ def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
     Not a TLS check: in the 10,000-agent connect storm a TLS check took over 500 ms on a busy replica
     ("Layer6 timeout"), each replica in turn was marked down and 700-1,900 agent sessions cut, and the
     reconnect storm cost all three replicas their leases; with /healthz, no lease lost and the agents
-    split within 0.3 % of a third (docs/replicas.md, Figures)."""
+    split within 0.3 % of a third (docs/replicas.md, Figures).
+
+    With ``stats_port``, HAProxy's statistics as CSV on http://127.0.0.1:STATS_PORT/;csv: which replicas
+    it sends connections to (``servers_up``)."""
     maxconn = haproxy_maxconn()
     lines = [
         # Every agent holds one connection through the balancer for as long as it runs (the bench's
@@ -100,7 +106,24 @@ def haproxy_config(front: dict[str, int], replicas: list[Replica]) -> str:
                      if name == "users" else f"track users-replicas/{r.name}")
             lines += [f"  server {r.name} 127.0.0.1:{getattr(r, ports[name])} {check} "
                       "on-marked-down shutdown-sessions"]
+    if stats_port:
+        lines += ["frontend stats", "  mode http", f"  bind 127.0.0.1:{stats_port}", "  timeout client 5s",
+                  "  stats enable", "  stats uri /"]
     return "\n".join(lines) + "\n"
+
+
+def balancer_name(index: int) -> str:
+    """The chain's name of HAProxy process ``index`` (its log, its config file)."""
+    return "haproxy" if index == 0 else f"haproxy-{index}"
+
+
+def servers_up(stats_port: int, backend: str = "users-replicas") -> set[str]:
+    """The servers of ``backend`` that one HAProxy process (its stats on ``stats_port``) deems up."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stats_port}/;csv", timeout=5) as response:
+        text = response.read().decode()
+    rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
+    # "UP", or "UP 1/3" (a check failed, not yet down); a server coming up is "DOWN 1/2" until it rises.
+    return {row["svname"] for row in rows if row["pxname"] == backend and row["status"].startswith("UP")}
 
 
 @dataclass
@@ -115,6 +138,7 @@ class ReplicaSet:
     # HAProxy processes on the same ports (SO_REUSEPORT, HAProxy's default on Linux: the kernel spreads
     # new connections over them), for more connections than one process has descriptors for.
     balancers: int = 1
+    stats_ports: list[int] = field(default_factory=list)  # one per HAProxy process
 
     def __post_init__(self) -> None:
         self.pki = self.chain.state_dir / "peer-pki"
@@ -146,12 +170,13 @@ class ReplicaSet:
     def start_haproxy(self) -> Process:
         if shutil.which(HAPROXY) is None:
             raise FileNotFoundError("haproxy is not installed (Debian: apt-get install -y haproxy; make haproxy)")
-        config = self.chain.state_dir / "haproxy.cfg"
-        config.write_text(haproxy_config(self.front, self.replicas))
         first = None
-        for i in range(self.balancers):
-            process = self.chain.spawn("haproxy" if i == 0 else f"haproxy-{i}",
-                                       [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)])
+        self.stats_ports = [free_port() for _ in range(self.balancers)]
+        for i, stats_port in enumerate(self.stats_ports):
+            name = balancer_name(i)
+            config = self.chain.state_dir / f"{name}.cfg"  # each its own stats port, the rest alike
+            config.write_text(haproxy_config(self.front, self.replicas, stats_port))
+            process = self.chain.spawn(name, [shutil.which(HAPROXY) or HAPROXY, "-db", "-f", str(config)])
             first = first or process
             wait_until(lambda n=i + 1: all(listeners(port) >= n for port in self.front.values()), 10,
                        f"haproxy ({i + 1} of {self.balancers}) to listen", process)
@@ -178,7 +203,21 @@ class ReplicaSet:
         ])
         wait_until(lambda: _logged_since(log, offset, "replica registered"), 20, f"{replica.name} to register",
                    process)
+        self.wait_balanced(replica)
         return process
+
+    def wait_balanced(self, replica: Replica) -> None:
+        """Until every HAProxy process sends connections to ``replica``: HAProxy marks a server down at its
+        first failed check (every replica, when HAProxy starts first) and up after two good ones 1 s
+        apart; until then a connection to the balancer may find no replica up and be closed unanswered
+        (CI: `clusters add` just after start, 'Handshake read failed (Socket closed)')."""
+        for i, stats_port in enumerate(self.stats_ports):
+            balancer = self.chain.processes.get(balancer_name(i))
+            if balancer is None or not balancer.alive():
+                continue
+            wait_until(lambda p=stats_port: replica.name in servers_up(p), 15,
+                       f"HAProxy ({balancer.name}) to send connections to {replica.name}", balancer,
+                       interval=0.2, ignoring=(OSError,))
 
     def start(self) -> None:
         self._write_peer_pki()
