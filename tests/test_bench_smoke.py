@@ -97,6 +97,15 @@ def test_forwarder_micro_measures_the_auth_proxy_alone():
     assert "µs CPU per small GET" in result.stdout
 
 
+def test_grpc_transport_micro_measures_tcp_tls_and_a_unix_socket():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "grpc_transport_micro.py"), "--round-trips", "50"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["tcp", "tcp+tls", "unix"], result.stdout
+    assert all(line.count("µs CPU") == 2 for line in lines), result.stdout
+
+
 def test_clientproxy_rss_smoke_reports_rss_at_each_step(devcluster):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "clientproxy_rss.py"), "--smoke", "--requests", "500",
                              "--step", "250", "--concurrency", "4"], capture_output=True, text=True, timeout=600)
