@@ -22,6 +22,7 @@ from clusterconnect.relay.datapath.pairing import (
     StreamState,
 )
 from clusterconnect.relay.datapath.sessions import MAX_WARM, OUTBOX_SIZE, AgentSession, EndReason, SessionTable
+from clusterconnect.streams import PeerGone
 
 STREAM = object()  # the handlers' ByteStream; nothing here reads or writes it
 
@@ -46,6 +47,7 @@ def _in_state(state: StreamState) -> AcceptedStream:
 _EVENTS: dict[str, tuple[Callable[[AcceptedStream], object], StreamState]] = {
     "take": (lambda s: s.take("00-trace"), StreamState.BINDING),
     "bound": (lambda s: s.bound(), StreamState.SPLICING),
+    "join": (lambda s: s.join(STREAM), StreamState.SPLICING),
     **{f"end({end.name})": ((lambda s, end=end: s.end(end)), StreamState.ENDED) for end in StreamEnd},
 }
 
@@ -56,11 +58,12 @@ _LEGAL = {
     (StreamState.WARM, "end(UNUSED)"),
     (StreamState.BINDING, "bound"),
     (StreamState.BINDING, "end(ABANDONED)"), (StreamState.BINDING, "end(LOST)"), (StreamState.BINDING, "end(DROPPED)"),
-    (StreamState.SPLICING, "end(CLEAN)"), (StreamState.SPLICING, "end(ABANDONED)"),
+    (StreamState.SPLICING, "join"), (StreamState.SPLICING, "end(CLEAN)"), (StreamState.SPLICING, "end(ABANDONED)"),
     (StreamState.SPLICING, "end(LOST)"), (StreamState.SPLICING, "end(DROPPED)"),
 }
 # Races between the two handlers: no transition, no error, the stream stays ENDED with its first reason.
-_NO_OPS = {(StreamState.ENDED, "bound")} | {(StreamState.ENDED, f"end({end.name})") for end in StreamEnd}
+_NO_OPS = {(StreamState.ENDED, "bound"), (StreamState.ENDED, "join")} | {
+    (StreamState.ENDED, f"end({end.name})") for end in StreamEnd}
 
 
 @pytest.mark.parametrize("state", list(StreamState), ids=lambda s: s.name)
@@ -121,6 +124,46 @@ def test_a_requested_stream_needs_no_binding() -> None:
     run(scenario())
 
 
+def test_the_dial_joins_and_hears_how_the_direction_toward_the_agent_ended() -> None:
+    async def scenario() -> None:
+        accepted = AcceptedStream.requested(STREAM)
+        joined = asyncio.ensure_future(accepted.wait_joined())
+        forwarded = asyncio.ensure_future(accepted.wait_forwarded())
+        await asyncio.sleep(0)
+        assert not joined.done()  # the Accept handler pumps nothing before the Dial gave its stream
+        client = object()
+        assert accepted.join(client) is True
+        assert await joined is client
+        with pytest.raises(IllegalTransition):
+            accepted.join(client)
+        await asyncio.sleep(0)
+        assert not forwarded.done()
+        accepted.forwarded(PeerGone("client gone"))
+        with pytest.raises(PeerGone, match="client gone"):
+            await forwarded
+        assert accepted.state is StreamState.SPLICING  # the Dial ends it, with the reason it chooses
+
+        clean = AcceptedStream.requested(STREAM)
+        clean.join(client)
+        clean.forwarded(None)
+        assert await clean.wait_forwarded() is None
+
+    run(scenario())
+
+
+def test_a_stream_that_ends_before_the_dial_joins_gives_the_accept_handler_nothing_to_pump() -> None:
+    async def scenario() -> None:
+        accepted = AcceptedStream.requested(STREAM)
+        joined = asyncio.ensure_future(accepted.wait_joined())
+        await asyncio.sleep(0)
+        accepted.end(StreamEnd.LOST)
+        assert await joined is None
+        assert accepted.join(object()) is False
+        assert await accepted.wait_forwarded() is None  # the Dial hears the end from wait_ended
+
+    run(scenario())
+
+
 def test_the_first_end_reason_stays() -> None:
     async def scenario() -> None:
         accepted = AcceptedStream.requested(STREAM)
@@ -135,10 +178,11 @@ def test_an_ending_stream_wakes_every_waiter() -> None:
     async def scenario() -> None:
         accepted = AcceptedStream.warm(STREAM)
         waiters = [asyncio.ensure_future(w) for w in (accepted.wait_taken(), accepted.wait_bound(),
+                                                      accepted.wait_joined(), accepted.wait_forwarded(),
                                                       accepted.wait_ended())]
         await asyncio.sleep(0)
         accepted.end(StreamEnd.UNUSED)
-        assert await asyncio.gather(*waiters) == [False, False, StreamEnd.UNUSED]
+        assert await asyncio.gather(*waiters) == [False, False, None, None, StreamEnd.UNUSED]
 
     run(scenario())
 
@@ -328,6 +372,31 @@ def test_a_replaced_session_keeps_its_connections_and_pending_dials() -> None:
         assert accepted is not None and dial.state is DialState.ACCEPTED
         table.discard(old)  # the old Connect handler ends: the new session stays
         assert table.get("dev") is new
+
+    run(scenario())
+
+
+def test_dial_requests_of_a_replaced_session_go_to_the_newer_one() -> None:
+    """Nobody reads a replaced session's outbox: a DialRequest queued there, or asked of it by a Dial that
+    held it from before, would wait out the Accept timeout."""
+    async def scenario() -> None:
+        table = SessionTable()
+        old = AgentSession("dev", "v1", "k")
+        table.add(old)
+        queued = old.request_dial("00-queued")
+        old.drain("moving")  # a control message for the old channel only
+        new = AgentSession("dev", "v2", "k")
+        table.add(new)
+        assert old.outbox.empty()
+        moved = new.outbox.get_nowait()
+        assert moved.WhichOneof("message") == "dial" and moved.dial.dial_id == queued.dial_id
+        assert new.outbox.empty()  # the Drain stayed behind
+        late = old.request_dial("00-late")
+        assert old.outbox.empty() and new.outbox.get_nowait().dial.dial_id == late.dial_id
+        assert new.dials.accept(late.dial_id, STREAM) is not None
+        newest = AgentSession("dev", "v3", "k")
+        table.add(newest)
+        assert old.request_dial("00-later") and newest.outbox.qsize() == 1
 
     run(scenario())
 

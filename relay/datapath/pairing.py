@@ -2,16 +2,21 @@
 
 An :class:`AcceptedStream` is the agent's side of one connection (one ``AgentTunnel.Accept`` call).
 Two tasks share it and talk only through its transitions: the Accept handler, which owns that call,
-and the Dial handler, which splices it with the client's stream::
+and the Dial handler, which owns the client's. Each writes only to its own call: the Dial handler
+pumps the agent's bytes to the client, the Accept handler the client's bytes to the agent (a write
+cancelled half-way, as one from the other call's task could be, leaves grpc.aio unable to end the
+call it was on)::
 
     WARM ──take()──▶ BINDING ──bound()──▶ SPLICING ──end(reason)──▶ ENDED(reason)
-      │                 │                                              ▲
+      │                 │                   ⟲ join(client)             ▲
       └─────────────────┴──────────────end(reason)─────────────────────┘
 
 - WARM: opened by the agent ahead of need (``x-clusterconnect-warm: 1``), waiting in its session's pool.
 - BINDING: a Dial took it; the Accept handler sends ``Chunk{bound}`` from its own task (a write
   cancelled half-way, as a cancelled Dial's would be, leaves grpc.aio unable to end that call).
 - SPLICING: the Dial splices it with its own stream. An Accept that answers a DialRequest starts here.
+  ``join(client)`` gives the Accept handler the client's stream to pump toward the agent; it
+  reports the end of that direction with ``forwarded(error)`` (None at the client's EOF).
 - ENDED: for a :class:`StreamEnd` reason. Only CLEAN lets the Accept call end with OK.
 
 A :class:`PendingDial` is a Dial waiting for the agent to answer its DialRequest with an Accept::
@@ -23,8 +28,9 @@ A :class:`PendingDial` is a Dial waiting for the agent to answer its DialRequest
 
 Both sides may end a stream at the same moment (the client goes away as the agent's stream breaks),
 so ``end`` of an ENDED stream is no transition: the first reason stays. Likewise ``bound`` after the
-Dial gave up waiting for it. Any other transition from a state that does not allow it is a bug in
-the relay and raises :class:`IllegalTransition`. Nothing here does I/O: it is tested without sockets
+Dial gave up waiting for it, and ``join`` of a stream that ended as the Dial got it. Any other
+transition from a state that does not allow it is a bug in the relay and raises
+:class:`IllegalTransition`. Nothing here does I/O: it is tested without sockets
 (tests/test_relay_pairing.py).
 """
 
@@ -34,7 +40,7 @@ import asyncio
 import enum
 import uuid
 
-from clusterconnect.streams import ByteStream
+from clusterconnect.streams import ByteStream, PeerGone
 from clusterconnect.v1 import tunnel_pb2
 
 
@@ -71,9 +77,13 @@ class AcceptedStream:
         self.traceparent = ""  # the Dial's, once taken
         # Who opened the connection (the relay's verdict for the Dial), sent in Chunk{bound}.
         self.caller = tunnel_pb2.Caller()
+        self.client: ByteStream | None = None  # the Dial's stream, once joined
+        self.forward_error: PeerGone | None = None  # what ended the client -> agent direction, if not its EOF
         # One event per state a waiter waits for; ending sets them all, so no waiter is left behind.
         self._taken = asyncio.Event()
         self._bound = asyncio.Event()
+        self._joined = asyncio.Event()
+        self._forwarded = asyncio.Event()
         self._ended = asyncio.Event()
         if state is StreamState.SPLICING:  # past taking and binding: nobody waits for those
             self._taken.set()
@@ -118,6 +128,23 @@ class AcceptedStream:
         self._bound.set()
         return True
 
+    def join(self, client: ByteStream) -> bool:
+        """SPLICING: the Dial hands over its own stream for the Accept handler to pump toward the agent;
+        False if the stream ended meanwhile."""
+        if self.ended:
+            return False
+        self._require(StreamState.SPLICING, event="join")
+        if self.client is not None:
+            raise IllegalTransition("join of a joined stream")
+        self.client = client
+        self._joined.set()
+        return True
+
+    def forwarded(self, error: PeerGone | None) -> None:
+        """The Accept handler's pump toward the agent is over: at the client's EOF (None) or broken."""
+        self.forward_error = error
+        self._forwarded.set()
+
     def end(self, reason: StreamEnd) -> bool:
         """Any state -> ENDED(reason); False (and the first reason kept) if it had ended already."""
         if self.ended:
@@ -128,7 +155,7 @@ class AcceptedStream:
             self._require(StreamState.WARM, event="UNUSED end")
         self.state = StreamState.ENDED
         self.end_reason = reason
-        for event in (self._taken, self._bound, self._ended):
+        for event in (self._taken, self._bound, self._joined, self._forwarded, self._ended):
             event.set()
         return True
 
@@ -144,6 +171,18 @@ class AcceptedStream:
         """The Dial that took a warm stream: True once it may splice, False if the stream ended."""
         await self._bound.wait()
         return self.state is StreamState.SPLICING
+
+    async def wait_joined(self) -> ByteStream | None:
+        """The Accept handler: the client's stream to pump toward the agent, or None if the stream ended."""
+        await self._joined.wait()
+        return None if self.ended else self.client
+
+    async def wait_forwarded(self) -> None:
+        """The Dial: returns once the client -> agent direction is over (or the stream ended, which the
+        Dial hears from wait_ended); raises the PeerGone that broke it."""
+        await self._forwarded.wait()
+        if self.forward_error is not None:
+            raise self.forward_error
 
     async def wait_ended(self) -> StreamEnd:
         await self._ended.wait()

@@ -18,8 +18,8 @@ import grpc
 from clusterconnect.streams import GrpcServerStream
 from clusterconnect.v1 import tunnel_pb2
 
-# How long the Accept handler waits for a write of the Dial's that is still in flight once the call
-# ended (it then fails or completes at once; the bound only guards against grpc never answering).
+# How long the Accept handler waits for its write toward the agent that is still in flight once the
+# call ended (it then fails or completes at once; the bound only guards against grpc never answering).
 SETTLE_TIMEOUT = 5.0
 
 # A handler of a raw stream-stream method: (request iterator, context) -> None.
@@ -38,38 +38,41 @@ class PassthroughStream(GrpcServerStream):
         return data
 
 
-class ForeignPassthroughStream(PassthroughStream):
-    """A PassthroughStream used from another RPC's task: the Dial handler splices the agent's Accept.
+class AgentStream(PassthroughStream):
+    """The agent's Accept stream: written only by its own handler's task, which knows whether a write
+    is in flight.
 
-    Its writes are shielded from that task's cancellation. grpc.aio cannot take back a write
-    cancelled half-way: after one, the RPC could no longer tell the agent that it ended, and the
-    agent's side of the connection (and the auth proxy's) stayed open (tests/test_warm_streams.py).
-    So a write in flight runs to its end, or to the RPC's end, which the Accept handler brings about.
-    (Reads cancelled half-way do no such harm; shielding costs a task per message.)
-
-    The task of a write left in flight belongs to the Accept handler, which awaits it in
-    ``settle()`` once it ended its call (and cancels it if it still has not finished).
+    grpc.aio cannot take back a write cancelled half-way: after one, the RPC could no longer tell the
+    agent that it ended, and the agent's side of the connection (and the auth proxy's) stayed open
+    (tests/test_warm_streams.py). So the Accept handler never cancels its pump toward the agent in
+    the middle of a write: it ends its call first, which ends the write (``settle``).
     """
 
     def __init__(self, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
         super().__init__(context)
-        self._in_flight: asyncio.Task[None] | None = None
+        self.writing = False
 
     async def _send(self, message: object) -> None:
-        self._in_flight = asyncio.ensure_future(self.context.write(message))
-        await asyncio.shield(self._in_flight)
+        self.writing = True
+        try:
+            await self.context.write(message)
+        finally:
+            self.writing = False
 
-    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Wait for a write still in flight; cancel it if it outlasts ``timeout``. Never raises:
-        the write's outcome no longer matters, only that it is over."""
-        write, self._in_flight = self._in_flight, None
-        if write is None:
-            return
-        if not write.done():
-            await asyncio.wait((write,), timeout=timeout)
-            write.cancel()
-        if not write.cancelled():
-            write.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+async def settle(pump: asyncio.Task[None] | None, stream: AgentStream, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Once the Accept call ended: end its pump toward the agent. A pump waiting to read the client is
+    cancelled (a read cancelled half-way does no harm); one in a write is waited for, as the call's end
+    ends it, and cancelled if it outlasts ``timeout``. Never raises: its outcome no longer matters."""
+    if pump is None:
+        return
+    if not pump.done():
+        if not stream.writing:
+            pump.cancel()
+        await asyncio.wait((pump,), timeout=timeout)
+        pump.cancel()
+    if not pump.cancelled():
+        pump.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 def raw_stream_handler(service: str, methods: dict[str, StreamHandler]) -> grpc.GenericRpcHandler:

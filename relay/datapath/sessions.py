@@ -62,6 +62,8 @@ class AgentSession:
         self.session_id = secrets.token_hex(8)
         # Set once the relay sent Drain: the agent's goodbye then leaves its open connections running.
         self.draining = False
+        # The newer session of the same agent that replaced this one: its DialRequests go there.
+        self.successor: AgentSession | None = None
 
     @property
     def gone(self) -> bool:
@@ -79,7 +81,10 @@ class AgentSession:
         return True
 
     def request_dial(self, traceparent: str = "", caller: tunnel_pb2.Caller | None = None) -> PendingDial:
-        """Queue a DialRequest; raises asyncio.QueueFull when the agent is not keeping up."""
+        """Queue a DialRequest (on the newest session of the agent: nobody reads a replaced one's outbox);
+        raises asyncio.QueueFull when the agent is not keeping up."""
+        if self.successor is not None:
+            return self.successor.request_dial(traceparent, caller)
         dial = self.dials.new()
         request = tunnel_pb2.DialRequest(dial_id=dial.dial_id, traceparent=traceparent,
                                          caller=caller if caller is not None else tunnel_pb2.Caller())
@@ -154,7 +159,13 @@ class SessionTable:
             # The older control stream ends, but its connections go on: an agent that renewed its
             # certificate reconnects with the new one and lets the connections of the old channel
             # finish. Dials the older session was asked for can still be accepted.
+            # DialRequests still queued move along: the older outbox is read no more.
             session.dials = previous.dials
+            previous.successor = session
+            while not previous.outbox.empty():
+                message = previous.outbox.get_nowait()
+                if message.WhichOneof("message") == "dial" and not session.outbox.full():
+                    session.outbox.put_nowait(message)
             previous.end(EndReason.REPLACED, drop_connections=False)
         self._sessions[session.cluster] = session
 

@@ -24,13 +24,13 @@ from clusterconnect.relay.datapath import metrics
 from clusterconnect.relay.datapath.connections import ConnectionRegistry, OpenConnection, TooManyConnections
 from clusterconnect.relay.datapath.forwarded import read_forward_metadata
 from clusterconnect.relay.datapath.pairing import AcceptedStream, SessionGone, StreamEnd
-from clusterconnect.relay.datapath.passthrough import ForeignPassthroughStream, PassthroughStream
+from clusterconnect.relay.datapath.passthrough import AgentStream, PassthroughStream, settle
 from clusterconnect.relay.datapath.sessions import AgentSession, EndReason, SessionTable
 from clusterconnect.relay.routing.peer import PeerRefused
 from clusterconnect.relay.storage.clusters import ClusterStore
 from clusterconnect.relay.user_identity.access import DialAuthorizer
-from clusterconnect.streams import ByteStream, PeerGone, splice
-from clusterconnect.tasks import race
+from clusterconnect.streams import ByteStream, PeerGone, pump, splice
+from clusterconnect.tasks import gather_strict, race
 from clusterconnect.tracing import connection_span
 from clusterconnect.v1 import tunnel_pb2
 
@@ -319,7 +319,7 @@ class Tunnel:
         try:  # from here on, however this ends, the agent's stream is ended (and its Accept handler told)
             await context.send_initial_metadata(((md.OPEN, "1"),))
             metrics.opened(time.perf_counter() - started, stream, route)
-            await race(splice(PassthroughStream(context), accepted.stream), self._lost(accepted),
+            await race(self._splice(PassthroughStream(context), accepted), self._lost(accepted),
                        self._revoked(connection))
             end = StreamEnd.CLEAN
         except (_PeerLost, PeerGone, _Revoked) as exc:
@@ -329,6 +329,15 @@ class Tunnel:
             session.active.discard(accepted)
             self.open_connections -= 1
             self.quieter.set()
+
+    @staticmethod
+    async def _splice(client: PassthroughStream, accepted: AcceptedStream) -> None:
+        """Both directions of a connection, each written by the handler of its own call: the agent's
+        bytes to the client here, the client's to the agent by the Accept handler (``_toward_agent``).
+        Over when both are; a break of either ends it (PeerGone)."""
+        if not accepted.join(client):
+            raise _PeerLost("agent stream ended before the splice")
+        await gather_strict(pump(accepted.stream, client, 1), accepted.wait_forwarded())
 
     def holder(self, cluster: str) -> str:
         """The replica holding ``cluster``'s agent ("" with a single relay, or nowhere)."""
@@ -497,7 +506,7 @@ class Tunnel:
         cluster = await self._authenticate_agent(context)
         metadata = context.invocation_metadata()
         session = self.sessions.get(cluster)
-        stream = ForeignPassthroughStream(context)
+        stream = AgentStream(context)
         if metadata_value(metadata, md.WARM) == "1":
             if session is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no control stream for this cluster")
@@ -516,10 +525,14 @@ class Tunnel:
             if answered is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, "no dial is waiting for this id")
             accepted = answered
+        toward_agent: asyncio.Task[None] | None = None  # this handler's own: it ends it in settle()
         try:
             try:
                 if await accepted.wait_taken():
                     await self._bind(accepted)
+                client = await accepted.wait_joined()
+                if client is not None:
+                    toward_agent = asyncio.create_task(self._toward_agent(client, accepted, stream))
                 end = await accepted.wait_ended()
             except asyncio.CancelledError:  # the agent's call ended (or the server stops)
                 accepted.end(StreamEnd.LOST)
@@ -529,7 +542,17 @@ class Tunnel:
                     session.discard_warm(accepted)
             await self._end_accept(context, end)
         finally:
-            await stream.settle()  # a write the Dial left in flight ends with this call
+            await settle(toward_agent, stream)  # a write in flight ends with this call
+
+    @staticmethod
+    async def _toward_agent(client: ByteStream, accepted: AcceptedStream, stream: AgentStream) -> None:
+        """The client's bytes to the agent, from the Accept handler's side; the Dial hears how it ended."""
+        try:
+            await pump(client, stream, 0)
+        except PeerGone as exc:
+            accepted.forwarded(exc)
+        else:
+            accepted.forwarded(None)
 
     @staticmethod
     async def _bind(accepted: AcceptedStream) -> None:
