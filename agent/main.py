@@ -14,11 +14,11 @@ from clusterconnect.addresses import is_loopback
 from clusterconnect.agent import metrics as agent_metrics
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import AgentState, EnrollmentError, enroll
+from clusterconnect.agent.raw_calls import AuthProxyCalls
 from clusterconnect.agent.session import Agent, AgentConfig
 from clusterconnect.errors import StartupError
 from clusterconnect.grpc_options import CHANNEL_OPTIONS, grpc_target
 from clusterconnect.logs import get_logger
-from clusterconnect.v1 import tunnel_pb2_grpc
 
 log = get_logger(__name__)
 
@@ -131,7 +131,7 @@ async def run(args: argparse.Namespace) -> None:
     async with authproxy_channel(args.authproxy, args.authproxy_ca) as channel:
         agent = Agent(
             AgentConfig(
-                args.cluster, enrolled, tunnel_pb2_grpc.AuthProxyStub(channel),
+                args.cluster, enrolled, AuthProxyCalls(channel),
                 health_file=args.health_file,
                 warm_streams=args.warm_streams,
             )

@@ -9,25 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from clusterconnect import __version__
 from clusterconnect import metadata as md
 from clusterconnect.agent.backoff import Backoff
 from clusterconnect.agent.enrollment import Enrolled
+from clusterconnect.agent.raw_calls import AuthProxyCalls, RawChunkStream, RelayCalls
 from clusterconnect.agent.warm_pairs import WarmPairs
 from clusterconnect.errors import PermissionDenied, Unavailable
 from clusterconnect.grpc_options import AGENT_CHANNEL_OPTIONS
 from clusterconnect.logs import get_logger
-from clusterconnect.streams import RPC_ENDED, GrpcClientStream, PeerGone, splice
+from clusterconnect.streams import RPC_ENDED, PeerGone, splice
 from clusterconnect.tasks import cancelling, race, unwrap
 from clusterconnect.tracing import connection_span
-from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
+from clusterconnect.v1 import tunnel_pb2
 
 log = get_logger(__name__)
 
 # The generated stubs are unannotated (protos/): their calls are grpc.aio streams of any message.
 Call = grpc.aio.StreamStreamCall[Any, Any]
-AgentTunnel = Any
 
 # A session that stayed up this long counts as healthy: the next failure starts backoff afresh.
 HEALTHY_AFTER = 10.0
@@ -42,14 +43,14 @@ class AgentRefused(PermissionDenied):
     cluster): trying again cannot help, so the agent exits with this line instead of retrying for ever."""
 
 
-def _bound_chunk(traceparent: str, source: tunnel_pb2.Bound | tunnel_pb2.DialRequest) -> tunnel_pb2.Chunk:
-    """The first message of a Serve stream: our span's traceparent and the connection's caller as the
-    relay verified it. A relay that sent no caller gets none passed on, and the auth proxy refuses
-    the connection: the agent never makes up an identity."""
+def _bound_chunk(traceparent: str, source: tunnel_pb2.Bound | tunnel_pb2.DialRequest) -> bytes:
+    """The first message of a Serve stream (serialized: the call is raw): our span's traceparent and the
+    connection's caller as the relay verified it. A relay that sent no caller gets none passed on, and
+    the auth proxy refuses the connection: the agent never makes up an identity."""
     bound = tunnel_pb2.Bound(traceparent=traceparent)
     if source.HasField("caller"):
         bound.caller.CopyFrom(source.caller)
-    return tunnel_pb2.Chunk(bound=bound)
+    return tunnel_pb2.Chunk(bound=bound).SerializeToString()
 
 
 def _describe(exc: BaseException) -> str:
@@ -61,7 +62,7 @@ class AgentConfig:
     cluster: str
     # The agent's certificate and the relay's CA; the tunnel goes to enrolled.agent_target (mutual TLS).
     enrolled: Enrolled
-    authproxy: tunnel_pb2_grpc.AuthProxyStub
+    authproxy: AuthProxyCalls
     # Touched while the control stream is healthy, for an exec readiness probe in Kubernetes.
     health_file: Path | None = None
     # Accept (relay) + Serve (auth proxy) pairs kept open ahead of need, so a Dial needs no round trip to us.
@@ -164,7 +165,7 @@ class Agent:
         self._next_relay += 1
         target = await enrolled.use_relay(self._next_relay - 1)
         async with grpc.aio.secure_channel(target, enrolled.channel_credentials(), options=options) as channel:
-            stub: AgentTunnel = tunnel_pb2_grpc.AgentTunnelStub(channel)
+            stub = RelayCalls(channel)
             hello = tunnel_pb2.AgentHello(
                 cluster=self.config.cluster,
                 agent_version=__version__,
@@ -265,7 +266,7 @@ class Agent:
                 log.info("health file written again", path=str(self.config.health_file))
             self._health_failing = False
 
-    async def _control(self, call: Call, stub: AgentTunnel, connections: asyncio.TaskGroup,
+    async def _control(self, call: Call, stub: RelayCalls, connections: asyncio.TaskGroup,
                        drained: asyncio.Event) -> None:
         while True:
             message = await call.read()
@@ -278,7 +279,7 @@ class Agent:
                 log.info("relay asked to drain", reason=message.drain.reason)
                 drained.set()  # dials go on being answered here until the next session is up
 
-    async def _carry(self, stub: AgentTunnel, dial: tunnel_pb2.DialRequest) -> None:
+    async def _carry(self, stub: RelayCalls, dial: tunnel_pb2.DialRequest) -> None:
         """One user connection the relay asked for: relay Accept stream <-> auth proxy Serve stream,
         which starts with the binding (the caller the relay named in the DialRequest)."""
         accept = stub.Accept(metadata=self._metadata((md.DIAL_ID, dial.dial_id)))
@@ -290,7 +291,7 @@ class Agent:
                 pass  # the auth proxy's stream is gone: the splice below finds out and ends the connection
             await self._splice(accept, serve, dial.dial_id)
 
-    async def _keep_warm(self, stub: AgentTunnel, connections: asyncio.TaskGroup, handover: asyncio.Event) -> None:
+    async def _keep_warm(self, stub: RelayCalls, connections: asyncio.TaskGroup, handover: asyncio.Event) -> None:
         """Keep ``warm_streams`` pairs of Accept (at the relay) and Serve (at the auth proxy) streams
         open ahead of need; each pair given to a client is replaced at once. Unbound ones end with
         this coroutine: cancelled if the session is over, left to the relay if it handed over
@@ -315,7 +316,7 @@ class Agent:
             else:
                 unbound.cancel_all()
 
-    async def _warm(self, stub: AgentTunnel, slots: asyncio.Semaphore, unbound: WarmPairs, retry: Backoff,
+    async def _warm(self, stub: RelayCalls, slots: asyncio.Semaphore, unbound: WarmPairs, retry: Backoff,
                     handover: asyncio.Event) -> None:
         """One warm pair: wait until the relay binds the Accept stream to a client (Chunk{bound}),
         pass the binding (its caller) on to the auth proxy with our span's traceparent, then carry
@@ -362,14 +363,19 @@ class Agent:
             if cancelling():  # handed over or session over
                 raise
             return None  # the relay ended the warm stream with CANCELLED (grpc.aio raises that as ours)
-        if isinstance(first, tunnel_pb2.Chunk) and first.HasField("bound"):
-            return first
-        return None  # EOF, or a first message that is not the binding
+        if not isinstance(first, bytes):
+            return None  # EOF
+        try:
+            chunk = tunnel_pb2.Chunk.FromString(first)
+        except DecodeError:
+            log.warning("relay sent a first message that is not a Chunk on a warm stream")
+            return None
+        return chunk if chunk.HasField("bound") else None  # a first message that is not the binding
 
     async def _splice(self, accept: Call, serve: Call, label: str) -> None:
         self.open_connections += 1
         self.carried["warm" if label == "warm" else "requested"] += 1
-        relay_side, cluster_side = GrpcClientStream(accept), GrpcClientStream(serve)
+        relay_side, cluster_side = RawChunkStream(accept), RawChunkStream(serve)
         try:
             await splice(relay_side, cluster_side)
             await cluster_side.finish()

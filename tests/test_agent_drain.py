@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import grpc
 
 from clusterconnect import metadata as md
+from clusterconnect.agent.raw_calls import AuthProxyCalls
 from clusterconnect.agent.session import Agent, AgentConfig
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
@@ -107,7 +108,7 @@ def test_a_warm_stream_a_dial_takes_as_the_agent_leaves_a_draining_relay_is_carr
         await authproxy.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{authproxy_port}")
         agent = Agent(AgentConfig(cluster="c", enrolled=_Enrolled(f"127.0.0.1:{relay_port}"),  # type: ignore[arg-type]  # a stand-in
-                                  authproxy=tunnel_pb2_grpc.AuthProxyStub(channel), warm_streams=2))
+                                  authproxy=AuthProxyCalls(channel), warm_streams=2))
         running = asyncio.create_task(agent.run_forever())
         try:
             async with asyncio.timeout(DEADLINE):

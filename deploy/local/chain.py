@@ -8,6 +8,7 @@ deadline and reports the tail of the log of the process that did not come up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -41,8 +42,9 @@ _handed_out: set[int] = set()
 LOWEST_PORT = 10000
 
 
+@functools.cache
 def ephemeral_range() -> tuple[int, int]:
-    """The ports the kernel gives outgoing connections and bind(0) (Linux's default 32768-60999)."""
+    """The ports the kernel gives outgoing connections and bind(0) (Linux's default 32768-60999); read once."""
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
         return int(low), int(high)
