@@ -148,6 +148,43 @@ def rows(results: dict) -> list[tuple[str, ...]]:
     return out
 
 
+def round_rows(results: dict) -> list[tuple[str, ...]]:
+    """Each round's figures of the issue #15 targets, tunnel against Konnectivity, and their median over the
+    rounds (the main table pools the rounds' samples): (metric, round 1, ..., median of rounds). Only the
+    scenarios that ran with the peer; each round compares the endpoints measured alternately within it."""
+    s = results["scenarios"]
+    out: list[tuple[str, ...]] = []
+
+    def pairs(name: str) -> list[tuple[dict, dict, dict]]:
+        if name not in s or not s[name].get(PEER):
+            return []
+        return list(zip(s[name]["direct"], s[name]["tunnel"], s[name][PEER], strict=False))
+
+    def row(metric: str, figures: list[tuple[float, float]], unit: str, ratio_of: str) -> None:
+        """figures: (tunnel, Konnectivity) per round; the cell gives both and the tunnel's multiple."""
+        if not figures:
+            return
+        cells = [f"{t:{unit}} / {k:{unit}} ({t / k:.1f}×)" if k > 0 else f"{t:{unit}} / {k:{unit}}"
+                 for t, k in figures]
+        ratios = [t / k for t, k in figures if k > 0]
+        median = statistics.median(ratios) if ratios else float("nan")
+        out.append((metric, *cells, f"{median:.2f}× {ratio_of}"))
+
+    for q in (50, 99):
+        row(f"small GET p{q} added (ms)", [
+            ((percentile(t["latencies"], q) - percentile(d["latencies"], q)) * MS,
+             (percentile(k["latencies"], q) - percentile(d["latencies"], q)) * MS)
+            for d, t, k in pairs("small_get")], "+.2f", "(target ≤ 2×)")
+    for name, label in (("big_list", "LIST"), ("port_forward", "port-forward")):
+        row(f"{label} MB/s", [(t["bytes"] / t["seconds"] / 1e6, k["bytes"] / k["seconds"] / 1e6)
+                               for _, t, k in pairs(name)], ".0f", "(target ≥ 1×)")
+    row("dial p50 added (ms)", [
+        ((percentile(t["latencies"], 50) - percentile(d["latencies"], 50)) * MS,
+         (percentile(k["latencies"], 50) - percentile(d["latencies"], 50)) * MS)
+        for d, t, k in pairs("dial")], "+.2f", "(target ≤ 1.5×)")
+    return out
+
+
 def replica_rows(r: dict) -> list[tuple[str, ...]]:
     """3 replicas on etcd (issue #12): the tunnel column is the forwarded Dial (or the fleet's figure),
     the next one what it adds over a local Dial."""
@@ -205,8 +242,16 @@ def markdown(results: dict, stamp: str) -> str:
             f" ({observed['scrapes']:,} scrapes, {observed['scrape_failures']} failed); bench/observed.py.\n"
             if observed else "")
     errors = "".join(f"- failed: {error[:300]}\n" for error in results.get("errors", []))
+    per_round = round_rows(results)
+    rounds = ""
+    if per_round:
+        count = len(per_round[0]) - 2
+        rounds = ("\nEach round: tunnel / Konnectivity (the tunnel's multiple), and the median of those multiples.\n\n"
+                  "| metric | " + " | ".join(f"round {i + 1}" for i in range(count)) + " | median of rounds |\n"
+                  "|" + " --- |" * (count + 2) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in per_round)
+                  + "\n")
     return (f"# Benchmark {stamp}\n\n{kind}; {machine['cores']} cores; Python {machine['python']}. "
-            f"Produced by `make bench`.\n\n{header}{body}\n{note}" + (f"\n{errors}" if errors else ""))
+            f"Produced by `make bench`.\n\n{header}{body}\n{rounds}{note}" + (f"\n{errors}" if errors else ""))
 
 
 def plot(results: dict, path: Path) -> None:

@@ -33,3 +33,31 @@ def test_a_peer_round_that_completed_gives_its_ratio():
 def test_failures_are_listed_under_the_table():
     text = report.markdown(_results({"unloaded": [0.001], "loaded": [0.001]}), "STAMP")
     assert text.rstrip().endswith("- failed: dial konnectivity: TimeoutError('timed out')")
+
+
+def test_each_round_is_reported_against_the_peer_with_the_median_of_the_rounds():
+    def get(added: float) -> dict:
+        return {"latencies": [0.001 + added] * 100}
+    results = {"rounds": 3, "smoke": False, "machine": {"cores": 2, "python": "3.11"}, "scenarios": {
+        "small_get": {"direct": [get(0)] * 3, "tunnel": [get(0.002), get(0.003), get(0.0015)],
+                      "konnectivity": [get(0.001)] * 3},
+        "big_list": {"direct": [{"bytes": 600e6, "seconds": 1}] * 3,
+                     "tunnel": [{"bytes": 180e6, "seconds": 1}, {"bytes": 220e6, "seconds": 1},
+                                {"bytes": 200e6, "seconds": 1}],
+                     "konnectivity": [{"bytes": 200e6, "seconds": 1}] * 3}}}
+    rows = {r[0]: r for r in report.round_rows(results)}
+    assert rows["small GET p50 added (ms)"] == ("small GET p50 added (ms)", "+2.00 / +1.00 (2.0×)",
+                                                 "+3.00 / +1.00 (3.0×)", "+1.50 / +1.00 (1.5×)",
+                                                 "2.00× (target ≤ 2×)")
+    assert rows["LIST MB/s"][1:] == ("180 / 200 (0.9×)", "220 / 200 (1.1×)", "200 / 200 (1.0×)",
+                                     "1.00× (target ≥ 1×)")
+    assert "dial p50 added (ms)" not in rows  # a scenario that did not run
+    text = report.markdown(results, "STAMP")
+    assert "| metric | round 1 | round 2 | round 3 | median of rounds |\n| --- | --- | --- | --- | --- |\n" in text
+
+
+def test_without_the_peer_there_is_no_round_table():
+    results = {"rounds": 1, "smoke": False, "machine": {"cores": 2, "python": "3.11"}, "scenarios": {
+        "small_get": {"direct": [{"latencies": [0.001]}], "tunnel": [{"latencies": [0.002]}]}}}
+    assert report.round_rows(results) == []
+    assert "median of rounds" not in report.markdown(results, "STAMP")
