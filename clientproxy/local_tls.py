@@ -24,6 +24,7 @@ from pathlib import Path
 
 from clusterconnect.errors import StartupError
 from clusterconnect.pki import KeyPair, ensure_ca_and_client_cert, ensure_ca_and_server_cert
+from clusterconnect.tls_server import http11_server_context
 
 HOSTS = ["127.0.0.1", "localhost"]
 # The client certificate's name; it never reaches the cluster, so it names no user.
@@ -73,13 +74,10 @@ def _load_or_create(directory: Path) -> LocalTls:
         ca_pem = ca.read_bytes()
         # Not ssl.create_default_context(CLIENT_AUTH): that trusts the system's CAs for client
         # certificates too, and any certificate a public CA issued would open the port.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context = http11_server_context()
         context.load_cert_chain(cert, key)
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=str(client_ca))
-    # SPDY upgrades (exec, port-forward) need HTTP/1.1; never offer h2.
-    context.set_alpn_protocols(["http/1.1"])
     return LocalTls(context, ca_pem, client, (client_cert, client_key))
 
 

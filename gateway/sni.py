@@ -13,6 +13,7 @@ import ssl
 from pathlib import Path
 
 from clusterconnect.errors import InvalidInput, NotFound, StartupError
+from clusterconnect.tls_server import http11_server_context
 
 # One DNS label (the relay's cluster names are labels; it checks the rest).
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -56,12 +57,10 @@ def server_name_of(ssl_object: object) -> str | None:
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """TLS for ``*.<cluster-domain>``: ALPN http/1.1 only (SPDY needs HTTP/1.1), SNI remembered per connection."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = http11_server_context()
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"cannot load the gateway's TLS certificate {cert} and key {key}: {exc}") from None
-    context.set_alpn_protocols(["http/1.1"])
     context.sni_callback = _remember_server_name
     return context
