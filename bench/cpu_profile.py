@@ -1,4 +1,5 @@
-"""CPU time each tunnel process spends per operation, read from /proc; optionally py-spy profiles too.
+"""CPU time each tunnel process spends per operation (and by which of its threads), read from /proc;
+optionally py-spy profiles too.
 
     cpu_profile.py [--requests 2000] [--dials 200] [--lists 5] [--py-spy DIR] [--smoke] [--no-peer]
 
@@ -66,6 +67,33 @@ def per_process_cpu(pids: dict[str, int], operation,
     return latencies, per_operation, 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
+def thread_ticks(pid: int) -> dict[str, int]:
+    """CPU clock ticks of a process so far, by thread role: its event loop (the main thread), grpc core's
+    threads (``event_engine``: HTTP/2, TLS and socket I/O) and the other threads (grpc.aio's poller, which
+    hands core's completions to the loop, and any helper)."""
+    ticks = {"event loop": 0, "grpc core": 0, "other threads": 0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as comm, open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                name, fields = comm.read().strip(), stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        role = ("event loop" if int(tid) == pid else
+                "grpc core" if name.startswith(("event_engine", "grpc")) else "other threads")
+        ticks[role] += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def thread_shares(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> str:
+    """Each process's CPU between two thread_ticks snapshots, split by thread role in percent."""
+    parts = []
+    for name in before:
+        used = {role: after[name][role] - before[name][role] for role in before[name]}
+        total = max(sum(used.values()), 1)
+        parts.append(f"{name} " + ", ".join(f"{role} {ticks / total:.0%}" for role, ticks in used.items()))
+    return "; ".join(parts)
+
+
 def timed(function) -> float:
     start = time.perf_counter()
     function()
@@ -123,7 +151,9 @@ def main() -> None:
         for name, measure, unit, scale in (("small GET", gets, "µs CPU per request", 1e6),
                                            ("dial", dials, "µs CPU per dial", 1e6),
                                            ("LIST", lists, "ms CPU per MB", 1e3)):
+            threads = {k: thread_ticks(pid) for k, pid in tunnel_pids.items()}
             tunnel, cpu, busy = measure(ctx.tunnel)
+            threads_line = thread_shares(threads, {k: thread_ticks(pid) for k, pid in tunnel_pids.items()})
             direct, direct_cpu, direct_busy = measure(ctx.direct)
             if name == "LIST":
                 figures = f"MB/s median tunnel {statistics.median(tunnel):.0f}, direct {statistics.median(direct):.0f}"
@@ -149,6 +179,7 @@ def main() -> None:
                 line += (f"; Konnectivity: {peer_figure}; {unit}: {per_peer}; "
                          f"total {show(sum(sum(peer_cpu[k]) for k in peer_pids))}")
             print(line, flush=True)
+            print(f"  {name}, the tunnel's CPU by thread: {threads_line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def test_cpu_profile_smoke_prints_cpu_per_operation_per_process(tmp_path_factory
     # and the peer's two processes, per operation too
     assert result.stdout.count("; Konnectivity: ") == 3, result.stdout
     assert "server " in result.stdout and "agent " in result.stdout
+    # and each tunnel process's CPU by thread: its event loop, grpc core's threads, the others
+    assert result.stdout.count("the tunnel's CPU by thread: relay event loop ") == 3, result.stdout
 
 
 def test_forwarder_micro_measures_the_auth_proxy_alone():

@@ -551,6 +551,9 @@ class Tunnel:
             await pump(client, stream, 0)
         except PeerGone as exc:
             accepted.forwarded(exc)
+        except Exception as exc:  # a bug here must end this connection, not leave the Dial waiting
+            log.exception("relay: pump toward the agent failed")
+            accepted.forwarded(PeerGone(f"relay error: {type(exc).__name__}"))
         else:
             accepted.forwarded(None)
 
