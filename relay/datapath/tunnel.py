@@ -516,10 +516,10 @@ class Tunnel:
         else:
             dial_id = metadata_value(metadata, md.DIAL_ID) or ""
             if session is not None:
-                # Before the Dial may write: a Dial cancelled in the middle of its first write would
-                # leave that write and our abort both sending the initial metadata, and grpc refuses
-                # the second (ExecuteBatchError: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). A warm
-                # stream's first write is Chunk{bound}, from this task.
+                # Before the pump toward the agent may write: its first write (from its own task) and
+                # our abort would both send the initial metadata, and grpc refuses the second
+                # (ExecuteBatchError: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). A warm stream's first
+                # write is Chunk{bound}, from this task.
                 await context.send_initial_metadata(())
             answered = session.dials.accept(dial_id, stream) if session is not None else None
             if answered is None:
