@@ -551,6 +551,8 @@ class Tunnel:
             await pump(client, stream, 0)
         except PeerGone as exc:
             accepted.forwarded(exc)
+        except grpc.aio.AbortError:  # a write in flight when this handler aborted its call (settle())
+            accepted.forwarded(PeerGone("the agent's call was ended"))
         except Exception as exc:  # a bug here must end this connection, not leave the Dial waiting
             log.exception("relay: pump toward the agent failed")
             accepted.forwarded(PeerGone(f"relay error: {type(exc).__name__}"))
