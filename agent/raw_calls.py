@@ -20,7 +20,6 @@ import grpc
 from clusterconnect.streams import GrpcClientStream
 from clusterconnect.v1 import tunnel_pb2, tunnel_pb2_grpc
 
-# Registered as the generated stubs register theirs: core looks each method up once, not per call.
 ACCEPT = "/clusterconnect.v1.AgentTunnel/Accept"
 SERVE = "/clusterconnect.v1.AuthProxy/Serve"
 
@@ -28,6 +27,9 @@ SERVE = "/clusterconnect.v1.AuthProxy/Serve"
 EOF_CHUNK = tunnel_pb2.Chunk(eof=True).SerializeToString()
 
 RawMethod = grpc.aio.StreamStreamMultiCallable[bytes, bytes]
+
+# Both raw methods are registered as the generated stubs register theirs (``_registered_method``,
+# which grpc's typing leaves out): core looks each method up once, not per call.
 
 
 class RawChunkStream(GrpcClientStream):

@@ -551,7 +551,7 @@ class Tunnel:
             await pump(client, stream, 0)
         except PeerGone as exc:
             accepted.forwarded(exc)
-        except grpc.aio.AbortError:  # a write in flight when this handler aborted its call (settle())
+        except grpc.aio.AbortError:  # a write in flight when this handler aborted its call (_end_accept)
             accepted.forwarded(PeerGone("the agent's call was ended"))
         except Exception as exc:  # a bug here must end this connection, not leave the Dial waiting
             log.exception("relay: pump toward the agent failed")
